@@ -1,0 +1,14 @@
+"""Policies: diffusers pipelines wrapped for sampling with log-probs, scoring and training.
+
+``va.wrap(pipe)`` picks the adapter registered for the pipeline's class; ``va.load(path)`` loads and
+wraps. Each family lives in its own file; importing this package registers all of them.
+"""
+
+from visalign.pipelines.base import Conditioning, Geometry, Policy, Schedule
+from visalign.pipelines.registry import adapter_for, load, register_adapter, supported_pipelines, wrap
+
+# Importing the family modules registers their adapters.
+from visalign.pipelines import flux, sd3, stable_diffusion, wan  # noqa: E402,F401
+
+__all__ = ["Conditioning", "Geometry", "Policy", "Schedule", "adapter_for", "load", "register_adapter",
+           "supported_pipelines", "wrap"]

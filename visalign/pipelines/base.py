@@ -1,0 +1,404 @@
+"""The :class:`Policy`: a diffusers pipeline wrapped for training and steering.
+
+A Policy owns no math of its own. It hides what differs between model families (text encoding,
+latent layout, CFG style, timestep conventions, VAE scaling, LoRA export) behind one small
+interface, so that samplers, trainers and steering never branch on a family:
+
+- :meth:`Policy.encode_prompt` → a :class:`Conditioning` (batched tensors, selectable by index);
+- :meth:`Policy.prepare_latents` → the initial noise, in the layout the denoiser consumes;
+- :meth:`Policy.schedule` → a :class:`Schedule` (σ table or ᾱ table, read from the scheduler);
+- :meth:`Policy.predict` → the guided model output (velocity for flow, ε/v for DDPM);
+- :meth:`Policy.decode` / :meth:`Policy.encode` → pixels in [0, 1] ↔ latents, differentiable;
+- :meth:`Policy.add_lora`, :meth:`Policy.adapters_disabled`, :meth:`Policy.save_lora`.
+
+Family adapters subclass Policy in one file per family and register themselves by pipeline class.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import torch
+
+from visalign.errors import ConfigError, InvalidInputError
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The pixel size of what is generated. ``num_frames`` is None for images."""
+
+    height: int
+    width: int
+    num_frames: int | None = None
+
+
+@dataclass
+class Schedule:
+    """The discretisation used by one sampling run, read from the scheduler (never re-derived).
+
+    Attributes:
+        timesteps: (S,) float32, the scheduler's timesteps (σ·1000 for flow, integer t for DDPM).
+        sigmas: (S+1,) float32 σ table for rectified flow, ending at the final σ; None for DDPM.
+        alphas_cumprod: (S,) ᾱ_t of each step, DDPM only.
+        alphas_cumprod_prev: (S,) ᾱ of each step's target (the scheduler's ``prev_timestep``), DDPM only.
+        clip_sample: DDIM's x̂0 clamp range, or None when the scheduler does not clip.
+    """
+
+    timesteps: torch.Tensor
+    sigmas: torch.Tensor | None = None
+    alphas_cumprod: torch.Tensor | None = None
+    alphas_cumprod_prev: torch.Tensor | None = None
+    clip_sample: float | None = None
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.timesteps.shape[0])
+
+    @property
+    def is_flow(self) -> bool:
+        return self.sigmas is not None
+
+    def to(self, device) -> "Schedule":
+        return dataclasses.replace(
+            self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                     if isinstance(getattr(self, f.name), torch.Tensor)}
+        )
+
+
+def _map_batched(value, fn):
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: _map_batched(v, fn) for k, v in value.items()}
+    return value
+
+
+def _cat_batched(values: Sequence):
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(list(values), dim=0)
+    if isinstance(first, dict):
+        return {k: _cat_batched([v[k] for v in values]) for k in first}
+    return first
+
+
+@dataclass
+class Conditioning:
+    """Everything the denoiser needs besides the latents and the timestep, for a batch.
+
+    Attributes:
+        cond: keyword tensors for the conditional branch, batch first (nested dicts allowed).
+        uncond: the same for the unconditional/negative branch, or None when there is no CFG.
+        guidance_scale: the CFG scale applied as ``u + s·(c − u)`` when ``uncond`` is set.
+        shared: keyword values that are not batched (e.g. FLUX's position ids).
+    """
+
+    cond: dict[str, Any]
+    uncond: dict[str, Any] | None = None
+    guidance_scale: float = 1.0
+    shared: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def do_cfg(self) -> bool:
+        return self.uncond is not None
+
+    def __len__(self) -> int:
+        def first_len(d):
+            for v in d.values():
+                if isinstance(v, torch.Tensor):
+                    return v.shape[0]
+                if isinstance(v, dict):
+                    n = first_len(v)
+                    if n is not None:
+                        return n
+            return None
+
+        return first_len(self.cond)
+
+    def _map(self, fn) -> "Conditioning":
+        return dataclasses.replace(
+            self,
+            cond=_map_batched(self.cond, fn),
+            uncond=None if self.uncond is None else _map_batched(self.uncond, fn),
+        )
+
+    def select(self, index) -> "Conditioning":
+        """The conditioning of the samples at ``index`` (an int tensor, list or slice)."""
+        if isinstance(index, (list, tuple)):
+            index = torch.as_tensor(index, dtype=torch.long)
+        return self._map(lambda t: t[index.to(t.device) if isinstance(index, torch.Tensor) else index])
+
+    def repeat_interleave(self, repeats: int) -> "Conditioning":
+        """Each sample repeated ``repeats`` times in place (prompt p → rows p·G … p·G+G−1)."""
+        return self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def detach(self) -> "Conditioning":
+        return self._map(lambda t: t.detach())
+
+    @staticmethod
+    def cat(items: Sequence["Conditioning"]) -> "Conditioning":
+        """Concatenates conditionings of the same policy and settings along the batch."""
+        first = items[0]
+        return dataclasses.replace(
+            first,
+            cond=_cat_batched([c.cond for c in items]),
+            uncond=None if first.uncond is None else _cat_batched([c.uncond for c in items]),
+        )
+
+
+class Policy:
+    """A diffusers pipeline wrapped so that visalign can sample, score and train it.
+
+    Do not instantiate directly: use :func:`visalign.wrap` (a pipeline object) or
+    :func:`visalign.load` (a hub id or local path); they pick the adapter for the pipeline class.
+
+    Attributes:
+        pipe: the wrapped diffusers pipeline. Its components are shared, not copied.
+        family: the family name, e.g. ``"sd3"``.
+        is_flow: True for rectified-flow models (velocity prediction), False for DDPM families.
+        is_video: True when the output is a video ``(B, T, 3, H, W)``.
+        needs_image: True when sampling needs a conditioning image (image-to-video).
+    """
+
+    family: ClassVar[str] = ""
+    pipeline_class_names: ClassVar[tuple[str, ...]] = ()
+    is_flow: ClassVar[bool] = True
+    is_video: ClassVar[bool] = False
+    needs_image: ClassVar[bool] = False
+    # Whether CFG batches [uncond, cond] in one forward (SD, SDXL, SD3 do, as stock does) or runs
+    # two forwards (Wan, FLUX true-CFG, as stock does). Matching stock keeps outputs bit-comparable.
+    cfg_batched: ClassVar[bool] = True
+    # Name of the denoiser component on the pipeline, and of the LoRA keyword its saver takes.
+    denoiser_name: ClassVar[str] = "transformer"
+    # Modules LoRA targets by default (attention projections), per family.
+    default_lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self._validate_pipeline()
+
+    # ------------------------------------------------------------------ components
+    def _validate_pipeline(self) -> None:
+        """Raises when a component this adapter needs is missing. Adapters extend it."""
+        if getattr(self.pipe, self.denoiser_name, None) is None:
+            raise InvalidInputError(
+                f"The {type(self.pipe).__name__} has no '{self.denoiser_name}'; visalign needs the "
+                f"denoiser to sample. Load the full pipeline."
+            )
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The trainable network: the UNet or the transformer."""
+        return getattr(self.pipe, self.denoiser_name)
+
+    @property
+    def vae(self) -> torch.nn.Module:
+        return self.pipe.vae
+
+    @property
+    def device(self) -> torch.device:
+        return self.denoiser.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.denoiser.dtype
+
+    def to(self, *args, **kwargs) -> "Policy":
+        self.pipe.to(*args, **kwargs)
+        return self
+
+    def __repr__(self) -> str:
+        n = sum(p.numel() for p in self.denoiser.parameters())
+        return f"{type(self).__name__}(family={self.family!r}, pipeline={type(self.pipe).__name__}, denoiser_params={n:,})"
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def spatial_multiple(self) -> int:
+        """Height and width must be multiples of this (VAE factor × patch size)."""
+        raise NotImplementedError
+
+    def default_geometry(self) -> Geometry:
+        raise NotImplementedError
+
+    def geometry(self, height=None, width=None, num_frames=None) -> Geometry:
+        """Fills defaults and validates a requested size."""
+        default = self.default_geometry()
+        height = default.height if height is None else int(height)
+        width = default.width if width is None else int(width)
+        m = self.spatial_multiple
+        for name, value in (("height", height), ("width", width)):
+            if value <= 0 or value % m:
+                near = max(m, round(value / m) * m)
+                raise InvalidInputError(
+                    f"{name}={value} is not a positive multiple of {m}, which {self.family} needs "
+                    f"(VAE downsampling × patch size). Use {name}={near}."
+                )
+        if self.is_video:
+            num_frames = default.num_frames if num_frames is None else int(num_frames)
+            num_frames = self.validate_num_frames(num_frames)
+        elif num_frames not in (None, 1):
+            raise InvalidInputError(
+                f"num_frames={num_frames} was given to the image family {self.family}; leave it as None."
+            )
+        else:
+            num_frames = None
+        return Geometry(height, width, num_frames)
+
+    def validate_num_frames(self, num_frames: int) -> int:
+        return num_frames
+
+    # ------------------------------------------------------------------ abstract family hooks
+    def encode_prompt(self, prompts: list[str], negative_prompts: list[str] | None = None,
+                      guidance_scale: float | None = None, images: torch.Tensor | None = None,
+                      geometry: Geometry | None = None, **kwargs) -> Conditioning:
+        """Encodes a batch of prompts (and, for I2V, conditioning images) into a Conditioning."""
+        raise NotImplementedError
+
+    def noise_shape(self, batch_size: int, geometry: Geometry) -> tuple[int, ...]:
+        """The shape the stock pipeline draws its initial noise in (before any packing)."""
+        raise NotImplementedError
+
+    def to_model_layout(self, latents: torch.Tensor) -> torch.Tensor:
+        """Noise-shaped latents → the layout the denoiser consumes (identity except FLUX packing)."""
+        return latents
+
+    init_noise_sigma: float = 1.0
+
+    def prepare_latents(self, batch_size: int, geometry: Geometry, generator=None) -> torch.Tensor:
+        """Initial noise in the denoiser's layout, float32, drawn as the stock pipeline draws it."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        noise = randn_tensor(self.noise_shape(batch_size, geometry), generator=generator,
+                             device=self.device, dtype=torch.float32)
+        return self.to_model_layout(noise) * self.init_noise_sigma
+
+    def latent_shape(self, batch_size: int, geometry: Geometry) -> tuple[int, ...]:
+        """The shape of a state in the denoiser's layout (what ``Trajectory.latents[:, i]`` holds)."""
+        meta = torch.empty(self.noise_shape(batch_size, geometry), device="meta")
+        return tuple(self.to_model_layout(meta).shape)
+
+    def schedule(self, num_steps: int, geometry: Geometry) -> Schedule:
+        raise NotImplementedError
+
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, kwargs: dict[str, Any],
+                shared: dict[str, Any]) -> torch.Tensor:
+        """One denoiser call for one branch. ``timesteps`` is (B,) in scheduler units."""
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+        """Latents → pixels in [0, 1], (B,3,H,W) or (B,T,3,H,W). Differentiable."""
+        raise NotImplementedError
+
+    def encode(self, pixels: torch.Tensor, generator=None, sample: bool = False) -> torch.Tensor:
+        """Pixels in [0, 1] → latents in the denoiser's layout (scaled as the pipeline scales)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared behaviour
+    def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning,
+                detach_uncond: bool = False) -> torch.Tensor:
+        """The guided model output for a batch of states, in float32.
+
+        Args:
+            latents: (B, ...) states in the denoiser's layout.
+            timesteps: (B,) or scalar, in scheduler units (``Schedule.timesteps`` entries).
+            conditioning: from :meth:`encode_prompt`, with the same batch size.
+            detach_uncond: run the unconditional branch without gradient (Flow-GRPO's choice);
+                otherwise gradients flow through both branches (DanceGRPO's).
+
+        Returns:
+            The velocity (flow) or the model's ε / v / x0 output (DDPM), float32, shape of ``latents``.
+        """
+        timesteps = torch.as_tensor(timesteps, device=latents.device)
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(latents.shape[0])
+        if not conditioning.do_cfg:
+            return self.forward(latents, timesteps, conditioning.cond, conditioning.shared).float()
+        scale = conditioning.guidance_scale
+        if detach_uncond:
+            with torch.no_grad():
+                uncond = self.forward(latents, timesteps, conditioning.uncond, conditioning.shared).float()
+            cond = self.forward(latents, timesteps, conditioning.cond, conditioning.shared).float()
+        elif self.cfg_batched:
+            both = _cat_batched([conditioning.uncond, conditioning.cond])
+            out = self.forward(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), both,
+                               conditioning.shared).float()
+            uncond, cond = out.chunk(2)
+        else:
+            cond = self.forward(latents, timesteps, conditioning.cond, conditioning.shared).float()
+            uncond = self.forward(latents, timesteps, conditioning.uncond, conditioning.shared).float()
+        return uncond + scale * (cond - uncond)
+
+    # ------------------------------------------------------------------ LoRA
+    def add_lora(self, rank: int = 8, alpha: float | None = None, target_modules: Sequence[str] | None = None,
+                 dropout: float = 0.0, adapter_name: str = "default", init_lora_weights=True) -> None:
+        """Attaches a peft LoRA adapter to the denoiser; only its weights stay trainable.
+
+        Args:
+            rank: the LoRA rank r.
+            alpha: the LoRA alpha (scale alpha/r); defaults to ``rank``.
+            target_modules: module names to adapt; defaults to the family's attention projections.
+            dropout: LoRA dropout.
+            adapter_name: the peft adapter name.
+            init_lora_weights: peft's init (True: B = 0, so the policy starts equal to the base).
+        """
+        from peft import LoraConfig
+
+        if rank < 1:
+            raise ConfigError(f"LoRA rank must be >= 1, got {rank}.")
+        config = LoraConfig(
+            r=rank, lora_alpha=rank if alpha is None else alpha,
+            target_modules=list(target_modules or self.default_lora_targets),
+            lora_dropout=dropout, init_lora_weights=init_lora_weights,
+        )
+        denoiser = self.denoiser
+        denoiser.requires_grad_(False)
+        denoiser.add_adapter(config, adapter_name=adapter_name)
+        denoiser.set_adapter(adapter_name)
+
+    @property
+    def has_lora(self) -> bool:
+        return bool(getattr(self.denoiser, "peft_config", None))
+
+    @contextlib.contextmanager
+    def adapters_disabled(self):
+        """Within this block the denoiser runs as the base model (the LoRA reference policy)."""
+        if not self.has_lora:
+            raise ConfigError(
+                "adapters_disabled() needs a LoRA adapter; call policy.add_lora() first, or keep a "
+                "frozen copy of the model as the reference for full fine-tuning."
+            )
+        self.denoiser.disable_adapters()
+        try:
+            yield
+        finally:
+            self.denoiser.enable_adapters()
+
+    def lora_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+        """The adapter's weights with the keys the pipeline's ``save_lora_weights`` expects."""
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.denoiser, adapter_name=adapter_name)
+
+    def save_lora(self, save_directory: str, adapter_name: str = "default") -> None:
+        """Saves the LoRA in diffusers format; ``pipe.load_lora_weights(save_directory)`` reads it.
+
+        The adapter config (rank, alpha, targets) goes into the file's metadata, so that the loaded
+        LoRA has the trained scale even when alpha ≠ rank.
+        """
+        if not self.has_lora:
+            raise ConfigError("save_lora() needs a LoRA adapter; call policy.add_lora() first.")
+        state = {k: v.detach().cpu().contiguous() for k, v in self.lora_state_dict(adapter_name).items()}
+        metadata = self.denoiser.peft_config[adapter_name].to_dict()
+        type(self.pipe).save_lora_weights(
+            save_directory,
+            **{f"{self.denoiser_name}_lora_layers": state,
+               f"{self.denoiser_name}_lora_adapter_metadata": metadata},
+            safe_serialization=True,
+        )
+
+    # ------------------------------------------------------------------ helpers for adapters
+    def _pipeline_name(self) -> str:
+        return type(self.pipe).__name__

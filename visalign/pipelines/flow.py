@@ -1,0 +1,79 @@
+"""What the rectified-flow adapters (SD3, FLUX, Wan) share: the σ schedule and the VAE affine.
+
+The σ table is read from a ``FlowMatchEulerDiscreteScheduler`` after ``set_timesteps`` (never
+re-derived: the scheduler shifts an already-shifted σ_min, see PITFALLS "Schedules"). Checkpoints
+that ship a multistep flow scheduler (Wan ships ``UniPCMultistepScheduler`` with ``flow_shift``)
+are sampled with a flow-match Euler scheduler of the same shift; the pipeline's own is untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from visalign.errors import ConfigError
+from visalign.pipelines.base import Geometry, Policy, Schedule
+
+logger = logging.getLogger(__name__)
+
+
+class FlowPolicy(Policy):
+    """Base of the rectified-flow adapters: x_σ = (1−σ)·x0 + σ·ε, the model predicts v ≈ ε − x0."""
+
+    is_flow = True
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        self._flow_cache = None
+
+    def flow_scheduler(self):
+        """The pipeline's FlowMatchEulerDiscreteScheduler, or one equivalent to its flow scheduler."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = self.pipe.scheduler
+        if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+            return scheduler
+        if self._flow_cache is not None and self._flow_cache[0] is scheduler:
+            return self._flow_cache[1]
+        config = scheduler.config
+        if not (config.get("use_flow_sigmas") or config.get("prediction_type") == "flow_prediction"):
+            raise ConfigError(
+                f"{self.family} has a {type(scheduler).__name__} that is not a flow-matching scheduler; "
+                f"set pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=...) before wrapping."
+            )
+        euler = FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=config.get("num_train_timesteps", 1000),
+            shift=config.get("flow_shift", 1.0),
+        )
+        logger.info("Sampling %s with FlowMatchEulerDiscreteScheduler(shift=%s) in place of %s.",
+                    self.family, euler.config.shift, type(scheduler).__name__)
+        self._flow_cache = (scheduler, euler)
+        return euler
+
+    def _set_timesteps_kwargs(self, num_steps: int, geometry: Geometry) -> dict:
+        """What the stock pipeline passes to ``set_timesteps``; adapters override (FLUX: sigmas, mu)."""
+        return {"num_inference_steps": num_steps}
+
+    def schedule(self, num_steps: int, geometry: Geometry) -> Schedule:
+        scheduler = self.flow_scheduler()
+        scheduler.set_timesteps(**self._set_timesteps_kwargs(num_steps, geometry))
+        return Schedule(timesteps=scheduler.timesteps.float().cpu(), sigmas=scheduler.sigmas.float().cpu())
+
+    # ----------------------------------------------------------------- VAE affine
+    def _latent_affine(self):
+        """(scale, shift) with pixels-latent z = latents·scale + shift, as the stock decode does."""
+        config = self.vae.config
+        return 1.0 / config.scaling_factor, config.shift_factor or 0.0
+
+    def _decode_unpacked(self, latents: torch.Tensor) -> torch.Tensor:
+        scale, shift = self._latent_affine()
+        z = latents.to(self.vae.dtype) * scale + shift
+        image = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
+        return (image.float() / 2 + 0.5).clamp(0, 1)
+
+    def _encode_unpacked(self, pixels: torch.Tensor, generator=None, sample: bool = False) -> torch.Tensor:
+        dist = self.vae.encode((pixels * 2 - 1).to(self.vae.dtype)).latent_dist
+        z = dist.sample(generator) if sample else dist.mode()
+        scale, shift = self._latent_affine()
+        return (z.float() - shift) / scale

@@ -1,0 +1,50 @@
+"""Rewards: score decoded images or videos against their prompts.
+
+Every reward is called the same way::
+
+    scores = reward(images, prompts)   # images: float [0, 1], (B, 3, H, W) or (B, T, 3, H, W)
+                                       # scores: float32 (B,) on the images' device
+
+and any plain callable with that signature is a reward too (trainers call both through
+:func:`call_reward`, which checks the output).
+
+=========================  ==================================================  ==================
+reward                     what it scores                                      differentiable
+=========================  ==================================================  ==================
+:class:`CLIPScore`         CLIP image-text cosine (Hessel et al. 2104.08718)   yes
+:class:`PickScore`         preference CLIP-H (Kirstain et al. 2305.01569)      yes
+:class:`Aesthetic`         LAION aesthetic MLP on CLIP ViT-L/14                yes
+:class:`HPSv2`             HPS v2/v2.1 open_clip (Wu et al. 2306.09341)        yes (openclip extra)
+:class:`YesTokenReward`    VLM P("yes") (RewardDance 2509.08826, VQAScore)     optional
+:class:`SegmentalVideoReward`  image reward on sampled frames (InstructVideo)  as its image reward
+:class:`MultiHeadVideoReward`  multi-head video models (VideoAlign 2501.13918)  optional
+:class:`Combined`          weighted sum, optional running normalisation        when all parts are
+=========================  ==================================================  ==================
+
+Importing this package does not import transformers or open_clip; each reward imports what it
+needs when it is built.
+"""
+
+from visalign.rewards.aesthetic import AESTHETIC_URL, Aesthetic, AestheticMLP
+from visalign.rewards.base import (FunctionReward, Reward, as_reward, call_reward, check_images,
+                                   check_prompts, check_scores, is_differentiable, reward_name)
+from visalign.rewards.clip import CLIPEmbedder, CLIPScore, PickScore
+from visalign.rewards.combine import Combined, CombinedOutput, RunningNorm
+from visalign.rewards.hps import HPSv2
+from visalign.rewards.preprocess import CLIP_MEAN, CLIP_STD, ImageTransform
+from visalign.rewards.video import (MultiHeadVideoReward, SegmentalVideoReward, VideoReward,
+                                    attenuation_weights, segment_indices)
+from visalign.rewards.vlm import YesTokenReward, answer_token_ids
+
+__all__ = [
+    "Reward", "FunctionReward", "as_reward", "call_reward", "reward_name", "is_differentiable",
+    "check_images", "check_prompts", "check_scores",
+    "ImageTransform", "CLIP_MEAN", "CLIP_STD",
+    "CLIPScore", "PickScore", "CLIPEmbedder",
+    "Aesthetic", "AestheticMLP", "AESTHETIC_URL",
+    "HPSv2",
+    "YesTokenReward", "answer_token_ids",
+    "VideoReward", "SegmentalVideoReward", "MultiHeadVideoReward", "segment_indices",
+    "attenuation_weights",
+    "Combined", "CombinedOutput", "RunningNorm",
+]

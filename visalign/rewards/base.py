@@ -1,0 +1,483 @@
+"""The reward interface, input validation, and the one way trainers call a reward.
+
+A reward maps decoded pixels and their prompts to one number per sample::
+
+    scores = reward(images, prompts)        # images: float [0, 1], (B, 3, H, W) or (B, T, 3, H, W)
+    scores.shape == (B,); scores.dtype == torch.float32; scores.device == images.device
+
+Two kinds of object are rewards:
+
+- a :class:`Reward` subclass (``CLIPScore``, ``Aesthetic``, ...): an ``nn.Module`` holding frozen
+  weights, which validates its input, places itself on the images' device, scores in chunks of
+  ``batch_size`` and refuses backprop when it is not differentiable;
+- any plain callable ``fn(images, prompts, **conditioning) -> Tensor[B]``.
+
+Trainers and steering never call either directly: they go through :func:`call_reward`, which
+accepts both, drops conditioning a reward does not take, and checks the output (shape ``[B]``,
+finite) so that a broken reward raises :class:`~visalign.errors.RewardError` at once instead of a
+NaN loss later.
+
+Non-differentiable rewards. When ``differentiable`` is ``False`` the scores are computed under
+``torch.no_grad()``. If the images require grad, the scores are still attached to the graph through
+a node whose backward raises :class:`~visalign.errors.NotDifferentiableError`: the forward pass (for
+logging, or as GRPO advantages after ``.detach()``) works, and only an actual backward through the
+reward fails, with a message naming the reward. If the images do not require grad, the scores are
+a plain constant tensor.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from visalign.errors import InvalidInputError, NotDifferentiableError, RewardError
+
+__all__ = [
+    "Reward",
+    "FunctionReward",
+    "as_reward",
+    "call_reward",
+    "reward_name",
+    "is_differentiable",
+    "check_images",
+    "check_prompts",
+    "check_scores",
+    "freeze",
+]
+
+RANGE_TOLERANCE = 1e-3
+
+
+# ----------------------------------------------------------------------------- validation
+def check_images(images: Any, kind: str = "image", *, name: str = "reward",
+                 check_range: bool = True) -> torch.Tensor:
+    """Checks that ``images`` is a float pixel batch in [0, 1] and returns it unchanged.
+
+    Args:
+        images: the tensor to check.
+        kind: ``"image"`` for (B, 3, H, W), ``"video"`` for (B, T, 3, H, W), ``"any"`` for either.
+        name: the reward's name, for the message.
+        check_range: also check that values lie in [0, 1] (costs a min/max; a device sync on GPU).
+
+    Raises:
+        InvalidInputError: the tensor has the wrong type, dtype, rank, channel count or range.
+    """
+    where = f"{name}: "
+    if not isinstance(images, torch.Tensor):
+        raise InvalidInputError(
+            f"{where}images must be a torch.Tensor of floats in [0, 1] shaped (B, 3, H, W) "
+            f"(or (B, T, 3, H, W) for video); got {type(images).__name__}. Convert PIL/numpy "
+            "images with torch.from_numpy(np.asarray(img)).permute(2, 0, 1) / 255.")
+    if not images.is_floating_point():
+        hint = " Divide uint8 images by 255." if images.dtype == torch.uint8 else ""
+        raise InvalidInputError(
+            f"{where}images must be floating point in [0, 1]; got dtype {images.dtype}.{hint}")
+    expected = {"image": "(B, 3, H, W)", "video": "(B, T, 3, H, W)",
+                "any": "(B, 3, H, W) or (B, T, 3, H, W)"}[kind]
+    ranks = {"image": (4,), "video": (5,), "any": (4, 5)}[kind]
+    shape = tuple(images.shape)
+    if images.dim() not in ranks:
+        if kind == "image" and images.dim() == 5:
+            raise InvalidInputError(
+                f"{where}this is an image reward and expects {expected}, but got a video batch of "
+                f"shape {shape}. Wrap it: SegmentalVideoReward(reward, segments=4) scores videos "
+                "frame by frame.")
+        if kind == "video" and images.dim() == 4:
+            raise InvalidInputError(
+                f"{where}this is a video reward and expects {expected}; got {shape}. For a batch of "
+                "single frames use images[:, None].")
+        hint = " Add the batch dimension with images[None]." if images.dim() in (3, 4) else ""
+        raise InvalidInputError(
+            f"{where}expected images shaped {expected}; got rank {images.dim()} with shape "
+            f"{shape}.{hint}")
+    channels = shape[-3]
+    if channels != 3:
+        if shape[-1] == 3:
+            hint = " The tensor looks channels-last: move channels with .permute(0, 3, 1, 2) " \
+                   "(video: .permute(0, 1, 4, 2, 3))."
+        elif channels == 1:
+            hint = " For grayscale, repeat the channel: images.expand(..., 3, H, W)."
+        elif channels == 4:
+            hint = " Drop the alpha channel: images[..., :3, :, :]."
+        else:
+            hint = ""
+        raise InvalidInputError(
+            f"{where}expected 3 (RGB) channels at dim -3 of {expected}; got {channels} in shape "
+            f"{shape}.{hint}")
+    if shape[0] == 0:
+        raise InvalidInputError(f"{where}got an empty batch (shape {shape}).")
+    if check_range:
+        with torch.no_grad():
+            lo, hi = torch.aminmax(images.detach())
+            lo, hi = float(lo), float(hi)
+        if math.isnan(lo) or math.isnan(hi):
+            raise InvalidInputError(f"{where}images contain NaN.")
+        if lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
+            if lo >= -1 - RANGE_TOLERANCE and hi <= 1 + RANGE_TOLERANCE:
+                hint = (" They look like [-1, 1] (a VAE decoder's raw output): map them with "
+                        "(images + 1) / 2, or clamp to [0, 1].")
+            elif lo >= 0 and hi <= 255:
+                hint = " They look like [0, 255]: divide by 255."
+            else:
+                hint = " Clamp or rescale them to [0, 1]."
+            raise InvalidInputError(
+                f"{where}image values must lie in [0, 1]; got min {lo:.4g}, max {hi:.4g}.{hint}")
+    return images
+
+
+def check_prompts(prompts: Any, batch: int, *, name: str = "reward",
+                  required: bool = True) -> list[str] | None:
+    """Checks that ``prompts`` is a list of ``batch`` strings and returns it as a list.
+
+    Args:
+        prompts: a list or tuple of strings, one per image; ``None`` when ``required`` is False.
+        batch: the number of images.
+        name: the reward's name, for the message.
+        required: whether the reward uses prompts at all.
+
+    Raises:
+        InvalidInputError: a bare string, an empty list, a non-string item or a length mismatch.
+    """
+    where = f"{name}: "
+    if prompts is None:
+        if required:
+            raise InvalidInputError(f"{where}needs prompts: a list of {batch} strings, one per image.")
+        return None
+    if isinstance(prompts, str):
+        raise InvalidInputError(
+            f"{where}prompts must be a list of strings, one per image; got a single str. "
+            f"Pass [prompt] * {batch} to use it for every image.")
+    if not isinstance(prompts, (list, tuple)):
+        raise InvalidInputError(
+            f"{where}prompts must be a list of strings; got {type(prompts).__name__}.")
+    if len(prompts) == 0:
+        raise InvalidInputError(
+            f"{where}got an empty prompt list for {batch} image(s); pass one prompt per image.")
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if bad:
+        raise InvalidInputError(
+            f"{where}every prompt must be a str; item {bad[0]} is "
+            f"{type(prompts[bad[0]]).__name__}.")
+    if len(prompts) != batch:
+        raise InvalidInputError(
+            f"{where}got {len(prompts)} prompts for {batch} images; pass exactly one prompt per "
+            "image (repeat a prompt for each of its samples).")
+    return list(prompts)
+
+
+def check_scores(scores: Any, batch: int, device: torch.device, *, name: str = "reward"
+                 ) -> torch.Tensor:
+    """Checks a reward's output and returns it as float32 on ``device``.
+
+    Raises:
+        RewardError: the output is not a number per sample, or contains NaN/inf.
+    """
+    if not isinstance(scores, torch.Tensor):
+        try:
+            scores = torch.as_tensor(scores)
+        except Exception as exc:
+            raise RewardError(
+                f"reward '{name}' returned {type(scores).__name__}; expected a Tensor of shape "
+                f"({batch},).") from exc
+    if tuple(scores.shape) != (batch,):
+        hint = " Squeeze the last dim with .squeeze(-1)." if tuple(scores.shape) == (batch, 1) else ""
+        raise RewardError(
+            f"reward '{name}' returned shape {tuple(scores.shape)}; expected ({batch},), one score "
+            f"per sample.{hint}")
+    if not (scores.is_floating_point() or scores.dtype in (torch.int32, torch.int64, torch.bool)):
+        raise RewardError(f"reward '{name}' returned dtype {scores.dtype}; expected real numbers.")
+    scores = scores.to(device=device, dtype=torch.float32)
+    if not bool(torch.isfinite(scores.detach()).all()):
+        raise RewardError(
+            f"reward '{name}' returned non-finite values {scores.detach().cpu().tolist()}.")
+    return scores
+
+
+# ----------------------------------------------------------------------------- helpers
+def freeze(module: nn.Module) -> nn.Module:
+    """Puts ``module`` in eval mode and turns off ``requires_grad`` on all its parameters."""
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+def _accepted_kwargs(fn: Callable) -> set[str] | None:
+    """Names of keyword arguments ``fn`` takes after (images, prompts); None means any."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    skip = {p.name for p in positional[:2]}
+    return {p.name for p in params
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in skip}
+
+
+def _slice_conditioning(conditioning: Mapping[str, Any], batch: int, start: int, stop: int
+                        ) -> dict[str, Any]:
+    """Slices per-sample conditioning (tensors with first dim ``batch``, lists of ``batch``)."""
+    out = {}
+    for key, value in conditioning.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+            out[key] = value[start:stop]
+        elif isinstance(value, (list, tuple)) and len(value) == batch:
+            out[key] = value[start:stop]
+        else:
+            out[key] = value
+    return out
+
+
+class _RefuseBackward(torch.autograd.Function):
+    """Identity on the scores; its backward raises NotDifferentiableError."""
+
+    @staticmethod
+    def forward(ctx, scores, images, name):  # noqa: D401 - autograd API
+        ctx.reward_name = name
+        return scores.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotDifferentiableError(
+            f"reward '{ctx.reward_name}' is not differentiable (differentiable=False), so no "
+            "gradient flows from its scores to the images. Detach the scores (e.g. to use them "
+            "as GRPO/DPO advantages), or use a differentiable reward for DRaFT and reward "
+            "guidance.")
+
+
+# ----------------------------------------------------------------------------- Reward
+class Reward(nn.Module):
+    """Base class of visalign's rewards: ``reward(images, prompts, **conditioning) -> Tensor[B]``.
+
+    Subclasses implement :meth:`score` for one chunk of already-validated input. The base class
+    validates the input, moves the reward to the images' device on first use, splits the batch into
+    chunks of ``batch_size``, returns float32 scores on the images' device, and enforces
+    ``differentiable`` (see the module docstring).
+
+    The weights of every model a reward holds are frozen (``requires_grad=False``) and stay in eval
+    mode: ``reward.train()`` does not turn dropout back on.
+
+    Class attributes a subclass may set:
+        input_kind (`str`): ``"image"`` (B, 3, H, W), ``"video"`` (B, T, 3, H, W) or ``"any"``.
+        needs_prompts (`bool`): whether ``prompts`` may be ``None``.
+
+    Args:
+        name (`str`, *optional*): a short name for logs; defaults to the class's ``default_name``.
+        differentiable (`bool`, *optional*): whether gradients flow from the scores to the pixels;
+            defaults to the class's ``default_differentiable``.
+        batch_size (`int`, *optional*): the most samples scored at once; ``None`` scores the whole
+            batch together.
+        check_range (`bool`, defaults to `True`): check that pixel values lie in [0, 1].
+    """
+
+    default_name: str = "reward"
+    default_differentiable: bool = True
+    input_kind: str = "image"
+    needs_prompts: bool = True
+
+    def __init__(self, *, name: str | None = None, differentiable: bool | None = None,
+                 batch_size: int | None = None, check_range: bool = True):
+        super().__init__()
+        self.name = name or self.default_name
+        self.differentiable = (self.default_differentiable if differentiable is None
+                               else bool(differentiable))
+        if batch_size is not None and int(batch_size) < 1:
+            raise InvalidInputError(f"{self.name}: batch_size must be >= 1 or None; got {batch_size}.")
+        self.batch_size = None if batch_size is None else int(batch_size)
+        self.check_range = check_range
+        self._placed_on: torch.device | None = None
+
+    # -- to implement ------------------------------------------------------------------------
+    def score(self, images: torch.Tensor, prompts: list[str] | None, **conditioning) -> torch.Tensor:
+        """Scores one chunk of validated input; returns a tensor of shape (chunk,)."""
+        raise NotImplementedError
+
+    # -- machinery ---------------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        """Records the mode but keeps every wrapped model in eval mode (rewards are frozen)."""
+        self.training = mode
+        return self
+
+    @property
+    def accepted_conditioning(self) -> set[str] | None:
+        """The conditioning keywords :meth:`score` takes; ``None`` means any."""
+        return _accepted_kwargs(self.score)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the reward's floating-point weights (float32 when it has none)."""
+        for p in self.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.float32
+
+    def place(self, device: torch.device) -> None:
+        """Moves the reward's weights to ``device`` (once; later calls on that device are free)."""
+        device = torch.device(device)
+        if self._placed_on != device:
+            self.to(device)
+            self._placed_on = device
+
+    def forward(self, images: torch.Tensor, prompts: Sequence[str] | None = None,
+                **conditioning) -> torch.Tensor:
+        """Scores a batch.
+
+        Args:
+            images (`torch.Tensor`): floats in [0, 1], (B, 3, H, W) for image rewards or
+                (B, T, 3, H, W) for video rewards.
+            prompts (`list[str]`): one prompt per sample (may be ``None`` for rewards that ignore
+                prompts, like ``Aesthetic``).
+            **conditioning: extra per-sample inputs the reward takes (e.g. ``reference_images``).
+
+        Returns:
+            `torch.Tensor`: float32 scores of shape (B,) on ``images.device``.
+        """
+        images = check_images(images, self.input_kind, name=self.name, check_range=self.check_range)
+        batch = images.shape[0]
+        prompts = check_prompts(prompts, batch, name=self.name, required=self.needs_prompts)
+        accepted = self.accepted_conditioning
+        if accepted is not None:
+            unknown = sorted(set(conditioning) - accepted)
+            if unknown:
+                raise InvalidInputError(
+                    f"{self.name}: unexpected conditioning {unknown}; this reward takes "
+                    f"{sorted(accepted) or 'none'}.")
+        self.place(images.device)
+        if self.differentiable:
+            scores = self._chunked(images, prompts, conditioning)
+        else:
+            with torch.no_grad():
+                scores = self._chunked(images.detach(), prompts, conditioning)
+            if images.requires_grad and torch.is_grad_enabled():
+                scores = _RefuseBackward.apply(scores.float(), images, self.name)
+        return check_scores(scores, batch, images.device, name=self.name)
+
+    def _chunked(self, images, prompts, conditioning) -> torch.Tensor:
+        batch = images.shape[0]
+        step = self.batch_size or batch
+        if step >= batch:
+            return self.score(images, prompts, **conditioning).float()
+        outs = []
+        for start in range(0, batch, step):
+            stop = min(start + step, batch)
+            chunk_prompts = None if prompts is None else prompts[start:stop]
+            chunk_cond = _slice_conditioning(conditioning, batch, start, stop)
+            outs.append(self.score(images[start:stop], chunk_prompts, **chunk_cond).float())
+        return torch.cat(outs)
+
+    def extra_repr(self) -> str:
+        return (f"name={self.name!r}, differentiable={self.differentiable}, "
+                f"batch_size={self.batch_size}")
+
+
+class FunctionReward(Reward):
+    """A plain callable ``fn(images, prompts, **conditioning) -> Tensor[B]`` as a :class:`Reward`.
+
+    Args:
+        fn (`Callable`): the function.
+        name (`str`, *optional*): defaults to ``fn.name`` or ``fn.__name__``.
+        differentiable (`bool`, *optional*): defaults to ``fn.differentiable`` when present, else
+            ``True`` (a torch function of the pixels is differentiable unless it says otherwise).
+        input_kind (`str`, defaults to ``"any"``): which pixel ranks to accept.
+    """
+
+    input_kind = "any"
+
+    def __init__(self, fn: Callable, *, name: str | None = None,
+                 differentiable: bool | None = None, input_kind: str = "any",
+                 needs_prompts: bool = False, batch_size: int | None = None):
+        if not callable(fn):
+            raise InvalidInputError(f"a reward must be callable; got {type(fn).__name__}.")
+        if differentiable is None:
+            differentiable = getattr(fn, "differentiable", True)
+        super().__init__(name=name or reward_name(fn), differentiable=differentiable,
+                         batch_size=batch_size)
+        self.fn = fn
+        self.input_kind = input_kind
+        self.needs_prompts = needs_prompts
+
+    @property
+    def accepted_conditioning(self) -> set[str] | None:
+        return _accepted_kwargs(self.fn)
+
+    def score(self, images, prompts, **conditioning):
+        out = self.fn(images, prompts, **conditioning)
+        return check_scores(out, images.shape[0], images.device, name=self.name)
+
+
+# ----------------------------------------------------------------------------- helpers
+def reward_name(reward: Any) -> str:
+    """A reward's ``name``, or a plain callable's ``__name__`` (or its class name)."""
+    name = getattr(reward, "name", None)
+    if isinstance(name, str) and name:
+        return name
+    return getattr(reward, "__name__", None) or type(reward).__name__
+
+
+def is_differentiable(reward: Any) -> bool:
+    """``reward.differentiable`` when it has one; plain callables count as differentiable."""
+    return bool(getattr(reward, "differentiable", True))
+
+
+def as_reward(reward: Any, *, name: str | None = None, differentiable: bool | None = None
+              ) -> Reward:
+    """Returns ``reward`` itself if it is a :class:`Reward`, else wraps the callable in
+    :class:`FunctionReward`."""
+    if isinstance(reward, Reward) and name is None and differentiable is None:
+        return reward
+    if isinstance(reward, Reward):
+        if name is not None:
+            reward.name = name
+        if differentiable is not None:
+            reward.differentiable = bool(differentiable)
+        return reward
+    return FunctionReward(reward, name=name, differentiable=differentiable)
+
+
+def call_reward(reward: Any, images: torch.Tensor, prompts: Sequence[str] | None,
+                **conditioning) -> torch.Tensor:
+    """Calls a :class:`Reward` or a plain callable the way trainers and steering do.
+
+    Conditioning keywords the reward's signature does not take are dropped (a trainer passes what
+    it has; each reward takes what it needs). The images are validated (rank 4 or 5, three
+    channels, [0, 1]) and so is the output.
+
+    Args:
+        reward: a :class:`Reward` or a callable ``(images, prompts, **conditioning) -> Tensor[B]``.
+        images (`torch.Tensor`): floats in [0, 1], (B, 3, H, W) or (B, T, 3, H, W).
+        prompts (`list[str]`): one per sample.
+        **conditioning: optional per-sample extras, e.g. ``reference_images``.
+
+    Returns:
+        `torch.Tensor`: float32 scores of shape (B,) on ``images.device``.
+
+    Raises:
+        InvalidInputError: bad images or prompts.
+        RewardError: the reward returned something other than B finite numbers.
+    """
+    if not callable(reward):
+        raise InvalidInputError(
+            f"a reward must be a visalign Reward or a callable (images, prompts) -> Tensor[B]; "
+            f"got {type(reward).__name__}.")
+    name = reward_name(reward)
+    accepted = (reward.accepted_conditioning if isinstance(reward, Reward)
+                else _accepted_kwargs(reward))
+    if accepted is not None:
+        conditioning = {k: v for k, v in conditioning.items() if k in accepted}
+    if isinstance(reward, Reward):
+        return check_scores(reward(images, prompts, **conditioning), _batch(images),
+                            images.device, name=name)
+    images = check_images(images, "any", name=name)
+    if prompts is not None:
+        prompts = check_prompts(prompts, images.shape[0], name=name)
+    out = reward(images, prompts, **conditioning)
+    return check_scores(out, images.shape[0], images.device, name=name)
+
+
+def _batch(images: Any) -> int:
+    return images.shape[0] if isinstance(images, torch.Tensor) and images.dim() > 0 else 0

@@ -1,0 +1,162 @@
+"""Offline tokenizers for the tiny test pipelines.
+
+Real checkpoints ship their tokenizers as hub files, which tests must never download. The
+tokenizers here are built in memory from a small written vocabulary instead:
+
+- :func:`tiny_clip_tokenizer` is a byte-level BPE :class:`~transformers.CLIPTokenizer` (the SD, SDXL,
+  SD3 and Flux CLIP towers).
+- :func:`tiny_t5_tokenizer` is a unigram :class:`~transformers.T5Tokenizer` (the T5 tower of SD3 and
+  Flux, and the UMT5 tower of Wan).
+
+Both cover every input (no ``<unk>`` for lowercase ASCII prompts), keep common prompt words as one
+token so short prompts stay short, build in about a millisecond, and survive ``save_pretrained``
+followed by ``from_pretrained``. They use the tokenizer constructors of transformers 5, which take
+the vocabulary directly.
+
+Example::
+
+    >>> from visalign.testing.tokenizers import tiny_clip_tokenizer
+    >>> tok = tiny_clip_tokenizer()
+    >>> tok.convert_ids_to_tokens(tok("a red circle").input_ids)
+    ['<|startoftext|>', 'a</w>', 'red</w>', 'circle</w>', '<|endoftext|>']
+"""
+
+from __future__ import annotations
+
+import string
+
+from visalign.errors import MissingDependencyError
+
+__all__ = ["CLIP_MAX_LENGTH", "T5_MAX_LENGTH", "tiny_clip_tokenizer", "tiny_t5_tokenizer"]
+
+#: Padded length of the tiny CLIP tokenizers. Real CLIP uses 77; 32 keeps the text short while
+#: leaving room for the usual test prompts (the common words below are single tokens; other words
+#: cost a token per letter or two).
+CLIP_MAX_LENGTH = 32
+
+#: ``model_max_length`` of the tiny T5 tokenizer, as the real SD3, Flux and Wan T5 tokenizers ship.
+#: The pipelines pad T5 text to their own ``max_sequence_length`` argument, not to this value; it
+#: only decides when transformers warns about a long input.
+T5_MAX_LENGTH = 512
+
+# Words that tokenize to a single token in both tokenizers, so that typical test prompts
+# ("a photo of a red cat", a Wan negative prompt) stay a few tokens long.
+# The toy world's captions ("a red circle on the left") are all made of these words.
+_WORDS = (
+    "a", "an", "the", "of", "and", "in", "on", "at", "with", "by", "over", "photo", "picture",
+    "painting", "cat", "dog", "bird", "horse", "car", "house", "tree", "man", "woman", "astronaut",
+    "riding", "red", "green", "blue", "yellow", "orange", "purple", "black", "white", "circle",
+    "square", "triangle", "shape", "left", "right", "top", "bottom", "center", "background", "sky",
+    "ocean", "city", "night", "sunset", "mountain", "river", "beautiful", "high", "quality", "low",
+    "blurry", "ugly", "portrait", "landscape", "video", "walking", "running",
+)
+
+
+def _require_transformers_5():
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    if major < 5:
+        # The tokenizer constructors used below take the vocabulary in memory only since 5.0.
+        raise MissingDependencyError(
+            f"visalign.testing builds its offline tokenizers with the transformers 5 API, but "
+            f"transformers {transformers.__version__} is installed. Upgrade it with "
+            f"`pip install -U \"transformers>=5\"`."
+        )
+    return transformers
+
+
+def _byte_symbols() -> list[str]:
+    """The 256 printable characters that byte-level BPE uses for the 256 byte values.
+
+    Bytes that are printable stay themselves; the others are moved to code points from 256 on, so
+    every byte has a visible, non-whitespace symbol (the GPT-2 / CLIP convention).
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    symbols, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            symbols[byte] = chr(byte)
+        else:
+            symbols[byte] = chr(256 + extra)
+            extra += 1
+    return [symbols[b] for b in range(256)]
+
+
+def _apply_merges(symbols: list[str], merges: list[tuple[str, str]]) -> list[str]:
+    """Splits a word as BPE does: repeatedly join the adjacent pair whose merge ranks first."""
+    rank = {pair: i for i, pair in enumerate(merges)}
+    while len(symbols) > 1:
+        ranked = [(rank[pair], i) for i, pair in enumerate(zip(symbols, symbols[1:])) if pair in rank]
+        if not ranked:
+            break
+        _, i = min(ranked)
+        symbols = [*symbols[:i], symbols[i] + symbols[i + 1], *symbols[i + 2:]]
+    return symbols
+
+
+def tiny_clip_tokenizer(model_max_length: int = CLIP_MAX_LENGTH):
+    """Builds a tiny byte-level BPE CLIP tokenizer offline.
+
+    The vocabulary holds every byte symbol, alone and as a word end (``"x</w>"``), plus merges that
+    spell each of a few common prompt words as one token, plus ``<|startoftext|>`` and
+    ``<|endoftext|>`` (also the padding token, as in SD 1.x). Any text encodes without unknown
+    tokens.
+
+    Args:
+        model_max_length (`int`, *optional*, defaults to `CLIP_MAX_LENGTH`):
+            The length the pipelines pad and truncate CLIP text to. The tiny CLIP text encoders have
+            77 positions, so any value up to 77 works with them.
+
+    Returns:
+        `transformers.CLIPTokenizer`: the tokenizer. ``len(tokenizer)`` is its vocabulary size.
+    """
+    transformers = _require_transformers_5()
+    symbols = _byte_symbols()
+    vocab: dict[str, int] = {}
+    for token in [*symbols, *(s + "</w>" for s in symbols)]:
+        vocab[token] = len(vocab)
+    # BPE only produces a token through a merge whose result is in the vocabulary. Each word is
+    # first split by the merges so far ("cat" -> "c", "at</w>" once "at" is in), then its pieces are
+    # joined left to right by new merges. New merges rank after the old ones, so the words added
+    # before stay single tokens.
+    merges: list[tuple[str, str]] = []
+    for word in _WORDS:
+        pieces = _apply_merges([*word[:-1], word[-1] + "</w>"], merges)
+        left = pieces[0]
+        for right in pieces[1:]:
+            merges.append((left, right))
+            vocab.setdefault(left + right, len(vocab))
+            left = left + right
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    return transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def tiny_t5_tokenizer(model_max_length: int = T5_MAX_LENGTH):
+    """Builds a tiny unigram T5 tokenizer offline (used for T5 and UMT5 text encoders).
+
+    Ids 0, 1 and 2 are ``<pad>``, ``</s>`` and ``<unk>`` as in T5. The pieces are the common prompt
+    words (word-initial, ``"▁word"``) and every printable ASCII character alone and word-initial,
+    so ASCII text never maps to ``<unk>``. There are no ``<extra_id_*>`` sentinels: only the
+    encoder is used.
+
+    Args:
+        model_max_length (`int`, *optional*, defaults to `T5_MAX_LENGTH`):
+            Only decides when transformers warns that an input is long; the pipelines pad to their
+            own ``max_sequence_length``.
+
+    Returns:
+        `transformers.T5Tokenizer`: the tokenizer. ``len(tokenizer)`` is its vocabulary size.
+    """
+    transformers = _require_transformers_5()
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    # Unigram picks the segmentation with the highest total score: whole words beat characters.
+    pieces += [("▁" + word, -3.0) for word in _WORDS]
+    for char in string.ascii_letters + string.digits + string.punctuation:
+        pieces += [(char, -6.0), ("▁" + char, -5.0)]
+    # Drop the duplicates ("▁a" is both a word and a word-initial letter); the first one wins.
+    seen: set[str] = set()
+    pieces = [p for p in pieces if not (p[0] in seen or seen.add(p[0]))]
+    return transformers.T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
