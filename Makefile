@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
@@ -31,3 +31,21 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# HPSv2 / open_clip tests in their own environment: the registry's torchvision (pulled by
+# open_clip_torch) is a CUDA build that breaks next to the CPU torch of .venv, so this venv takes
+# the CUDA torch that matches it (about 5.5 GB; it runs fine on CPU).
+OPENCLIP_VENV := .venv-openclip
+OPENCLIP_PY := $(OPENCLIP_VENV)/bin/python
+OPENCLIP_STAMP := $(OPENCLIP_VENV)/.visalign-installed
+
+$(OPENCLIP_STAMP): pyproject.toml
+	@test -x $(OPENCLIP_PY) || $(PYTHON) -m venv $(OPENCLIP_VENV)
+	$(OPENCLIP_PY) -m pip install --quiet --upgrade pip
+	$(OPENCLIP_PY) -m pip install --quiet "torchvision==0.29.1" open_clip_torch
+	$(OPENCLIP_PY) -m pip install --quiet -e ".[dev]"
+	@touch $(OPENCLIP_STAMP)
+
+.PHONY: test-openclip
+test-openclip: $(OPENCLIP_STAMP)
+	$(OPENCLIP_PY) -m pytest -q tests/rewards/test_openclip.py

@@ -6,9 +6,19 @@ import torch
 from tests.rewards._util import rand_images
 from visalign.errors import ConfigError, InvalidInputError, NotDifferentiableError
 from visalign.rewards import YesTokenReward, answer_token_ids
-from visalign.testing.rewards import tiny_vlm_tokenizer
+from visalign.testing.rewards import tiny_vlm, tiny_vlm_tokenizer
 
 PROMPTS = ["a red cat", "a blue square on the left of a green circle"]  # different lengths
+
+
+@pytest.fixture(scope="module")
+def sharp_vlm():
+    """A tiny LLaVA whose output distribution is less flat (lm_head x 10), so P(yes) varies with
+    the image and prompt (about 0.78 +- 0.01 normalised) and comparisons mean something."""
+    model, processor = tiny_vlm(seed=1)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10)
+    return model, processor
 
 
 def to_uint8(x):
@@ -43,8 +53,8 @@ def test_answer_token_ids_cover_case_and_leading_space_variants():
 
 
 @pytest.mark.parametrize("normalize", [True, False])
-def test_pointwise_probabilities_match_the_hand_computation(vlm_pair, normalize):
-    model, processor = vlm_pair
+def test_pointwise_probabilities_match_the_hand_computation(sharp_vlm, normalize):
+    model, processor = sharp_vlm
     reward = YesTokenReward(model, processor, normalize=normalize, batch_size=2)
     x = rand_images(2, size=(36, 44))
     yes, no = hand_probs(model, processor, reward, x, PROMPTS)
@@ -55,8 +65,8 @@ def test_pointwise_probabilities_match_the_hand_computation(vlm_pair, normalize)
     assert "<image>" in reward.render("a red cat") and reward.render("a red cat").endswith("ASSISTANT:")
 
 
-def test_pairwise_mode_uses_reference_then_candidate(vlm_pair):
-    model, processor = vlm_pair
+def test_pairwise_mode_uses_reference_then_candidate(sharp_vlm):
+    model, processor = sharp_vlm
     reward = YesTokenReward(model, processor, mode="pairwise", criteria="Prefer red.")
     x, ref = rand_images(2, seed=1), rand_images(2, seed=2)
     text = reward.render("a red cat")
@@ -70,14 +80,14 @@ def test_pairwise_mode_uses_reference_then_candidate(vlm_pair):
         YesTokenReward(model, processor)(x, PROMPTS, reference_images=ref)
 
 
-def test_differentiable_path_matches_and_reaches_pixels(vlm_pair):
-    model, processor = vlm_pair
+def test_differentiable_path_matches_and_reaches_pixels(sharp_vlm):
+    model, processor = sharp_vlm
     x = rand_images(2, size=(36, 44))
     plain = YesTokenReward(model, processor)
     diff = YesTokenReward(model, processor, differentiable=True)
     xg = x.clone().requires_grad_()
     out = diff(xg, PROMPTS)
-    torch.testing.assert_close(out.detach(), plain(x, PROMPTS), atol=2e-3, rtol=0)
+    torch.testing.assert_close(out.detach(), plain(x, PROMPTS), atol=5e-4, rtol=0)
     out.sum().backward()
     assert xg.grad.abs().sum() > 0
     with pytest.raises(NotDifferentiableError, match="yes_token"):

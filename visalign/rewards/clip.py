@@ -9,6 +9,7 @@ cosine similarity of the two embeddings:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -56,8 +57,9 @@ class CLIPEmbedder(torch.nn.Module):
         if vision_only and isinstance(model, (str, os.PathLike)):
             kwargs["config"] = _vision_config(model)
         cls = CLIPVisionModelWithProjection if vision_only else CLIPModel
-        self.model = freeze(from_pretrained(cls, model, what="CLIP model", torch_dtype=torch_dtype,
-                                            **kwargs))
+        with _quiet_if(vision_only):  # the text tower's weights are unexpected there, by design
+            self.model = freeze(from_pretrained(cls, model, what="CLIP model",
+                                                torch_dtype=torch_dtype, **kwargs))
         if processor is None and isinstance(model, (str, os.PathLike)):
             processor = model
         if isinstance(processor, (str, os.PathLike)):
@@ -104,6 +106,20 @@ class CLIPEmbedder(torch.nn.Module):
     def cosine(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """Cosine similarity of each image with its prompt, shape (B,)."""
         return (self.image_features(images) * self.text_features(prompts)).sum(-1)
+
+
+@contextlib.contextmanager
+def _quiet_if(quiet: bool):
+    """Silences transformers' load report (e.g. the unused text tower of a vision-only load)."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    if quiet:
+        hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
 
 
 def _vision_config(source: Any) -> Any:

@@ -208,7 +208,8 @@ def _sdxl_unet(**config):
         "addition_time_embed_dim": 8,
         **config,
     }
-    config.setdefault("projection_class_embeddings_input_dim", 6 * config["addition_time_embed_dim"] + _CLIP_DIM)
+    time_dims = 6 * config["addition_time_embed_dim"]
+    config.setdefault("projection_class_embeddings_input_dim", time_dims + _CLIP_DIM)
     return UNet2DConditionModel(**config)
 
 
@@ -243,7 +244,7 @@ def _clip_image_processor(**config):
     """
     import transformers
 
-    processor_cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    processor_cls = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
     config = {
         "size": {"shortest_edge": _IMAGE_SIZE},
         "crop_size": {"height": _IMAGE_SIZE, "width": _IMAGE_SIZE},
@@ -279,7 +280,8 @@ def _clip_text(name: str, with_projection: bool) -> dict[str, _Recipe]:
     }
 
 
-def _wan_text() -> dict[str, _Recipe]:
+def _wan_shared() -> dict[str, _Recipe]:
+    """The components both Wan pipelines share: UMT5 text side, Wan VAE, flow-matching Euler."""
     return {
         "tokenizer": _Recipe(tiny_t5_tokenizer),
         "text_encoder": _Recipe(_t5_encoder, {"umt5": True}),
@@ -289,6 +291,7 @@ def _wan_text() -> dict[str, _Recipe]:
 
 
 def _wan_transformer_config(**config) -> dict:
+    """The tiny ``WanTransformer3DModel`` config (T2V); I2V changes a few keys via ``config``."""
     return {
         "patch_size": [1, 2, 2],
         "num_attention_heads": 2,
@@ -397,7 +400,7 @@ def _flux() -> tuple[type, dict[str, Any]]:
 
 def _wan_t2v() -> tuple[type, dict[str, Any]]:
     return WanPipeline, {
-        **_wan_text(),
+        **_wan_shared(),
         "transformer": _Recipe(WanTransformer3DModel, _wan_transformer_config()),
     }
 
@@ -409,7 +412,7 @@ def _wan_i2v() -> tuple[type, dict[str, Any]]:
         added_kv_proj_dim=24,  # = num_attention_heads * attention_head_dim
     )
     return WanImageToVideoPipeline, {
-        **_wan_text(),
+        **_wan_shared(),
         "image_encoder": _Recipe(_clip_vision_encoder),
         "image_processor": _Recipe(_clip_image_processor),
         "transformer": _Recipe(WanTransformer3DModel, transformer),
@@ -455,10 +458,10 @@ def tiny_pipeline(family: str, seed: int = 0, **overrides) -> DiffusionPipeline:
               built, e.g. ``unet={"layers_per_block": 2}``, ``scheduler={"shift": 1.0}``,
               ``tokenizer={"model_max_length": 77}``. The keys are the keyword arguments of the
               diffusers model / scheduler constructor, of the transformers config class (text and
-              image encoders; ``with_projection`` / ``umt5`` pick the model class), or of the tokenizer
-              builders in :mod:`visalign.testing.tokenizers`. Keeping the components consistent
-              with each other (e.g. ``cross_attention_dim`` with the text encoder width) is up to
-              the caller.
+              image encoders; ``with_projection`` / ``umt5`` pick the model class), or of the
+              tokenizer builders in :mod:`visalign.testing.tokenizers`. Keeping the components
+              consistent with each other (e.g. ``cross_attention_dim`` with the text encoder
+              width) is up to the caller.
             - ``<component>=<object or None>``: uses that object as is, e.g.
               ``scheduler=DDPMScheduler()`` or ``text_encoder_3=None``. Modules given this way are
               put in eval mode too.
@@ -495,15 +498,16 @@ def tiny_pipeline(family: str, seed: int = 0, **overrides) -> DiffusionPipeline:
     for name, value in overrides.items():
         if name not in accepted:
             raise ConfigError(
-                f"tiny_pipeline({family!r}) got the override {name}=..., but {pipeline_cls.__name__} "
-                f"takes none of that name. Valid overrides: dtype, {', '.join(accepted)}."
+                f"tiny_pipeline({family!r}) got the override {name}=..., but "
+                f"{pipeline_cls.__name__} takes none of that name. Valid overrides: dtype, "
+                f"{', '.join(accepted)}."
             )
         recipe = parts.get(name)
         if isinstance(value, dict):
             if not isinstance(recipe, _Recipe):
                 raise ConfigError(
-                    f"tiny_pipeline({family!r}) got a config dict for {name!r}, but has no built-in "
-                    f"{name!r} to configure. Pass a ready {name} object (or None) instead."
+                    f"tiny_pipeline({family!r}) got a config dict for {name!r}, but has no "
+                    f"built-in {name!r} to configure. Pass a ready {name} object (or None) instead."
                 )
             parts[name] = _Recipe(recipe.build, {**recipe.config, **value})
         else:

@@ -3,8 +3,8 @@
 Real checkpoints ship their tokenizers as hub files, which tests must never download. The
 tokenizers here are built in memory from a small written vocabulary instead:
 
-- :func:`tiny_clip_tokenizer` is a byte-level BPE :class:`~transformers.CLIPTokenizer` (the SD, SDXL,
-  SD3 and Flux CLIP towers).
+- :func:`tiny_clip_tokenizer` is a byte-level BPE :class:`~transformers.CLIPTokenizer` (the SD,
+  SDXL, SD3 and Flux CLIP towers).
 - :func:`tiny_t5_tokenizer` is a unigram :class:`~transformers.T5Tokenizer` (the T5 tower of SD3 and
   Flux, and the UMT5 tower of Wan).
 
@@ -88,7 +88,8 @@ def _apply_merges(symbols: list[str], merges: list[tuple[str, str]]) -> list[str
     """Splits a word as BPE does: repeatedly join the adjacent pair whose merge ranks first."""
     rank = {pair: i for i, pair in enumerate(merges)}
     while len(symbols) > 1:
-        ranked = [(rank[pair], i) for i, pair in enumerate(zip(symbols, symbols[1:])) if pair in rank]
+        pairs = zip(symbols, symbols[1:])
+        ranked = [(rank[pair], i) for i, pair in enumerate(pairs) if pair in rank]
         if not ranked:
             break
         _, i = min(ranked)

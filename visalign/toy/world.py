@@ -345,13 +345,6 @@ def sample_scenes(n: int, seed: int = 0, *, sizes: bool = False, backgrounds: bo
 
 # ----------------------------------------------------------------------------- rendering
 
-def _grid(height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pixel-centre coordinates (y, x), each (H, W), in pixel units."""
-    ys = torch.arange(height, dtype=torch.float32) + 0.5
-    xs = torch.arange(width, dtype=torch.float32) + 0.5
-    return torch.meshgrid(ys, xs, indexing="ij")
-
-
 def coverage(shape: str, cx, cy, r, height: int, width: int, antialias: bool = True) -> torch.Tensor:
     """How much of each pixel a shape covers, in [0, 1].
 
@@ -362,7 +355,10 @@ def coverage(shape: str, cx, cy, r, height: int, width: int, antialias: bool = T
     made by this same function, so clean renders match their template exactly.
     """
     cx, cy, r = (torch.as_tensor(v, dtype=torch.float32)[..., None, None] for v in (cx, cy, r))
-    ys, xs = _grid(height, width)
+    # Pixel centres sit at i + 0.5. Keeping x as a row and y as a column lets every step
+    # broadcast, so most intermediates are (.., 1, W) or (.., H, 1) rather than (.., H, W).
+    xs = torch.arange(width, dtype=torch.float32) + 0.5
+    ys = (torch.arange(height, dtype=torch.float32) + 0.5)[:, None]
     dx, dy = (xs - cx).abs(), ys - cy
     if shape == "square":
         if not antialias:
@@ -386,16 +382,34 @@ def _validate_size(size) -> int:
     return size
 
 
-def _draw(sprites: Sequence[Sprite], centers: Sequence[tuple[float, float]], background: str,
-          size: int, antialias: bool) -> torch.Tensor:
-    image = torch.tensor(BACKGROUNDS[background], dtype=torch.float32)[:, None, None]
-    image = image.expand(3, size, size).clone()
-    for sprite, (fx, fy) in zip(sprites, centers):
-        r = SIZES[sprite.size or "medium"] * size
-        alpha = coverage(sprite.shape, fx * size, fy * size, r, size, size, antialias)
-        color = torch.tensor(COLORS[sprite.color], dtype=torch.float32)[:, None, None]
-        image = image * (1 - alpha) + color * alpha
+_Layer = tuple[Sequence[Sprite], Sequence[tuple[float, float]], str]  # sprites, centres, bg
+
+
+def _draw(items: Sequence[_Layer], size: int, antialias: bool) -> torch.Tensor:
+    """Draws many images at once: (N, 3, size, size). Sprites are painted in order."""
+    n, k = len(items), max(len(sprites) for sprites, _, _ in items)
+    image = torch.tensor([BACKGROUNDS[bg] for _, _, bg in items])[:, :, None, None]
+    image = image.expand(n, 3, size, size).clone()
+    for slot in range(k):
+        alpha = torch.zeros(n, size, size)
+        color = torch.zeros(n, 3)
+        for shape in SHAPES:
+            rows = [i for i, (sprites, _, _) in enumerate(items)
+                    if len(sprites) > slot and sprites[slot].shape == shape]
+            if not rows:
+                continue
+            sprites = [items[i][0][slot] for i in rows]
+            centers = torch.tensor([items[i][1][slot] for i in rows]) * size
+            radius = torch.tensor([SIZES[sp.size or "medium"] for sp in sprites]) * size
+            alpha[rows] = coverage(shape, centers[:, 0], centers[:, 1], radius, size, size, antialias)
+            color[rows] = torch.tensor([COLORS[sp.color] for sp in sprites])
+        alpha = alpha[:, None]
+        image = image * (1 - alpha) + color[:, :, None, None] * alpha
     return image
+
+
+def _still(scene: Scene) -> _Layer:
+    return scene.sprites, [POSITIONS[s.position or "center"] for s in scene.sprites], scene.background
 
 
 def render(scene: Scene | str, size: int = 32, antialias: bool = True) -> torch.Tensor:
@@ -409,17 +423,30 @@ def render(scene: Scene | str, size: int = 32, antialias: bool = True) -> torch.
     Returns:
         A float32 tensor (3, size, size) in [0, 1].
     """
-    scene = as_scene(scene)
-    size = _validate_size(size)
-    centers = [POSITIONS[s.position or "center"] for s in scene.sprites]
-    return _draw(scene.sprites, centers, scene.background, size, antialias)
+    return render_batch([scene], size, antialias)[0]
 
 
 def render_batch(scenes: Sequence[Scene | str], size: int = 32, antialias: bool = True) -> torch.Tensor:
-    """Renders still scenes into a (B, 3, size, size) tensor (see :func:`render`)."""
+    """Renders still scenes (or captions) into a (B, 3, size, size) tensor; see :func:`render`."""
     if len(scenes) == 0:
         raise InvalidInputError("`render_batch` needs at least one scene.")
-    return torch.stack([render(s, size, antialias) for s in scenes])
+    return _draw([_still(as_scene(s)) for s in scenes], _validate_size(size), antialias)
+
+
+def _video(scene: Scene | str, motion: str | None, num_frames: int) -> list[_Layer]:
+    scene = as_scene(scene)
+    motion = motion if motion is not None else scene.motion
+    if motion is None:
+        raise InvalidInputError(
+            f"Rendering a video needs a motion: pass motion= one of {list(MOTIONS)} or a scene "
+            f"such as 'a red circle moving right'; got the still scene {scene.caption()!r}."
+        )
+    scene = Scene(scene.sprites, scene.background, motion)  # validates: one sprite, no position
+    if not isinstance(num_frames, int) or num_frames < 2:
+        raise InvalidInputError(f"`num_frames` must be an int of at least 2; got {num_frames!r}.")
+    (dx, dy), (x0, y0) = MOTIONS[motion], POSITIONS["center"]
+    steps = [TRAVEL * t / (num_frames - 1) for t in range(num_frames)]
+    return [(scene.sprites, [(x0 + dx * st, y0 + dy * st)], scene.background) for st in steps]
 
 
 def render_video(scene: Scene | str, motion: str | None = None, num_frames: int = 8,
@@ -441,24 +468,17 @@ def render_video(scene: Scene | str, motion: str | None = None, num_frames: int 
     Returns:
         A float32 tensor (T, 3, size, size) in [0, 1].
     """
-    scene = as_scene(scene)
-    motion = motion if motion is not None else scene.motion
-    if motion is None:
-        raise InvalidInputError(
-            f"`render_video` needs a motion: pass motion= one of {list(MOTIONS)} or a scene such "
-            f"as 'a red circle moving right'; got the still scene {scene.caption()!r}."
-        )
-    scene = Scene(scene.sprites, scene.background, motion)  # validates: one sprite, no position
-    if not isinstance(num_frames, int) or num_frames < 2:
-        raise InvalidInputError(f"`num_frames` must be an int of at least 2; got {num_frames!r}.")
-    size = _validate_size(size)
-    (dx, dy), (x0, y0) = MOTIONS[motion], POSITIONS["center"]
-    frames = []
-    for t in range(num_frames):
-        step = TRAVEL * t / (num_frames - 1)
-        frames.append(_draw(scene.sprites, [(x0 + dx * step, y0 + dy * step)],
-                            scene.background, size, antialias))
-    return torch.stack(frames)
+    return _draw(_video(scene, motion, num_frames), _validate_size(size), antialias)
+
+
+def render_video_batch(scenes: Sequence[Scene | str], num_frames: int = 8, size: int = 32,
+                       antialias: bool = True) -> torch.Tensor:
+    """Renders moving scenes (or captions) into a (B, T, 3, size, size) tensor."""
+    if len(scenes) == 0:
+        raise InvalidInputError("`render_video_batch` needs at least one scene.")
+    layers = [layer for s in scenes for layer in _video(s, None, num_frames)]
+    frames = _draw(layers, _validate_size(size), antialias)
+    return frames.view(len(scenes), num_frames, *frames.shape[1:])
 
 
 def first_frame(scene: Scene | str, size: int = 32, antialias: bool = True) -> torch.Tensor:

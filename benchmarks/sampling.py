@@ -1,0 +1,83 @@
+"""Sampling speed: visalign's loop against the stock diffusers pipeline at equal settings.
+
+    python benchmarks/sampling.py                       # every tiny family, CPU
+    python benchmarks/sampling.py --families sd3 flux --repeats 9 --steps 20
+
+For each family it times the stock ``pipe(...)`` and ``va.sample(..., sampler="ode")`` (the same
+computation: same latents, steps, CFG, decode) and ``sampler="sde"`` (adds log-prob bookkeeping),
+interleaved, and prints medians and the ratio of medians. Timing ratios from one run are
+comparable; absolute times depend on the machine's load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def _time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_family(family: str, steps: int, batch: int, repeats: int) -> dict:
+    import visalign as va
+    from visalign.testing import tiny_pipeline
+    from visalign.testing.pipelines import DEFAULT_SIZES
+
+    pipe = tiny_pipeline(family)
+    pipe.set_progress_bar_config(disable=True)
+    policy = va.wrap(pipe)
+    size = {k: v for k, v in DEFAULT_SIZES[family].items() if v is not None}
+    prompts = [f"prompt {i}" for i in range(batch)]
+    images = torch.rand(batch, 3, size["height"], size["width"]) if policy.needs_image else None
+    stock_extra = {"image": images[0]} if images is not None else {}
+
+    def stock():
+        with torch.no_grad():
+            pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=4.0, output_type="pt",
+                 generator=torch.Generator().manual_seed(0), **size, **stock_extra)
+
+    def ours(sampler):
+        return lambda: va.sample(policy, prompts, num_steps=steps, guidance_scale=4.0, sampler=sampler, images=images,
+                                 generator=torch.Generator().manual_seed(0), **size)
+
+    for fn in (stock, ours("ode"), ours("sde")):  # warm-up
+        fn()
+    rows = {"stock": [], "ode": [], "sde": []}
+    for _ in range(repeats):  # interleaved, so load drifts hit all three alike
+        rows["stock"].append(_time(stock, 1))
+        rows["ode"].append(_time(ours("ode"), 1))
+        rows["sde"].append(_time(ours("sde"), 1))
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    return {"family": family, **med, "ode_ratio": med["ode"] / med["stock"], "sde_ratio": med["sde"] / med["stock"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--families", nargs="+", default=["sd", "sdxl", "sd3", "flux", "wan-t2v", "wan-i2v"])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, steps {args.steps}, batch {args.batch}, "
+          f"CFG 4, median of {args.repeats}")
+    print(f"{'family':10s} {'stock s':>9s} {'ode s':>9s} {'sde s':>9s} {'ode/stock':>10s} {'sde/stock':>10s}")
+    for family in args.families:
+        r = bench_family(family, args.steps, args.batch, args.repeats)
+        print(f"{family:10s} {r['stock']:9.4f} {r['ode']:9.4f} {r['sde']:9.4f} {r['ode_ratio']:10.3f} {r['sde_ratio']:10.3f}")
+
+
+if __name__ == "__main__":
+    main()
