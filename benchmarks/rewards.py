@@ -123,6 +123,30 @@ def real_rewards(dtype: torch.dtype, vlm_layers: int = 28) -> dict:
     }
 
 
+def bench_one(reward, args, device: torch.device, g: torch.Generator) -> tuple[str, str]:
+    """Samples/s of ``reward`` forward and forward+backward (videos/s for video rewards)."""
+    from visalign.rewards import VideoReward
+
+    video = isinstance(reward, VideoReward)
+    shape = ((args.batch, args.frames) if video else (args.batch,)) + (3, args.size, args.size)
+    x = torch.rand(shape, generator=g).to(device)
+    prompts = [f"a photo of a red cat number {i}" for i in range(args.batch)]
+    reward.place(device)
+
+    def fwd():
+        with torch.no_grad():
+            reward(x, prompts)
+
+    def fwd_bwd():
+        reward(x.detach().requires_grad_(), prompts).sum().backward()
+
+    unit = " videos/s" if video else ""
+    out = f"{args.batch / _median_time(fwd, args.repeats, device):.1f}{unit}"
+    if not reward.differentiable:
+        return out, "n/a"
+    return out, f"{args.batch / _median_time(fwd_bwd, args.repeats, device):.1f}{unit}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8, help="samples per call")
@@ -154,28 +178,8 @@ def main() -> None:
     print(f"{'reward':52s} {'fwd samples/s':>14s} {'fwd+bwd samples/s':>18s}")
     g = torch.Generator().manual_seed(0)
     for name, build in builders.items():
-        reward = build()
-        video = isinstance(reward, __import__("visalign").rewards.VideoReward)
-        shape = ((args.batch, args.frames) if video else (args.batch,)) + (3, args.size, args.size)
-        x = torch.rand(shape, generator=g).to(device)
-        prompts = [f"a photo of a red cat number {i}" for i in range(args.batch)]
-        reward.place(device)
-
-        def fwd():
-            with torch.no_grad():
-                reward(x, prompts)
-
-        def fwd_bwd():
-            xg = x.detach().requires_grad_()
-            reward(xg, prompts).sum().backward()
-
-        t_fwd = _median_time(fwd, args.repeats, device)
-        bwd = "n/a"
-        if reward.differentiable:
-            bwd = f"{args.batch / _median_time(fwd_bwd, args.repeats, device):.1f}"
-        unit = "videos" if video else ""
-        print(f"{name:52s} {args.batch / t_fwd:14.1f} {bwd:>18s} {unit}", flush=True)
-        del reward
+        fwd, fwd_bwd = bench_one(build(), args, device, g)
+        print(f"{name:52s} {fwd:>14s} {fwd_bwd:>18s}", flush=True)
 
 
 if __name__ == "__main__":

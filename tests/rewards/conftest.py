@@ -26,12 +26,7 @@ def trained_clip():
     """A tiny CLIP trained for a moment on colour swatches, so colour words are meaningful."""
     from visalign.testing.rewards import tiny_clip
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return tiny_clip(seed=0, trained=True)
-    finally:
-        torch.set_num_threads(before)
+    return tiny_clip(seed=0, trained=True)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,7 @@
 """CLIPScore and PickScore: hand-computed formulas, constructed orderings, gradients, loading."""
 
+import copy
+
 import pytest
 import torch
 
@@ -67,6 +69,18 @@ def test_gradients_reach_pixels_and_weights_stay_frozen(clip_pair):
     assert not reward.clip.model.training  # dropout stays off
 
 
+def test_half_precision_model_gives_float32_scores_on_the_images_device(clip_pair):
+    model, processor = clip_pair
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    x = rand_images(2)
+    reward = CLIPScore(half, processor, variant="cosine")
+    out = reward(x, PROMPTS[:2])
+    assert out.dtype == torch.float32 and out.device == x.device
+    assert reward.clip.dtype == torch.bfloat16  # placement moves devices, keeps the dtype
+    torch.testing.assert_close(out, CLIPScore(model, processor, variant="cosine")(x, PROMPTS[:2]),
+                               atol=0.05, rtol=0)
+
+
 def test_save_and_load_from_a_local_folder(clip_pair, tmp_path):
     model, processor = clip_pair
     model.save_pretrained(tmp_path)
@@ -74,6 +88,7 @@ def test_save_and_load_from_a_local_folder(clip_pair, tmp_path):
     x = rand_images(2)
     loaded = CLIPScore(str(tmp_path))(x, PROMPTS[:2])
     torch.testing.assert_close(loaded, CLIPScore(model, processor)(x, PROMPTS[:2]))
+    assert CLIPScore(str(tmp_path), torch_dtype=torch.bfloat16).clip.dtype == torch.bfloat16
 
 
 def test_built_model_without_processor_cannot_encode_prompts(clip_pair):

@@ -67,7 +67,8 @@ def test_pointwise_probabilities_match_the_hand_computation(sharp_vlm, normalize
 
 def test_pairwise_mode_uses_reference_then_candidate(sharp_vlm):
     model, processor = sharp_vlm
-    reward = YesTokenReward(model, processor, mode="pairwise", criteria="Prefer red.")
+    reward = YesTokenReward(model, processor, mode="pairwise", criteria="Prefer red.",
+                            batch_size=1)  # chunks slice reference_images too
     x, ref = rand_images(2, seed=1), rand_images(2, seed=2)
     text = reward.render("a red cat")
     assert text.count("<image>") == 2 and "Prefer red." in text and '"a red cat"' in text

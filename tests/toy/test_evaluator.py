@@ -1,4 +1,4 @@
-"""The exact evaluator: 100% on clean renders, robust to noise, and it flags exactly what is wrong."""
+"""The exact evaluator: 100% on clean renders, robust to noise, flags exactly what is wrong."""
 
 import random
 
@@ -103,8 +103,9 @@ def test_robust_to_blur_and_dim_colours():
     r = 2
     kernel = torch.exp(-torch.arange(-r, r + 1.0) ** 2 / (2 * 0.7**2))
     kernel = (kernel / kernel.sum()).repeat(3, 1, 1, 1)
-    blurred = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), kernel.view(3, 1, 1, -1), groups=3)
-    blurred = F.conv2d(F.pad(blurred, (0, 0, r, r), mode="replicate"), kernel.view(3, 1, -1, 1), groups=3)
+    rows = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), kernel.view(3, 1, 1, -1), groups=3)
+    blurred = F.conv2d(F.pad(rows, (0, 0, r, r), mode="replicate"), kernel.view(3, 1, -1, 1),
+                       groups=3)
     _exact(blurred, SINGLE)
     _exact(x * 0.8, SINGLE)
 
@@ -178,7 +179,8 @@ def test_blank_and_missing_objects_score_zero():
     assert sample["motion"] is None
     # A two-object prompt with one object drawn: the missing object's attributes are wrong.
     one = render_batch(["a red circle on the left"])
-    sample = evaluate(one, ["a red circle on the left and a blue square on the right"])["samples"][0]
+    prompt = "a red circle on the left and a blue square on the right"
+    sample = evaluate(one, [prompt])["samples"][0]
     assert sample["score"] == 0.5 and not sample["all_correct"]
     assert [d.found for d in sample["detections"]] == [True, False]
 

@@ -37,15 +37,18 @@ def test_every_caption_round_trips(flags, count):
 def test_caption_examples_and_articles():
     assert Scene.single("circle", "red", "left").caption() == "a red circle on the left"
     assert Scene.single("square", "orange", "center").caption() == "an orange square in the center"
-    assert Scene.single("square", "orange", "top", "large").caption() == "a large orange square at the top"
+    assert Scene.single("square", "orange", "top", "large").caption() == \
+        "a large orange square at the top"
     assert Scene.single("triangle", "blue", size="small", motion="up").caption() == \
         "a small blue triangle moving up"
     two = Scene((Sprite("circle", "red", "left"), Sprite("square", "blue", "right")))
     assert two.caption() == "a red circle on the left and a blue square on the right"
     # Lenient on case, spacing, the article and a final full stop; position may be unstated.
-    assert parse_caption("  A  Orange Circle on the LEFT. ") == Scene.single("circle", "orange", "left")
+    assert parse_caption("  A  Orange Circle on the LEFT. ") == \
+        Scene.single("circle", "orange", "left")
     assert parse_caption("a red circle") == Scene.single("circle", "red")
-    assert parse_caption("a blue square on the right and a red circle on the left").sprites[0].color == "blue"
+    swapped = parse_caption("a blue square on the right and a red circle on the left")
+    assert swapped.sprites[0].color == "blue"
 
 
 @pytest.mark.parametrize("text", [
@@ -144,7 +147,7 @@ def test_render_batch_matches_render():
     scenes = sample_scenes(12, seed=1, sizes=True, backgrounds=True, two_shapes=True)
     batch = render_batch(scenes)
     assert torch.equal(batch, torch.stack([render(s) for s in scenes]))
-    assert torch.equal(render_batch([s.caption() for s in scenes[:1]])[0], render(scenes[0].caption()))
+    assert torch.equal(render_batch([scenes[0].caption()])[0], render(scenes[0].caption()))
 
 
 @pytest.mark.parametrize("motion", list(MOTIONS))
@@ -160,14 +163,15 @@ def test_render_video_moves_in_the_stated_direction(motion):
 
 
 def test_render_video_options_and_errors():
-    assert torch.equal(render_video("a red circle", "left"), render_video("a red circle moving left"))
+    assert torch.equal(render_video("a red circle", "left"),
+                       render_video("a red circle moving left"))
     assert render_video("a red circle moving up", num_frames=9, size=16).shape == (9, 3, 16, 16)
     batch = render_video_batch(["a red circle moving up", "a small green square moving left"])
     assert batch.shape == (2, 8, 3, 32, 32)
     assert torch.equal(batch[1], render_video("a small green square moving left"))
     # Every first frame of one sprite is the same whatever the motion: I2V must read the text.
-    assert all(torch.equal(first_frame(f"a red circle moving {m}"), first_frame("a red circle moving up"))
-               for m in MOTIONS)
+    up = first_frame("a red circle moving up")
+    assert all(torch.equal(first_frame(f"a red circle moving {m}"), up) for m in MOTIONS)
     with pytest.raises(InvalidInputError, match="motion"):
         render_video("a red circle")
     with pytest.raises(InvalidInputError, match="no position"):

@@ -171,6 +171,8 @@ class Policy:
     # Whether CFG batches [uncond, cond] in one forward (SD, SDXL, SD3 do, as stock does) or runs
     # two forwards (Wan, FLUX true-CFG, as stock does). Matching stock keeps outputs bit-comparable.
     cfg_batched: ClassVar[bool] = True
+    # True when ``guidance_scale`` feeds a guidance embedding (FLUX.1-dev) rather than CFG.
+    embedded_guidance: ClassVar[bool] = False
     # Name of the denoiser component on the pipeline, and of the LoRA keyword its saver takes.
     denoiser_name: ClassVar[str] = "transformer"
     # Modules LoRA targets by default (attention projections), per family.
@@ -193,6 +195,22 @@ class Policy:
     def denoiser(self) -> torch.nn.Module:
         """The trainable network: the UNet or the transformer."""
         return getattr(self.pipe, self.denoiser_name)
+
+    _runner: torch.nn.Module | None = None
+
+    def run_denoiser(self, *args, **kwargs):
+        """Calls the denoiser, through its distributed wrapper while a trainer has installed one.
+
+        A trainer hands ``accelerator.prepare(policy.denoiser)`` to :meth:`set_runner`, so that
+        DDP/FSDP see every forward, while ``policy.denoiser`` stays the plain module (with its
+        ``.config``) for everything else.
+        """
+        module = self._runner if self._runner is not None else self.denoiser
+        return module(*args, **kwargs)
+
+    def set_runner(self, module: torch.nn.Module | None) -> None:
+        """Routes denoiser calls through ``module`` (e.g. a DDP wrapper); None restores the plain one."""
+        self._runner = module
 
     @property
     def vae(self) -> torch.nn.Module:

@@ -30,6 +30,7 @@ class FluxPolicy(FlowPolicy):
     pipeline_class_names = ("FluxPipeline",)
     default_guidance_scale = 3.5
     cfg_batched = False
+    embedded_guidance = True
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0",
                             "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
@@ -111,7 +112,7 @@ class FluxPolicy(FlowPolicy):
     def forward(self, latents, timesteps, kwargs, shared):
         # Stock casts t to the model dtype before dividing by 1000 (PITFALLS, "Timestep dtype").
         t = timesteps.to(self.dtype) / 1000
-        return self.denoiser(hidden_states=latents.to(self.dtype), timestep=t, return_dict=False,
+        return self.run_denoiser(hidden_states=latents.to(self.dtype), timestep=t, return_dict=False,
                              **kwargs, **shared)[0]
 
     def decode(self, latents, geometry):

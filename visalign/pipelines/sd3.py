@@ -68,7 +68,7 @@ class SD3Policy(FlowPolicy):
         return (batch_size, self.denoiser.config.in_channels, geometry.height // f, geometry.width // f)
 
     def forward(self, latents, timesteps, kwargs, shared):
-        return self.denoiser(hidden_states=latents.to(self.dtype), timestep=timesteps.float(),
+        return self.run_denoiser(hidden_states=latents.to(self.dtype), timestep=timesteps.float(),
                              return_dict=False, **kwargs, **shared)[0]
 
     def decode(self, latents, geometry):

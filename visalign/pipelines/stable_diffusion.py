@@ -88,7 +88,7 @@ class _UNetPolicy(Policy):
 
     # ----------------------------------------------------------------- model call
     def forward(self, latents, timesteps, kwargs, shared):
-        return self.denoiser(
+        return self.run_denoiser(
             latents.to(self.dtype), timesteps.long(), return_dict=False, **kwargs, **shared
         )[0]
 

@@ -83,7 +83,7 @@ class _WanPolicy(FlowPolicy):
         )
 
     def forward(self, latents, timesteps, kwargs, shared):
-        return self.denoiser(hidden_states=latents.to(self.dtype), timestep=timesteps.float(),
+        return self.run_denoiser(hidden_states=latents.to(self.dtype), timestep=timesteps.float(),
                              return_dict=False, **kwargs, **shared)[0]
 
     # ----------------------------------------------------------------- VAE
@@ -177,5 +177,5 @@ class WanI2VPolicy(_WanPolicy):
         kwargs = dict(kwargs)
         condition = kwargs.pop("image_condition")
         hidden = torch.cat([latents.to(self.dtype), condition], dim=1)
-        return self.denoiser(hidden_states=hidden, timestep=timesteps.float(), return_dict=False,
+        return self.run_denoiser(hidden_states=hidden, timestep=timesteps.float(), return_dict=False,
                              **kwargs, **shared)[0]

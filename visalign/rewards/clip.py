@@ -66,8 +66,8 @@ class CLIPEmbedder(torch.nn.Module):
             processor = from_pretrained(CLIPProcessor, processor, what="CLIP processor")
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", None)
-        if processor is not None and hasattr(processor, "image_processor"):
-            self.transform = ImageTransform.from_processor(processor.image_processor)
+        if processor is not None:  # a full processor or a bare image processor
+            self.transform = ImageTransform.from_processor(processor)
         else:
             self.transform = ImageTransform.clip(_image_size(self.model))
 
@@ -100,7 +100,8 @@ class CLIPEmbedder(torch.nn.Module):
             input_ids=tokens["input_ids"], attention_mask=tokens.get("attention_mask"))).float()
         if normalize:
             feats = feats / feats.norm(dim=-1, keepdim=True)
-        index = torch.tensor([unique.index(p) for p in prompts], device=device)
+        position = {p: i for i, p in enumerate(unique)}
+        index = torch.tensor([position[p] for p in prompts], device=device)
         return feats[index]
 
     def cosine(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:

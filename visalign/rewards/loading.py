@@ -96,7 +96,7 @@ def from_pretrained(cls: Any, source: Any, *, what: str, torch_dtype: torch.dtyp
     if not isinstance(source, (str, os.PathLike)):
         return source
     if torch_dtype is not None:
-        kwargs["dtype"] = torch_dtype
+        kwargs[_dtype_kwarg()] = torch_dtype
     try:
         return cls.from_pretrained(os.fspath(source), **kwargs)
     except Exception as exc:
@@ -104,3 +104,12 @@ def from_pretrained(cls: Any, source: Any, *, what: str, torch_dtype: torch.dtyp
             f"could not load the {what} from {os.fspath(source)!r} with "
             f"{getattr(cls, '__name__', cls)}.from_pretrained ({type(exc).__name__}: {exc}). Pass "
             "a hub id, a local folder saved with save_pretrained, or a model already built.") from exc
+
+
+def _dtype_kwarg() -> str:
+    """``from_pretrained``'s dtype keyword: ``dtype`` since transformers 4.56, before that
+    ``torch_dtype``."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"

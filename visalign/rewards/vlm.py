@@ -171,6 +171,7 @@ class YesTokenReward(Reward):
                       reference_images: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(P(yes), P(no))``, each (B,) float32, under the full-vocabulary softmax."""
+        self.place(images.device)
         batch = images.shape[0]
         if self.mode == "pairwise":
             if reference_images is None:

@@ -465,17 +465,16 @@ def log_prob(policy: Policy, traj: Trajectory, steps, detach_uncond: bool = Fals
             f"end of the schedule) and have no log-prob; train only on steps where traj.sde_mask is True."
         )
     conditioning = traj.conditioning if conditioning is None else conditioning
-    rows = torch.arange(batch, device=device)
-    schedule = traj.schedule
-    log_probs, means, stds = [], [], []
-    for j in range(steps.shape[1]):
-        index = steps[:, j]
-        x, x_next = traj.latents[rows, index], traj.latents[rows, index + 1]
-        t = schedule.timesteps.to(device)[index]
-        model_output = policy.predict(x, t, conditioning, detach_uncond=detach_uncond)
-        mean, std, _ = transition(policy, traj.spec, schedule, index, x, model_output)
-        std = torch.as_tensor(std, dtype=torch.float32, device=device)
-        log_probs.append(S.gaussian_log_prob(x_next, mean, std, traj.spec.reduce))
-        means.append(mean)
-        stds.append(std.reshape(-1).expand(batch) if std.numel() in (1, batch) else std.flatten(1)[:, 0])
-    return LogProbOutput(torch.stack(log_probs, 1), torch.stack(means, 1), torch.stack(stds, 1))
+    # All (sample, step) pairs go through the model as one batch with per-pair timesteps: one
+    # forward and one backward per call, which keeps DDP's one-forward-per-backward contract.
+    k = steps.shape[1]
+    rows = torch.arange(batch, device=device).repeat_interleave(k)
+    index = steps.reshape(-1)
+    x, x_next = traj.latents[rows, index], traj.latents[rows, index + 1]
+    t = traj.schedule.timesteps.to(device)[index]
+    model_output = policy.predict(x, t, conditioning.select(rows), detach_uncond=detach_uncond)
+    mean, std, _ = transition(policy, traj.spec, traj.schedule, index, x, model_output)
+    std = torch.as_tensor(std, dtype=torch.float32, device=device)
+    log_probs = S.gaussian_log_prob(x_next, mean, std, traj.spec.reduce)
+    stds = std.flatten()[:1].expand(batch * k) if std.numel() == 1 else std.flatten(1)[:, 0]
+    return LogProbOutput(log_probs.view(batch, k), mean.view(batch, k, *mean.shape[1:]), stds.reshape(batch, k))

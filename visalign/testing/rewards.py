@@ -150,8 +150,18 @@ def train_tiny_clip(model, processor, *, steps: int = 60, lr: float = 3e-3, seed
                     colors: Sequence[str] = ("red", "green", "blue", "yellow")):
     """A few steps of CLIP's contrastive loss on noisy colour swatches vs ``"a photo of {colour}"``.
 
-    Leaves the model in eval mode; returns it. Deterministic for a given seed.
+    Leaves the model in eval mode; returns it. Deterministic for a given seed. Runs on one CPU
+    thread (restored afterwards): for a model this small, more threads only add contention.
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(model, processor, steps, lr, seed, colors)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(model, processor, steps, lr, seed, colors):
     from visalign.rewards.preprocess import ImageTransform
 
     transform = ImageTransform.from_processor(processor.image_processor)
@@ -224,7 +234,7 @@ def tiny_vlm_tokenizer():
 
     return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_vlm_tokenizer_json()),
                                    pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   model_max_length=512)
+                                   model_max_length=4096)
 
 
 def tiny_vlm(seed: int = 0, *, image_size: int = 32, patch_size: int = 8, hidden_size: int = 32):
@@ -246,7 +256,7 @@ def tiny_vlm(seed: int = 0, *, image_size: int = 32, patch_size: int = 8, hidden
                               patch_size=patch_size)
     text = LlamaConfig(vocab_size=len(tok), hidden_size=hidden_size,
                        intermediate_size=2 * hidden_size, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096,
                        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                        eos_token_id=tok.eos_token_id)
     config = LlavaConfig(vision_config=vision, text_config=text,

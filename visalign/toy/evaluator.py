@@ -439,7 +439,8 @@ def _motion(read: dict[str, torch.Tensor], b: int, t: int) -> list[str | None]:
     t_mean = (found * time).sum(1) / wsum
     c_mean = (found[..., None] * cen).sum(1) / wsum[:, None]
     dt = (time - t_mean[:, None]) * found
-    slope = (dt[..., None] * (cen - c_mean[:, None])).sum(1) / dt.pow(2).sum(1).clamp_min(1e-6)[:, None]
+    slope = ((dt[..., None] * (cen - c_mean[:, None])).sum(1)
+             / dt.pow(2).sum(1).clamp_min(1e-6)[:, None])
     out = []
     for dx, dy in (slope * (t - 1)).tolist():  # travel over the whole clip, in image fractions
         if max(abs(dx), abs(dy)) < MIN_TRAVEL:
@@ -483,10 +484,10 @@ def evaluate_videos(videos: torch.Tensor, prompts: Sequence[str | Scene]) -> dic
             det = Detection(found=False)
         else:
             det = reading.detection(present[0], 0)
-            vote = lambda key: _majority([lists[key][r][0] for r in present])  # noqa: E731
-            color = vote("color")
+            color, shape, size = (_majority([lists[key][r][0] for r in present])
+                                  for key in ("color", "shape", "size"))
             det.color = _COLOR_NAMES[color] if color >= 0 else None
-            det.shape, det.size, det.position = SHAPES[vote("shape")], _SIZE_NAMES[vote("size")], None
+            det.shape, det.size, det.position = SHAPES[shape], _SIZE_NAMES[size], None
         motion = motions[i] if det.found else None
         sample = _finish(sc.caption(), _match(sc, [det], _attributes(sc)), [det],
                          motion=motion == sc.motion)

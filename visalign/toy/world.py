@@ -87,7 +87,9 @@ POSITION_PHRASES: dict[str, str] = {
 SIZES: dict[str, float] = {"small": 0.09, "medium": 0.13, "large": 0.18}
 CAPTION_SIZES: tuple[str, ...] = ("small", "large")
 # Unit direction (dx, dy) of each motion, in image coordinates (y down).
-MOTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+MOTIONS: dict[str, tuple[int, int]] = {
+    "left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1),
+}
 # How far a video's sprite travels from the centre, as a fraction of the image side.
 TRAVEL = 0.25
 BACKGROUNDS: dict[str, tuple[float, float, float]] = {
@@ -108,7 +110,7 @@ GRAMMAR = (
     f"size    := {' | '.join(CAPTION_SIZES)}\n"
     f"colour  := {' | '.join(COLORS)}\n"
     f"shape   := {' | '.join(SHAPES)}\n"
-    f"where   := {' | '.join(repr(p).replace(chr(39), chr(34)) for p in POSITION_PHRASES.values())}\n"
+    f"where   := {' | '.join(f'{chr(34)}{p}{chr(34)}' for p in POSITION_PHRASES.values())}\n"
     f"motion  := {' | '.join(MOTIONS)}\n"
     "Two objects need different colours and opposite positions (left/right or top/bottom); "
     "a video caption (with 'moving') has one object and no position."
@@ -222,7 +224,8 @@ class Scene:
 
 _WHERE = {phrase: name for name, phrase in POSITION_PHRASES.items()}
 _OBJECT_RE = re.compile(
-    r"(?:a|an) (?:(?P<size>{sizes}) )?(?P<color>{colors}) (?P<shape>{shapes})(?: (?P<where>{where}))?".format(
+    r"(?:a|an) (?:(?P<size>{sizes}) )?(?P<color>{colors}) (?P<shape>{shapes})"
+    r"(?: (?P<where>{where}))?".format(
         sizes="|".join(CAPTION_SIZES), colors="|".join(COLORS), shapes="|".join(SHAPES),
         where="|".join(re.escape(p) for p in POSITION_PHRASES.values()),
     )
@@ -276,7 +279,8 @@ def as_scene(scene: Scene | str) -> Scene:
 
 # ----------------------------------------------------------------------------- enumeration
 
-def all_scenes(*, sizes: bool = False, two_shapes: bool = False, video: bool = False) -> list[Scene]:
+def all_scenes(*, sizes: bool = False, two_shapes: bool = False,
+               video: bool = False) -> list[Scene]:
     """Every distinct scene of the grammar (white background, positions stated), in a fixed order.
 
     Args:
@@ -300,7 +304,8 @@ def all_scenes(*, sizes: bool = False, two_shapes: bool = False, video: bool = F
     return out
 
 
-def all_captions(*, sizes: bool = False, two_shapes: bool = False, video: bool = False) -> list[str]:
+def all_captions(*, sizes: bool = False, two_shapes: bool = False,
+                 video: bool = False) -> list[str]:
     """The captions of :func:`all_scenes`: 90 by default (3 shapes × 6 colours × 5 positions)."""
     return [s.caption() for s in all_scenes(sizes=sizes, two_shapes=two_shapes, video=video)]
 
@@ -319,6 +324,8 @@ def sample_scenes(n: int, seed: int = 0, *, sizes: bool = False, backgrounds: bo
     """
     if video and two_shapes:
         raise InvalidInputError("Videos have a single sprite; `two_shapes` must be False.")
+    if int(n) < 0:
+        raise InvalidInputError(f"`n` must be a count >= 0; got {n!r}.")
     rng = np.random.default_rng(seed)
     size_opts = (None, *CAPTION_SIZES) if sizes else (None,)
     bgs = list(BACKGROUNDS) if backgrounds else ["white"]
@@ -345,7 +352,8 @@ def sample_scenes(n: int, seed: int = 0, *, sizes: bool = False, backgrounds: bo
 
 # ----------------------------------------------------------------------------- rendering
 
-def coverage(shape: str, cx, cy, r, height: int, width: int, antialias: bool = True) -> torch.Tensor:
+def coverage(shape: str, cx, cy, r, height: int, width: int,
+             antialias: bool = True) -> torch.Tensor:
     """How much of each pixel a shape covers, in [0, 1].
 
     The shape is given by its bounding-box centre ``(cx, cy)`` and half-extent ``r`` in pixels;
@@ -401,7 +409,8 @@ def _draw(items: Sequence[_Layer], size: int, antialias: bool) -> torch.Tensor:
             sprites = [items[i][0][slot] for i in rows]
             centers = torch.tensor([items[i][1][slot] for i in rows]) * size
             radius = torch.tensor([SIZES[sp.size or "medium"] for sp in sprites]) * size
-            alpha[rows] = coverage(shape, centers[:, 0], centers[:, 1], radius, size, size, antialias)
+            alpha[rows] = coverage(shape, centers[:, 0], centers[:, 1], radius, size, size,
+                                   antialias)
             color[rows] = torch.tensor([COLORS[sp.color] for sp in sprites])
         alpha = alpha[:, None]
         image = image * (1 - alpha) + color[:, :, None, None] * alpha
@@ -409,7 +418,8 @@ def _draw(items: Sequence[_Layer], size: int, antialias: bool) -> torch.Tensor:
 
 
 def _still(scene: Scene) -> _Layer:
-    return scene.sprites, [POSITIONS[s.position or "center"] for s in scene.sprites], scene.background
+    centers = [POSITIONS[s.position or "center"] for s in scene.sprites]
+    return scene.sprites, centers, scene.background
 
 
 def render(scene: Scene | str, size: int = 32, antialias: bool = True) -> torch.Tensor:
@@ -426,7 +436,8 @@ def render(scene: Scene | str, size: int = 32, antialias: bool = True) -> torch.
     return render_batch([scene], size, antialias)[0]
 
 
-def render_batch(scenes: Sequence[Scene | str], size: int = 32, antialias: bool = True) -> torch.Tensor:
+def render_batch(scenes: Sequence[Scene | str], size: int = 32,
+                 antialias: bool = True) -> torch.Tensor:
     """Renders still scenes (or captions) into a (B, 3, size, size) tensor; see :func:`render`."""
     if len(scenes) == 0:
         raise InvalidInputError("`render_batch` needs at least one scene.")

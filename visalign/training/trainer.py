@@ -1,0 +1,428 @@
+"""The one training loop every visalign algorithm runs on.
+
+:class:`Trainer` owns what all algorithms share, once:
+
+- accelerate setup (DDP / FSDP / DeepSpeed come from ``accelerate launch``; we never write our own
+  distribution), mixed precision, per-rank seeds;
+- LoRA (peft) or full fine-tuning, trainable parameters kept in fp32, gradient checkpointing,
+  AdamW, gradient clipping, an LR schedule, EMA of the trainable weights;
+- atomic checkpoints every N steps (keep the last K) and bit-exact resume;
+- a tqdm bar on the main process, metrics to ``metrics.jsonl`` and accelerate trackers, sample
+  images or videos saved with their rewards;
+- exports: :meth:`save_lora` (diffusers format, ``pipe.load_lora_weights`` reads it) and
+  :meth:`save_pretrained` (full weights).
+
+An algorithm subclasses it and implements :meth:`train_step` (one iteration, returning metrics),
+using :meth:`optimizer_step` and :meth:`reference` for the pieces it needs.
+
+**Exact resume.** Every random draw of iteration ``s`` on rank ``r`` comes from generators seeded by
+``(seed, r, s)`` (see :meth:`step_seed`), and the prompt order, optimizer, LR schedule, EMA and
+counters are checkpointed, so a resumed run continues bit-exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from visalign.errors import ConfigError, RewardError, require
+from visalign.pipelines import Policy, wrap
+from visalign.training.checkpoint import resolve_resume, save_checkpoint
+from visalign.training.config import TrainConfig
+from visalign.training.prompts import PromptSampler, PromptSource
+from visalign.training.tracking import RunLogger
+
+
+@dataclass
+class TrainState:
+    """Counters that are checkpointed with the weights."""
+
+    step: int = 0
+    bad_steps: int = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "bad_steps": self.bad_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.bad_steps = int(state["step"]), int(state["bad_steps"])
+
+
+class Trainer:
+    """Base class of every trainer: the shared accelerate loop (see the module docstring).
+
+    Args:
+        policy: a :class:`~visalign.pipelines.Policy` or a diffusers pipeline (wrapped for you).
+        reward: a visalign Reward or any callable ``(images, prompts, **conditioning) -> Tensor[B]``.
+        prompts: a list of prompts, a list of dicts, a ``.txt``/``.csv``/``.jsonl`` path, or a
+            :class:`~visalign.training.prompts.PromptSource`. Extra columns reach the reward.
+        config: the algorithm's config (a :class:`~visalign.training.config.TrainConfig` subclass).
+        accelerator: an existing ``accelerate.Accelerator``; one is built from the config otherwise.
+    """
+
+    config_class = TrainConfig
+
+    def __init__(self, policy, reward=None, prompts=None, config: TrainConfig | None = None, accelerator=None):
+        self.config = config if config is not None else self.config_class()
+        if not isinstance(self.config, self.config_class):
+            raise ConfigError(
+                f"{type(self).__name__} needs a {self.config_class.__name__}; got {type(self.config).__name__}."
+            )
+        self.accelerator = accelerator or self._build_accelerator()
+        self.policy: Policy = wrap(policy)
+        self.policy.to(self.accelerator.device)
+        self.reward = reward
+        self.prompt_source = PromptSource.from_any(prompts) if prompts is not None else None
+        self.state = TrainState()
+        self.callbacks = []
+        self._setup_model()
+        self._setup_optimization()
+        self._setup_data()
+        self._setup_outputs()
+
+    # ------------------------------------------------------------------ setup
+    def _build_accelerator(self):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        trackers = [t for t in self.config.trackers if t != "jsonl"]
+        for name in trackers:
+            require({"tensorboard": "tensorboard", "wandb": "wandb"}[name], name, f"The {name} tracker")
+        return Accelerator(
+            mixed_precision=self.config.mixed_precision,
+            log_with=trackers or None,
+            project_config=ProjectConfiguration(project_dir=self.config.output_dir,
+                                                logging_dir=os.path.join(self.config.output_dir, "logs")),
+            # One LR-scheduler step per optimizer step, whatever the number of processes.
+            step_scheduler_with_optimizer=False,
+        )
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the algorithm compares against the frozen base model (e.g. a KL term)."""
+        return False
+
+    def _setup_model(self) -> None:
+        cfg, policy = self.config, self.policy
+        for name, module in policy.pipe.components.items():
+            if isinstance(module, torch.nn.Module):
+                module.requires_grad_(False)
+        denoiser = policy.denoiser
+        self.reference_model = None
+        if cfg.use_lora:
+            policy.add_lora(rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules,
+                            dropout=cfg.lora_dropout)
+        else:
+            if self.needs_reference:  # full fine-tuning compares against a frozen copy
+                self.reference_model = copy.deepcopy(denoiser).requires_grad_(False).eval()
+            denoiser.requires_grad_(True)
+        # Trainable weights live in fp32 even when the model runs in bf16/fp16.
+        for p in denoiser.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+        if cfg.gradient_checkpointing:
+            denoiser.enable_gradient_checkpointing()
+        self.trainable_parameters = [p for p in denoiser.parameters() if p.requires_grad]
+        if not self.trainable_parameters:
+            raise ConfigError("No trainable parameters: check lora_target_modules for this family.")
+        if self.accelerator.num_processes > 1:
+            # One forward per backward keeps DDP's contract (two CFG forwards would break it).
+            policy.cfg_batched = True
+
+    def optimizer_steps_per_iteration(self) -> int:
+        """Optimizer steps taken by one :meth:`train_step` (sizes the LR schedule)."""
+        return 1
+
+    def _setup_optimization(self) -> None:
+        from diffusers.optimization import get_scheduler
+
+        cfg = self.config
+        optimizer = torch.optim.AdamW(self.trainable_parameters, lr=cfg.learning_rate,
+                                      betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                      weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+        scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                  num_training_steps=cfg.max_steps * self.optimizer_steps_per_iteration())
+        self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
+            self.policy.denoiser, optimizer, scheduler)
+        self.policy.set_runner(self.model)
+        self.ema = None
+        if cfg.ema_decay is not None:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.trainable_parameters, decay=cfg.ema_decay)
+            self.accelerator.register_for_checkpointing(self.ema)
+        self.accelerator.register_for_checkpointing(self.state)
+        if cfg.use_lora:
+            self.accelerator.register_save_state_pre_hook(self._keep_only_trainable)
+
+    @staticmethod
+    def _keep_only_trainable(models, weights, output_dir) -> None:
+        # LoRA checkpoints hold the adapter, not a copy of the frozen base model.
+        for model, state in zip(models, weights):
+            keep = {n for n, p in model.named_parameters() if p.requires_grad}
+            for key in [k for k in state if k not in keep]:
+                del state[key]
+
+    def prompts_per_step(self) -> int:
+        """Records drawn per rank per iteration; algorithms override."""
+        return 1
+
+    def _setup_data(self) -> None:
+        self.prompt_sampler = None
+        if self.prompt_source is not None:
+            self.prompt_sampler = PromptSampler(
+                self.prompt_source, batch_size=self.prompts_per_step(), seed=self.config.seed,
+                rank=self.accelerator.process_index, world_size=self.accelerator.num_processes)
+            self.accelerator.register_for_checkpointing(self.prompt_sampler)
+
+    def _setup_outputs(self) -> None:
+        cfg = self.config
+        if self.is_main_process:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            cfg.to_yaml(os.path.join(cfg.output_dir, "config.yaml"))
+        if self.accelerator.log_with:
+            self.accelerator.init_trackers(type(self).__name__, config=_flat_config(cfg.to_dict()))
+        self.logger = RunLogger(self.accelerator, cfg.output_dir, use_jsonl="jsonl" in cfg.trackers)
+
+    # ------------------------------------------------------------------ helpers for algorithms
+    def step_seed(self, step: int, stream: int = 0) -> int:
+        """A seed that depends only on (config seed, rank, step, stream): the basis of exact resume."""
+        ss = np.random.SeedSequence([self.config.seed, self.accelerator.process_index, step, stream])
+        return int(ss.generate_state(1, dtype=np.uint64)[0] % (2**63 - 1))
+
+    def generators(self, step: int, count: int, stream: int = 1) -> list[torch.Generator]:
+        """``count`` independent per-sample generators for iteration ``step``."""
+        device = self.accelerator.device
+        return [torch.Generator(device).manual_seed(self.step_seed(step, stream * 100_003 + i)) for i in range(count)]
+
+    def next_records(self) -> list[dict]:
+        if self.prompt_sampler is None:
+            raise ConfigError(f"{type(self).__name__} needs prompts; pass prompts=[...] or a prompt file.")
+        return self.prompt_sampler.next_batch()
+
+    def load_condition_images(self, records: list[dict], column: str = "image") -> torch.Tensor | None:
+        """I2V first frames from a prompt-source column (paths), sized to the run's geometry."""
+        if not self.policy.needs_image:
+            return None
+        from visalign.training.prompts import load_images
+
+        geometry = self.policy.geometry(self.config.height, self.config.width, self.config.num_frames)
+        return load_images(records, column, base_dir=self.prompt_source.base_dir,
+                           size=(geometry.height, geometry.width)).to(self.accelerator.device)
+
+    def score(self, images: torch.Tensor, prompts: list[str], records: list[dict] | None = None):
+        """Calls the reward with the records' extra columns as conditioning. Returns (total, components).
+
+        Components are the named parts of a :class:`~visalign.rewards.Combined` reward (weighted),
+        or ``{"reward": total}`` for any other reward.
+        """
+        from visalign.rewards import Combined, call_reward
+
+        conditioning = {}
+        if records:
+            for key in records[0]:
+                if key != "prompt":
+                    conditioning[key] = [r.get(key) for r in records]
+        if isinstance(self.reward, Combined):
+            out = self.reward.evaluate(images, prompts, **conditioning)
+            return out.total.float(), {k: v.float() for k, v in out.components.items()}
+        total = call_reward(self.reward, images, prompts, **conditioning)
+        return total, {"reward": total}
+
+    @contextlib.contextmanager
+    def reference(self):
+        """Within this block the policy runs as the frozen base model (no gradient)."""
+        with torch.no_grad():
+            if self.config.use_lora:
+                with self.policy.adapters_disabled():
+                    yield
+            else:
+                if self.reference_model is None:
+                    raise ConfigError(f"{type(self).__name__} has no reference model; it needs_reference=False.")
+                self.policy.set_runner(self.reference_model)
+                try:
+                    yield
+                finally:
+                    self.policy.set_runner(self.model)
+
+    def optimizer_step(self) -> dict:
+        """Clips, steps the optimizer and LR schedule, updates EMA, zeroes grads; returns metrics."""
+        grad_norm = None
+        if self.config.max_grad_norm is not None:
+            grad_norm = self.accelerator.clip_grad_norm_(self.trainable_parameters, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(self.trainable_parameters)
+        metrics = {"lr": self.lr_scheduler.get_last_lr()[0]}
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        return metrics
+
+    # ------------------------------------------------------------------ the loop
+    def train_step(self, step: int) -> dict:
+        """One iteration. Returns metrics; return ``{"skipped": 1.0}`` to count a bad step."""
+        raise NotImplementedError
+
+    def add_callback(self, fn) -> None:
+        """``fn(trainer, step, metrics)`` runs after every iteration (e.g. early stopping, tests)."""
+        self.callbacks.append(fn)
+
+    def train(self) -> dict:
+        """Runs until ``config.max_steps``, resuming first when ``config.resume`` says so."""
+        cfg = self.config
+        resume_dir = resolve_resume(cfg.resume, cfg.output_dir)
+        if resume_dir is not None:
+            self.accelerator.load_state(resume_dir, **({"strict": False} if cfg.use_lora else {}))
+        if self.is_main_process and self.state.step == 0:
+            print(self.describe())
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=self.state.step, disable=not self.is_main_process,
+                   desc=type(self).__name__)
+        metrics: dict = {}
+        while self.state.step < cfg.max_steps:
+            step = self.state.step
+            self._seed_step(step)
+            start = time.perf_counter()
+            metrics = self.train_step(step)
+            metrics["time_step"] = time.perf_counter() - start
+            self.state.step += 1
+            self._track_bad_steps(metrics)
+            if step % cfg.log_every == 0 or self.state.step == cfg.max_steps:
+                self.logger.log(metrics, step=self.state.step)
+            if cfg.sample_every and self.state.step % cfg.sample_every == 0:
+                self.save_samples(self.state.step)
+            if cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("reward_mean", "loss")})
+            for fn in self.callbacks:
+                fn(self, self.state.step, metrics)
+        bar.close()
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+        return metrics
+
+    def _seed_step(self, step: int) -> None:
+        # Global RNGs (dropout, any stray torch.rand) are a function of the step too.
+        seed = self.step_seed(step, 0)
+        torch.manual_seed(seed)
+        np.random.seed(seed % (2**32))
+        import random
+
+        random.seed(seed)
+
+    def _track_bad_steps(self, metrics: dict) -> None:
+        if not metrics.get("skipped"):
+            self.state.bad_steps = 0
+            return
+        self.state.bad_steps += 1
+        if self.state.bad_steps >= self.config.max_bad_steps:
+            path = self.save_checkpoint()
+            raise RewardError(
+                f"{self.state.bad_steps} steps in a row were skipped because the reward returned "
+                f"a wrong shape or non-finite values ({metrics.get('skip_reason', 'see the log')}). "
+                f"Stopped and saved a checkpoint at {path}; fix the reward and resume with resume='latest'."
+            )
+
+    def save_checkpoint(self) -> str:
+        return save_checkpoint(self.accelerator, self.config.output_dir, self.state.step, self.config.keep_last)
+
+    def save_samples(self, step: int) -> None:
+        """Samples ``config.sample_prompts`` with fixed seeds (ODE) and saves them with their rewards."""
+        from visalign.sampling import sample
+
+        prompts = self.config.sample_prompts or (self.prompt_source.prompts[:4] if self.prompt_source else None)
+        if not prompts or not self.is_main_process or self.reward is None:
+            return
+        records = [{"prompt": p} for p in prompts]
+        images = None
+        if self.policy.needs_image:
+            records = [self.prompt_source[i] for i in range(min(4, len(self.prompt_source)))]
+            prompts = [r["prompt"] for r in records]
+            images = self.load_condition_images(records)
+        with torch.no_grad(), self.ema_weights():
+            traj = sample(self.policy, prompts, num_steps=self.sample_num_steps(), sampler="ode", images=images,
+                          generator=[torch.Generator(self.accelerator.device).manual_seed(i) for i in range(len(prompts))],
+                          height=self.config.height, width=self.config.width, num_frames=self.config.num_frames,
+                          **self.sample_kwargs())
+            rewards, _ = self.score(traj.images, traj.prompts, records)
+        self.logger.save_samples(traj.images, traj.prompts, rewards, step)
+
+    def sample_num_steps(self) -> int:
+        return getattr(self.config, "num_steps", 20)
+
+    def sample_kwargs(self) -> dict:
+        return {"guidance_scale": getattr(self.config, "guidance_scale", None)}
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Temporarily swaps in the EMA weights (no-op without EMA)."""
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(self.trainable_parameters)
+        self.ema.copy_to(self.trainable_parameters)
+        try:
+            yield
+        finally:
+            self.ema.restore(self.trainable_parameters)
+
+    # ------------------------------------------------------------------ exports
+    def save_lora(self, save_directory: str, use_ema: bool = True) -> None:
+        """Saves the LoRA in diffusers format: ``pipe.load_lora_weights(save_directory)`` loads it."""
+        self.accelerator.wait_for_everyone()
+        if self.is_main_process:
+            with self.ema_weights() if use_ema else contextlib.nullcontext():
+                self.policy.save_lora(save_directory)
+        self.accelerator.wait_for_everyone()
+
+    def save_pretrained(self, save_directory: str, use_ema: bool = True) -> None:
+        """Saves the whole pipeline with the trained denoiser (LoRA fused when there is one)."""
+        self.accelerator.wait_for_everyone()
+        if self.is_main_process:
+            with self.ema_weights() if use_ema else contextlib.nullcontext():
+                pipe = copy.deepcopy(self.policy.pipe)
+                denoiser = getattr(pipe, self.policy.denoiser_name)
+                if self.config.use_lora:  # merge the adapter into the base weights, then drop it
+                    denoiser.fuse_lora()
+                    denoiser.unload_lora()
+                pipe.save_pretrained(save_directory)
+        self.accelerator.wait_for_everyone()
+
+    def describe(self) -> str:
+        """The batch arithmetic and the config, printed at start (ddpo-pytorch style)."""
+        n_train = sum(p.numel() for p in self.trainable_parameters)
+        n_total = sum(p.numel() for p in self.policy.denoiser.parameters())
+        lines = [f"{type(self).__name__}: {self.policy!r}",
+                 f"  processes: {self.accelerator.num_processes}, device: {self.accelerator.device}, "
+                 f"mixed precision: {self.config.mixed_precision}",
+                 f"  trainable parameters: {n_train:,} of {n_total:,} ({'LoRA' if self.config.use_lora else 'full'})"]
+        lines += ["  " + line for line in self.batch_arithmetic()]
+        return "\n".join(lines)
+
+    def batch_arithmetic(self) -> list[str]:
+        return []
+
+
+def _flat_config(d: dict, prefix: str = "") -> dict:
+    """Trackers take flat scalars: lists and dicts become strings."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat_config(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
