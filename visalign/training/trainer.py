@@ -93,7 +93,11 @@ class Trainer:
         trackers = [t for t in self.config.trackers if t != "jsonl"]
         for name in trackers:
             require({"tensorboard": "tensorboard", "wandb": "wandb"}[name], name, f"The {name} tracker")
+        # accelerate only treats a multi-process launch without GPUs as multi-CPU (gloo) when told
+        # to use the CPU; without this, each process would silently train alone.
+        cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
         return Accelerator(
+            cpu=cpu_processes,
             mixed_precision=self.config.mixed_precision,
             log_with=trackers or None,
             project_config=ProjectConfiguration(project_dir=self.config.output_dir,
@@ -119,8 +123,12 @@ class Trainer:
         denoiser = policy.denoiser
         self.reference_model = None
         if cfg.use_lora:
-            policy.add_lora(rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules,
-                            dropout=cfg.lora_dropout)
+            # LoRA's A matrices are drawn from the global RNG: seed it so that every rank and every
+            # rerun of the same config starts from the same adapter.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed)
+                policy.add_lora(rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules,
+                                dropout=cfg.lora_dropout)
         else:
             if self.needs_reference:  # full fine-tuning compares against a frozen copy
                 self.reference_model = copy.deepcopy(denoiser).requires_grad_(False).eval()

@@ -1,0 +1,36 @@
+"""Run by tests/algorithms/test_grpo_distributed.py under ``accelerate launch`` with 2 CPU processes.
+
+Trains tiny SD3 with GRPO for 2 iterations, then each rank writes its trainable weights and the
+rewards it computed, so the test can compare ranks and recompute the logged group statistics.
+"""
+
+import json
+import os
+import sys
+
+import torch
+
+import visalign as va
+from visalign.testing import tiny_pipeline
+
+torch.set_num_threads(1)
+out = sys.argv[1]
+seen = []
+
+
+def brightness(images, prompts):
+    r = images.float().flatten(1).mean(1)
+    seen.append(r.tolist())
+    return r
+
+
+cfg = va.GRPOConfig(output_dir=out, max_steps=2, num_steps=4, group_size=2, prompts_per_step=2, height=32, width=32,
+                    guidance_scale=3.0, lora_rank=4, learning_rate=1e-2, advantage_std="global", trackers=["jsonl"])
+trainer = va.GRPOTrainer(tiny_pipeline("sd3"), brightness, ["a red circle", "a blue square", "a green triangle",
+                                                            "a yellow circle", "an orange square"], cfg)
+trainer.train()
+rank = trainer.accelerator.process_index
+state = {n: p.detach().cpu() for n, p in trainer.policy.denoiser.named_parameters() if p.requires_grad}
+torch.save(state, os.path.join(out, f"weights-rank{rank}.pt"))
+with open(os.path.join(out, f"rewards-rank{rank}.json"), "w") as f:
+    json.dump({"rewards": seen, "world_size": trainer.accelerator.num_processes}, f)

@@ -1,0 +1,47 @@
+"""GRPO under a real ``accelerate launch`` with two CPU processes (gloo DDP)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from visalign.algorithms.grpo import group_advantages
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "ddp_grpo_script.py")
+
+
+def test_two_process_grpo(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # --multi_gpu without --cpu is what gives two real CPU processes (--cpu silently runs one).
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT, str(tmp_path)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    ranks = [json.load(open(tmp_path / f"rewards-rank{r}.json")) for r in range(2)]
+    assert ranks[0]["world_size"] == 2
+    # Each rank drew different prompts and noise.
+    assert ranks[0]["rewards"][0] != ranks[1]["rewards"][0]
+
+    w0, w1 = (torch.load(tmp_path / f"weights-rank{r}.pt") for r in range(2))
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
+    initial_b = [v for k, v in w0.items() if "lora_B" in k]
+    assert any(v.abs().sum() > 0 for v in initial_b)  # training moved the weights
+
+    logged = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert len(logged) == 2
+    for step, row in enumerate(logged):
+        gathered = torch.tensor(ranks[0]["rewards"][step] + ranks[1]["rewards"][step])
+        assert row["reward_mean"] == pytest_approx(float(gathered.mean()))
+        assert row["reward_std"] == pytest_approx(float(gathered.std(unbiased=False)))
+        adv, zero = group_advantages(gathered, 2, "global", 5.0)
+        assert row["zero_std_ratio"] == pytest_approx(float(zero.float().mean()))
+        assert row["advantage_abs_mean"] == pytest_approx(float(adv.abs().mean()))
+
+
+def pytest_approx(x):
+    import pytest
+
+    return pytest.approx(x, rel=1e-5, abs=1e-7)
