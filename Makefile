@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.visalign-installed
 
-.PHONY: demo test test-slow bench venv clean
+.PHONY: demo test test-core test-slow bench venv clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,11 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-test: $(STAMP)
+# The HPSv2/open_clip tests need their own environment (see test-openclip below); they run first so
+# that the last summary line is the main suite's.
+test: test-openclip test-core
+
+test-core: $(STAMP)
 	$(PY) -m pytest -q -n 2
 
 test-slow: $(STAMP)
@@ -27,10 +31,12 @@ demo: $(STAMP)
 	$(PY) -m visalign demo
 
 bench: $(STAMP)
-	$(PY) benchmarks/sampling.py
+	$(PY) benchmarks/sampling.py --threads 1
+	$(PY) benchmarks/grpo.py
+	$(PY) benchmarks/rewards.py --threads 1
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(OPENCLIP_VENV) runs .pytest_cache
 
 # HPSv2 / open_clip tests in their own environment: the registry's torchvision (pulled by
 # open_clip_torch) is a CUDA build that breaks next to the CPU torch of .venv, so this venv takes

@@ -96,6 +96,7 @@ class Trainer:
         # accelerate only treats a multi-process launch without GPUs as multi-CPU (gloo) when told
         # to use the CPU; without this, each process would silently train alone.
         cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        _allow_new_precision(self.config.mixed_precision)
         return Accelerator(
             cpu=cpu_processes,
             mixed_precision=self.config.mixed_precision,
@@ -422,6 +423,21 @@ class Trainer:
 
     def batch_arithmetic(self) -> list[str]:
         return []
+
+
+def _allow_new_precision(mixed_precision: str) -> None:
+    """Lets one single-process session (a notebook, a test run) build trainers of different precisions.
+
+    accelerate keeps its state in a process-wide singleton that refuses a second mixed-precision
+    setting; in a single process nothing else depends on it, so it is reset. Launched
+    multi-process runs are left alone.
+    """
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, mixed_precision) and \
+            int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        AcceleratorState._reset_state()
 
 
 def _flat_config(d: dict, prefix: str = "") -> dict:
