@@ -13,15 +13,6 @@ from visalign.toy import (BACKGROUNDS, COLORS, MOTIONS, POSITIONS, SHAPES, Scene
 from visalign.toy.world import coverage
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensor ops run fastest on one thread on a shared 2-core machine (no spin-wait)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _on_backgrounds(scenes):
     """The scenes with the backgrounds cycled, so every tint is exercised."""
     names = list(BACKGROUNDS)

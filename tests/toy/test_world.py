@@ -10,15 +10,6 @@ from visalign.toy import (BACKGROUNDS, COLORS, GRAMMAR, MOTIONS, POSITIONS, SIZE
 from visalign.toy.world import TRAVEL
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensor ops run fastest on one thread on a shared 2-core machine (no spin-wait)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 FLAGS = [dict(), dict(sizes=True), dict(two_shapes=True), dict(sizes=True, two_shapes=True),
          dict(video=True), dict(video=True, sizes=True)]
 COUNTS = [90, 270, 90 + 540, 270 + 4860, 72, 216]

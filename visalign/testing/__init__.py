@@ -4,12 +4,12 @@ Nothing here downloads anything: every model is built from a config with random 
 offline tokenizer, in eval mode.
 
 - :func:`tiny_pipeline` builds a stock diffusers pipeline of each supported family.
-- The reward helpers build tiny CLIP, aesthetic and VLM models for the reward tests.
+- The reward builders (:func:`tiny_clip`, :func:`tiny_aesthetic`, :func:`tiny_vlm`, ...) build
+  tiny CLIP, aesthetic and VLM models for the reward tests and notebooks.
 """
 
-from visalign.testing.pipelines import FAMILIES, tiny_pipeline  # noqa: F401
+from visalign.testing.pipelines import DEFAULT_SIZES, FAMILIES, tiny_pipeline  # noqa: F401
+from visalign.testing.rewards import *  # noqa: F401,F403
+from visalign.testing.rewards import __all__ as _reward_builders
 
-try:  # the reward builders live beside the pipelines; absent only while being written
-    from visalign.testing.rewards import *  # noqa: F401,F403
-except ImportError:  # pragma: no cover
-    pass
+__all__ = ["DEFAULT_SIZES", "FAMILIES", "tiny_pipeline", *_reward_builders]

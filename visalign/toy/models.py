@@ -1,0 +1,194 @@
+"""Architectures of the shipped toy models, built from configs (random weights, seeded).
+
+:mod:`visalign.toy.train` trains these; nothing here downloads anything. Every component is a
+stock transformers or diffusers class, so the trained folders load with the ordinary
+``from_pretrained`` calls and run in the stock pipelines:
+
+- :func:`build_clip`: the toy CLIP reward, a ``CLIPModel`` + ``CLIPProcessor`` at 32 px;
+- :func:`build_vae`: a 2× ``AutoencoderKL`` (32×32×3 pixels ↔ 16×16×4 latents);
+- :func:`build_t2i`: a ``StableDiffusion3Pipeline`` (two tiny CLIP text towers, no T5, a
+  6-layer ``SD3Transformer2DModel``, the VAE above and a ``FlowMatchEulerDiscreteScheduler``);
+- :func:`build_video_vae` and :func:`build_t2v`: the Wan-style ``AutoencoderKLWan`` and
+  ``WanPipeline`` / ``WanImageToVideoPipeline``.
+
+The sizes were chosen so each model trains in well under 30 minutes on two CPU cores (see
+``visalign/toy/MODELS.md`` for the measured numbers).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from visalign.toy.tokenizer import toy_tokenizer
+
+__all__ = [
+    "CLIP_MAX_LENGTH", "TEXT_MAX_LENGTH", "build_clip", "build_clip_processor", "build_vae",
+    "build_t2i", "build_video_vae", "build_t2v",
+]
+
+#: Padded text length of the toy CLIP reward: a two-shape caption with CLIPScore's
+#: "A photo depicts " prefix is 20 tokens.
+CLIP_MAX_LENGTH = 32
+#: Padded text length of the generators' CLIP towers (stock SD3 pads to the tokenizer's
+#: ``model_max_length``): every single-shape caption fits with room to spare.
+TEXT_MAX_LENGTH = 16
+
+
+def _image_processor_cls():
+    """CLIP's image processor that needs no torchvision (transformers 5 splits PIL/torchvision)."""
+    try:
+        from transformers import CLIPImageProcessorPil as cls
+    except ImportError:  # older transformers: the slow processor is the PIL one
+        from transformers import CLIPImageProcessor as cls
+    return cls
+
+
+def build_clip_processor(image_size: int = 32):
+    """The toy CLIP's ``CLIPProcessor``: toy tokenizer + a ``image_size`` px image processor.
+
+    The image processor resizes the shortest side to ``image_size`` and centre-crops, with CLIP's
+    normalisation; visalign's rewards read these settings and redo them in torch.
+    """
+    from transformers import CLIPProcessor
+
+    image_processor = _image_processor_cls()(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    return CLIPProcessor(image_processor=image_processor,
+                         tokenizer=toy_tokenizer(model_max_length=CLIP_MAX_LENGTH))
+
+
+def build_clip(seed: int = 0, *, image_size: int = 32, patch_size: int = 4, hidden_size: int = 96,
+               num_layers: int = 3, projection_dim: int = 64):
+    """A tiny ``CLIPModel`` for the toy world, with random weights, and its ``CLIPProcessor``.
+
+    Args:
+        seed: seeds the weights.
+        image_size, patch_size: the vision tower sees (image_size / patch_size)² patches; at
+            32 px and patch 4 a medium shape spans about 2×2 patches.
+        hidden_size, num_layers: width and depth of both towers (4 attention heads each).
+        projection_dim: the size of the joint embedding space.
+
+    Returns:
+        `(CLIPModel, CLIPProcessor)`.
+    """
+    from transformers import CLIPConfig, CLIPModel
+
+    processor = build_clip_processor(image_size)
+    tok = processor.tokenizer
+    common = dict(hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+                  num_hidden_layers=num_layers, num_attention_heads=4)
+    text = dict(common, vocab_size=len(tok), max_position_embeddings=CLIP_MAX_LENGTH,
+                # CLIP pools at the first end-of-text token; padding is the same token, so the
+                # first occurrence is the real end of the caption.
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id)
+    vision = dict(common, image_size=image_size, patch_size=patch_size)
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
+    torch.manual_seed(seed)
+    return CLIPModel(config), processor
+
+
+def build_vae(seed: int = 0, *, latent_channels: int = 4, channels: tuple[int, ...] = (32, 64)):
+    """A tiny ``AutoencoderKL`` that halves each side: 32×32×3 pixels ↔ 16×16×4 latents.
+
+    ``len(channels)`` levels give a scale factor of ``2 ** (len(channels) - 1)``. The mid-block
+    attention is off: at 16×16 the convolutions already see the whole shape, and attention would
+    dominate the cost. ``scaling_factor``/``shift_factor`` are placeholders here; training sets
+    them from the latents' statistics.
+    """
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    n = len(channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(channels), layers_per_block=1, norm_num_groups=16,
+        sample_size=32, mid_block_add_attention=False, scaling_factor=1.0, shift_factor=0.0,
+        # Stock pipelines upcast the VAE to fp32 when this is set; the toy VAE is tiny, so keep it.
+        force_upcast=True,
+    )
+
+
+def _clip_text_tower(hidden_size: int, num_layers: int, projection_dim: int, vocab_size: int,
+                     tok) -> "torch.nn.Module":
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    return CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=4, projection_dim=projection_dim,
+        max_position_embeddings=TEXT_MAX_LENGTH, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+
+
+def build_t2i(vae=None, seed: int = 0, *, text_hidden: int = 32, text_layers: int = 2,
+              num_layers: int = 6, num_heads: int = 4, head_dim: int = 32, patch_size: int = 2,
+              shift: float = 1.0):
+    """The toy T2I model: a ``StableDiffusion3Pipeline`` with random weights.
+
+    SD3 concatenates the penultimate hidden states of its two CLIP towers along the features
+    (``2 * text_hidden``, which is the transformer's ``joint_attention_dim``), then appends T5
+    tokens; without a T5 (``text_encoder_3=None``) those are ``max_sequence_length`` rows of zeros.
+    The pooled embedding is the two towers' projections, concatenated.
+
+    Args:
+        vae: a trained ``AutoencoderKL`` (default: a fresh :func:`build_vae`).
+        seed: seeds the text towers and the transformer.
+        text_hidden, text_layers: each CLIP text tower (≥ 2 layers, since SD3 reads the
+            penultimate layer).
+        num_layers, num_heads, head_dim, patch_size: the ``SD3Transformer2DModel``.
+        shift: the ``FlowMatchEulerDiscreteScheduler`` shift written into the folder.
+
+    Returns:
+        `StableDiffusion3Pipeline` on the CPU in fp32.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    vae = build_vae(seed) if vae is None else vae
+    tok = toy_tokenizer(model_max_length=TEXT_MAX_LENGTH)
+    torch.manual_seed(seed)
+    towers = [_clip_text_tower(text_hidden, text_layers, text_hidden, len(tok), tok)
+              for _ in range(2)]
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    transformer = SD3Transformer2DModel(
+        sample_size=32 // scale, patch_size=patch_size, in_channels=vae.config.latent_channels,
+        out_channels=vae.config.latent_channels, num_layers=num_layers,
+        attention_head_dim=head_dim, num_attention_heads=num_heads,
+        joint_attention_dim=2 * text_hidden, caption_projection_dim=num_heads * head_dim,
+        pooled_projection_dim=2 * text_hidden,
+        # Room for up to 4× the trained token grid (64 px), though only 32 px is trained.
+        pos_embed_max_size=2 * 32 // scale // patch_size * 2,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=scheduler, vae=vae,
+        text_encoder=towers[0], tokenizer=tok, text_encoder_2=towers[1],
+        tokenizer_2=toy_tokenizer(model_max_length=TEXT_MAX_LENGTH),
+        text_encoder_3=None, tokenizer_3=None,
+    )
+
+
+def build_video_vae(seed: int = 0, *, base_dim: int = 16, z_dim: int = 4):
+    """A tiny ``AutoencoderKLWan``: frames 4k+1 → k+1 latent frames, each side halved.
+
+    One spatial down-sampling level (32 → 16) and one temporal one (9 frames → 3 latent frames).
+    """
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    return AutoencoderKLWan(
+        base_dim=base_dim, z_dim=z_dim, dim_mult=[1, 2], num_res_blocks=1,
+        temperal_downsample=[True], attn_scales=[], dropout=0.0,
+        latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim,
+    )
+
+
+def build_t2v(vae=None, seed: int = 0, *, i2v: bool = False, text_dim: int = 64,
+              num_layers: int = 4, num_heads: int = 4, head_dim: int = 32, shift: float = 1.0):
+    """The toy Wan model: ``WanPipeline`` (or ``WanImageToVideoPipeline`` with ``i2v=True``).
+
+    Wan's text encoder is UMT5; here it is a tiny ``UMT5EncoderModel`` over the toy tokenizer's
+    vocabulary is not possible (Wan pipelines call a T5 tokenizer), so a tiny T5 tokenizer and
+    encoder are used instead; see :mod:`visalign.toy.train` for the training.
+    """
+    raise NotImplementedError("the toy video models are not built yet")

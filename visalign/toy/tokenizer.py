@@ -1,0 +1,108 @@
+"""The offline tokenizer of the toy models: a CLIP byte-level BPE whose vocabulary is the world.
+
+The toy world's captions use a few dozen words. :func:`toy_tokenizer` builds a
+:class:`transformers.CLIPTokenizer` in memory in which each of those words (plus the prefixes
+rewards add, such as CLIPScore's ``"A photo depicts "``) is a single token. Every other string
+still tokenizes, byte by byte, so no input ever maps to an unknown token.
+
+Because it is a plain ``CLIPTokenizer`` with a written ``vocab.json`` and ``merges.txt``, the
+saved folders load with ``CLIPTokenizer.from_pretrained(folder, local_files_only=True)`` and
+inside stock diffusers pipelines, with nothing downloaded.
+
+Example::
+
+    >>> from visalign.toy.tokenizer import toy_tokenizer
+    >>> tok = toy_tokenizer(model_max_length=16)
+    >>> tok.convert_ids_to_tokens(tok("a red circle on the left").input_ids)
+    ['<|startoftext|>', 'a</w>', 'red</w>', 'circle</w>', 'on</w>', 'the</w>', 'left</w>', '<|endoftext|>']
+"""
+
+from __future__ import annotations
+
+from visalign.toy.world import CAPTION_SIZES, COLORS, MOTIONS, POSITION_PHRASES, SHAPES
+
+__all__ = ["WORDS", "toy_tokenizer"]
+
+
+def _world_words() -> tuple[str, ...]:
+    words: list[str] = ["a", "an", "and", "moving", *CAPTION_SIZES, *COLORS, *SHAPES, *MOTIONS]
+    for phrase in POSITION_PHRASES.values():
+        words += phrase.split()
+    # Prefixes and words that rewards and users commonly put around a caption ("A photo depicts
+    # a red circle", "an image of ...") stay single tokens too, so they cost one position each.
+    words += ["photo", "depicts", "of", "image", "picture", "video", "shape", "background"]
+    return tuple(dict.fromkeys(words))  # dedupe ("the", "a"), keep the first order
+
+
+#: The words that are single tokens, in vocabulary order.
+WORDS: tuple[str, ...] = _world_words()
+
+
+def _byte_symbols() -> list[str]:
+    """The visible stand-in character of each of the 256 bytes (the GPT-2/CLIP convention).
+
+    Printable bytes stand for themselves; the others are shifted to code points 256 and up so
+    that every byte has a non-whitespace symbol that BPE can merge.
+    """
+    keep = {*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    out, extra = [], 0
+    for byte in range(256):
+        if byte in keep:
+            out.append(chr(byte))
+        else:
+            out.append(chr(256 + extra))
+            extra += 1
+    return out
+
+
+def _split(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """How BPE splits ``word`` with the merges so far: keep joining the best-ranked pair."""
+    parts = [*word[:-1], word[-1] + "</w>"]
+    while len(parts) > 1:
+        candidates = [(ranks[p], i) for i, p in enumerate(zip(parts, parts[1:])) if p in ranks]
+        if not candidates:
+            break
+        _, i = min(candidates)
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+def toy_tokenizer(model_max_length: int = 16):
+    """Builds the toy world's ``CLIPTokenizer`` offline (about a millisecond).
+
+    The vocabulary is: the 256 byte symbols, the same as word ends (``"x</w>"``), the merged
+    pieces that spell every word of :data:`WORDS`, then ``<|startoftext|>`` and ``<|endoftext|>``
+    (which, as in SD's CLIP, is also the padding token).
+
+    Args:
+        model_max_length (`int`, *optional*, defaults to 16):
+            The length stock pipelines pad and truncate to. A caption of the world is at most 9
+            tokens with its start and end tokens (a two-shape caption 17), so 16 fits every
+            single-shape caption with room for a short prefix; the text encoders need at least
+            this many positions.
+
+    Returns:
+        `transformers.CLIPTokenizer`: ``len(tokenizer)`` is the vocabulary size.
+    """
+    from transformers import CLIPTokenizer
+
+    symbols = _byte_symbols()
+    vocab: dict[str, int] = {}
+    for piece in [*symbols, *(s + "</w>" for s in symbols)]:
+        vocab[piece] = len(vocab)
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    for word in WORDS:
+        # Split with the merges of the earlier words first (so "an" reuses "a"+"n</w>" pieces
+        # where they exist), then join what is left from left to right with new, lower-ranked
+        # merges. A new merge can never re-split an earlier word, so every word stays one token.
+        parts = _split(word, ranks)
+        left = parts[0]
+        for right in parts[1:]:
+            ranks[(left, right)] = len(merges)
+            merges.append((left, right))
+            left = left + right
+            vocab.setdefault(left, len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
