@@ -31,7 +31,7 @@ from typing import Literal
 
 import torch
 
-from visalign.errors import ConfigError, RewardError
+from visalign.errors import ConfigError
 from visalign.sampling import log_prob, sample
 from visalign.sampling.steps import gaussian_kl
 from visalign.training.config import TrainConfig, config_field
@@ -284,22 +284,15 @@ class GRPOTrainer(Trainer):
         return advantages, zero_std, stats
 
     def _score_rollout(self, traj, records):
-        """Rewards of a rollout, or (None, reason) when the reward misbehaves (any rank → all skip)."""
-        group_records = [r for r in records for _ in range(self.config.group_size)]
-        total, components, raw, reason = None, {}, None, ""
-        try:
-            with torch.no_grad():
-                total, components = self.score(traj.images, traj.prompts, group_records)
-            from visalign.rewards import Combined
+        """Rewards of a rollout (total, components, raw parts of a Combined), or None and the reason to skip."""
+        from visalign.rewards import Combined
 
-            if isinstance(self.reward, Combined):
-                raw = {k: v.float() for k, v in self.reward.last_output.raw.items()}
-        except RewardError as exc:
-            reason = str(exc)
-        bad = torch.tensor([0.0 if total is not None else 1.0], device=self.accelerator.device)
-        if float(self.accelerator.gather(bad).sum()) > 0:
-            return None, None, None, reason or "another rank's reward failed"
-        return total.to(self.accelerator.device), components, raw, ""
+        group_records = [r for r in records for _ in range(self.config.group_size)]
+        total, components, reason = self.score_or_skip(traj.images, traj.prompts, group_records)
+        raw = None
+        if total is not None and isinstance(self.reward, Combined):
+            raw = {k: v.float() for k, v in self.reward.last_output.raw.items()}
+        return total, components, raw, reason
 
     def train_step(self, step: int) -> dict:
         cfg, acc = self.config, self.accelerator

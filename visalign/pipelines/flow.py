@@ -60,6 +60,24 @@ class FlowPolicy(Policy):
         scheduler.set_timesteps(**self._set_timesteps_kwargs(num_steps, geometry))
         return Schedule(timesteps=scheduler.timesteps.float().cpu(), sigmas=scheduler.sigmas.float().cpu())
 
+    def shift_sigmas(self, sigmas: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+        """Maps unshifted σ ∈ (0, 1) through the scheduler's shift, as ``set_timesteps`` maps its grid.
+
+        Training that draws its own noise level (DPO, SD3-style logit-normal σ) uses this so that
+        train-time σ follows the same shift as sampling: the static ``shift`` (SD3, Wan), or the
+        resolution-dependent ``mu`` for schedulers with dynamic shifting (FLUX). Scheduler units
+        are ``σ · scheduler.config.num_train_timesteps``.
+        """
+        scheduler = self.flow_scheduler()
+        sigmas = sigmas.float()
+        if scheduler.config.get("use_dynamic_shifting"):
+            mu = self._set_timesteps_kwargs(1, geometry).get("mu")
+            if mu is None:
+                raise ConfigError(f"{self.family}'s scheduler uses dynamic shifting but the adapter gives no mu.")
+            return scheduler.time_shift(mu, 1.0, sigmas)
+        shift = float(scheduler.config.get("shift", 1.0))
+        return shift * sigmas / (1 + (shift - 1) * sigmas)
+
     # ----------------------------------------------------------------- VAE affine
     def _latent_affine(self):
         """(scale, shift) with pixels-latent z = latents·scale + shift, as the stock decode does."""

@@ -218,18 +218,26 @@ def transition(policy: Policy, spec: SamplerSpec, schedule: Schedule, step, late
 
 def denoise_step(policy: Policy, spec: SamplerSpec, schedule: Schedule, step: int, latents: torch.Tensor,
                  conditioning: Conditioning, generator=None, noise: torch.Tensor | None = None,
-                 detach_uncond: bool = False) -> StepOutput:
+                 detach_uncond: bool = False, model_output: torch.Tensor | None = None,
+                 mean_offset: torch.Tensor | None = None) -> StepOutput:
     """Runs the model at ``step`` and draws the next state. Gradients flow if enabled by the caller.
 
     Args:
         noise: the standard normal z to use; drawn from ``generator`` (per-sample generators
             allowed) when None and the step is stochastic.
+        model_output: the model's output at ``latents`` when the caller already has it (steering
+            runs the model in chunks, or with gradients); the model is then not called.
+        mean_offset: added to the transition's mean before the draw (reward guidance shifts the
+            drift this way); the returned mean and log-prob are those of the shifted Gaussian.
     """
     from diffusers.utils.torch_utils import randn_tensor
 
-    t = schedule.timesteps[step].to(latents.device)
-    model_output = policy.predict(latents, t, conditioning, detach_uncond=detach_uncond)
+    if model_output is None:
+        t = schedule.timesteps[step].to(latents.device)
+        model_output = policy.predict(latents, t, conditioning, detach_uncond=detach_uncond)
     mean, std, x0 = transition(policy, spec, schedule, step, latents, model_output)
+    if mean_offset is not None:
+        mean = mean + mean_offset
     std = torch.as_tensor(std, device=mean.device, dtype=torch.float32)
     if float(std.max()) <= 0:
         return StepOutput(mean, mean, std, x0, model_output)
@@ -278,6 +286,113 @@ def _expand_generator(generator, batch: int, group_size: int, same_noise: bool):
             )
         return list(generator[::group_size]) if same_noise else list(generator)
     return generator
+
+
+@dataclass
+class SamplingSetup:
+    """Everything a denoising loop needs before its first step, prepared by :func:`prepare_sampling`.
+
+    :func:`sample` and the steering loops (:mod:`visalign.steering`) start from it, so prompt
+    validation, encoding, group expansion and the initial noise have one home.
+
+    Attributes:
+        prompts: the B = P·G prompts (group-expanded: prompt p at rows p·G … p·G+G−1).
+        spec: the resolved :class:`SamplerSpec`.
+        geometry: the output size.
+        conditioning: the encoded prompts (and I2V images), B rows.
+        latents: the initial noise (B, ...) in the denoiser's layout, float32.
+        schedule: the σ or ᾱ table, on the policy's device.
+        images: the I2V first frames, (B, 3, H, W), or None.
+        group_size: G.
+    """
+
+    prompts: list[str]
+    spec: SamplerSpec
+    geometry: Geometry
+    conditioning: Conditioning
+    latents: torch.Tensor
+    schedule: Schedule
+    images: torch.Tensor | None
+    group_size: int
+
+    @property
+    def batch_size(self) -> int:
+        return self.latents.shape[0]
+
+
+@torch.no_grad()
+def prepare_sampling(
+    policy: Policy,
+    prompts: str | Sequence[str],
+    num_steps: int = 20,
+    guidance_scale: float | None = None,
+    sampler: str = "sde",
+    noise: str = "flow",
+    eta: float | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    latents: torch.Tensor | None = None,
+    images: torch.Tensor | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    num_frames: int | None = None,
+    negative_prompt: str | Sequence[str] | None = None,
+    group_size: int = 1,
+    same_noise_in_group: bool = False,
+    sde_window: tuple[int, int] | None = None,
+    reduce: str = "mean",
+    **encode_kwargs: Any,
+) -> SamplingSetup:
+    """Validates the inputs, encodes the prompts and draws the initial noise (see :func:`sample`).
+
+    Takes :func:`sample`'s arguments (less the loop's own: ``return_x0``, ``decode``,
+    ``progress``) and returns a :class:`SamplingSetup`. The generator is consumed exactly as
+    :func:`sample` consumes it before its first step.
+    """
+    prompts = _as_prompt_list(prompts)
+    if int(num_steps) < 1:
+        raise InvalidInputError(f"num_steps must be >= 1, got {num_steps}.")
+    if int(group_size) < 1:
+        raise InvalidInputError(f"group_size must be >= 1, got {group_size}.")
+    num_steps, group_size = int(num_steps), int(group_size)
+    spec = SamplerSpec.resolve(policy, sampler, noise, eta, reduce, sde_window, num_steps)
+    geometry = policy.geometry(height, width, num_frames)
+
+    if policy.needs_image:
+        if images is None:
+            raise InvalidInputError(f"{policy.family} is image-to-video: pass images=(P, 3, H, W) in [0, 1].")
+        images = _check_images(images, len(prompts))
+    elif images is not None:
+        raise InvalidInputError(f"{policy.family} takes no conditioning images; leave images=None.")
+    if negative_prompt is not None:
+        negative_prompt = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negative_prompt) != len(prompts):
+            raise InvalidInputError(f"Got {len(negative_prompt)} negative prompts for {len(prompts)} prompts.")
+
+    conditioning = policy.encode_prompt(prompts, negative_prompt, guidance_scale, images=images,
+                                        geometry=geometry, **encode_kwargs)
+    batch = len(prompts) * group_size
+    if group_size > 1:
+        conditioning = conditioning.repeat_interleave(group_size)
+        prompts = [p for p in prompts for _ in range(group_size)]
+        images = None if images is None else images.repeat_interleave(group_size, dim=0)
+
+    if latents is None:
+        init_gen = _expand_generator(generator, batch, group_size, same_noise_in_group)
+        if same_noise_in_group:
+            latents = policy.prepare_latents(batch // group_size, geometry, init_gen).repeat_interleave(group_size, 0)
+        else:
+            latents = policy.prepare_latents(batch, geometry, init_gen)
+    else:
+        expected = policy.latent_shape(batch, geometry)
+        if tuple(latents.shape) != expected:
+            raise InvalidInputError(
+                f"latents must have shape {expected} for {batch} samples at {geometry}; got {tuple(latents.shape)}."
+            )
+        latents = latents.to(policy.device, torch.float32)
+    _expand_generator(generator, batch, group_size, False)  # validates a list's length
+
+    schedule = policy.schedule(num_steps, geometry).to(policy.device)
+    return SamplingSetup(prompts, spec, geometry, conditioning, latents, schedule, images, group_size)
 
 
 @torch.no_grad()
@@ -334,50 +449,15 @@ def sample(
     Returns:
         A :class:`Trajectory`.
     """
-    prompts = _as_prompt_list(prompts)
-    if int(num_steps) < 1:
-        raise InvalidInputError(f"num_steps must be >= 1, got {num_steps}.")
-    if int(group_size) < 1:
-        raise InvalidInputError(f"group_size must be >= 1, got {group_size}.")
-    num_steps, group_size = int(num_steps), int(group_size)
-    spec = SamplerSpec.resolve(policy, sampler, noise, eta, reduce, sde_window, num_steps)
-    geometry = policy.geometry(height, width, num_frames)
-
-    if policy.needs_image:
-        if images is None:
-            raise InvalidInputError(f"{policy.family} is image-to-video: pass images=(P, 3, H, W) in [0, 1].")
-        images = _check_images(images, len(prompts))
-    elif images is not None:
-        raise InvalidInputError(f"{policy.family} takes no conditioning images; leave images=None.")
-    if negative_prompt is not None:
-        negative_prompt = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        if len(negative_prompt) != len(prompts):
-            raise InvalidInputError(f"Got {len(negative_prompt)} negative prompts for {len(prompts)} prompts.")
-
-    conditioning = policy.encode_prompt(prompts, negative_prompt, guidance_scale, images=images,
-                                        geometry=geometry, **encode_kwargs)
-    batch = len(prompts) * group_size
-    if group_size > 1:
-        conditioning = conditioning.repeat_interleave(group_size)
-        prompts = [p for p in prompts for _ in range(group_size)]
-        images = None if images is None else images.repeat_interleave(group_size, dim=0)
-
-    if latents is None:
-        init_gen = _expand_generator(generator, batch, group_size, same_noise_in_group)
-        if same_noise_in_group:
-            latents = policy.prepare_latents(batch // group_size, geometry, init_gen).repeat_interleave(group_size, 0)
-        else:
-            latents = policy.prepare_latents(batch, geometry, init_gen)
-    else:
-        expected = policy.latent_shape(batch, geometry)
-        if tuple(latents.shape) != expected:
-            raise InvalidInputError(
-                f"latents must have shape {expected} for {batch} samples at {geometry}; got {tuple(latents.shape)}."
-            )
-        latents = latents.to(policy.device, torch.float32)
-    _expand_generator(generator, batch, group_size, False)  # validates a list's length
-
-    schedule = policy.schedule(num_steps, geometry).to(policy.device)
+    setup = prepare_sampling(
+        policy, prompts, num_steps=num_steps, guidance_scale=guidance_scale, sampler=sampler, noise=noise, eta=eta,
+        generator=generator, latents=latents, images=images, height=height, width=width, num_frames=num_frames,
+        negative_prompt=negative_prompt, group_size=group_size, same_noise_in_group=same_noise_in_group,
+        sde_window=sde_window, reduce=reduce, **encode_kwargs,
+    )
+    prompts, spec, geometry, conditioning = setup.prompts, setup.spec, setup.geometry, setup.conditioning
+    latents, schedule, images, batch = setup.latents, setup.schedule, setup.images, setup.batch_size
+    num_steps, group_size = schedule.num_steps, setup.group_size
     states, means, stds, log_probs, x0s = [latents], [], [], [], []
     iterator = range(num_steps)
     if progress:

@@ -185,3 +185,37 @@ def reduce_per_sample(values: torch.Tensor, reduce: str) -> torch.Tensor:
     if reduce == "sum":
         return values.flatten(1).sum(dim=1)
     raise SamplerError(f"Unknown log-prob reduction {reduce!r}; use 'mean' or 'sum'.")
+
+
+# ---------------------------------------------------------------------------- forward process
+# The noising direction x0 → x_t, used where training draws its own noise level: DPO's regression
+# targets (REFERENCE §3) and DRaFT-LV's re-noising of the final sample (REFERENCE §5).
+def flow_add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
+    """The rectified-flow forward process x_σ = (1−σ)·x0 + σ·ε; ``sigma`` a float or (B,)."""
+    s = _as_batch(sigma, x0)
+    return (1.0 - s) * x0.float() + s * noise.float()
+
+
+def flow_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """What a rectified-flow model regresses on at any σ: the velocity ε − x0."""
+    return noise.float() - x0.float()
+
+
+def ddpm_add_noise(x0: torch.Tensor, noise: torch.Tensor, alpha_cumprod) -> torch.Tensor:
+    """The DDPM forward process x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε; ``alpha_cumprod`` a float or (B,)."""
+    a = _as_batch(alpha_cumprod, x0)
+    return torch.sqrt(a) * x0.float() + torch.sqrt(1.0 - a) * noise.float()
+
+
+def ddpm_target(x0: torch.Tensor, noise: torch.Tensor, alpha_cumprod, prediction_type: str) -> torch.Tensor:
+    """What a DDPM-family model regresses on: ε, v = √ᾱ·ε − √(1−ᾱ)·x0, or x0 (the inverse of :func:`ddpm_x0_eps`)."""
+    if prediction_type == "epsilon":
+        return noise.float()
+    if prediction_type == "v_prediction":
+        a = _as_batch(alpha_cumprod, x0)
+        return torch.sqrt(a) * noise.float() - torch.sqrt(1.0 - a) * x0.float()
+    if prediction_type == "sample":
+        return x0.float()
+    raise SamplerError(
+        f"Unknown prediction_type {prediction_type!r}; expected 'epsilon', 'v_prediction' or 'sample'."
+    )

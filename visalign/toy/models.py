@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import torch
 
-from visalign.toy.tokenizer import toy_tokenizer
+from visalign.toy.tokenizer import toy_t5_tokenizer, toy_tokenizer
 
 __all__ = [
     "CLIP_MAX_LENGTH", "TEXT_MAX_LENGTH", "build_clip", "build_clip_processor", "build_vae",
-    "build_t2i", "build_video_vae", "build_t2v",
+    "build_t2i", "zero_t5", "build_video_vae", "build_t2v",
 ]
 
 #: Padded text length of the toy CLIP reward: a two-shape caption with CLIPScore's
@@ -103,7 +103,8 @@ def build_vae(seed: int = 0, *, latent_channels: int = 4, channels: tuple[int, .
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=latent_channels,
         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=tuple(channels), layers_per_block=1, norm_num_groups=16,
+        block_out_channels=tuple(channels), layers_per_block=1,
+        norm_num_groups=min(8, min(channels)),
         sample_size=32, mid_block_add_attention=False, scaling_factor=1.0, shift_factor=0.0,
         # Stock pipelines upcast the VAE to fp32 when this is set; the toy VAE is tiny, so keep it.
         force_upcast=True,
@@ -121,6 +122,33 @@ def _clip_text_tower(hidden_size: int, num_layers: int, projection_dim: int, voc
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
 
 
+def zero_t5(dim: int):
+    """A one-layer ``T5EncoderModel`` that outputs exactly zeros, and its tokenizer.
+
+    Stock SD3 replaces a missing T5 by ``max_sequence_length`` rows of zeros, but
+    ``StableDiffusion3Pipeline.from_pretrained`` refuses a folder whose ``text_encoder_3`` is
+    null unless the caller passes ``text_encoder_3=None``. So the toy folder ships this stand-in:
+    T5's final RMSNorm multiplies by its weight, which is zero here, so the output is the same
+    zeros for any prompt and the pipeline computes exactly what it would without a T5 (the
+    transformer never learned anything from those rows). Built from a fixed seed, separately
+    from the trained parts.
+    """
+    from transformers import T5Config, T5EncoderModel
+
+    tok = toy_t5_tokenizer()
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    model = T5EncoderModel(T5Config(
+        vocab_size=len(tok), d_model=dim, d_kv=8, d_ff=dim, num_layers=1, num_heads=2,
+        relative_attention_num_buckets=8, relative_attention_max_distance=32,
+        feed_forward_proj="relu", dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0))
+    torch.random.set_rng_state(gen_state)  # leave the caller's random stream untouched
+    with torch.no_grad():
+        model.encoder.final_layer_norm.weight.zero_()
+    return model.eval().requires_grad_(False), tok
+
+
 def build_t2i(vae=None, seed: int = 0, *, text_hidden: int = 32, text_layers: int = 2,
               num_layers: int = 6, num_heads: int = 4, head_dim: int = 32, patch_size: int = 2,
               shift: float = 1.0):
@@ -129,7 +157,9 @@ def build_t2i(vae=None, seed: int = 0, *, text_hidden: int = 32, text_layers: in
     SD3 concatenates the penultimate hidden states of its two CLIP towers along the features
     (``2 * text_hidden``, which is the transformer's ``joint_attention_dim``), then appends T5
     tokens; without a T5 (``text_encoder_3=None``) those are ``max_sequence_length`` rows of zeros.
-    The pooled embedding is the two towers' projections, concatenated.
+    The pooled embedding is the two towers' projections, concatenated. ``text_encoder_3`` is
+    :func:`zero_t5`, which outputs exactly those zeros but lets the folder load with a plain
+    ``from_pretrained``.
 
     Args:
         vae: a trained ``AutoencoderKL`` (default: a fresh :func:`build_vae`).
@@ -160,11 +190,12 @@ def build_t2i(vae=None, seed: int = 0, *, text_hidden: int = 32, text_layers: in
         pos_embed_max_size=2 * 32 // scale // patch_size * 2,
     )
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    t5, t5_tok = zero_t5(2 * text_hidden)
     return StableDiffusion3Pipeline(
         transformer=transformer, scheduler=scheduler, vae=vae,
         text_encoder=towers[0], tokenizer=tok, text_encoder_2=towers[1],
         tokenizer_2=toy_tokenizer(model_max_length=TEXT_MAX_LENGTH),
-        text_encoder_3=None, tokenizer_3=None,
+        text_encoder_3=t5, tokenizer_3=t5_tok,
     )
 
 

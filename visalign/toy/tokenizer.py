@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from visalign.toy.world import CAPTION_SIZES, COLORS, MOTIONS, POSITION_PHRASES, SHAPES
 
-__all__ = ["WORDS", "toy_tokenizer"]
+__all__ = ["WORDS", "toy_tokenizer", "toy_t5_tokenizer"]
 
 
 def _world_words() -> tuple[str, ...]:
@@ -106,3 +106,28 @@ def toy_tokenizer(model_max_length: int = 16):
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab[special] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def toy_t5_tokenizer(model_max_length: int = 512):
+    """A small unigram ``T5Tokenizer`` over the same words, for pipelines that require a T5 slot.
+
+    The toy T2I model's ``text_encoder_3`` outputs zeros whatever it reads (see
+    :func:`visalign.toy.models.build_t2i`), so this tokenizer only has to exist, load offline
+    and never fail: the pieces are the words of :data:`WORDS` and every printable ASCII
+    character, alone and word-initial (``"▁x"``).
+
+    Args:
+        model_max_length (`int`, *optional*, defaults to 512): only decides when transformers
+            warns about long inputs; pipelines pad to their own ``max_sequence_length``.
+    """
+    import string
+
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + w, -3.0) for w in WORDS]  # whole words win over letters
+    for char in string.ascii_letters + string.digits + string.punctuation:
+        pieces += [(char, -6.0), ("\u2581" + char, -5.0)]
+    seen: set[str] = set()
+    pieces = [p for p in pieces if not (p[0] in seen or seen.add(p[0]))]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)

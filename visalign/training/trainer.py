@@ -236,16 +236,36 @@ class Trainer:
         """
         from visalign.rewards import Combined, call_reward
 
-        conditioning = {}
+        # A step-seeded generator for rewards that draw at random (e.g. TSN frame sampling in
+        # SegmentalVideoReward), so that resumed runs score exactly as uninterrupted ones.
+        conditioning = {"generator": torch.Generator().manual_seed(self.step_seed(self.state.step, 4))}
         if records:
             for key in records[0]:
                 if key != "prompt":
                     conditioning[key] = [r.get(key) for r in records]
-        if isinstance(self.reward, Combined):
-            out = self.reward.evaluate(images, prompts, **conditioning)
-            return out.total.float(), {k: v.float() for k, v in out.components.items()}
         total = call_reward(self.reward, images, prompts, **conditioning)
+        if isinstance(self.reward, Combined):
+            return total.float(), {k: v.float() for k, v in self.reward.last_output.components.items()}
         return total, {"reward": total}
+
+    def score_or_skip(self, images: torch.Tensor, prompts: list[str], records: list[dict] | None = None):
+        """:meth:`score` under no_grad, turning a :class:`RewardError` on any rank into a skip on all.
+
+        Returns:
+            ``(total, components, reason)``: ``total`` is None (and ``reason`` says why) when this
+            or another rank's reward returned something unusable; the caller then returns
+            ``{"skipped": 1.0, "skip_reason": reason}``.
+        """
+        total, components, reason = None, {}, ""
+        try:
+            with torch.no_grad():
+                total, components = self.score(images, prompts, records)
+        except RewardError as exc:
+            reason = str(exc)
+        bad = torch.tensor([0.0 if total is not None else 1.0], device=self.accelerator.device)
+        if float(self.accelerator.gather(bad).sum()) > 0:
+            return None, {}, reason or "another rank's reward failed"
+        return total.to(self.accelerator.device), components, ""
 
     @contextlib.contextmanager
     def reference(self):

@@ -1,0 +1,143 @@
+"""Best-of-N: draw N independent samples per prompt and keep the one the reward likes best.
+
+The baseline that every steering method must beat at matched compute (REFERENCE §6): N samples
+cost N·S denoiser evaluations, the same as FK steering with N particles over S steps.
+
+Example::
+
+    out = va.best_of_n(policy, ["a red circle"], reward, n=8, num_steps=20, max_batch_size=4)
+    out.images, out.rewards         # the best sample per prompt and its reward
+    out.all_rewards                 # (P, n)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from visalign.errors import ConfigError
+from visalign.pipelines.base import Policy
+from visalign.sampling.sampler import denoise_step, prepare_sampling
+from visalign.steering.common import (check_max_batch_size, decode_and_score, expand_reward_kwargs,
+                                      resolve_reward, select_rows)
+
+__all__ = ["BestOfNOutput", "best_of_n"]
+
+
+@dataclass
+class BestOfNOutput:
+    """What :func:`best_of_n` returns. P prompts, n samples each.
+
+    Attributes:
+        images: (P, ...) the highest-reward sample per prompt.
+        rewards: (P,) its reward.
+        best_index: (P,) its index among the prompt's n samples.
+        latents: (P, ...) its final latents.
+        all_images: (P, n, ...) every sample (None with ``return_all=False``).
+        all_rewards: (P, n) every sample's reward.
+        prompts: the P prompts.
+        num_model_evals: denoiser evaluations, in sample-steps (P·n·S).
+    """
+
+    images: torch.Tensor
+    rewards: torch.Tensor
+    best_index: torch.Tensor
+    latents: torch.Tensor
+    all_images: torch.Tensor | None
+    all_rewards: torch.Tensor
+    prompts: list[str]
+    num_model_evals: int
+
+
+@torch.no_grad()
+def best_of_n(
+    policy: Policy,
+    prompts: str | Sequence[str],
+    reward: Any,
+    n: int = 8,
+    num_steps: int = 20,
+    guidance_scale: float | None = None,
+    sampler: str = "sde",
+    noise: str = "flow",
+    eta: float | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    images: torch.Tensor | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    num_frames: int | None = None,
+    negative_prompt: str | Sequence[str] | None = None,
+    reward_kwargs: Mapping[str, Any] | None = None,
+    max_batch_size: int | None = None,
+    return_all: bool = True,
+    **encode_kwargs: Any,
+) -> BestOfNOutput:
+    """Samples ``n`` candidates per prompt, scores them and keeps the best.
+
+    Args:
+        policy (`Policy`): from :func:`visalign.wrap` or :func:`visalign.load`.
+        prompts (`str` or `list[str]`): P prompts.
+        reward: a reward or callable ``(images, prompts) -> Tensor[B]``, or a dict / list of
+            ``(reward, weight)`` for a weighted sum.
+        n (`int`, defaults to 8): candidates per prompt.
+        num_steps, guidance_scale, sampler, noise, eta, images, height, width, num_frames,
+        negative_prompt, **encode_kwargs: as in :func:`visalign.sample`; any sampler works
+            (``"ode"`` included: candidates differ by their initial noise).
+        generator: one generator, or one per candidate row p·n+k. All initial noise is drawn
+            before the first chunk, so it does not depend on ``max_batch_size``; with one shared
+            generator the per-step SDE noise does (use per-row generators to make it not).
+        reward_kwargs (`dict`, *optional*): per-prompt reward conditioning, repeated per candidate.
+        max_batch_size (`int`, *optional*): the most candidates sampled, decoded and scored at
+            once; None samples all P·n together.
+        return_all (`bool`, defaults to `True`): keep every candidate's pixels in ``all_images``.
+
+    Returns:
+        :class:`BestOfNOutput`.
+    """
+    if int(n) < 1:
+        raise ConfigError(f"n must be >= 1; got {n}.")
+    n = int(n)
+    max_batch_size = check_max_batch_size(max_batch_size)
+    reward = resolve_reward(reward)
+    # Validate, encode once and draw every candidate's initial noise, whatever the chunking; then run
+    # the same denoising steps as visalign.sample, one chunk of candidates at a time.
+    setup = prepare_sampling(
+        policy, prompts, num_steps=num_steps, guidance_scale=guidance_scale, sampler=sampler, noise=noise, eta=eta,
+        generator=generator, images=images, height=height, width=width, num_frames=num_frames,
+        negative_prompt=negative_prompt, group_size=n, **encode_kwargs,
+    )
+    batch, num_prompts = setup.batch_size, setup.batch_size // n
+    row_kwargs = expand_reward_kwargs(reward_kwargs, num_prompts, n)
+    chunk = batch if max_batch_size is None else max_batch_size
+    per_row = isinstance(generator, (list, tuple))
+
+    scores, pixels, finals = [], [], []
+    for a in range(0, batch, chunk):
+        b = min(a + chunk, batch)
+        conditioning, x = setup.conditioning.select(slice(a, b)), setup.latents[a:b]
+        chunk_generator = list(generator[a:b]) if per_row else generator
+        for i in range(setup.schedule.num_steps):
+            x = denoise_step(policy, setup.spec, setup.schedule, i, x, conditioning,
+                             generator=chunk_generator).next_latents
+        r, images_ab = decode_and_score(policy, x, setup.geometry, reward, setup.prompts[a:b],
+                                        select_rows(row_kwargs, slice(a, b), batch), None,
+                                        keep_images=return_all)
+        scores.append(r)
+        finals.append(x)
+        pixels.append(images_ab)
+    all_rewards = torch.cat(scores).view(num_prompts, n)
+    best = all_rewards.argmax(dim=1)
+    pick = (torch.arange(num_prompts, device=best.device) * n + best).tolist()
+    latents = torch.cat(finals)
+    all_images = torch.cat(pixels) if return_all else None
+    return BestOfNOutput(
+        images=all_images[pick] if return_all else policy.decode(latents[pick], setup.geometry),
+        rewards=all_rewards.gather(1, best.unsqueeze(1)).squeeze(1),
+        best_index=best,
+        latents=latents[pick],
+        all_images=None if all_images is None else all_images.view(num_prompts, n, *all_images.shape[1:]),
+        all_rewards=all_rewards,
+        prompts=[setup.prompts[p * n] for p in range(num_prompts)],
+        num_model_evals=batch * setup.schedule.num_steps,
+    )

@@ -1,0 +1,644 @@
+"""Trains the shipped toy models on the toy world, on a CPU, seeded and reproducible.
+
+The shipped folders under ``visalign/toy/models/`` were made with exactly these commands
+(``visalign/toy/MODELS.md`` records the wall times, machine and accuracies)::
+
+    # the toy CLIP reward (a transformers CLIPModel + CLIPProcessor folder)
+    python -m visalign.toy.train clip --out visalign/toy/models/clip --seed 0 --steps 1500
+
+    # the toy T2I model (a StableDiffusion3Pipeline folder): first its VAE, then the rest
+    python -m visalign.toy.train vae --out runs/toy/vae --seed 0 --steps 800
+    python -m visalign.toy.train t2i --out visalign/toy/models/t2i --vae runs/toy/vae --seed 0 --steps 2000
+
+    # per-attribute evaluator accuracy of a T2I folder (200 fixed-seed samples, no CFG and CFG 3)
+    python -m visalign.toy.train eval-t2i visalign/toy/models/t2i
+    # zero-shot caption retrieval accuracy of a CLIP folder
+    python -m visalign.toy.train eval-clip visalign/toy/models/clip
+
+Every command takes ``--threads`` (default 2). Results are reproducible for a given seed,
+thread count and torch build: the data, noise and caption dropout all come from generators
+seeded by ``--seed``. The learning rate is constant after warm-up (CLIP aside), so a run with
+``--steps N`` is the first N steps of any longer run with the same seed; ``--save-every`` keeps
+EMA checkpoints along the way, which is how the shipped T2I step count was picked on purpose.
+
+Why the T2I model looks the way it does:
+
+- **A stock pipeline needs a VAE**, so a tiny ``AutoencoderKL`` (32×32×3 ↔ 16×16×4) is trained
+  first on renders of the world. Its latents' mean and std become ``shift_factor`` and
+  ``scaling_factor``, so the transformer sees roughly unit-variance latents.
+- **Rectified flow as the stock scheduler expects**: ``x_t = (1 - t) x_0 + t ε``, the
+  transformer predicts ``ε - x_0`` and is called with ``timestep = 1000 t``, which is what
+  ``FlowMatchEulerDiscreteScheduler`` passes at sampling time (``sigma * 1000``).
+- **No T5.** With ``text_encoder_3=None`` the stock SD3 pipeline appends ``max_sequence_length``
+  (256 by default) rows of zeros to the CLIP tokens. Those rows are all identical, so inside
+  attention 256 copies of one key act like one key whose logit is raised by ``log 256``.
+  Training therefore appends a single zero row and adds ``log c`` to its attention logit
+  (:class:`NullTokenAttnProcessor`), which is exactly the stock computation for ``c`` rows at a
+  fraction of the cost. Half the batches use ``c = 256`` (the stock default) and half a
+  log-uniform ``c`` in [1, 256], so the model also works with ``max_sequence_length=1``, which
+  samples several times faster (``va.load(path, policy_kwargs={"max_sequence_length": 1})``).
+- **Caption dropout** 0.1 (the caption becomes ``""``, the stock negative prompt) enables CFG.
+- **EMA** weights (decay 0.998) are what is saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from visalign.toy import evaluator as toy_eval
+from visalign.toy import world
+
+# ----------------------------------------------------------------------------- utilities
+
+
+def _log(msg: str, log_file: Path | None = None) -> None:
+    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+    print(line, flush=True)
+    if log_file is not None:
+        with open(log_file, "a") as f:
+            f.write(line + "\n")
+
+
+def _lr_factor(step: int, warmup: int, total: int | None = None) -> float:
+    """Linear warm-up, then constant (``total=None``) or cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if total is None:
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class EMA:
+    """An exponential moving average of a set of parameters (kept in fp32 on the CPU)."""
+
+    def __init__(self, params, decay: float):
+        self.params = list(params)
+        self.decay = decay
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        # The usual warm-up of the decay, so early averages are not dominated by the random init.
+        d = min(self.decay, (1 + step) / (10 + step))
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach(), 1 - d)
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        """Exchanges the live weights and the averages (call twice to restore)."""
+        for s, p in zip(self.shadow, self.params):
+            tmp = p.detach().clone()
+            p.copy_(s)
+            s.copy_(tmp)
+
+
+def _folder_size_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
+
+
+def _write_info(out: Path, info: dict) -> None:
+    with open(out / "training_info.json", "w") as f:
+        json.dump(info, f, indent=2, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------- data
+
+def _scene_attrs(scene: world.Scene) -> tuple:
+    s = scene.sprites[0]
+    return s.shape, s.color, s.position, s.size
+
+
+def _augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Makes clean renders look more like generated images, each effect on half of the batch.
+
+    - a shift of up to 2 px in x and y (edges replicated), so slightly misplaced shapes still
+      read as the intended position (anchors are 8 px apart);
+    - a Gaussian blur with sigma in [0.3, 1] (generators and VAEs soften edges);
+    - Gaussian noise with std up to 0.06 (unfinished denoising leaves some).
+    """
+    b, _, h, w = images.shape
+    out = images
+    # shift
+    shift = torch.randint(-2, 3, (b, 2), generator=gen)
+    shift[torch.rand(b, generator=gen) < 0.5] = 0
+    padded = F.pad(out, (2, 2, 2, 2), mode="replicate")
+    rows = []
+    for i in range(b):
+        dx, dy = int(shift[i, 0]), int(shift[i, 1])
+        rows.append(padded[i, :, 2 - dy:2 - dy + h, 2 - dx:2 - dx + w])
+    out = torch.stack(rows)
+    # blur: a separable Gaussian with a per-image sigma
+    sigma = 0.3 + 0.7 * torch.rand(b, generator=gen)
+    taps = torch.arange(-2, 3, dtype=torch.float32)
+    kernel = torch.exp(-taps[None] ** 2 / (2 * sigma[:, None] ** 2))
+    kernel = kernel / kernel.sum(-1, keepdim=True)  # (b, 5)
+    blur = torch.rand(b, generator=gen) < 0.5
+    if blur.any():
+        x = F.pad(out[blur], (2, 2, 2, 2), mode="replicate")
+        k = kernel[blur]
+        n = x.shape[0]
+        # Grouped convolution: one kernel per image, applied to its 3 channels.
+        x = x.reshape(1, n * 3, h + 4, w + 4)
+        kx = k.repeat_interleave(3, 0)[:, None, None, :]
+        ky = k.repeat_interleave(3, 0)[:, None, :, None]
+        x = F.conv2d(x, kx, groups=n * 3)
+        x = F.conv2d(x, ky, groups=n * 3)
+        out = out.clone()
+        out[blur] = x.reshape(n, 3, h, w)
+    # noise
+    std = 0.06 * torch.rand(b, 1, 1, 1, generator=gen)
+    std[torch.rand(b, generator=gen) < 0.5] = 0
+    return (out + std * torch.randn(out.shape, generator=gen)).clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------- toy CLIP
+
+CLIP_PREFIX = "A photo depicts "  # CLIPScore's default ("hessel") prefix
+
+
+def _clip_batch(rng: np.random.Generator, n: int):
+    """``n`` scenes and captions; some captions leave the position or the size unstated.
+
+    An unstated attribute matches any value (as in the evaluator), so an image of a large red
+    circle on the left is a positive for "a red circle", "a large red circle on the left", ...
+    Returns the scenes (what is drawn), the captions and the captions' stated attributes.
+    """
+    scenes = world.sample_scenes(n, int(rng.integers(2**31)), sizes=True, backgrounds=True)
+    captions, stated = [], []
+    for scene in scenes:
+        shape, color, position, size = _scene_attrs(scene)
+        if rng.random() < 0.15:
+            position = None
+        if size is not None and rng.random() < 0.3:
+            size = None
+        text = world.Sprite(shape, color, position, size).phrase()
+        if rng.random() < 0.5:
+            text = CLIP_PREFIX + text
+        captions.append(text)
+        stated.append((shape, color, position, size))
+    return scenes, captions, stated
+
+
+def _compatible(scenes, stated) -> torch.Tensor:
+    """(n_images, n_captions) boolean: does caption j describe image i (unstated = any)?"""
+    truth = [_scene_attrs(s) for s in scenes]
+    m = torch.zeros(len(truth), len(stated), dtype=torch.bool)
+    for i, (sh, co, po, sz) in enumerate(truth):
+        for j, (csh, cco, cpo, csz) in enumerate(stated):
+            m[i, j] = (sh == csh and co == cco and (cpo is None or cpo == po)
+                       and (csz is None or csz == sz))
+    return m
+
+
+def train_clip(args) -> None:
+    """Contrastive training of the toy CLIP (soft targets over all compatible pairs)."""
+    from visalign.rewards.preprocess import ImageTransform
+    from visalign.toy.models import CLIP_MAX_LENGTH, build_clip
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "train_log.txt"
+    model, processor = build_clip(args.seed, hidden_size=args.hidden, num_layers=args.layers)
+    model.train()
+    # Exactly the preprocessing the CLIPScore reward will apply (read off the processor).
+    transform = ImageTransform.from_processor(processor)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, 100, args.steps))
+    rng = np.random.default_rng(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    _log(f"toy CLIP: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+         f"batch {args.batch_size}, {args.steps} steps, lr {args.lr}", log)
+    start = time.time()
+    cpu0 = time.process_time()
+    for step in range(args.steps):
+        scenes, captions, stated = _clip_batch(rng, args.batch_size)
+        images = _augment(world.render_batch(scenes), gen)
+        tokens = processor.tokenizer(captions, padding=True, truncation=True,
+                                     max_length=CLIP_MAX_LENGTH, return_tensors="pt")
+        outputs = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                        pixel_values=transform(images))
+        compat = _compatible(scenes, stated).float()
+        logits = outputs.logits_per_image  # (images, captions), scaled by exp(logit_scale)
+        # Soft targets: each image spreads its target over every caption that describes it,
+        # and each caption over every image it describes (duplicates are common in a batch).
+        loss_i = -(compat / compat.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
+        loss_t = -(compat.T / compat.T.sum(1, keepdim=True) * logits.T.log_softmax(1)).sum(1).mean()
+        loss = 0.5 * (loss_i + loss_t)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():  # CLIP's clamp: a temperature below 1/100 destabilises training
+            model.logit_scale.clamp_(0, math.log(100))
+        if step % args.log_every == 0 or step == args.steps - 1:
+            _log(f"step {step} loss {loss.item():.4f} scale {model.logit_scale.exp().item():.1f} "
+                 f"({time.time() - start:.0f}s)", log)
+    wall = time.time() - start
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    results = evaluate_clip(out, threads=args.threads)
+    info = dict(kind="clip", seed=args.seed, steps=args.steps, batch_size=args.batch_size,
+                lr=args.lr, hidden=args.hidden, layers=args.layers, threads=args.threads,
+                wall_time_s=round(wall, 1), cpu_time_s=round(time.process_time() - cpu0, 1),
+                size_mb=round(_folder_size_mb(out), 2), retrieval=results)
+    _write_info(out, info)
+    _log(json.dumps(info, indent=1), log)
+
+
+@torch.no_grad()
+def evaluate_clip(path, threads: int = 2) -> dict:
+    """Zero-shot caption retrieval of a toy CLIP folder, through the ordinary CLIPScore reward.
+
+    Every base scene (90 captions) is rendered on every background (540 images, clean and with
+    blur and noise). Each image is scored against all 90 captions, with the reward's default
+    ``"A photo depicts "`` prefix; the best-scoring caption is compared with the truth, per
+    attribute. The same is done for the 180 scenes with a stated size ("small"/"large") against
+    the 180 captions that state one: an unstated size matches any size (as in the evaluator),
+    so size is only tested where both sides state it.
+    """
+    from visalign.rewards import CLIPScore
+
+    torch.set_num_threads(threads)
+    reward = CLIPScore(model=str(path), variant="cosine", prefix=CLIP_PREFIX)
+    results = {}
+    for name, sizes in (("base", False), ("sizes", True)):
+        scenes = [s for s in world.all_scenes(sizes=sizes) if (s.sprites[0].size is not None) == sizes]
+        captions = [s.caption() for s in scenes]
+        text = reward.clip.text_features([CLIP_PREFIX + c for c in captions])
+        drawn = [world.Scene(s.sprites, background=bg) for bg in world.BACKGROUNDS for s in scenes]
+        images = world.render_batch(drawn)
+        gen = torch.Generator().manual_seed(0)
+        for variant, batch in (("clean", images), ("degraded", _degrade(images, gen))):
+            feats = reward.clip.image_features(batch)
+            best = (feats @ text.T).argmax(1)
+            truth = [_scene_attrs(s) for s in drawn]
+            guess = [_scene_attrs(scenes[int(j)]) for j in best]
+            acc = {}
+            names = ("shape", "color", "position", "size")
+            for k, attr in enumerate(names):
+                if attr == "size" and not sizes:
+                    continue
+                acc[attr] = float(np.mean([t[k] == g[k] for t, g in zip(truth, guess)]))
+            acc["all"] = float(np.mean([t == g for t, g in zip(truth, guess)]))
+            results[f"{name}/{variant}"] = {k: round(v, 4) for k, v in acc.items()}
+    return results
+
+
+def _degrade(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A fixed moderate degradation for evaluation: blur sigma 0.7 and noise std 0.04."""
+    taps = torch.arange(-2, 3, dtype=torch.float32)
+    k = torch.exp(-taps**2 / (2 * 0.7**2))
+    k = k / k.sum()
+    x = F.pad(images, (2, 2, 2, 2), mode="replicate")
+    x = F.conv2d(x, k.view(1, 1, 1, 5).repeat(3, 1, 1, 1), groups=3)
+    x = F.conv2d(x, k.view(1, 1, 5, 1).repeat(3, 1, 1, 1), groups=3)
+    return (x + 0.04 * torch.randn(x.shape, generator=gen)).clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------- VAE
+
+def train_vae(args) -> None:
+    """Trains the T2I model's ``AutoencoderKL`` on renders of single-shape scenes."""
+    from visalign.toy.models import build_vae
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "train_log.txt"
+    vae = build_vae(args.seed, channels=tuple(args.channels))
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, 50, args.steps))
+    rng = np.random.default_rng(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    _log(f"toy VAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.3f}M parameters, "
+         f"batch {args.batch_size}, {args.steps} steps", log)
+    start, cpu0 = time.time(), time.process_time()
+    for step in range(args.steps):
+        scenes = world.sample_scenes(args.batch_size, int(rng.integers(2**31)), sizes=True,
+                                     backgrounds=True)
+        x = world.render_batch(scenes) * 2 - 1
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+        recon = vae.decode(z).sample
+        # MSE keeps colours exact; the small KL keeps the latents near unit scale and the
+        # posterior noise makes the decoder tolerant of the transformer's small errors.
+        rec = F.mse_loss(recon, x)
+        kl = posterior.kl().mean() / z[0].numel()
+        loss = rec + args.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % args.log_every == 0 or step == args.steps - 1:
+            _log(f"step {step} mse {rec.item():.5f} kl/dim {kl.item():.3f} "
+                 f"({time.time() - start:.0f}s)", log)
+    wall = time.time() - start
+    vae.eval()
+    stats = _latent_stats(vae)
+    vae.register_to_config(scaling_factor=stats["scaling_factor"], shift_factor=stats["shift_factor"])
+    vae.save_pretrained(out, safe_serialization=True)
+    recon_eval = evaluate_vae(vae)
+    info = dict(kind="vae", seed=args.seed, steps=args.steps, batch_size=args.batch_size,
+                lr=args.lr, kl_weight=args.kl_weight, channels=list(args.channels),
+                threads=args.threads, wall_time_s=round(wall, 1),
+                cpu_time_s=round(time.process_time() - cpu0, 1), **stats, reconstruction=recon_eval)
+    _write_info(out, info)
+    _log(json.dumps(info, indent=1), log)
+
+
+@torch.no_grad()
+def _latent_stats(vae) -> dict:
+    """``shift_factor`` (mean) and ``scaling_factor`` (1/std) of the latents of the world."""
+    scenes = [world.Scene(s.sprites, background=bg)
+              for bg in world.BACKGROUNDS for s in world.all_scenes(sizes=True)]
+    z = vae.encode(world.render_batch(scenes) * 2 - 1).latent_dist.mean
+    return {"shift_factor": round(z.mean().item(), 5), "scaling_factor": round(1 / z.std().item(), 5)}
+
+
+@torch.no_grad()
+def evaluate_vae(vae) -> dict:
+    """Evaluator accuracy and error of VAE reconstructions of every base scene × background."""
+    scenes = [world.Scene(s.sprites, background=bg)
+              for bg in world.BACKGROUNDS for s in world.all_scenes()]
+    x = world.render_batch(scenes)
+    recon = (vae.decode(vae.encode(x * 2 - 1).latent_dist.mean).sample / 2 + 0.5).clamp(0, 1)
+    res = toy_eval.evaluate(recon, [s.caption() for s in scenes])
+    return {"mse": round(F.mse_loss(recon, x).item(), 6), "accuracy": res["accuracy"],
+            "all_correct": res["all_correct"]}
+
+
+# ----------------------------------------------------------------------------- T2I
+
+class NullTokenAttnProcessor:
+    """SD3 joint attention with an optional additive bias on the keys (training only).
+
+    The stock ``JointAttnProcessor2_0`` takes no mask. This one computes the same joint
+    attention (image tokens first, then text tokens) and adds ``attention_mask`` — a float
+    tensor broadcastable to (batch, heads, queries, keys) — to the logits. Training uses it to
+    stand one zero text row in for ``c`` identical ones: ``c`` equal keys with equal values get
+    exactly the attention of one key whose logit is raised by ``log c``.
+    """
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 *args, **kwargs):
+        b, n_img = hidden_states.shape[:2]
+
+        def heads(x):
+            return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+        q, k, v = (heads(f(hidden_states)) for f in (attn.to_q, attn.to_k, attn.to_v))
+        if attn.norm_q is not None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        if encoder_hidden_states is not None:
+            cq, ck, cv = (heads(f(encoder_hidden_states))
+                          for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            if attn.norm_added_q is not None:
+                cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
+            q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+        mask = None if attention_mask is None else attention_mask.to(q.dtype)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        x = x.transpose(1, 2).reshape(b, -1, attn.heads * x.shape[-1])
+        image, text = x[:, :n_img], x[:, n_img:]
+        image = attn.to_out[1](attn.to_out[0](image))
+        if encoder_hidden_states is None:
+            return image
+        if not attn.context_pre_only:
+            text = attn.to_add_out(text)
+        return image, text
+
+
+def _t2i_scenes(rng: np.random.Generator, n: int, sizes: bool) -> list:
+    return world.sample_scenes(n, int(rng.integers(2**31)), sizes=sizes, backgrounds=True)
+
+
+@torch.no_grad()
+def _encode_library(vae, sizes: bool):
+    """Posterior mean and std of every distinct training image (caption × background).
+
+    The world has only a few thousand distinct images, so encoding them once replaces a VAE
+    forward on every training step.
+    """
+    scenes = [world.Scene(s.sprites, background=bg)
+              for bg in world.BACKGROUNDS for s in world.all_scenes(sizes=sizes)]
+    index = {(s.caption(), s.background): i for i, s in enumerate(scenes)}
+    mean, std = [], []
+    for i in range(0, len(scenes), 256):
+        post = vae.encode(world.render_batch(scenes[i:i + 256]) * 2 - 1).latent_dist
+        mean.append(post.mean)
+        std.append(post.std)
+    return index, torch.cat(mean), torch.cat(std)
+
+
+def train_t2i(args) -> None:
+    """Rectified-flow training of the toy SD3 pipeline's transformer and text towers."""
+    from diffusers import AutoencoderKL
+
+    from visalign.toy.models import build_t2i
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "train_log.txt"
+    vae = AutoencoderKL.from_pretrained(args.vae, local_files_only=True).eval().requires_grad_(False)
+    pipe = build_t2i(vae, args.seed, num_layers=args.layers, shift=args.shift)
+    towers = (pipe.text_encoder, pipe.text_encoder_2)
+    modules = (pipe.transformer, *towers)
+    params = [p for m in modules for p in m.parameters()]
+    for m in modules:
+        m.train()
+    pipe.transformer.set_attn_processor(NullTokenAttnProcessor())
+    ema = EMA(params, args.ema)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, args.warmup))
+    index, lat_mean, lat_std = _encode_library(vae, args.sizes)
+    shift_f, scale_f = vae.config.shift_factor, vae.config.scaling_factor
+    rng = np.random.default_rng(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    n_params = sum(p.numel() for p in pipe.transformer.parameters())
+    _log(f"toy T2I: transformer {n_params / 1e6:.2f}M parameters, batch {args.batch_size}, "
+         f"{args.steps} steps, lr {args.lr}, EMA {args.ema}", log)
+    b = args.batch_size
+    start, cpu0 = time.time(), time.process_time()
+    for step in range(args.steps):
+        scenes = _t2i_scenes(rng, b, args.sizes)
+        rows = torch.tensor([index[(s.caption(), s.background)] for s in scenes])
+        captions = [s.caption() if rng.random() >= args.caption_dropout else "" for s in scenes]
+        # Latents exactly as the stock pipeline's decode inverts them: (z - shift) * scale.
+        z0 = lat_mean[rows] + lat_std[rows] * torch.randn(lat_mean[rows].shape, generator=gen)
+        x0 = (z0 - shift_f) * scale_f
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.rand(b, generator=gen)
+        xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
+        # The stock text path with one zero "T5" row (see NullTokenAttnProcessor).
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt=captions, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
+            device=torch.device("cpu"), max_sequence_length=1)
+        count = torch.where(torch.rand(b, generator=gen) < 0.5, torch.full((b,), 256.0),
+                            torch.exp(torch.rand(b, generator=gen) * math.log(256.0)))
+        n_img = (x0.shape[-1] // pipe.transformer.config.patch_size) ** 2
+        bias = torch.zeros(b, 1, 1, n_img + embeds.shape[1])
+        bias[:, 0, 0, -1] = count.log()
+        pred = pipe.transformer(hidden_states=xt, encoder_hidden_states=embeds,
+                                pooled_projections=pooled, timestep=t * 1000,
+                                joint_attention_kwargs={"attention_mask": bias},
+                                return_dict=False)[0]
+        loss = F.mse_loss(pred, noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ema.update(step)
+        done = step + 1
+        if step % args.log_every == 0 or done == args.steps:
+            _log(f"step {done} loss {loss.item():.4f} ({time.time() - start:.0f}s)", log)
+        if (args.save_every and done % args.save_every == 0) or done == args.steps:
+            target = out if done == args.steps else out / "checkpoints" / f"step-{done:05d}"
+            _save_t2i(pipe, ema, target)
+            _log(f"saved EMA weights of step {done} to {target}", log)
+    wall = time.time() - start
+    info = dict(kind="t2i", seed=args.seed, steps=args.steps, batch_size=b, lr=args.lr,
+                warmup=args.warmup, ema=args.ema, caption_dropout=args.caption_dropout,
+                layers=args.layers, sizes=args.sizes, shift=args.shift, vae=str(args.vae),
+                threads=args.threads, wall_time_s=round(wall, 1),
+                cpu_time_s=round(time.process_time() - cpu0, 1),
+                size_mb=round(_folder_size_mb(out) - _folder_size_mb(out / "checkpoints")
+                              if (out / "checkpoints").exists() else _folder_size_mb(out), 2))
+    _write_info(out, info)
+    _log(json.dumps(info, indent=1), log)
+
+
+def _save_t2i(pipe, ema: EMA, target: Path) -> None:
+    """Saves the pipeline with the EMA weights and the stock attention processors."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    ema.swap()
+    try:
+        pipe.transformer.set_attn_processor(JointAttnProcessor2_0())
+        pipe.save_pretrained(target, safe_serialization=True)
+    finally:
+        pipe.transformer.set_attn_processor(NullTokenAttnProcessor())
+        ema.swap()
+
+
+@torch.no_grad()
+def evaluate_t2i(path, *, num_samples: int = 200, num_steps: int = 20, seed: int = 0,
+                 guidance_scales=(1.0, 3.0), max_sequence_length: int = 256,
+                 threads: int = 2) -> dict:
+    """Evaluator accuracy of a T2I folder on ``num_samples`` fixed-seed samples.
+
+    Prompt ``i`` is ``all_captions()[i % 90]`` and its noise comes from a generator seeded with
+    ``seed + i``, so the numbers do not depend on batching. Sampling is visalign's ODE sampler
+    (the stock Euler scheduler's steps) at ``num_steps``; ``guidance_scale=1`` is no CFG.
+    """
+    import visalign as va
+
+    torch.set_num_threads(threads)
+    policy = va.load(str(path), local_files_only=True,
+                     policy_kwargs={"max_sequence_length": max_sequence_length})
+    captions = world.all_captions()
+    prompts = [captions[i % len(captions)] for i in range(num_samples)]
+    results = {}
+    for scale in guidance_scales:
+        images = []
+        for i in range(0, num_samples, 50):
+            chunk = prompts[i:i + 50]
+            gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
+            traj = va.sample(policy, chunk, num_steps=num_steps, sampler="ode",
+                             guidance_scale=scale, generator=gens, height=32, width=32)
+            images.append(traj.images.float())
+        res = toy_eval.evaluate(torch.cat(images), prompts)
+        results[f"cfg{scale:g}"] = {"all_correct": round(res["all_correct"], 4),
+                                    **{k: round(v, 4) for k, v in res["accuracy"].items()}}
+    return results
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m visalign.toy.train",
+                                description="Train and evaluate the shipped toy models.")
+    sub = p.add_subparsers(dest="kind", required=True)
+
+    def common(q, steps, batch, lr):
+        q.add_argument("--out", required=True, help="output folder (created)")
+        q.add_argument("--seed", type=int, default=0, help="seeds weights, data and noise")
+        q.add_argument("--steps", type=int, default=steps, help="optimizer steps")
+        q.add_argument("--batch-size", type=int, default=batch, help="samples per step")
+        q.add_argument("--lr", type=float, default=lr, help="peak AdamW learning rate")
+        q.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+        q.add_argument("--log-every", type=int, default=50, help="steps between log lines")
+
+    q = sub.add_parser("clip", help="the toy CLIP reward (CLIPModel + CLIPProcessor)")
+    common(q, 1500, 128, 1e-3)
+    q.add_argument("--hidden", type=int, default=64, help="width of both towers")
+    q.add_argument("--layers", type=int, default=2, help="depth of both towers")
+
+    q = sub.add_parser("vae", help="the T2I model's AutoencoderKL")
+    common(q, 800, 32, 2e-3)
+    q.add_argument("--channels", type=int, nargs="+", default=[16, 32],
+                   help="block_out_channels; each level after the first halves the side")
+    q.add_argument("--kl-weight", type=float, default=1e-4, help="weight of the per-dim KL")
+
+    q = sub.add_parser("t2i", help="the toy SD3-style T2I pipeline (needs a trained --vae)")
+    common(q, 2000, 64, 1e-3)
+    q.add_argument("--vae", required=True, help="folder of a VAE from the `vae` command")
+    q.add_argument("--layers", type=int, default=6, help="transformer blocks")
+    q.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+    q.add_argument("--ema", type=float, default=0.998, help="EMA decay of the saved weights")
+    q.add_argument("--caption-dropout", type=float, default=0.1, help="P(caption -> '') for CFG")
+    q.add_argument("--sizes", action="store_true", help="also train on small/large captions")
+    q.add_argument("--shift", type=float, default=1.0, help="scheduler shift in the folder")
+    q.add_argument("--save-every", type=int, default=0, help="EMA checkpoint every N steps")
+
+    q = sub.add_parser("eval-t2i", help="evaluator accuracy of a T2I folder")
+    q.add_argument("path")
+    q.add_argument("--num-samples", type=int, default=200)
+    q.add_argument("--num-steps", type=int, default=20)
+    q.add_argument("--guidance-scales", type=float, nargs="+", default=[1.0, 3.0])
+    q.add_argument("--max-sequence-length", type=int, default=256)
+    q.add_argument("--threads", type=int, default=2)
+
+    q = sub.add_parser("eval-clip", help="caption retrieval accuracy of a CLIP folder")
+    q.add_argument("path")
+    q.add_argument("--threads", type=int, default=2)
+    return p
+
+
+def main(argv=None) -> None:
+    args = _parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    # With max_sequence_length=1 the stock SD3 pipeline warns on every call that the zero-T5
+    # tokens were truncated; that is intended here, so keep the logs readable.
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    if args.kind == "clip":
+        train_clip(args)
+    elif args.kind == "vae":
+        train_vae(args)
+    elif args.kind == "t2i":
+        train_t2i(args)
+    elif args.kind == "eval-t2i":
+        res = evaluate_t2i(args.path, num_samples=args.num_samples, num_steps=args.num_steps,
+                           guidance_scales=args.guidance_scales,
+                           max_sequence_length=args.max_sequence_length, threads=args.threads)
+        print(json.dumps(res, indent=1))
+    elif args.kind == "eval-clip":
+        print(json.dumps(evaluate_clip(args.path, threads=args.threads), indent=1))
+
+
+if __name__ == "__main__":
+    main()
