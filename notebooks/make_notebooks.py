@@ -21,6 +21,8 @@ SETUP = """\
 import os, warnings
 os.environ["TRANSFORMERS_VERBOSITY"] = "error"   # no torchvision here: silence the processor fallback notes
 warnings.filterwarnings("ignore")
+import transformers, diffusers
+transformers.utils.logging.disable_progress_bar(); diffusers.utils.logging.disable_progress_bar()
 import torch
 torch.set_num_threads(1)      # tiny models: one thread is fastest
 torch.manual_seed(0)
@@ -102,7 +104,8 @@ on the embedded toy world, so nothing is downloaded; with real checkpoints the s
 `openai/clip-vit-large-patch14`, `yuvalkirstain/PickScore_v1`, a VLM, and so on."""),
     ("code", SETUP + """\
 from visalign import rewards, toy
-from visalign.testing import tiny_clip, tiny_aesthetic, tiny_vlm
+from visalign.recipes import toy_model_path
+from visalign.testing import tiny_aesthetic, tiny_vlm
 
 captions = ["a red circle on the left", "a blue square on the right", "a green triangle at the top",
             "a yellow circle at the bottom"]
@@ -112,11 +115,11 @@ image_grid(images, nrow=4).resize((4 * 34 * 3, 34 * 3), 0)"""),
 ## CLIP score
 `CLIPScore` has three documented variants: Hessel et al.'s `2.5·max(cos, 0)` with the prefix
 "A photo depicts " (`variant="hessel"`, the default), the raw cosine (`"cosine"`) and torchmetrics'
-`100·max(cos, 0)` (`"torchmetrics"`). A tiny CLIP trained for a moment on colour swatches knows
-colour words, so it ranks the true caption of each image above the others."""),
+`100·max(cos, 0)` (`"torchmetrics"`). The toy CLIP shipped with visalign (a transformers
+`CLIPModel` trained contrastively on the toy world's captions) loads like any CLIP checkpoint and
+ranks the true caption of each image first."""),
     ("code", """\
-model, processor = tiny_clip(seed=0, trained=True)
-clip = rewards.CLIPScore(model=model, processor=processor, variant="cosine")
+clip = rewards.CLIPScore(model=toy_model_path("clip"), variant="cosine")
 scores = torch.stack([clip(images, [c] * 4) for c in captions])   # row: caption, column: image
 print("cosine(caption i, image j):")
 for c, row in zip(captions, scores):
