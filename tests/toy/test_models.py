@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import visalign as va
-from visalign.toy import COLORS, SHAPES, Scene, all_captions, evaluate, render_batch
+from visalign.toy import COLORS, SHAPES, Scene, evaluate, render_batch
 
 MODELS = Path(va.toy.__file__).parent / "models"
 T2I, CLIP = MODELS / "t2i", MODELS / "clip"
@@ -91,20 +91,35 @@ def test_t2i_samples_through_visalign(t2i_policy):
                      generator=gens, height=32, width=32)
     assert traj.images.shape == (2, 3, 32, 32)
     assert torch.isfinite(traj.images).all()
-    # Colour is the first attribute the base model learns: it is right even at 8 steps.
-    assert evaluate(traj.images, PROMPTS)["accuracy"]["color"] == 1.0
+    # Position is the first attribute the base model gets right (100% on the 200 documented
+    # samples); colour and shape are deliberately imperfect.
+    result = evaluate(traj.images, PROMPTS)
+    assert result["accuracy"]["position"] == 1.0
 
 
-def test_t2i_samples_through_the_stock_pipeline():
+def test_t2i_zero_t5_stands_in_for_no_t5():
     from diffusers import StableDiffusion3Pipeline
 
     pipe = StableDiffusion3Pipeline.from_pretrained(T2I, local_files_only=True)
-    assert pipe.text_encoder_3 is None and pipe.vae_scale_factor == 2
-    out = pipe(PROMPTS, num_inference_steps=8, guidance_scale=3.0, height=32, width=32,
-               output_type="pt", generator=torch.Generator().manual_seed(0))
-    images = out.images
-    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
-    assert evaluate(images, PROMPTS)["accuracy"]["color"] == 1.0
+    ids = pipe.tokenizer_3(PROMPTS, padding="max_length", max_length=7, return_tensors="pt")
+    assert pipe.text_encoder_3(ids.input_ids)[0].abs().max() == 0
+
+
+def test_t2i_stock_pipeline_matches_visalign():
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(T2I, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.vae_scale_factor == 2
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    stock = pipe(PROMPTS, num_inference_steps=8, guidance_scale=3.0, height=32, width=32,
+                 latents=latents, output_type="pt").images
+    assert stock.shape == (2, 3, 32, 32) and torch.isfinite(stock).all()
+    assert evaluate(stock, PROMPTS)["accuracy"]["position"] == 1.0
+    # The same latents through visalign's sampler (stock T5 length 256) give the same images.
+    traj = va.sample(va.wrap(pipe), PROMPTS, num_steps=8, sampler="ode", guidance_scale=3.0,
+                     latents=latents, height=32, width=32)
+    torch.testing.assert_close(traj.images, stock, atol=1e-4, rtol=0)
 
 
 @pytest.mark.slow

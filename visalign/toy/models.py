@@ -6,10 +6,9 @@ stock transformers or diffusers class, so the trained folders load with the ordi
 
 - :func:`build_clip`: the toy CLIP reward, a ``CLIPModel`` + ``CLIPProcessor`` at 32 px;
 - :func:`build_vae`: a 2× ``AutoencoderKL`` (32×32×3 pixels ↔ 16×16×4 latents);
-- :func:`build_t2i`: a ``StableDiffusion3Pipeline`` (two tiny CLIP text towers, no T5, a
-  6-layer ``SD3Transformer2DModel``, the VAE above and a ``FlowMatchEulerDiscreteScheduler``);
-- :func:`build_video_vae` and :func:`build_t2v`: the Wan-style ``AutoencoderKLWan`` and
-  ``WanPipeline`` / ``WanImageToVideoPipeline``.
+- :func:`build_t2i`: a ``StableDiffusion3Pipeline`` (two tiny CLIP text towers, a
+  zero-output T5 stand-in, a 6-layer ``SD3Transformer2DModel``, the VAE above and a
+  ``FlowMatchEulerDiscreteScheduler``).
 
 The sizes were chosen so each model trains in well under 30 minutes on two CPU cores (see
 ``visalign/toy/MODELS.md`` for the measured numbers).
@@ -23,7 +22,7 @@ from visalign.toy.tokenizer import toy_t5_tokenizer, toy_tokenizer
 
 __all__ = [
     "CLIP_MAX_LENGTH", "TEXT_MAX_LENGTH", "build_clip", "build_clip_processor", "build_vae",
-    "build_t2i", "zero_t5", "build_video_vae", "build_t2v",
+    "build_t2i", "zero_t5",
 ]
 
 #: Padded text length of the toy CLIP reward: a two-shape caption with CLIPScore's
@@ -57,8 +56,8 @@ def build_clip_processor(image_size: int = 32):
                          tokenizer=toy_tokenizer(model_max_length=CLIP_MAX_LENGTH))
 
 
-def build_clip(seed: int = 0, *, image_size: int = 32, patch_size: int = 4, hidden_size: int = 96,
-               num_layers: int = 3, projection_dim: int = 64):
+def build_clip(seed: int = 0, *, image_size: int = 32, patch_size: int = 4, hidden_size: int = 64,
+               num_layers: int = 2, projection_dim: int = 64):
     """A tiny ``CLIPModel`` for the toy world, with random weights, and its ``CLIPProcessor``.
 
     Args:
@@ -88,7 +87,7 @@ def build_clip(seed: int = 0, *, image_size: int = 32, patch_size: int = 4, hidd
     return CLIPModel(config), processor
 
 
-def build_vae(seed: int = 0, *, latent_channels: int = 4, channels: tuple[int, ...] = (32, 64)):
+def build_vae(seed: int = 0, *, latent_channels: int = 4, channels: tuple[int, ...] = (8, 16)):
     """A tiny ``AutoencoderKL`` that halves each side: 32×32×3 pixels ↔ 16×16×4 latents.
 
     ``len(channels)`` levels give a scale factor of ``2 ** (len(channels) - 1)``. The mid-block
@@ -172,7 +171,8 @@ def build_t2i(vae=None, seed: int = 0, *, text_hidden: int = 32, text_layers: in
     Returns:
         `StableDiffusion3Pipeline` on the CPU in fp32.
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
 
     vae = build_vae(seed) if vae is None else vae
     tok = toy_tokenizer(model_max_length=TEXT_MAX_LENGTH)
@@ -197,29 +197,3 @@ def build_t2i(vae=None, seed: int = 0, *, text_hidden: int = 32, text_layers: in
         tokenizer_2=toy_tokenizer(model_max_length=TEXT_MAX_LENGTH),
         text_encoder_3=t5, tokenizer_3=t5_tok,
     )
-
-
-def build_video_vae(seed: int = 0, *, base_dim: int = 16, z_dim: int = 4):
-    """A tiny ``AutoencoderKLWan``: frames 4k+1 → k+1 latent frames, each side halved.
-
-    One spatial down-sampling level (32 → 16) and one temporal one (9 frames → 3 latent frames).
-    """
-    from diffusers import AutoencoderKLWan
-
-    torch.manual_seed(seed)
-    return AutoencoderKLWan(
-        base_dim=base_dim, z_dim=z_dim, dim_mult=[1, 2], num_res_blocks=1,
-        temperal_downsample=[True], attn_scales=[], dropout=0.0,
-        latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim,
-    )
-
-
-def build_t2v(vae=None, seed: int = 0, *, i2v: bool = False, text_dim: int = 64,
-              num_layers: int = 4, num_heads: int = 4, head_dim: int = 32, shift: float = 1.0):
-    """The toy Wan model: ``WanPipeline`` (or ``WanImageToVideoPipeline`` with ``i2v=True``).
-
-    Wan's text encoder is UMT5; here it is a tiny ``UMT5EncoderModel`` over the toy tokenizer's
-    vocabulary is not possible (Wan pipelines call a T5 tokenizer), so a tiny T5 tokenizer and
-    encoder are used instead; see :mod:`visalign.toy.train` for the training.
-    """
-    raise NotImplementedError("the toy video models are not built yet")

@@ -23,8 +23,8 @@ caption dropout all come from generators seeded by ``--seed`` (two runs gave bit
 weights). The T2I learning rate is constant after warm-up, so a run with ``--steps N`` is the
 first N steps of any longer run with the same seed; ``--save-every`` keeps EMA checkpoints along
 the way, which is how the shipped step count was picked on purpose: the base must stay
-imperfect (about 50% all-correct) so that alignment has headroom. At 500 steps it is already
-~95% right.
+imperfect (about 50% all-correct) so that alignment has headroom; at 500 steps it is already
+above 90% right.
 
 Why the T2I model looks the way it does:
 
@@ -34,12 +34,13 @@ Why the T2I model looks the way it does:
 - **Rectified flow as the stock scheduler expects**: ``x_t = (1 - t) x_0 + t ε``, the
   transformer predicts ``ε - x_0`` and is called with ``timestep = 1000 t``, which is what
   ``FlowMatchEulerDiscreteScheduler`` passes at sampling time (``sigma * 1000``).
-- **No T5.** With ``text_encoder_3=None`` the stock SD3 pipeline appends ``max_sequence_length``
-  (256 by default) rows of zeros to the CLIP tokens. Those rows are all identical, so inside
-  attention 256 copies of one key act like one key whose logit is raised by ``log 256``.
-  Training therefore appends a single zero row and adds ``log c`` to its attention logit
-  (:class:`NullTokenAttnProcessor`), which is exactly the stock computation for ``c`` rows at a
-  fraction of the cost. Half the batches use ``c = 256`` (the stock default) and half a
+- **No real T5.** Without a T5 the stock SD3 pipeline appends ``max_sequence_length`` (256 by
+  default) rows of zeros to the CLIP tokens; the folder's ``text_encoder_3`` is a stand-in that
+  outputs exactly those zeros (:func:`visalign.toy.models.zero_t5`). The rows are all
+  identical, so inside attention 256 copies of one key act like one key whose logit is raised
+  by ``log 256``. Training therefore appends a single zero row and adds ``log c`` to its
+  attention logit (:class:`NullTokenAttnProcessor`): the stock computation for ``c`` rows at a
+  fraction of the cost. Half the samples use ``c = 256`` (the stock default) and half a
   log-uniform ``c`` in [1, 256], so the model also works with ``max_sequence_length=1``, which
   samples several times faster (``va.load(path, policy_kwargs={"max_sequence_length": 1})``).
 - **Caption dropout** 0.1 (the caption becomes ``""``, the stock negative prompt) enables CFG.
@@ -122,12 +123,12 @@ def _scene_attrs(scene: world.Scene) -> tuple:
     return s.shape, s.color, s.position, s.size
 
 
-def _augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def _augment(images: torch.Tensor, gen: torch.Generator, max_blur: float = 1.0) -> torch.Tensor:
     """Makes clean renders look more like generated images, each effect on half of the batch.
 
     - a shift of up to 2 px in x and y (edges replicated), so slightly misplaced shapes still
       read as the intended position (anchors are 8 px apart);
-    - a Gaussian blur with sigma in [0.3, 1] (generators and VAEs soften edges);
+    - a Gaussian blur with sigma in [0.3, max_blur] (generators and VAEs soften edges);
     - Gaussian noise with std up to 0.06 (unfinished denoising leaves some).
     """
     b, _, h, w = images.shape
@@ -142,17 +143,17 @@ def _augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         rows.append(padded[i, :, 2 - dy:2 - dy + h, 2 - dx:2 - dx + w])
     out = torch.stack(rows)
     # blur: a separable Gaussian with a per-image sigma
-    sigma = 0.3 + 0.7 * torch.rand(b, generator=gen)
-    taps = torch.arange(-2, 3, dtype=torch.float32)
+    sigma = 0.3 + (max_blur - 0.3) * torch.rand(b, generator=gen)
+    taps = torch.arange(-3, 4, dtype=torch.float32)
     kernel = torch.exp(-taps[None] ** 2 / (2 * sigma[:, None] ** 2))
-    kernel = kernel / kernel.sum(-1, keepdim=True)  # (b, 5)
+    kernel = kernel / kernel.sum(-1, keepdim=True)  # (b, 7)
     blur = torch.rand(b, generator=gen) < 0.5
     if blur.any():
-        x = F.pad(out[blur], (2, 2, 2, 2), mode="replicate")
+        x = F.pad(out[blur], (3, 3, 3, 3), mode="replicate")
         k = kernel[blur]
         n = x.shape[0]
         # Grouped convolution: one kernel per image, applied to its 3 channels.
-        x = x.reshape(1, n * 3, h + 4, w + 4)
+        x = x.reshape(1, n * 3, h + 6, w + 6)
         kx = k.repeat_interleave(3, 0)[:, None, None, :]
         ky = k.repeat_interleave(3, 0)[:, None, :, None]
         x = F.conv2d(x, kx, groups=n * 3)
@@ -163,6 +164,71 @@ def _augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     std = 0.06 * torch.rand(b, 1, 1, 1, generator=gen)
     std[torch.rand(b, generator=gen) < 0.5] = 0
     return (out + std * torch.randn(out.shape, generator=gen)).clamp(0, 1)
+
+
+def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """HSV (hue in degrees) to RGB, elementwise over (n,) tensors; returns (n, 3)."""
+    k = lambda n: (n + h / 60.0) % 6  # noqa: E731
+    f = lambda n: v - v * s * torch.clamp(torch.minimum(k(n), 4 - k(n)), 0, 1)  # noqa: E731
+    return torch.stack([f(5), f(3), f(1)], -1)
+
+
+def _render_varied(scenes, gen: torch.Generator, size: int = 32) -> torch.Tensor:
+    """Renders single-shape scenes with the variation generated images show, keeping the label.
+
+    The world draws every shape at an exact anchor, size and palette colour; generators do
+    not. Each effect below applies to half of the images and stays clearly on the caption's
+    side of every decision boundary, so the caption remains true:
+
+    - the centre moves up to 2 px and the size by ±15% (anchors are 8 px apart, sizes ±38%);
+    - the shape is blended with another one at weight < 0.35 (a rounded square is a square);
+    - the colour's hue moves by < 40% of the gap to the nearest other palette hue, and its
+      saturation and value by a little;
+    - the background gets a faint low-frequency blotch.
+
+    Shapes come from :func:`visalign.toy.world.coverage`, the world's own rasteriser.
+    """
+    n = len(scenes)
+    attrs = [_scene_attrs(s) for s in scenes]
+    half = lambda: torch.rand(n, generator=gen) < 0.5  # noqa: E731
+    anchor = torch.tensor([world.POSITIONS[p] for _, _, p, _ in attrs]) * size
+    center = anchor + half()[:, None] * (torch.rand(n, 2, generator=gen) * 4 - 2)
+    radius = torch.tensor([world.SIZES[z or "medium"] for *_, z in attrs]) * size
+    radius = radius * torch.where(half(), 0.85 + 0.3 * torch.rand(n, generator=gen), torch.ones(n))
+    other = [world.SHAPES[(world.SHAPES.index(sh) + 1 + int(k)) % 3]
+             for (sh, *_), k in zip(attrs, torch.randint(0, 2, (n,), generator=gen))]
+    weight = half() * 0.35 * torch.rand(n, generator=gen)
+
+    def cover(shapes):
+        alpha = torch.zeros(n, size, size)
+        for shape in world.SHAPES:
+            rows = [i for i, sh in enumerate(shapes) if sh == shape]
+            if rows:
+                alpha[rows] = world.coverage(shape, center[rows, 0], center[rows, 1],
+                                             radius[rows], size, size)
+        return alpha
+
+    alpha = (1 - weight[:, None, None]) * cover([a[0] for a in attrs]) \
+        + weight[:, None, None] * cover(other)
+    hues = {c: float(toy_eval._PALETTE_HUES[i]) for i, c in enumerate(world.COLORS)}
+    gap = {c: min(min(abs(h - o) % 360, 360 - abs(h - o) % 360) for d, o in hues.items() if d != c)
+           for c, h in hues.items()}
+    rgb = torch.tensor([world.COLORS[c] for _, c, _, _ in attrs])
+    hsv_h = torch.tensor([hues[c] for _, c, _, _ in attrs])
+    mx, mn = rgb.max(-1).values, rgb.min(-1).values
+    sat, val = (mx - mn) / mx, mx
+    jitter = half()
+    hsv_h = hsv_h + jitter * (torch.rand(n, generator=gen) * 0.8 - 0.4) * torch.tensor(
+        [gap[c] for _, c, _, _ in attrs])
+    sat = torch.where(jitter, sat * (0.75 + 0.25 * torch.rand(n, generator=gen)), sat)
+    val = torch.where(jitter, (val * (0.85 + 0.2 * torch.rand(n, generator=gen))).clamp(max=1), val)
+    color = torch.where(jitter[:, None], _hsv_to_rgb(hsv_h, sat, val), rgb)
+    bg = torch.tensor([world.BACKGROUNDS[s.background] for s in scenes])[:, :, None, None]
+    blotch = F.interpolate(torch.randn(n, 3, 4, 4, generator=gen), size=(size, size),
+                           mode="bilinear", align_corners=False)
+    bg = (bg + half()[:, None, None, None] * 0.03 * blotch).clamp(0, 1)
+    a = alpha[:, None]
+    return bg * (1 - a) + color[:, :, None, None] * a
 
 
 # ----------------------------------------------------------------------------- toy CLIP
@@ -226,7 +292,7 @@ def train_clip(args) -> None:
     cpu0 = time.process_time()
     for step in range(args.steps):
         scenes, captions, stated = _clip_batch(rng, args.batch_size)
-        images = _augment(world.render_batch(scenes), gen)
+        images = _augment(_render_varied(scenes, gen), gen, max_blur=1.5)
         tokens = processor.tokenizer(captions, padding=True, truncation=True,
                                      max_length=CLIP_MAX_LENGTH, return_tensors="pt")
         outputs = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
@@ -279,7 +345,8 @@ def evaluate_clip(path, threads: int | None = None) -> dict:
     reward = CLIPScore(model=str(path), variant="cosine", prefix=CLIP_PREFIX)
     results = {}
     for name, sizes in (("base", False), ("sizes", True)):
-        scenes = [s for s in world.all_scenes(sizes=sizes) if (s.sprites[0].size is not None) == sizes]
+        scenes = [s for s in world.all_scenes(sizes=sizes)
+                  if (s.sprites[0].size is not None) == sizes]
         captions = [s.caption() for s in scenes]
         text = reward.clip.text_features([CLIP_PREFIX + c for c in captions])
         drawn = [world.Scene(s.sprites, background=bg) for bg in world.BACKGROUNDS for s in scenes]
@@ -353,7 +420,8 @@ def train_vae(args) -> None:
     wall = time.time() - start
     vae.eval()
     stats = _latent_stats(vae)
-    vae.register_to_config(scaling_factor=stats["scaling_factor"], shift_factor=stats["shift_factor"])
+    vae.register_to_config(scaling_factor=stats["scaling_factor"],
+                           shift_factor=stats["shift_factor"])
     vae.save_pretrained(out, safe_serialization=True)
     recon_eval = evaluate_vae(vae)
     info = dict(kind="vae", seed=args.seed, steps=args.steps, batch_size=args.batch_size,
@@ -370,7 +438,8 @@ def _latent_stats(vae) -> dict:
     scenes = [world.Scene(s.sprites, background=bg)
               for bg in world.BACKGROUNDS for s in world.all_scenes(sizes=True)]
     z = vae.encode(world.render_batch(scenes) * 2 - 1).latent_dist.mean
-    return {"shift_factor": round(z.mean().item(), 5), "scaling_factor": round(1 / z.std().item(), 5)}
+    return {"shift_factor": round(z.mean().item(), 5),
+            "scaling_factor": round(1 / z.std().item(), 5)}
 
 
 @torch.no_grad()
@@ -456,7 +525,8 @@ def train_t2i(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "train_log.txt"
-    vae = AutoencoderKL.from_pretrained(args.vae, local_files_only=True).eval().requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(args.vae, local_files_only=True)
+    vae.eval().requires_grad_(False)
     pipe = build_t2i(vae, args.seed, num_layers=args.layers, shift=args.shift)
     towers = (pipe.text_encoder, pipe.text_encoder_2)
     modules = (pipe.transformer, *towers)
