@@ -14,6 +14,7 @@ from visalign.algorithms.dpo import dpo_beta, dpo_loss, noise_pairs, prediction_
 from visalign.errors import ConfigError, InvalidInputError
 from visalign.sampling import steps as S
 from visalign.testing import tiny_pipeline
+from tests.algorithms.helpers import train_with_crash
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
 
@@ -276,16 +277,7 @@ def test_exact_resume_with_reference_refresh(tmp_path):
                           keep_last=1, resume=resume, group_size=3, ref_refresh_every=2, learning_rate=5e-2,
                           beta=50.0)
         trainer = va.DPOTrainer(tiny_pipeline("sd3"), brightness, PROMPTS, cfg)
-        if crash_at is not None:
-            def crash(trainer, step, metrics):
-                if step == crash_at:
-                    raise KeyboardInterrupt("simulated crash")
-            trainer.add_callback(crash)
-        try:
-            trainer.train()
-        except KeyboardInterrupt:
-            pass
-        return trainer
+        return train_with_crash(trainer, crash_at)
 
     full = run(tmp_path / "full")
     run(tmp_path / "crashed", crash_at=4)

@@ -13,6 +13,7 @@ import visalign as va
 from visalign.algorithms.draft import draft_loss, grad_window
 from visalign.errors import ConfigError, NotDifferentiableError
 from visalign.testing import tiny_pipeline
+from tests.algorithms.helpers import train_with_crash
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
 
@@ -185,16 +186,7 @@ def test_exact_resume_after_a_crash(tmp_path):
         cfg = make_config(tmp_path, output_dir=str(output_dir), max_steps=4, checkpoint_every=2, keep_last=1,
                           resume=resume, sampler="sde", truncation=3, truncation_mode="random", learning_rate=5e-2)
         trainer = va.DRaFTTrainer(tiny_pipeline("sd3"), brightness, PROMPTS, cfg)
-        if crash_at is not None:
-            def crash(trainer, step, metrics):
-                if step == crash_at:
-                    raise KeyboardInterrupt("simulated crash")
-            trainer.add_callback(crash)
-        try:
-            trainer.train()
-        except KeyboardInterrupt:
-            pass
-        return trainer
+        return train_with_crash(trainer, crash_at)
 
     full = run(tmp_path / "full")
     run(tmp_path / "crashed", crash_at=3)

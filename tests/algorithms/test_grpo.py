@@ -12,6 +12,7 @@ import visalign as va
 from visalign.algorithms.grpo import group_advantages, grpo_loss, select_train_steps
 from visalign.errors import ConfigError, RewardError
 from visalign.testing import tiny_pipeline
+from tests.algorithms.helpers import train_with_crash
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
 
@@ -163,16 +164,7 @@ def test_exact_resume_after_a_crash(tmp_path):
         cfg = make_config(tmp_path, max_steps=4, checkpoint_every=2, keep_last=1, output_dir=str(output_dir),
                           resume=resume, learning_rate=1e-2, ema_decay=0.9)
         trainer = va.GRPOTrainer(tiny_pipeline("sd3"), brightness, PROMPTS, cfg)
-        if crash_at is not None:
-            def crash(trainer, step, metrics):
-                if step == crash_at:
-                    raise KeyboardInterrupt("simulated crash")
-            trainer.add_callback(crash)
-        try:
-            trainer.train()
-        except KeyboardInterrupt:
-            pass
-        return trainer
+        return train_with_crash(trainer, crash_at)
 
     full = run(tmp_path / "full")
     run(tmp_path / "crashed", crash_at=3)
