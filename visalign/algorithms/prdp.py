@@ -38,7 +38,7 @@ from typing import Literal
 
 import torch
 
-from visalign.algorithms.grpo import select_train_steps
+from visalign.algorithms.grpo import GRPOTrainer, select_train_steps
 from visalign.errors import ConfigError
 from visalign.sampling import log_prob, sample
 from visalign.training.config import TrainConfig, config_field
@@ -162,12 +162,9 @@ class PRDPTrainer(Trainer):
                 f"{per_rank * world} in all; {pairs} pairs per rank; {cfg.num_steps} steps, sampler {cfg.sampler}",
                 f"updates: {cfg.gradient_steps} optimizer steps per rollout; β {cfg.beta:g}, ε {cfg.clip_range:g}"]
 
-    def guidance_scale(self) -> float | None:
-        cfg = self.config
-        return cfg.guidance_scale if cfg.cfg_in_training or self.policy.embedded_guidance else 1.0
-
-    def sample_kwargs(self) -> dict:
-        return {"guidance_scale": self.guidance_scale()}
+    # Same CFG-in-training rule as GRPO (the configs share cfg_in_training / guidance_scale).
+    guidance_scale = GRPOTrainer.guidance_scale
+    sample_kwargs = GRPOTrainer.sample_kwargs
 
     def rollout(self, step: int, records: list[dict]):
         cfg = self.config
