@@ -69,40 +69,12 @@ def color_images(colors: Sequence[str], size: int | tuple[int, int] = 32, noise:
     return x
 
 
-def _byte_alphabet() -> list[str]:
-    """The 256 printable stand-ins for bytes that byte-level BPE uses (GPT-2/CLIP convention)."""
-    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
-    out, shift = [], 0
-    for b in range(256):
-        if b in printable:
-            out.append(chr(b))
-        else:
-            out.append(chr(256 + shift))
-            shift += 1
-    return out
-
-
 def tiny_clip_tokenizer(words: Sequence[str] = _CLIP_WORDS, model_max_length: int = 77):
-    """An offline ``CLIPTokenizer``: every byte, its ``</w>`` form, and whole-word merges for
-    ``words``; any other text still tokenizes (byte by byte). Survives save/load_pretrained."""
-    from transformers import CLIPTokenizer
+    """An offline ``CLIPTokenizer`` in which each of ``words`` is one token; any other text still
+    tokenizes (byte by byte). Survives save/load_pretrained."""
+    from visalign.testing.tokenizers import word_clip_tokenizer
 
-    alphabet = _byte_alphabet()
-    vocab: dict[str, int] = {}
-    for piece in alphabet + [c + "</w>" for c in alphabet]:
-        vocab[piece] = len(vocab)
-    merges: list[tuple[str, str]] = []
-    for word in words:
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        left = parts[0]
-        for right in parts[1:]:
-            if (left, right) not in merges:
-                merges.append((left, right))
-            left = left + right
-            vocab.setdefault(left, len(vocab))
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    return word_clip_tokenizer(words, model_max_length)
 
 
 def _image_processor(size: int):

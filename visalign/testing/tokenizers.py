@@ -27,7 +27,7 @@ import string
 
 from visalign.errors import MissingDependencyError
 
-__all__ = ["CLIP_MAX_LENGTH", "T5_MAX_LENGTH", "tiny_clip_tokenizer", "tiny_t5_tokenizer"]
+__all__ = ["CLIP_MAX_LENGTH", "T5_MAX_LENGTH", "tiny_clip_tokenizer", "tiny_t5_tokenizer", "word_clip_tokenizer"]
 
 #: Padded length of the tiny CLIP tokenizers. Real CLIP uses 77; 32 keeps the text short while
 #: leaving room for the usual test prompts (the common words below are single tokens; other words
@@ -97,18 +97,18 @@ def _apply_merges(symbols: list[str], merges: list[tuple[str, str]]) -> list[str
     return symbols
 
 
-def tiny_clip_tokenizer(model_max_length: int = CLIP_MAX_LENGTH):
-    """Builds a tiny byte-level BPE CLIP tokenizer offline.
+def word_clip_tokenizer(words, model_max_length: int = CLIP_MAX_LENGTH):
+    """Builds a byte-level BPE :class:`~transformers.CLIPTokenizer` in which each of ``words`` is one token.
 
     The vocabulary holds every byte symbol, alone and as a word end (``"x</w>"``), plus merges that
-    spell each of a few common prompt words as one token, plus ``<|startoftext|>`` and
-    ``<|endoftext|>`` (also the padding token, as in SD 1.x). Any text encodes without unknown
-    tokens.
+    spell each word as one token, plus ``<|startoftext|>`` and ``<|endoftext|>`` (also the padding
+    token, as in SD 1.x). Any text encodes without unknown tokens. This is the one builder behind
+    :func:`tiny_clip_tokenizer`, the tiny reward CLIPs and the toy world's tokenizer.
 
     Args:
+        words (`Sequence[str]`): the words that become single tokens, in vocabulary order.
         model_max_length (`int`, *optional*, defaults to `CLIP_MAX_LENGTH`):
-            The length the pipelines pad and truncate CLIP text to. The tiny CLIP text encoders have
-            77 positions, so any value up to 77 works with them.
+            The length pipelines pad and truncate CLIP text to.
 
     Returns:
         `transformers.CLIPTokenizer`: the tokenizer. ``len(tokenizer)`` is its vocabulary size.
@@ -123,7 +123,7 @@ def tiny_clip_tokenizer(model_max_length: int = CLIP_MAX_LENGTH):
     # joined left to right by new merges. New merges rank after the old ones, so the words added
     # before stay single tokens.
     merges: list[tuple[str, str]] = []
-    for word in _WORDS:
+    for word in words:
         pieces = _apply_merges([*word[:-1], word[-1] + "</w>"], merges)
         left = pieces[0]
         for right in pieces[1:]:
@@ -133,6 +133,20 @@ def tiny_clip_tokenizer(model_max_length: int = CLIP_MAX_LENGTH):
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab[special] = len(vocab)
     return transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def tiny_clip_tokenizer(model_max_length: int = CLIP_MAX_LENGTH):
+    """Builds the tiny pipelines' CLIP tokenizer offline: :func:`word_clip_tokenizer` over common prompt words.
+
+    Args:
+        model_max_length (`int`, *optional*, defaults to `CLIP_MAX_LENGTH`):
+            The length the pipelines pad and truncate CLIP text to. The tiny CLIP text encoders have
+            77 positions, so any value up to 77 works with them.
+
+    Returns:
+        `transformers.CLIPTokenizer`: the tokenizer. ``len(tokenizer)`` is its vocabulary size.
+    """
+    return word_clip_tokenizer(_WORDS, model_max_length)
 
 
 def tiny_t5_tokenizer(model_max_length: int = T5_MAX_LENGTH):

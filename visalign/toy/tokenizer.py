@@ -38,35 +38,6 @@ def _world_words() -> tuple[str, ...]:
 WORDS: tuple[str, ...] = _world_words()
 
 
-def _byte_symbols() -> list[str]:
-    """The visible stand-in character of each of the 256 bytes (the GPT-2/CLIP convention).
-
-    Printable bytes stand for themselves; the others are shifted to code points 256 and up so
-    that every byte has a non-whitespace symbol that BPE can merge.
-    """
-    keep = {*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
-    out, extra = [], 0
-    for byte in range(256):
-        if byte in keep:
-            out.append(chr(byte))
-        else:
-            out.append(chr(256 + extra))
-            extra += 1
-    return out
-
-
-def _split(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
-    """How BPE splits ``word`` with the merges so far: keep joining the best-ranked pair."""
-    parts = [*word[:-1], word[-1] + "</w>"]
-    while len(parts) > 1:
-        candidates = [(ranks[p], i) for i, p in enumerate(zip(parts, parts[1:])) if p in ranks]
-        if not candidates:
-            break
-        _, i = min(candidates)
-        parts[i:i + 2] = [parts[i] + parts[i + 1]]
-    return parts
-
-
 def toy_tokenizer(model_max_length: int = 16):
     """Builds the toy world's ``CLIPTokenizer`` offline (about a millisecond).
 
@@ -84,28 +55,9 @@ def toy_tokenizer(model_max_length: int = 16):
     Returns:
         `transformers.CLIPTokenizer`: ``len(tokenizer)`` is the vocabulary size.
     """
-    from transformers import CLIPTokenizer
+    from visalign.testing.tokenizers import word_clip_tokenizer
 
-    symbols = _byte_symbols()
-    vocab: dict[str, int] = {}
-    for piece in [*symbols, *(s + "</w>" for s in symbols)]:
-        vocab[piece] = len(vocab)
-    merges: list[tuple[str, str]] = []
-    ranks: dict[tuple[str, str], int] = {}
-    for word in WORDS:
-        # Split with the merges of the earlier words first (so "an" reuses "a"+"n</w>" pieces
-        # where they exist), then join what is left from left to right with new, lower-ranked
-        # merges. A new merge can never re-split an earlier word, so every word stays one token.
-        parts = _split(word, ranks)
-        left = parts[0]
-        for right in parts[1:]:
-            ranks[(left, right)] = len(merges)
-            merges.append((left, right))
-            left = left + right
-            vocab.setdefault(left, len(vocab))
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab[special] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    return word_clip_tokenizer(WORDS, model_max_length)
 
 
 def toy_t5_tokenizer(model_max_length: int = 512):
