@@ -41,22 +41,38 @@ def trainer_class(algorithm: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-def load_policy(model: str, torch_dtype: str | None = None):
-    """A Policy from a hub id or folder, ``tiny:FAMILY`` (random tiny pipeline) or ``toy:NAME`` (shipped toy model)."""
+# Adapter options each shipped toy model loads with by default. The toy T2I was trained for any T5
+# length, so length 1 matches the stock 256 within tolerance and is several times faster on CPU
+# (visalign/toy/MODELS.md).
+TOY_POLICY_KWARGS = {"t2i": {"max_sequence_length": 1}}
+
+
+def load_policy(model: str, torch_dtype: str | None = None, policy_kwargs: dict | None = None):
+    """A Policy from a hub id or folder, ``tiny:FAMILY`` (random tiny pipeline) or ``toy:NAME`` (shipped toy model).
+
+    Args:
+        model: a hub id, a local pipeline folder, ``tiny:FAMILY`` or ``toy:NAME``.
+        torch_dtype: a torch dtype name for ``from_pretrained``, e.g. ``"bfloat16"``.
+        policy_kwargs: adapter options (see :func:`visalign.wrap`); for ``toy:t2i`` they default
+            to ``{"max_sequence_length": 1}`` (:data:`TOY_POLICY_KWARGS`).
+    """
     import torch
 
     import visalign as va
 
+    policy_kwargs = dict(policy_kwargs or {})
     if model.startswith("tiny:"):
         from visalign.testing import tiny_pipeline
 
-        return va.wrap(tiny_pipeline(model.split(":", 1)[1]))
+        return va.wrap(tiny_pipeline(model.split(":", 1)[1]), **policy_kwargs)
     if model.startswith("toy:"):
-        model = toy_model_path(model.split(":", 1)[1])
+        name = model.split(":", 1)[1]
+        policy_kwargs = {**TOY_POLICY_KWARGS.get(name, {}), **policy_kwargs}
+        model = toy_model_path(name)
     kwargs = {"torch_dtype": getattr(torch, torch_dtype)} if torch_dtype else {}
     if os.path.isdir(model):
         kwargs["local_files_only"] = True
-    return va.load(model, **kwargs)
+    return va.load(model, policy_kwargs=policy_kwargs or None, **kwargs)
 
 
 def toy_model_path(name: str) -> str:
