@@ -340,7 +340,10 @@ class Trainer:
                 fn(self, self.state.step, metrics)
         bar.close()
         self.accelerator.wait_for_everyone()
-        self.accelerator.end_training()
+        # Flush the trackers but keep the process group: save_lora / save_pretrained run after
+        # train() and synchronise the ranks (accelerator.end_training() would destroy the group).
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
         return metrics
 
     def _seed_step(self, step: int) -> None:
