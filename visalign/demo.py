@@ -29,9 +29,9 @@ from visalign.report import line_plot, write_html_report
 
 # The demo's GRPO settings; configs/toy_grpo.yaml holds the same recipe for `visalign train`.
 DEMO_CONFIG = dict(
-    max_steps=40, num_steps=10, guidance_scale=3.0, sampler="sde", noise="flow", eta=0.7,
+    max_steps=30, num_steps=10, guidance_scale=3.0, sampler="sde", noise="flow", eta=0.7,
     group_size=8, prompts_per_step=4, height=32, width=32, advantage_std="group", clip_range=1e-3,
-    timestep_fraction=0.6, learning_rate=3e-4, use_lora=True, lora_rank=16, lora_alpha=16, max_grad_norm=1.0,
+    timestep_fraction=0.6, learning_rate=3e-3, use_lora=True, lora_rank=16, lora_alpha=16, max_grad_norm=1.0,
 )
 GRID_SIZE = 16
 
