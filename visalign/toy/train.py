@@ -92,6 +92,15 @@ def _lr_factor(step: int, warmup: int, total: int | None = None) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def _optimizer_step(loss: torch.Tensor, opt, sched, params) -> None:
+    """One update of every toy model: backward, clip the gradient norm to 1, step the optimizer and the LR schedule."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+
+
 class EMA:
     """An exponential moving average of a set of parameters (kept in fp32 on the CPU)."""
 
@@ -313,11 +322,7 @@ def train_clip(args) -> None:
         loss_i = -(compat / compat.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
         loss_t = -(compat.T / compat.T.sum(1, keepdim=True) * logits.T.log_softmax(1)).sum(1).mean()
         loss = 0.5 * (loss_i + loss_t)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        _optimizer_step(loss, opt, sched, model.parameters())
         with torch.no_grad():  # CLIP's clamp: a temperature below 1/100 destabilises training
             model.logit_scale.clamp_(0, math.log(100))
         if step % args.log_every == 0 or step == args.steps - 1:
@@ -418,11 +423,7 @@ def train_vae(args) -> None:
         rec = F.mse_loss(recon, x)
         kl = posterior.kl().mean() / z[0].numel()
         loss = rec + args.kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        _optimizer_step(loss, opt, sched, vae.parameters())
         if step % args.log_every == 0 or step == args.steps - 1:
             _log(f"step {step} mse {rec.item():.5f} kl/dim {kl.item():.3f} "
                  f"({time.time() - start:.0f}s)", log)
@@ -579,11 +580,7 @@ def train_t2i(args) -> None:
                                 joint_attention_kwargs={"attention_mask": bias},
                                 return_dict=False)[0]
         loss = F.mse_loss(pred, noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        _optimizer_step(loss, opt, sched, params)
         ema.update(step)
         done = step + 1
         if step % args.log_every == 0 or done == args.steps:

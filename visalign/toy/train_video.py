@@ -64,7 +64,7 @@ import torch.nn.functional as F
 
 from visalign.toy import evaluator as toy_eval
 from visalign.toy import world
-from visalign.toy.train import EMA, _folder_size_mb, _log, _lr_factor, _write_info
+from visalign.toy.train import EMA, _folder_size_mb, _log, _lr_factor, _optimizer_step, _write_info
 
 #: Frames of every toy video (4k+1, as Wan needs) and the side of a frame in pixels.
 NUM_FRAMES = 9
@@ -241,11 +241,7 @@ def train_video_vae(args) -> None:
         rec = (weight * (recon - x) ** 2).mean() / weight.mean()
         kl = posterior.kl().mean() / z[0].numel()
         loss = rec + args.kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        _optimizer_step(loss, opt, sched, vae.parameters())
         if step % args.log_every == 0 or step == total - 1:
             _log(f"step {step} {'frames' if images else 'clips'} mse {rec.item():.5f} "
                  f"kl/dim {kl.item():.3f} "
@@ -450,11 +446,7 @@ def train_video(args) -> None:
         pred = pipe.transformer(hidden_states=xt, timestep=t * 1000, encoder_hidden_states=embeds,
                                 return_dict=False, **extra)[0]
         loss = F.mse_loss(pred, noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        _optimizer_step(loss, opt, sched, params)
         ema.update(step)
         done = step + 1
         if step % args.log_every == 0 or done == args.steps:
