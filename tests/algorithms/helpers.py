@@ -14,3 +14,22 @@ def train_with_crash(trainer, crash_at=None):
     except KeyboardInterrupt:
         pass
     return trainer
+
+
+def assert_lora_export_reproduces(trainer, family: str, prompts, lora_dir) -> None:
+    """``trainer.save_lora`` loads into a fresh stock pipeline with ``load_lora_weights`` and samples
+    exactly like the trained policy, and training changed the samples (so the check can fail)."""
+    import torch
+
+    import visalign as va
+    from visalign.testing import tiny_pipeline
+
+    trainer.save_lora(str(lora_dir))
+    kwargs = dict(num_steps=4, sampler="ode", height=32, width=32, guidance_scale=1.0)
+    ours = va.sample(trainer.policy, prompts, generator=torch.Generator().manual_seed(0), **kwargs)
+    fresh = tiny_pipeline(family)
+    fresh.load_lora_weights(str(lora_dir))
+    theirs = va.sample(va.wrap(fresh), prompts, generator=torch.Generator().manual_seed(0), **kwargs)
+    torch.testing.assert_close(theirs.images, ours.images, rtol=0, atol=1e-5)
+    base = va.sample(va.wrap(tiny_pipeline(family)), prompts, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert (base.images - ours.images).abs().max() > 1e-5  # training changed something

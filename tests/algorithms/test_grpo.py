@@ -12,7 +12,7 @@ import visalign as va
 from visalign.algorithms.grpo import group_advantages, grpo_loss, select_train_steps
 from visalign.errors import ConfigError, RewardError
 from visalign.testing import tiny_pipeline
-from tests.algorithms.helpers import train_with_crash
+from tests.algorithms.helpers import assert_lora_export_reproduces, train_with_crash
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
 
@@ -183,15 +183,7 @@ def test_lora_export_reproduces_the_trained_policy(tmp_path):
     cfg = make_config(tmp_path, max_steps=3, learning_rate=5e-2)
     trainer = va.GRPOTrainer(tiny_pipeline("flux"), brightness, PROMPTS, cfg)
     trainer.train()
-    trainer.save_lora(str(tmp_path / "lora"))
-    kwargs = dict(num_steps=4, sampler="ode", height=32, width=32, guidance_scale=1.0)
-    ours = va.sample(trainer.policy, PROMPTS[:2], generator=torch.Generator().manual_seed(0), **kwargs)
-    fresh = tiny_pipeline("flux")
-    fresh.load_lora_weights(str(tmp_path / "lora"))
-    theirs = va.sample(va.wrap(fresh), PROMPTS[:2], generator=torch.Generator().manual_seed(0), **kwargs)
-    torch.testing.assert_close(theirs.images, ours.images, rtol=0, atol=1e-5)
-    base = va.sample(va.wrap(tiny_pipeline("flux")), PROMPTS[:2], generator=torch.Generator().manual_seed(0), **kwargs)
-    assert (base.images - ours.images).abs().max() > 1e-5  # training changed something
+    assert_lora_export_reproduces(trainer, "flux", PROMPTS[:2], tmp_path / "lora")
 
 
 def test_save_pretrained_fuses_lora(tmp_path):
