@@ -58,11 +58,8 @@ def measure(policy, reward, config, num_prompts: int) -> dict:
 
 def run_one(algorithm: str, max_steps: int | None, eval_prompts: int) -> dict:
     """Runs one recipe in this process; returns its measurements."""
-    import diffusers
-
     from visalign.recipes import load_recipe
 
-    diffusers.utils.logging.set_verbosity_error()  # the toy T2I at T5 length 1 warns on every call
     with tempfile.TemporaryDirectory() as out:
         overrides = [f"output_dir={out}", "trackers=[jsonl]", "sample_every=0", "checkpoint_every=0"]
         if max_steps is not None:

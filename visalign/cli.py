@@ -28,20 +28,11 @@ STEER_METHODS = ("fk", "best-of-n", "guidance")
 DEFAULT_PARTICLES = {"fk": 4, "best-of-n": 4, "guidance": 1}
 
 
-def _quiet_toy_logs(model: str | None) -> None:
-    """The toy T2I runs with T5 length 1, so diffusers would warn "truncated" on every call: silence it."""
-    if isinstance(model, str) and model.startswith("toy:"):
-        from diffusers.utils import logging as diffusers_logging
-
-        diffusers_logging.set_verbosity_error()
-
-
 def _load_policy(model: str, dtype: str | None = None, device: str | None = None, lora: str | None = None):
     import torch
 
     from visalign.recipes import load_policy
 
-    _quiet_toy_logs(model)
     policy = load_policy(model, dtype)
     if lora is not None:
         from visalign.errors import InvalidInputError
@@ -216,9 +207,8 @@ def cmd_steer(args) -> int:
 
 def cmd_train(args) -> int:
     """Runs the recipe's algorithm; works the same under ``accelerate launch -m visalign train ...``."""
-    from visalign.recipes import load_recipe, parse_recipe
+    from visalign.recipes import load_recipe
 
-    _quiet_toy_logs(parse_recipe(args.recipe, args.overrides)[1]["model"])
     trainer_class, policy, reward, prompts, config = load_recipe(args.recipe, args.overrides)
     trainer = trainer_class(policy, reward, prompts, config)
     trainer.train()
@@ -325,7 +315,6 @@ def cmd_demo(args) -> int:
     """Runs the offline demo (:func:`visalign.demo.run_demo`) and prints where its report is."""
     from visalign.demo import run_demo
 
-    _quiet_toy_logs("toy:t2i")
     path = run_demo(out_dir=args.out, seed=args.seed, max_steps=args.max_steps, eval_every=args.eval_every,
                     num_eval_prompts=args.eval_prompts)
     print(f"Report: {path}")

@@ -34,12 +34,9 @@ MIN_REWARD_GAIN = 0.01   # mean toy-CLIP cosine reward
 
 def train_recipe(algorithm: str, tmp_path) -> tuple[dict, dict]:
     """Runs ``configs/toy_<algorithm>.yaml`` (seed 0); returns the evaluation before and after."""
-    import diffusers
-
     from visalign.recipes import load_recipe
     from visalign.toy.policy_eval import eval_set, evaluate_policy
 
-    diffusers.utils.logging.set_verbosity_error()  # T5 length 1 makes SD3 warn on every call
     path = os.path.join(ROOT, "configs", f"toy_{algorithm}.yaml")
     cls, policy, reward, prompts, config = load_recipe(
         path, [f"output_dir={tmp_path / 'run'}", "seed=0", "trackers=[jsonl]", "sample_every=0", "checkpoint_every=0"])

@@ -133,3 +133,23 @@ def test_t2i_base_accuracy_is_in_the_documented_band():
         assert abs(measured[key]["all_correct"] - documented[key]["all_correct"]) <= 0.05
         # Headroom for alignment: well below 100%.
         assert 0.2 <= measured[key]["all_correct"] <= 0.85
+
+
+def test_short_t5_length_does_not_warn_but_stock_pipeline_does(t2i_policy):
+    """Length 1 is the caller's choice, so visalign's SD3 adapter silences stock's per-call "truncated"."""
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3")
+    logger.addHandler(handler)
+    try:
+        prompts = ["a red circle on the left"]
+        va.sample(t2i_policy, prompts, num_steps=1, sampler="ode", guidance_scale=1.0, height=32, width=32)
+        assert not any("truncated" in r.getMessage() for r in records)
+        t2i_policy.pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device="cpu",
+                                      max_sequence_length=1)
+        assert any("truncated" in r.getMessage() for r in records)
+    finally:
+        logger.removeHandler(handler)

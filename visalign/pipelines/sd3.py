@@ -6,9 +6,31 @@ stock ``__call__`` default (padded tokens are not masked, so the length changes 
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 from visalign.pipelines.base import Conditioning, Geometry
 from visalign.pipelines.flow import FlowPolicy
 from visalign.pipelines.registry import register_adapter
+
+STOCK_MAX_SEQUENCE_LENGTH = 256
+
+
+@contextlib.contextmanager
+def _quiet_t5_truncation(length: int):
+    """Stock SD3 logs "truncated" on every call whose T5 text is cut to ``max_sequence_length``.
+    A length below the stock 256 is the caller's choice (the toy T2I runs at 1), so that warning is
+    silenced for the call; at the stock length a truncated prompt still warns."""
+    if length >= STOCK_MAX_SEQUENCE_LENGTH:
+        yield
+        return
+    logger = logging.getLogger("diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 @register_adapter
@@ -22,7 +44,7 @@ class SD3Policy(FlowPolicy):
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0",
                             "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
-    def __init__(self, pipe, max_sequence_length: int = 256):
+    def __init__(self, pipe, max_sequence_length: int = STOCK_MAX_SEQUENCE_LENGTH):
         super().__init__(pipe)
         self.max_sequence_length = max_sequence_length
 
@@ -52,11 +74,13 @@ class SD3Policy(FlowPolicy):
                       geometry=None, **kwargs) -> Conditioning:
         scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
         do_cfg = scale > 1
-        embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
-            prompt=list(prompts), prompt_2=None, prompt_3=None, negative_prompt=negative_prompts,
-            do_classifier_free_guidance=do_cfg, device=self.device, num_images_per_prompt=1,
-            max_sequence_length=kwargs.pop("max_sequence_length", self.max_sequence_length), **kwargs,
-        )
+        length = kwargs.pop("max_sequence_length", self.max_sequence_length)
+        with _quiet_t5_truncation(length):
+            embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
+                prompt=list(prompts), prompt_2=None, prompt_3=None, negative_prompt=negative_prompts,
+                do_classifier_free_guidance=do_cfg, device=self.device, num_images_per_prompt=1,
+                max_sequence_length=length, **kwargs,
+            )
         return Conditioning(
             cond={"encoder_hidden_states": embeds, "pooled_projections": pooled},
             uncond={"encoder_hidden_states": negative, "pooled_projections": negative_pooled} if do_cfg else None,
