@@ -365,8 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="base seed (default: 0)")
     demo.add_argument("--max-steps", type=int, default=None,
                       help="training iterations of the demo (default: the demo's own, sized for a few CPU minutes)")
-    demo.add_argument("--eval-every", type=int, default=10,
-                      help="measure the fixed evaluation prompts every N iterations, for the curves (default: 10)")
+    demo.add_argument("--eval-every", type=int, default=15,
+                      help="measure the fixed evaluation prompts every N iterations, for the curves (default: 15)")
     demo.add_argument("--eval-prompts", type=int, default=48,
                       help="fixed evaluation prompts, one seed each (default: 48)")
     demo.set_defaults(func=cmd_demo)

@@ -221,6 +221,32 @@ def test_micro_batches_give_the_same_gradient(tmp_path):
     torch.testing.assert_close(grads[1], grads[None], rtol=1e-4, atol=1e-5 * float(grads[None].abs().max()))
 
 
+def test_gradient_steps_reuse_the_batch_at_fresh_noise(tmp_path):
+    """gradient_steps=K: K optimizer steps per iteration on the same pairs, each at its own ε and level;
+    the first draw is the single-step draw, so K=1 is unchanged."""
+    pairs, seen = write_pairs(tmp_path), {}
+    for k in (1, 3):
+        cfg = make_config(tmp_path / str(k), gradient_steps=k, max_steps=2)
+        trainer = va.DPOTrainer(tiny_pipeline("sd3"), None, pairs, cfg)
+        draws, levels = [], trainer.noise_levels
+
+        def spy(step, count, draw=0, levels=levels, draws=draws):
+            out = levels(step, count, draw)
+            draws.append((step, draw, out[0].clone()))
+            return out
+
+        trainer.noise_levels = spy
+        trainer.train()
+        seen[k] = draws
+        assert trainer.lr_scheduler.scheduler.last_epoch == 2 * k  # optimizer steps, sizing the LR schedule
+        assert trainer.optimizer.state[trainer.trainable_parameters[0]]["step"] == 2 * k
+    assert [(s, d) for s, d, _ in seen[3]] == [(s, d) for s in (0, 1) for d in range(3)]
+    assert torch.equal(seen[1][0][2], seen[3][0][2]) and torch.equal(seen[1][1][2], seen[3][3][2])
+    assert not torch.equal(seen[3][0][2], seen[3][1][2]) and not torch.equal(seen[3][1][2], seen[3][2][2])
+    rows = metrics_rows(tmp_path / "3")
+    assert len(rows) == 2 and rows[0]["loss"] > 0 and "grad_norm" in rows[0]
+
+
 def test_latent_cache(tmp_path):
     pairs = write_pairs(tmp_path)
     cfg = make_config(tmp_path, latent_cache_dir=str(tmp_path / "cache"))
@@ -334,6 +360,8 @@ def test_config_errors(tmp_path):
         make_config(tmp_path, beta=-1.0)
     with pytest.raises(ConfigError, match="rwr_beta"):
         make_config(tmp_path, rwr_beta=0.0)
+    with pytest.raises(ConfigError, match="gradient_steps"):
+        make_config(tmp_path, gradient_steps=0)
     with pytest.raises(ConfigError, match="group_size"):
         make_config(tmp_path, mode="online", group_size=1)
     with pytest.raises(ConfigError, match="pass a reward"):

@@ -59,6 +59,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
@@ -174,6 +175,9 @@ class DPOConfig(TrainConfig):
         4, "Pairs per rank per iteration (online: prompts, each giving one best-vs-worst pair).")
     micro_batch_size: int | None = config_field(
         None, "Pairs per forward/backward (gradient accumulation); None: all at once.")
+    gradient_steps: int = config_field(
+        1, "Optimizer steps on each batch of pairs, each at a fresh noise and level draw (online: reuses the "
+           "rollout, whose sampling dominates the cost).")
     timestep_sampling: Literal["auto", "logit_normal", "uniform"] = config_field(
         "auto", "Noise level draw: auto = logit-normal through the shift (flow), uniform t (DDPM).")
     logit_mean: float = config_field(0.0, "Mean of the logit-normal σ draw.")
@@ -201,6 +205,7 @@ class DPOConfig(TrainConfig):
         c(self.rwr_beta > 0, "rwr_beta", "> 0")
         c(self.pairs_per_step >= 1, "pairs_per_step", ">= 1")
         c(self.micro_batch_size is None or self.micro_batch_size >= 1, "micro_batch_size", ">= 1 or None")
+        c(self.gradient_steps >= 1, "gradient_steps", ">= 1")
         c(self.logit_std > 0, "logit_std", "> 0")
         c(self.num_steps >= 1, "num_steps", ">= 1")
         c(self.group_size >= 2 or self.mode == "offline", "group_size", ">= 2 in online mode",
@@ -328,6 +333,9 @@ class DPOTrainer(Trainer):
     def prompts_per_step(self) -> int:
         return self.config.pairs_per_step
 
+    def optimizer_steps_per_iteration(self) -> int:
+        return self.config.gradient_steps
+
     def batch_arithmetic(self) -> list[str]:
         cfg, world = self.config, self.accelerator.num_processes
         if cfg.mode == "online":
@@ -337,7 +345,8 @@ class DPOTrainer(Trainer):
             data = f"offline: {cfg.pairs_per_step} pairs per rank, {cfg.pairs_per_step * world} in all"
         ref = (f"reference refreshed every {cfg.ref_refresh_every} iterations" if cfg.ref_refresh_every
                else "reference = base model")
-        return [data, f"loss {cfg.loss}, β {cfg.beta:g} ({cfg.beta_schedule}); {ref}"]
+        return [data, f"loss {cfg.loss}, β {cfg.beta:g} ({cfg.beta_schedule}); {ref}; "
+                      f"{cfg.gradient_steps} optimizer step(s) per batch"]
 
     # ------------------------------------------------------------------ reference
     def reference_context(self):
@@ -451,14 +460,21 @@ class DPOTrainer(Trainer):
         return batch, metrics
 
     # ------------------------------------------------------------------ the step
-    def noise_levels(self, step: int, count: int):
+    @staticmethod
+    def _stream(base: int, draw: int) -> int:
+        """The generator stream of a noise draw: draw 0 keeps the historical streams (2: ε, 3: level)."""
+        return base + 1000 * draw
+
+    def noise_levels(self, step: int, count: int, draw: int = 0):
         """Per-pair noise levels from step-seeded generators: ``(level, timesteps)``.
+
+        ``draw`` numbers the gradient steps on one batch, each with its own levels.
 
         ``level`` is σ (flow; logit-normal through the scheduler's shift, or uniform) or ᾱ_t (DDPM;
         t uniform over the training timesteps, or logit-normal); ``timesteps`` are in scheduler units.
         """
         cfg, policy, device = self.config, self.policy, self.accelerator.device
-        gens = self.generators(step, count, stream=3)
+        gens = self.generators(step, count, stream=self._stream(3, draw))
         normal = torch.cat([torch.randn(1, generator=g, device=device) for g in gens])
         uniform = torch.cat([torch.rand(1, generator=g, device=device) for g in gens])
         kind = cfg.timestep_sampling
@@ -513,13 +529,18 @@ class DPOTrainer(Trainer):
                 if x0 is None:
                     return rwr_metrics
                 metrics.update(rwr_metrics)
-            metrics.update(self._regression_update(step, x0, weights, recs, imgs))
+            update = partial(self._regression_update, step, x0, weights, recs, imgs)
         elif x0_w.shape[0] == 0:  # one process, and no group had a reward spread: no update
+            update = None
             metrics["loss"] = float("nan")
         elif cfg.loss == "sft":
-            metrics.update(self._regression_update(step, x0_w, pair_weights, records, images))
+            update = partial(self._regression_update, step, x0_w, pair_weights, records, images)
         else:
-            metrics.update(self._dpo_update(step, x0_w, x0_l, pair_weights, records, images))
+            update = partial(self._dpo_update, step, x0_w, x0_l, pair_weights, records, images)
+        if update is not None:
+            # Each gradient step sees the same pairs at fresh noise and levels; metrics are their mean.
+            per_step = [update(draw=draw) for draw in range(cfg.gradient_steps)]
+            metrics.update({k: sum(m[k] for m in per_step) / len(per_step) for k in per_step[0]})
         metrics.update({"time_data": t1 - t0, "time_training": time.perf_counter() - t1})
         return metrics
 
@@ -539,14 +560,14 @@ class DPOTrainer(Trainer):
         size = self.config.micro_batch_size or n
         return [range(i, min(i + size, n)) for i in range(0, n, size)]
 
-    def _dpo_update(self, step, x0_w, x0_l, weights, records, images) -> dict:
+    def _dpo_update(self, step, x0_w, x0_l, weights, records, images, draw: int = 0) -> dict:
         cfg, acc, policy = self.config, self.accelerator, self.policy
         n = x0_w.shape[0]
-        level, timesteps = self.noise_levels(step, n)
+        level, timesteps = self.noise_levels(step, n, draw)
         from diffusers.utils.torch_utils import randn_tensor
 
-        noise = randn_tensor(tuple(x0_w.shape), generator=self.generators(step, n, stream=2), device=x0_w.device,
-                             dtype=torch.float32)
+        noise = randn_tensor(tuple(x0_w.shape), generator=self.generators(step, n, stream=self._stream(2, draw)),
+                             device=x0_w.device, dtype=torch.float32)
         prediction_type = getattr(policy, "prediction_type", "epsilon")
         beta = dpo_beta(cfg.beta, cfg.beta_schedule, policy.is_flow, level, prediction_type)
         prompts = [r["prompt"] for r in records]
@@ -575,15 +596,15 @@ class DPOTrainer(Trainer):
         sums.update(self.optimizer_step())
         return sums
 
-    def _regression_update(self, step, x0, weights, records, images) -> dict:
+    def _regression_update(self, step, x0, weights, records, images, draw: int = 0) -> dict:
         """SFT / RWR: minimise Σ_i w_i·e_θ,i (weights sum to 1 over the batch)."""
         acc, policy = self.accelerator, self.policy
         n = x0.shape[0]
-        level, timesteps = self.noise_levels(step, n)
+        level, timesteps = self.noise_levels(step, n, draw)
         from diffusers.utils.torch_utils import randn_tensor
 
-        noise = randn_tensor(tuple(x0.shape), generator=self.generators(step, n, stream=2), device=x0.device,
-                             dtype=torch.float32)
+        noise = randn_tensor(tuple(x0.shape), generator=self.generators(step, n, stream=self._stream(2, draw)),
+                             device=x0.device, dtype=torch.float32)
         weights = weights / weights.sum()
         prompts = [r["prompt"] for r in records]
         total_loss, chunks = 0.0, self._chunks(n)
