@@ -45,13 +45,14 @@ def test_toy_grpo_recipe_is_the_demo():
 def test_demo_raises_evaluator_accuracy(tmp_path):
     """The full demo, seeded: the exact evaluator's accuracy and the reward rise by stated margins.
 
-    Measured on 2026-11-22 (2-core shared CPU, 1 thread): all-correct 50.0% → 56.3%, colour
-    81.3% → 89.6%, toy-CLIP reward 0.685 → 0.708 on the 48 fixed prompts. The margins are about
-    two thirds of that (one eval sample is 2.1 points).
+    Measured on 2026-11-22 (2-core CPU, fresh clone, 1 and 2 threads alike): all-correct 50.0% →
+    68.8%, shape 64.6% → 79.2%, toy-CLIP reward 0.685 → 0.721 on the 48 fixed prompts. The margins
+    are about half of that (one eval sample is 2.1 points); seed 1 gains only +8.3 points, so a
+    float-level change of trajectory on another CPU can land below them.
     """
     run_demo(str(tmp_path / "demo"), seed=0)
     summary = json.load(open(tmp_path / "demo" / "summary.json"))
     before, after = summary["before"], summary["after"]
-    assert after["all_correct"] - before["all_correct"] >= 0.04, summary["curve"]
-    assert after["accuracy"]["color"] - before["accuracy"]["color"] >= 0.05, summary
-    assert after["reward"] - before["reward"] >= 0.01, summary
+    assert after["all_correct"] - before["all_correct"] >= 0.10, summary["curve"]
+    assert after["accuracy"]["shape"] - before["accuracy"]["shape"] >= 0.05, summary
+    assert after["reward"] - before["reward"] >= 0.02, summary
