@@ -23,7 +23,6 @@ os.environ["TRANSFORMERS_VERBOSITY"] = "error"   # no torchvision here: silence 
 warnings.filterwarnings("ignore")
 import transformers, diffusers
 transformers.utils.logging.disable_progress_bar(); diffusers.utils.logging.disable_progress_bar()
-diffusers.utils.logging.set_verbosity_error()
 import torch
 torch.set_num_threads(1)      # tiny models: one thread is fastest
 torch.manual_seed(0)
