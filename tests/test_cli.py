@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from tests.distributed import launch_two_processes
 from visalign.cli import build_parser, main
 from visalign.errors import ConfigError
 from visalign.recipes import build_reward, parse_recipe
@@ -191,14 +192,9 @@ def test_cli_errors_speak_to_users(tmp_path, capsys, monkeypatch):
 
 def test_train_under_accelerate_launch(tmp_path):
     """`accelerate launch -m visalign train` runs the recipe on two real CPU processes (gloo)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     out = tmp_path / "run"
-    # --multi_gpu without --cpu is what gives two real CPU processes (--cpu silently runs one).
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "visalign", "train",
-           os.path.join(ROOT, "configs", "tiny_grpo.yaml"), "max_steps=2", "num_steps=3", f"output_dir={out}"]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    result = launch_two_processes("-m", "visalign", "train", os.path.join(ROOT, "configs", "tiny_grpo.yaml"),
+                                  "max_steps=2", "num_steps=3", f"output_dir={out}")
     assert result.stdout.count("Done:") == 1  # the main process reports, once
     assert "processes: 2" in result.stdout
     logged = [json.loads(line) for line in open(out / "metrics.jsonl")]

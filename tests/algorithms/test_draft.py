@@ -1,9 +1,6 @@
 """DRaFT (REFERENCE §5): gradient windows checked with hooks, LV and ReFL, checkpointing, learning, bad input."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -14,6 +11,7 @@ from visalign.algorithms.draft import draft_loss, grad_window
 from visalign.errors import ConfigError, NotDifferentiableError
 from visalign.testing import tiny_pipeline
 from tests.algorithms.helpers import assert_lora_export_reproduces, train_with_crash
+from tests.distributed import launch_two_processes
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
 
@@ -253,11 +251,7 @@ def test_two_process_draft_with_step_checkpointing(tmp_path):
     """Several forwards per backward, recomputed in backward, under gloo DDP: the ranks stay in sync."""
     script = tmp_path / "ddp_draft.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    launch_two_processes(str(script), str(tmp_path))
     w0, w1 = (torch.load(tmp_path / f"weights-{r}.pt") for r in range(2))
     assert all(torch.equal(a, b) for a, b in zip(w0["after"], w1["after"]))
     assert any(not torch.equal(a, b) for a, b in zip(w0["before"], w0["after"]))  # training moved the weights

@@ -2,23 +2,17 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import torch
 
+from tests.distributed import launch_two_processes
 from visalign.algorithms.grpo import group_advantages
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "ddp_grpo_script.py")
 
 
 def test_two_process_grpo(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    # --multi_gpu without --cpu is what gives two real CPU processes (--cpu silently runs one).
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT, str(tmp_path)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    launch_two_processes(SCRIPT, str(tmp_path))
 
     ranks = [json.load(open(tmp_path / f"rewards-rank{r}.json")) for r in range(2)]
     assert ranks[0]["world_size"] == 2
