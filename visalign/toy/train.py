@@ -125,8 +125,29 @@ class EMA:
             s.copy_(tmp)
 
 
+def _finish_step(step: int, loss: torch.Tensor, args, opt, sched, params, ema: EMA, *, out: Path, start: float,
+                 log: Path, save_ema) -> None:
+    """The shared end of a denoiser's training step: the update, the EMA, the progress line, and
+    ``save_ema(target)`` every ``--save-every`` steps (into ``out/checkpoints``) and at the end (into ``out``)."""
+    _optimizer_step(loss, opt, sched, params)
+    ema.update(step)
+    done = step + 1
+    if step % args.log_every == 0 or done == args.steps:
+        _log(f"step {done} loss {loss.item():.4f} ({time.time() - start:.0f}s)", log)
+    if (args.save_every and done % args.save_every == 0) or done == args.steps:
+        target = out if done == args.steps else out / "checkpoints" / f"step-{done:05d}"
+        save_ema(target)
+        _log(f"saved EMA weights of step {done} to {target}", log)
+
+
 def _folder_size_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
+
+
+def _weights_size_mb(out: Path) -> float:
+    """Size of a trained folder without its intermediate checkpoints."""
+    checkpoints = out / "checkpoints"
+    return _folder_size_mb(out) - (_folder_size_mb(checkpoints) if checkpoints.exists() else 0.0)
 
 
 def _write_info(out: Path, info: dict) -> None:
@@ -580,23 +601,15 @@ def train_t2i(args) -> None:
                                 joint_attention_kwargs={"attention_mask": bias},
                                 return_dict=False)[0]
         loss = F.mse_loss(pred, noise - x0)
-        _optimizer_step(loss, opt, sched, params)
-        ema.update(step)
-        done = step + 1
-        if step % args.log_every == 0 or done == args.steps:
-            _log(f"step {done} loss {loss.item():.4f} ({time.time() - start:.0f}s)", log)
-        if (args.save_every and done % args.save_every == 0) or done == args.steps:
-            target = out if done == args.steps else out / "checkpoints" / f"step-{done:05d}"
-            _save_t2i(pipe, ema, target)
-            _log(f"saved EMA weights of step {done} to {target}", log)
+        _finish_step(step, loss, args, opt, sched, params, ema, out=out, start=start, log=log,
+                     save_ema=lambda target: _save_t2i(pipe, ema, target))
     wall = time.time() - start
     info = dict(kind="t2i", seed=args.seed, steps=args.steps, batch_size=b, lr=args.lr,
                 warmup=args.warmup, ema=args.ema, caption_dropout=args.caption_dropout,
                 layers=args.layers, sizes=args.sizes, shift=args.shift, vae=str(args.vae),
                 threads=args.threads, wall_time_s=round(wall, 1),
                 cpu_time_s=round(time.process_time() - cpu0, 1),
-                size_mb=round(_folder_size_mb(out) - _folder_size_mb(out / "checkpoints")
-                              if (out / "checkpoints").exists() else _folder_size_mb(out), 2))
+                size_mb=round(_weights_size_mb(out), 2))
     _write_info(out, info)
     _log(json.dumps(info, indent=1), log)
 

@@ -64,7 +64,8 @@ import torch.nn.functional as F
 
 from visalign.toy import evaluator as toy_eval
 from visalign.toy import world
-from visalign.toy.train import EMA, _folder_size_mb, _log, _lr_factor, _optimizer_step, _write_info
+from visalign.toy.train import (EMA, _finish_step, _log, _lr_factor, _optimizer_step, _weights_size_mb,
+                                _write_info)
 
 #: Frames of every toy video (4k+1, as Wan needs) and the side of a frame in pixels.
 NUM_FRAMES = 9
@@ -385,7 +386,6 @@ def _video_library(pipe, kind: str):
 def train_video(args) -> None:
     """Rectified-flow training of the toy Wan T2V or I2V transformer and its UMT5."""
     from diffusers import AutoencoderKLWan
-    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
     kind = args.kind
     out = Path(args.out)
@@ -446,26 +446,12 @@ def train_video(args) -> None:
         pred = pipe.transformer(hidden_states=xt, timestep=t * 1000, encoder_hidden_states=embeds,
                                 return_dict=False, **extra)[0]
         loss = F.mse_loss(pred, noise - x0)
-        _optimizer_step(loss, opt, sched, params)
-        ema.update(step)
-        done = step + 1
-        if step % args.log_every == 0 or done == args.steps:
-            _log(f"step {done} loss {loss.item():.4f} ({time.time() - start:.0f}s)", log)
-        if (args.save_every and done % args.save_every == 0) or done == args.steps:
-            target = out if done == args.steps else out / "checkpoints" / f"step-{done:05d}"
-            ema.swap()
-            try:
-                _set_cross_processor(pipe.transformer, WanAttnProcessor())
-                pipe.save_pretrained(target, safe_serialization=True)
-            finally:
-                _set_cross_processor(pipe.transformer, processor)
-                ema.swap()
-            _log(f"saved EMA weights of step {done} to {target}", log)
+        _finish_step(step, loss, args, opt, sched, params, ema, out=out, start=start, log=log,
+                     save_ema=lambda target: _save_video(pipe, ema, processor, target))
     wall, cpu = time.time() - start, time.process_time() - cpu0
     vae_info = Path(args.vae) / "training_info.json"
     vae_training = json.loads(vae_info.read_text()) if vae_info.exists() else None
-    size = _folder_size_mb(out) - (_folder_size_mb(out / "checkpoints")
-                                   if (out / "checkpoints").exists() else 0.0)
+    size = _weights_size_mb(out)
     info = dict(kind=kind, seed=args.seed, steps=args.steps, batch_size=b, lr=args.lr,
                 warmup=args.warmup, ema=args.ema, caption_dropout=args.caption_dropout,
                 layers=args.layers, shift=args.shift, vae=str(args.vae),
@@ -474,6 +460,19 @@ def train_video(args) -> None:
                 vae_training=vae_training)
     _write_info(out, info)
     _log(json.dumps(info, indent=1), log)
+
+
+def _save_video(pipe, ema: EMA, processor, target: Path) -> None:
+    """Saves the pipeline with the EMA weights and the stock cross-attention processors."""
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    ema.swap()
+    try:
+        _set_cross_processor(pipe.transformer, WanAttnProcessor())
+        pipe.save_pretrained(target, safe_serialization=True)
+    finally:
+        _set_cross_processor(pipe.transformer, processor)
+        ema.swap()
 
 
 def eval_prompts(kind: str, num_samples: int):
