@@ -106,6 +106,44 @@ def test_micro_batches_give_the_same_gradient(tmp_path):
     torch.testing.assert_close(grads[2], grads[None], rtol=1e-4, atol=1e-5 * float(grads[None].abs().max()))
 
 
+def captured_gradient(trainer) -> torch.Tensor:
+    """Runs ``trainer`` and returns its first gradient (the optimizer step replaced by a capture)."""
+    grads = []
+
+    def capture():
+        grads.append(torch.cat([p.grad.flatten() for p in trainer.trainable_parameters]))
+        trainer.optimizer.zero_grad()
+        return {}
+
+    trainer.optimizer_step = capture
+    trainer.train()
+    return grads[0]
+
+
+def test_group_normalised_first_gradient_is_grpos():
+    """At the reference, reward_norm='group' gives exactly GRPO's policy gradient, scaled.
+
+    Σ_pairs (A_a − A_b)(∇r̂_a − ∇r̂_b) = G·Σ_a A_a ∇r̂_a because the standardised A sum to 0 per group,
+    so ∇PRDP = −2G/(β·P)·Σ_a A_a Σ_i ∇log π_a,i with P = n·G(G−1)/2 pairs, while GRPO's on-policy
+    loss −mean(A·ratio) over N = n·G samples and k steps has ∇ = −1/(N·k)·Σ_a A_a Σ_i ∇log π_a,i:
+    the ratio is 4·G·k/(β·(G − 1)).
+    """
+    import tempfile
+
+    G, beta, num_steps = 3, 2.0, 4
+    shared = dict(max_steps=1, num_steps=num_steps, group_size=G, prompts_per_step=2, height=32, width=32,
+                  lora_rank=4, guidance_scale=1.0, trackers=[], timestep_fraction=1.0, max_grad_norm=None)
+    with tempfile.TemporaryDirectory() as tmp:
+        prdp = captured_gradient(va.PRDPTrainer(tiny_pipeline("sd3"), brightness, PROMPTS, va.PRDPConfig(
+            output_dir=f"{tmp}/prdp", beta=beta, reward_norm="group", **shared)))
+        grpo = captured_gradient(va.GRPOTrainer(tiny_pipeline("sd3"), brightness, PROMPTS, va.GRPOConfig(
+            output_dir=f"{tmp}/grpo", advantage_clip=None, **shared)))
+    k = num_steps - 1  # the last step is deterministic and never trained
+    assert grpo.abs().max() > 0
+    torch.testing.assert_close(prdp, grpo * 4 * G * k / (beta * (G - 1)), rtol=1e-4,
+                               atol=1e-5 * float(prdp.abs().max()))
+
+
 def test_prdp_raises_brightness(tmp_path):
     """20 seeded iterations of full fine-tuning lift the mean reward by more than 3× its starting spread."""
     cfg = make_config(tmp_path, max_steps=20, num_steps=6, group_size=4, use_lora=False, learning_rate=1e-2,
@@ -129,5 +167,7 @@ def test_config_errors(tmp_path):
         make_config(tmp_path, group_size=1)
     with pytest.raises(ConfigError, match="clip_range"):
         make_config(tmp_path, clip_range=0.0)
+    with pytest.raises(ConfigError, match="'reward_norm' must be one of 'none', 'group'"):
+        make_config(tmp_path, reward_norm="batch")
     with pytest.raises(ConfigError, match="needs a reward"):
         va.PRDPTrainer(tiny_pipeline("sd3"), None, PROMPTS, make_config(tmp_path))

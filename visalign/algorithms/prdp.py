@@ -18,6 +18,12 @@ SDE transition densities from :mod:`visalign.sampling` (rollout: π_old; recompu
 off or a frozen copy: π_ref). The first gradient step is on-policy, so r̂_θ = r̂_old and nothing is
 clipped.
 
+``reward_norm="group"`` (not in the paper) standardises the rewards within each group first, as
+GRPO's advantages A. Then, at the reference, the gradient is exactly GRPO's: since ΣA = 0 per
+group, Σ_pairs (A_a − A_b)(∇r̂_a − ∇r̂_b) = G·Σ_a A_a ∇r̂_a. Without it, a group's weight grows with
+its reward spread. On the toy world (BENCHMARKS.md) the standardised form moved the evaluator's
+accuracy more than the plain one, but not reliably: score-function noise dominates both.
+
 With ``micro_batch_size`` the pairwise loss (which couples the samples of a group) is
 differentiated in two passes: a no-grad pass gives every r̂_θ,i, autograd gives ∂loss/∂r̂_θ,i on
 those numbers, and a second pass per micro-batch backpropagates Σ (∂loss/∂r̂_θ,i)·r̂_θ,i — the
@@ -38,7 +44,7 @@ from typing import Literal
 
 import torch
 
-from visalign.algorithms.grpo import GRPOTrainer, select_train_steps
+from visalign.algorithms.grpo import GRPOTrainer, group_advantages, select_train_steps
 from visalign.errors import ConfigError
 from visalign.sampling import log_prob, sample
 from visalign.training.config import TrainConfig, config_field
@@ -105,6 +111,9 @@ class PRDPConfig(TrainConfig):
     prompts_per_step: int = config_field(2, "Prompts per rank per iteration (N in the paper).")
     same_noise_in_group: bool = config_field(False, "Share the initial noise within a group.")
     beta: float = config_field(10.0, "β: the regression target is (r_a − r_b)/β (the paper: 10).")
+    reward_norm: Literal["none", "group"] = config_field(
+        "none", "'group' standardises the rewards within each group before differencing, as GRPO's "
+        "advantages (not in the paper; β then counts group stds, so one β fits any reward scale).")
     clip_range: float = config_field(1e-4, "ε of the per-step proximal clip of r̂_θ,i around r̂_old,i.")
     gradient_steps: int = config_field(1, "K: optimizer steps per rollout, each over the whole rollout.")
     timestep_fraction: float = config_field(
@@ -199,6 +208,8 @@ class PRDPTrainer(Trainer):
         for key, values in components.items():
             if not (key == "reward" and len(components) == 1):
                 metrics[f"reward/{key}_mean"] = float(self.accelerator.gather(values.detach()).mean())
+        if cfg.reward_norm == "group":  # groups never straddle ranks, so each rank standardises its own
+            rewards = group_advantages(rewards, cfg.group_size, "group", clip=None)[0]
         t2 = time.perf_counter()
 
         batch, device = traj.batch_size, traj.latents.device
