@@ -126,9 +126,10 @@ class EMA:
 
 
 def _finish_step(step: int, loss: torch.Tensor, args, opt, sched, params, ema: EMA, *, out: Path, start: float,
-                 log: Path, save_ema) -> None:
+                 log: Path, save) -> None:
     """The shared end of a denoiser's training step: the update, the EMA, the progress line, and
-    ``save_ema(target)`` every ``--save-every`` steps (into ``out/checkpoints``) and at the end (into ``out``)."""
+    ``save(target)`` with the EMA weights swapped in every ``--save-every`` steps (into
+    ``out/checkpoints``) and at the end (into ``out``)."""
     _optimizer_step(loss, opt, sched, params)
     ema.update(step)
     done = step + 1
@@ -136,7 +137,11 @@ def _finish_step(step: int, loss: torch.Tensor, args, opt, sched, params, ema: E
         _log(f"step {done} loss {loss.item():.4f} ({time.time() - start:.0f}s)", log)
     if (args.save_every and done % args.save_every == 0) or done == args.steps:
         target = out if done == args.steps else out / "checkpoints" / f"step-{done:05d}"
-        save_ema(target)
+        ema.swap()
+        try:
+            save(target)
+        finally:
+            ema.swap()
         _log(f"saved EMA weights of step {done} to {target}", log)
 
 
@@ -602,7 +607,7 @@ def train_t2i(args) -> None:
                                 return_dict=False)[0]
         loss = F.mse_loss(pred, noise - x0)
         _finish_step(step, loss, args, opt, sched, params, ema, out=out, start=start, log=log,
-                     save_ema=lambda target: _save_t2i(pipe, ema, target))
+                     save=lambda target: _save_t2i(pipe, target))
     wall = time.time() - start
     info = dict(kind="t2i", seed=args.seed, steps=args.steps, batch_size=b, lr=args.lr,
                 warmup=args.warmup, ema=args.ema, caption_dropout=args.caption_dropout,
@@ -614,17 +619,15 @@ def train_t2i(args) -> None:
     _log(json.dumps(info, indent=1), log)
 
 
-def _save_t2i(pipe, ema: EMA, target: Path) -> None:
-    """Saves the pipeline with the EMA weights and the stock attention processors."""
+def _save_t2i(pipe, target: Path) -> None:
+    """Saves the pipeline with the stock attention processors (restoring the training ones after)."""
     from diffusers.models.attention_processor import JointAttnProcessor2_0
 
-    ema.swap()
     try:
         pipe.transformer.set_attn_processor(JointAttnProcessor2_0())
         pipe.save_pretrained(target, safe_serialization=True)
     finally:
         pipe.transformer.set_attn_processor(NullTokenAttnProcessor())
-        ema.swap()
 
 
 @torch.no_grad()

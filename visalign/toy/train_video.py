@@ -447,7 +447,7 @@ def train_video(args) -> None:
                                 return_dict=False, **extra)[0]
         loss = F.mse_loss(pred, noise - x0)
         _finish_step(step, loss, args, opt, sched, params, ema, out=out, start=start, log=log,
-                     save_ema=lambda target: _save_video(pipe, ema, processor, target))
+                     save=lambda target: _save_video(pipe, processor, target))
     wall, cpu = time.time() - start, time.process_time() - cpu0
     vae_info = Path(args.vae) / "training_info.json"
     vae_training = json.loads(vae_info.read_text()) if vae_info.exists() else None
@@ -462,17 +462,15 @@ def train_video(args) -> None:
     _log(json.dumps(info, indent=1), log)
 
 
-def _save_video(pipe, ema: EMA, processor, target: Path) -> None:
-    """Saves the pipeline with the EMA weights and the stock cross-attention processors."""
+def _save_video(pipe, processor, target: Path) -> None:
+    """Saves the pipeline with the stock cross-attention processors (restoring ``processor`` after)."""
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
-    ema.swap()
     try:
         _set_cross_processor(pipe.transformer, WanAttnProcessor())
         pipe.save_pretrained(target, safe_serialization=True)
     finally:
         _set_cross_processor(pipe.transformer, processor)
-        ema.swap()
 
 
 def eval_prompts(kind: str, num_samples: int):
