@@ -11,6 +11,7 @@ import sys
 import torch
 
 import visalign as va
+from tests.distributed import save_rank_weights
 from visalign.testing import tiny_pipeline
 
 torch.set_num_threads(1)
@@ -28,8 +29,7 @@ trainer = va.DPOTrainer(tiny_pipeline("sd3"), brightness, ["a red circle", "a bl
                                                           "a yellow circle", "an orange square"], cfg)
 trainer.train()
 rank = trainer.accelerator.process_index
-state = {n: p.detach().cpu() for n, p in trainer.policy.denoiser.named_parameters() if p.requires_grad}
-torch.save(state, os.path.join(out, f"weights-rank{rank}.pt"))
+save_rank_weights(trainer, out)
 steps = int(trainer.optimizer.state[trainer.trainable_parameters[0]]["step"])
 with open(os.path.join(out, f"info-rank{rank}.json"), "w") as f:
     json.dump({"world_size": trainer.accelerator.num_processes, "optimizer_steps": steps}, f)

@@ -11,6 +11,7 @@ import sys
 import torch
 
 import visalign as va
+from tests.distributed import save_rank_weights
 from visalign.testing import tiny_pipeline
 
 torch.set_num_threads(1)
@@ -30,7 +31,6 @@ trainer = va.GRPOTrainer(tiny_pipeline("sd3"), brightness, ["a red circle", "a b
                                                             "a yellow circle", "an orange square"], cfg)
 trainer.train()
 rank = trainer.accelerator.process_index
-state = {n: p.detach().cpu() for n, p in trainer.policy.denoiser.named_parameters() if p.requires_grad}
-torch.save(state, os.path.join(out, f"weights-rank{rank}.pt"))
+save_rank_weights(trainer, out)
 with open(os.path.join(out, f"rewards-rank{rank}.json"), "w") as f:
     json.dump({"rewards": seen, "world_size": trainer.accelerator.num_processes}, f)
