@@ -86,11 +86,6 @@ def toy_model_path(name: str) -> str:
     return path
 
 
-def brightness(images, prompts):
-    """Mean pixel value: the simplest reward, for smoke tests and first runs."""
-    return images.float().flatten(1).mean(1)
-
-
 def _one_reward(spec: Any):
     from visalign import rewards
 
@@ -100,6 +95,8 @@ def _one_reward(spec: Any):
     kind = spec.pop("type", None)
     spec.pop("weight", None)
     if kind == "brightness":
+        from visalign.testing.rewards import brightness
+
         return brightness
     if kind == "toy_clip":
         return rewards.CLIPScore(model=toy_model_path("clip"), **{"variant": "cosine", **spec})

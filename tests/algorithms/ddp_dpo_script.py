@@ -12,14 +12,10 @@ import torch
 
 import visalign as va
 from tests.distributed import save_rank_weights
-from visalign.testing import tiny_pipeline
+from visalign.testing import brightness, tiny_pipeline
 
 torch.set_num_threads(1)
 out = sys.argv[1]
-
-
-def brightness(images, prompts):
-    return images.float().flatten(1).mean(1)
 
 
 cfg = va.DPOConfig(output_dir=out, mode="online", max_steps=2, num_steps=4, group_size=3, pairs_per_step=2,

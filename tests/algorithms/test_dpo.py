@@ -13,14 +13,10 @@ import visalign as va
 from visalign.algorithms.dpo import dpo_beta, dpo_loss, noise_pairs, prediction_errors, rwr_weights
 from visalign.errors import ConfigError, InvalidInputError
 from visalign.sampling import steps as S
-from visalign.testing import tiny_pipeline
+from visalign.testing import brightness, tiny_pipeline
 from tests.algorithms.helpers import train_with_crash
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
-
-
-def brightness(images, prompts):
-    return images.float().flatten(1).mean(1)
 
 
 def write_pairs(folder, n=6, seed=0, fmt="jsonl"):

@@ -9,15 +9,11 @@ import torch
 import visalign as va
 from visalign.algorithms.draft import draft_loss, grad_window
 from visalign.errors import ConfigError, NotDifferentiableError
-from visalign.testing import tiny_pipeline
+from visalign.testing import brightness, tiny_pipeline
 from tests.algorithms.helpers import assert_lora_export_reproduces, train_with_crash
 from tests.distributed import launch_two_processes
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
-
-
-def brightness(images, prompts):
-    return images.float().flatten(1).mean(1)
 
 
 def make_config(tmp_path, **overrides):
@@ -230,15 +226,14 @@ def test_config_errors(tmp_path):
 DDP_SCRIPT = """
 import json, sys, torch
 import visalign as va
-from visalign.testing import tiny_pipeline
+from visalign.testing import brightness, tiny_pipeline
 
 torch.set_num_threads(1)
 out = sys.argv[1]
 cfg = va.DRaFTConfig(output_dir=out, max_steps=2, num_steps=3, samples_per_step=2, truncation=2, height=32,
                      width=32, guidance_scale=3.0, lora_rank=4, learning_rate=1e-2, checkpoint_steps=True,
                      trackers=["jsonl"])
-trainer = va.DRaFTTrainer(tiny_pipeline("sd3"), lambda im, p: im.float().flatten(1).mean(1),
-                          ["a", "b", "c", "d"], cfg)
+trainer = va.DRaFTTrainer(tiny_pipeline("sd3"), brightness, ["a", "b", "c", "d"], cfg)
 before = [p.detach().clone() for p in trainer.trainable_parameters]
 trainer.train()
 rank = trainer.accelerator.process_index

@@ -11,15 +11,10 @@ from PIL import Image
 import visalign as va
 from visalign.algorithms.grpo import group_advantages, grpo_loss, select_train_steps
 from visalign.errors import ConfigError, RewardError
-from visalign.testing import tiny_pipeline
+from visalign.testing import brightness, tiny_pipeline
 from tests.algorithms.helpers import assert_lora_export_reproduces, train_with_crash
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
-
-
-def brightness(images, prompts):
-    """Mean pixel value: a simple reward any tiny model can move."""
-    return images.float().flatten(1).mean(1)
 
 
 def make_config(tmp_path, family="sd3", **overrides):

@@ -8,13 +8,9 @@ import torch
 import visalign as va
 from visalign.algorithms.prdp import pair_indices, prdp_loss
 from visalign.errors import ConfigError
-from visalign.testing import tiny_pipeline
+from visalign.testing import brightness, tiny_pipeline
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
-
-
-def brightness(images, prompts):
-    return images.float().flatten(1).mean(1)
 
 
 def make_config(tmp_path, **overrides):

@@ -3,11 +3,8 @@
 import torch
 
 import visalign as va
+from visalign.testing import brightness
 from tests.conftest import PROMPTS, first_frames, size_kwargs
-
-
-def brightness(images, prompts):
-    return images.float().flatten(1).mean(1)
 
 
 def test_best_of_n_keeps_the_best_candidate(tiny_policies):

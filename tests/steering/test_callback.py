@@ -6,11 +6,7 @@ import torch
 from visalign.errors import NotDifferentiableError, SamplerError
 from visalign.rewards import FunctionReward
 from visalign.steering import FKResampleCallback, RewardGuidanceCallback
-from visalign.testing import tiny_pipeline
-
-
-def brightness(images, prompts):
-    return images.float().flatten(1).mean(1)
+from visalign.testing import brightness, tiny_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,9 @@ from visalign.errors import ConfigError, SamplerError
 from visalign.rewards import SegmentalVideoReward
 from visalign.steering import reward_steps
 from visalign.steering import resampling as R
+from visalign.testing import brightness
 from tests.conftest import PROMPTS, first_frames, size_kwargs
 from tests.steering.gaussian import GaussianFlowPolicy, exact_output, latent_of, quadratic_reward, tilted_gaussian
-
-
-def brightness(images, prompts):
-    return images.float().flatten(1).mean(1)
 
 
 def _gen(seed=0):

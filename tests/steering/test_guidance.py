@@ -6,11 +6,8 @@ import torch
 import visalign as va
 from visalign.errors import NotDifferentiableError
 from visalign.rewards import FunctionReward
+from visalign.testing import brightness
 from tests.conftest import PROMPTS, size_kwargs
-
-
-def brightness(images, prompts):
-    return images.float().flatten(1).mean(1)
 
 
 def redness(images, prompts):

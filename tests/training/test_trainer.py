@@ -7,14 +7,10 @@ import torch
 
 import visalign as va
 from visalign.errors import CheckpointError, ConfigError
-from visalign.testing import tiny_pipeline
+from visalign.testing import brightness, tiny_pipeline
 from visalign.training.checkpoint import list_checkpoints, resolve_resume
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
-
-
-def brightness(images, prompts):
-    return images.float().flatten(1).mean(1)
 
 
 def config(tmp_path, **overrides):

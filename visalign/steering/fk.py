@@ -12,10 +12,9 @@ Example::
 
     import torch
     import visalign as va
-    from visalign.testing import tiny_pipeline
+    from visalign.testing import brightness, tiny_pipeline
 
     policy = va.wrap(tiny_pipeline("sd3"))
-    brightness = lambda images, prompts: images.flatten(1).mean(1)
     out = va.fk_steer(policy, ["a red circle"], brightness, num_particles=4, lam=10.0,
                       resample_every=5, num_steps=20, generator=torch.Generator().manual_seed(0))
     out.images        # (1, 3, H, W): the best final particle of each prompt

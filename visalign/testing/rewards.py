@@ -15,6 +15,7 @@ mode; nothing is downloaded. Building any of them takes well under a second.
   its processor, with a chat template and single-token "yes"/"Yes"/" yes"/... answers.
 - :func:`tiny_open_clip`: an open_clip ``CLIP`` for HPSv2 tests (needs the ``openclip`` extra).
 - :func:`color_images`: solid-colour image batches for constructed test cases.
+- :func:`brightness`: the mean pixel value, a differentiable plain-callable reward any tiny model can move.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 
 __all__ = [
     "COLORS",
+    "brightness",
     "color_images",
     "tiny_clip_tokenizer",
     "tiny_clip",
@@ -36,6 +38,19 @@ __all__ = [
     "tiny_open_clip",
     "TINY_VLM_CHAT_TEMPLATE",
 ]
+
+def brightness(images: torch.Tensor, prompts: Sequence[str] | None = None) -> torch.Tensor:
+    """Mean pixel value per sample: the simplest reward, for smoke tests and first runs.
+
+    Args:
+        images (`torch.Tensor`): ``(B, C, H, W)`` images or ``(B, F, C, H, W)`` videos in [0, 1].
+        prompts (`Sequence[str]`, *optional*): ignored; accepted so that it is a plain-callable reward.
+
+    Returns:
+        `torch.Tensor`: ``(B,)`` float rewards, differentiable with respect to ``images``.
+    """
+    return images.float().flatten(1).mean(1)
+
 
 COLORS = {
     "red": (0.9, 0.1, 0.1),
