@@ -2,8 +2,6 @@
 
 import torch
 
-from visalign.testing import brightness  # noqa: F401  (re-exported for the reward tests)
-
 
 def rand_images(batch=2, size=(40, 48), seed=0, requires_grad=False):
     """(batch, 3, H, W) uniform [0, 1] images, seeded."""

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from tests.rewards._util import brightness, rand_images
+from tests.rewards._util import rand_images
+from visalign.testing import brightness
 from visalign.errors import ConfigError, NotDifferentiableError
 from visalign.rewards import Combined, Reward, RunningNorm, call_reward
 

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from tests.rewards._util import brightness, rand_images
+from tests.rewards._util import rand_images
+from visalign.testing import brightness
 from visalign.errors import InvalidInputError, NotDifferentiableError, RewardError
 from visalign.rewards import (CLIPScore, MultiHeadVideoReward, SegmentalVideoReward,
                               attenuation_weights, segment_indices)

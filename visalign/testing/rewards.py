@@ -39,6 +39,7 @@ __all__ = [
     "TINY_VLM_CHAT_TEMPLATE",
 ]
 
+
 def brightness(images: torch.Tensor, prompts: Sequence[str] | None = None) -> torch.Tensor:
     """Mean pixel value per sample: the simplest reward, for smoke tests and first runs.
 
