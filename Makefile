@@ -3,16 +3,20 @@ TORCH_SPEC ?= torch==2.13.0
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip
+# pip without its version-check notice; the editable installs without setuptools' "Editable
+# installation" notice (informational only: nothing for a user to act on).
+PIP_ENV := PIP_DISABLE_PIP_VERSION_CHECK=1
+QUIET_EDITABLE := PYTHONWARNINGS="ignore:Editable installation"
+PIP := $(PIP_ENV) $(PY) -m pip
 STAMP := $(VENV)/.visalign-installed
 
-.PHONY: demo test test-core test-slow bench venv clean
+.PHONY: demo test test-core test-slow lint format bench venv clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH_SPEC)"
-	$(PIP) install --quiet -e ".[dev,video]"
+	$(QUIET_EDITABLE) $(PIP) install --quiet -e ".[dev,video]"
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -26,6 +30,15 @@ test-core: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# ruff: lint (pycodestyle, pyflakes, imports, bugbear, pyupgrade, Google docstrings) and the format check.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check visalign tests benchmarks scripts notebooks/make_notebooks.py
+	$(VENV)/bin/ruff format --check visalign tests benchmarks scripts notebooks/make_notebooks.py
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix visalign tests benchmarks scripts notebooks/make_notebooks.py
+	$(VENV)/bin/ruff format visalign tests benchmarks scripts notebooks/make_notebooks.py
 
 demo: $(STAMP)
 	$(PY) -m visalign demo
@@ -47,9 +60,9 @@ OPENCLIP_STAMP := $(OPENCLIP_VENV)/.visalign-installed
 
 $(OPENCLIP_STAMP): pyproject.toml
 	@test -x $(OPENCLIP_PY) || $(PYTHON) -m venv $(OPENCLIP_VENV)
-	$(OPENCLIP_PY) -m pip install --quiet --upgrade pip
-	$(OPENCLIP_PY) -m pip install --quiet "torchvision==0.29.1" open_clip_torch
-	$(OPENCLIP_PY) -m pip install --quiet -e ".[dev]"
+	$(PIP_ENV) $(OPENCLIP_PY) -m pip install --quiet --upgrade pip
+	$(PIP_ENV) $(OPENCLIP_PY) -m pip install --quiet "torchvision==0.29.1" open_clip_torch
+	$(QUIET_EDITABLE) $(PIP_ENV) $(OPENCLIP_PY) -m pip install --quiet -e ".[dev]"
 	@touch $(OPENCLIP_STAMP)
 
 .PHONY: test-openclip

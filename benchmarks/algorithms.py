@@ -77,14 +77,14 @@ def build(name: str, args, out: str):
         cfg = va.PRDPConfig(num_steps=steps, group_size=4, prompts_per_step=2, **common)
         return va.PRDPTrainer(pipe, brightness, prompts, cfg)
     if name == "dpo-offline":
-        cfg = va.DPOConfig(pairs_per_step=8, **common)
+        cfg = va.DPOConfig(prompts_per_step=8, **common)
         return va.DPOTrainer(pipe, None, _pairs_file(out, args.size), cfg)
     if name == "dpo-online":
-        cfg = va.DPOConfig(mode="online", num_steps=steps, group_size=4, pairs_per_step=2, **common)
+        cfg = va.DPOConfig(mode="online", num_steps=steps, group_size=4, prompts_per_step=2, **common)
         return va.DPOTrainer(pipe, brightness, prompts, cfg)
     draft = {"draft-full": dict(), "draft-full-nockpt": dict(checkpoint_steps=False), "draft-k1": dict(truncation=1),
              "draft-lv": dict(variant="lv", lv_samples=2), "refl": dict(variant="refl")}[name]
-    cfg = va.DRaFTConfig(num_steps=steps, samples_per_step=4, **draft, **common)
+    cfg = va.DRaFTConfig(num_steps=steps, prompts_per_step=4, **draft, **common)
     return va.DRaFTTrainer(pipe, brightness, prompts, cfg)
 
 

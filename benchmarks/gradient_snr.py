@@ -41,7 +41,7 @@ def batch_gradients(algorithm: str, batches: int) -> tuple[torch.Tensor, float, 
 
     overrides = ["output_dir=runs/gradient_snr", "trackers=[]", "sample_every=0", "checkpoint_every=0", "seed=0"]
     if algorithm in ("dpo", "prdp"):
-        overrides.append("gradient_steps=1")  # one gradient per iteration, at the base weights
+        overrides.append("updates_per_rollout=1")  # one gradient per iteration, at the base weights
     cls, policy, reward, prompts, config = load_recipe(os.path.join(ROOT, "configs", f"toy_{algorithm}.yaml"),
                                                        overrides)
     trainer = cls(policy, reward, prompts, config)
@@ -64,10 +64,7 @@ def batch_gradients(algorithm: str, batches: int) -> tuple[torch.Tensor, float, 
 
 def samples_per_iteration(config) -> int:
     """Images each iteration generates: DRaFT one per prompt, the others a group per prompt."""
-    if hasattr(config, "samples_per_step"):
-        return config.samples_per_step
-    prompts = getattr(config, "pairs_per_step", None) or config.prompts_per_step
-    return prompts * config.group_size
+    return config.prompts_per_step * getattr(config, "group_size", 1)
 
 
 def mean_pair_cosine(gradients: torch.Tensor) -> float:

@@ -43,8 +43,8 @@ def samples_per_iteration(algorithm: str, config) -> int:
     if algorithm in ("grpo", "prdp"):
         return config.prompts_per_step * config.group_size
     if algorithm == "dpo":
-        return config.pairs_per_step * config.group_size if config.mode == "online" else 2 * config.pairs_per_step
-    return config.samples_per_step
+        return config.prompts_per_step * config.group_size if config.mode == "online" else 2 * config.prompts_per_step
+    return config.prompts_per_step
 
 
 def measure(policy, reward, config, num_prompts: int) -> dict:

@@ -18,8 +18,7 @@ from visalign.recipes import build_reward, parse_recipe
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY_PROMPTS = ["a red circle on the left", "a blue square on the right"]
 # Overrides that make any toy recipe take seconds; each is applied only where the recipe's config has the field.
-FAST_OVERRIDES = {"max_steps": 1, "group_size": 2, "prompts_per_step": 1, "num_steps": 4,
-                  "pairs_per_step": 1, "samples_per_step": 2}
+FAST_OVERRIDES = {"max_steps": 1, "group_size": 2, "prompts_per_step": 1, "num_steps": 4}
 
 
 @pytest.mark.parametrize("recipe", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))
@@ -200,3 +199,33 @@ def test_train_under_accelerate_launch(tmp_path):
     logged = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [row["step"] for row in logged] == [1, 2]
     assert (out / "model").is_dir()
+
+
+def test_score_of_a_missing_folder_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("VISALIGN_TRACEBACK", raising=False)
+    assert main(["score", str(tmp_path / "nowhere"), "--reward", "brightness"]) == 1
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "a.png").write_bytes(b"")
+    assert main(["score", str(tmp_path / "a.png"), "--reward", "brightness"]) == 1
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_sampling_flags_come_from_sampling_options():
+    """Every SamplingOptions field not marked cli=False is a flag of sample and steer, with its help and choices."""
+    from visalign.sampling import SamplingOptions
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    fields = [f for f in dataclasses.fields(SamplingOptions) if f.metadata.get("cli", True) is not False]
+    assert {"num_steps", "guidance_scale", "sampler", "noise", "eta"} <= {f.name for f in fields}
+    for command, sampler in (("sample", "ode"), ("steer", "sde")):
+        actions = {a.dest: a for a in commands[command]._actions}
+        for f in fields:
+            assert f.metadata["help"] in actions[f.name].help, (command, f.name)
+        assert actions["num_steps"].option_strings == ["--steps", "--num-steps"]
+        assert actions["num_steps"].default == 20 and actions["num_steps"].type is int
+        assert actions["sampler"].default == sampler and actions["sampler"].choices == ["ode", "sde", "cps", "ddim"]
+        assert actions["eta"].type is float and actions["eta"].default is None
+        required = ["--reward", "brightness"] if command == "steer" else []
+        args = commands[command].parse_args(["m", "--num-steps", "7", "--eta", "0.5", "--noise", "dance", *required])
+        assert (args.num_steps, args.eta, args.noise) == (7, 0.5, "dance")

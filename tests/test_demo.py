@@ -3,34 +3,71 @@
 import json
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
-from visalign.cli import main
-from visalign.demo import DEMO_CONFIG, run_demo
+from visalign.demo import DEMO_CONFIG, run_demo, summary_table
 from visalign.recipes import parse_recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_short_demo_writes_a_self_contained_report(tmp_path, capsys):
+def test_short_demo_writes_a_self_contained_report(tmp_path):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--max-steps", "1", "--eval-every", "1", "--eval-prompts", "4"]) == 0
+    # A fresh process, as a user runs it: library notices are printed once per process.
+    run = subprocess.run([sys.executable, "-m", "visalign", "demo", "--out", str(out), "--max-steps", "1",
+                          "--eval-every", "1", "--eval-prompts", "4"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
     path = str(out / "report.html")
-    assert f"Report: {path}" in capsys.readouterr().out
+    assert f"Report: {path}" in run.stdout
+    # The terminal ends with the before → after table ...
+    table = run.stdout[run.stdout.index("Before → after 1 GRPO iterations"):]
+    assert re.search(r"before\s+after\s+Δ", table)
+    for row in ("all correct", "color", "shape", "position"):
+        assert re.search(rf"^  {row}\s+\d+\.\d%\s+\d+\.\d%\s+[+-]\d+\.\d pts$", table, re.M), table
+    assert re.search(r"^  reward \(toy-CLIP\)\s+0\.\d{4}\s+0\.\d{4}\s+[+-]\d\.\d{4}$", table, re.M), table
+    # ... and shows no library noise a user cannot act on.
+    for noise in ("torchvision", "Loading pipeline components", "Loading weights", "Traceback"):
+        assert noise not in run.stdout + run.stderr, noise
     html = open(path).read()
     for heading in ("Result", "Before: the base model", "After GRPO", "Curves", "Timings", "Config"):
         assert heading in html
-    # Self-contained: every image is embedded, nothing is fetched.
+    # Self-contained: every image is embedded, nothing is fetched (2 plots + 4 judged samples per grid).
     sources = re.findall(r"src=['\"]([^'\"]+)", html)
-    assert len(sources) == 4 and all(s.startswith("data:image/png;base64,") for s in sources)
-    assert "learning_rate" in html and "mean iteration (s)" in html
+    assert len(sources) == 2 + 2 * 4 and all(s.startswith("data:image/png;base64,") for s in sources)
+    # Every grid image is marked by the evaluator's verdict and captioned with its prompt.
     summary = json.load(open(tmp_path / "demo" / "summary.json"))
+    cells = re.findall(r"<figure class='cell (ok|bad)'><span class='badge'[^>]*>(✓|✗)</span><img [^>]*>"
+                       r"<figcaption>([^<]+)", html)
+    assert len(cells) == 8
+    assert all((state == "ok") == (badge == "✓") for state, badge, _ in cells)
+    from visalign.toy.policy_eval import eval_set
+
+    assert [caption for _, _, caption in cells] == eval_set(4)[0] * 2
+    assert any(state == "bad" for state, _, _ in cells) and "wrong: " in html  # the base model errs here
+    assert "learning_rate" in html and "mean iteration (s)" in html
     assert [c["step"] for c in summary["curve"]] == [0, 1]
     for side in ("before", "after"):
         assert 0 <= summary[side]["all_correct"] <= 1
         assert set(summary[side]["accuracy"]) == {"color", "shape", "position"}
     assert os.path.exists(tmp_path / "demo" / "lora" / "pytorch_lora_weights.safetensors")
+
+
+def test_summary_table_reports_before_after_and_delta():
+    before = {"all_correct": 0.5, "accuracy": {"color": 0.75, "shape": 0.625, "position": 1.0}, "reward": 0.685}
+    after = {"all_correct": 0.6875, "accuracy": {"color": 0.75, "shape": 0.8125, "position": 0.9375},
+             "reward": 0.7213}
+    assert summary_table(before, after).splitlines() == [
+        "                      before     after           Δ",
+        "  all correct          50.0%     68.8%   +18.8 pts",
+        "  color                75.0%     75.0%    +0.0 pts",
+        "  shape                62.5%     81.2%   +18.8 pts",
+        "  position            100.0%     93.8%    -6.2 pts",
+        "  reward (toy-CLIP)   0.6850    0.7213     +0.0363",
+    ]
 
 
 def test_toy_grpo_recipe_is_the_demo():

@@ -29,6 +29,7 @@ _LAZY = {
     "log_prob": "visalign.sampling",
     "Trajectory": "visalign.sampling",
     "LogProbOutput": "visalign.sampling",
+    "SamplingOptions": "visalign.sampling",
     "GRPOTrainer": "visalign.algorithms.grpo",
     "GRPOConfig": "visalign.algorithms.grpo",
     "DPOTrainer": "visalign.algorithms.dpo",
@@ -41,14 +42,14 @@ _LAZY = {
     "best_of_n": "visalign.steering",
     "reward_guidance": "visalign.steering",
 }
-_SUBMODULES = {"rewards", "errors", "testing", "sampling", "pipelines", "training", "algorithms",
+_SUBMODULES = {"rewards", "errors", "testing", "sampling", "pipelines", "training", "algorithms", "losses",
                "steering", "toy"}
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES)
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from visalign.pipelines import Policy, load, wrap
-    from visalign.sampling import LogProbOutput, Trajectory, log_prob, sample
+    from visalign.sampling import LogProbOutput, SamplingOptions, Trajectory, log_prob, sample
 
 
 def __getattr__(name: str):

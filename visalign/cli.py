@@ -129,9 +129,7 @@ def cmd_sample(args) -> int:
     policy = _load_policy(args.model, args.dtype, args.device, args.lora)
     generator = _generators(policy.device, args.seed, len(prompts) * args.num)
     start = time.perf_counter()
-    traj = va.sample(policy, prompts, num_steps=args.steps, guidance_scale=args.guidance_scale,
-                     sampler=args.sampler, noise=args.noise, eta=args.eta, group_size=args.num, generator=generator,
-                     height=args.height, width=args.width, num_frames=args.num_frames, progress=True)
+    traj = va.sample(policy, prompts, group_size=args.num, progress=True, **_sampling_kwargs(args, generator))
     seconds = time.perf_counter() - start
     _, paths = _save_outputs(traj.images, list(traj.prompts), args.out, upscale=args.upscale)
     with open(os.path.join(args.out, "prompts.json"), "w") as f:
@@ -154,9 +152,7 @@ def cmd_steer(args) -> int:
     policy = _load_policy(args.model, args.dtype, args.device, args.lora)
     n = args.particles if args.particles is not None else DEFAULT_PARTICLES[args.method]
     num_prompts = len(prompts)
-    common = dict(num_steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler, noise=args.noise,
-                  eta=args.eta, generator=_generators(policy.device, args.seed, num_prompts * n),
-                  height=args.height, width=args.width, num_frames=args.num_frames,
+    common = dict(_sampling_kwargs(args, _generators(policy.device, args.seed, num_prompts * n)),
                   max_batch_size=args.max_batch_size)
     options: dict = {"particles": n}
     start = time.perf_counter()
@@ -196,11 +192,11 @@ def cmd_steer(args) -> int:
     mean = sum(rewards) / len(rewards)
     record = {"model": args.model, "method": args.method, "reward": args.reward, "prompts": prompts,
               "files": names, "rewards": rewards, "all_rewards": all_rewards.float().cpu().tolist(),
-              "mean_reward": mean, "seconds": seconds, "seed": args.seed, "num_steps": args.steps,
+              "mean_reward": mean, "seconds": seconds, "seed": args.seed, "num_steps": args.num_steps,
               "sampler": args.sampler, "guidance_scale": args.guidance_scale, **options}
     with open(os.path.join(args.out, "steer.json"), "w") as f:
         json.dump(record, f, indent=2)
-    print(f"Steered {num_prompts} prompt(s) with {args.method} ({n} per prompt, {args.steps} steps): "
+    print(f"Steered {num_prompts} prompt(s) with {args.method} ({n} per prompt, {args.num_steps} steps): "
           f"mean reward {mean:.4f} in {seconds:.2f} s; wrote {', '.join(paths)}, steer.json, steer.csv")
     return 0
 
@@ -275,8 +271,12 @@ def cmd_score(args) -> int:
     import torch
 
     from visalign.errors import InvalidInputError
-    from visalign.rewards import Combined, call_reward
+    from visalign.rewards import call_reward
 
+    if not os.path.isdir(args.folder):
+        what = "is a file, not a folder" if os.path.exists(args.folder) else "does not exist"
+        raise InvalidInputError(f"{args.folder} {what}; pass a folder of images or videos with their prompts, e.g. "
+                                "the --out folder of `visalign sample` or `visalign steer`.")
     files = sorted(f for f in os.listdir(args.folder) if os.path.splitext(f)[1].lower() in MEDIA_SUFFIXES)
     if not files:
         raise InvalidInputError(f"{args.folder} holds no images or videos ({', '.join(MEDIA_SUFFIXES)}).")
@@ -295,11 +295,10 @@ def cmd_score(args) -> int:
         for batch in batches:
             batch_prompts = prompts[start + offset:start + offset + batch.shape[0]]
             with torch.no_grad():
-                total = call_reward(reward, batch, batch_prompts)
-            parts = reward.last_output.components if isinstance(reward, Combined) else {}
+                result = call_reward(reward, batch, batch_prompts)
             for i in range(batch.shape[0]):
-                row = {"file": names[offset + i], "prompt": batch_prompts[i], "reward": float(total[i])}
-                row.update({f"reward/{k}": float(v[i]) for k, v in parts.items()})
+                row = {"file": names[offset + i], "prompt": batch_prompts[i], "reward": float(result.total[i])}
+                row.update({f"reward/{k}": float(v[i]) for k, v in result.components.items()})
                 rows.append(row)
             offset += batch.shape[0]
     with open(out_path, "w", newline="") as f:
@@ -324,21 +323,77 @@ def cmd_demo(args) -> int:
 MODEL_HELP = "hub id, local pipeline folder, toy:NAME (a shipped toy model, e.g. toy:t2i) or tiny:FAMILY"
 
 
-def _add_generation_options(parser: argparse.ArgumentParser, sampler_default: str, out_default: str) -> None:
+def _cli_sampling_fields() -> list:
+    """The :class:`~visalign.sampling.SamplingOptions` fields that are command-line flags (metadata ``cli``
+    not False)."""
+    import dataclasses
+
+    from visalign.sampling import SamplingOptions
+
+    return [f for f in dataclasses.fields(SamplingOptions) if f.metadata.get("cli", True) is not False]
+
+
+def _flag_type(name: str, annotation) -> tuple[type, list | None]:
+    """``(type, choices)`` of a flag from its field's annotation: int, float, str, bool, a Literal, or X | None."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return type(args[0]), list(args)
+    if origin in (typing.Union, types.UnionType):
+        kinds = [a for a in args if a is not type(None)]
+        if len(kinds) == 1:
+            return _flag_type(name, kinds[0])
+    if annotation in (int, float, str, bool):
+        return annotation, None
+    raise TypeError(f"SamplingOptions.{name} has type {annotation}, which has no command-line flag; give it "
+                    "metadata={'cli': False}, or teach visalign.cli._flag_type the type.")
+
+
+def _add_sampling_options(parser: argparse.ArgumentParser, **defaults) -> None:
+    """One flag per :class:`~visalign.sampling.SamplingOptions` field the CLI exposes, generated from its metadata.
+
+    The flags are the field's ``metadata["flags"]``, else ``--`` + its name with dashes; the type and choices come
+    from its annotation; the help is the field's help sentence with the default. The parsed value lands in
+    ``args.<field name>``. ``defaults`` overrides a field's default for this command (``sampler="ode"``).
+    """
+    import typing
+
+    from visalign.sampling import SamplingOptions
+
+    fields = _cli_sampling_fields()
+    unknown = set(defaults) - {f.name for f in fields}
+    if unknown:
+        raise TypeError(f"no sampling flag for {sorted(unknown)}")
+    hints, base = typing.get_type_hints(SamplingOptions), SamplingOptions()
+    for field in fields:
+        default = defaults.get(field.name, getattr(base, field.name))
+        kind, choices = _flag_type(field.name, hints[field.name])
+        flags = field.metadata.get("flags") or ("--" + field.name.replace("_", "-"),)
+        text = f"{field.metadata.get('help', '')} (default: {default})".replace("%", "%%")
+        if kind is bool:
+            parser.add_argument(*flags, dest=field.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=text)
+        else:
+            metavar = None if choices else flags[0].lstrip("-").replace("-", "_").upper()
+            parser.add_argument(*flags, dest=field.name, type=kind, choices=choices, default=default, help=text,
+                                metavar=metavar)
+
+
+def _sampling_kwargs(args, generator) -> dict:
+    """The sampling keywords of ``va.sample`` and the steering functions, from the parsed flags."""
+    return {**{f.name: getattr(args, f.name) for f in _cli_sampling_fields()}, "generator": generator,
+            "height": args.height, "width": args.width, "num_frames": args.num_frames}
+
+
+def _add_generation_options(parser: argparse.ArgumentParser, out_default: str, **sampling_defaults) -> None:
     """The model, prompt and sampling options that ``sample`` and ``steer`` share."""
     parser.add_argument("model", help=MODEL_HELP)
     parser.add_argument("-p", "--prompt", action="append", default=None, help="a prompt (repeatable)")
     parser.add_argument("--prompts-file", default=None,
                         help="more prompts from a .txt (one per line), .csv or .jsonl with a `prompt` column")
-    parser.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
-    parser.add_argument("--guidance-scale", type=float, default=None,
-                        help="classifier-free guidance scale (FLUX: embedded guidance; default: the family's)")
-    parser.add_argument("--sampler", default=sampler_default, choices=["ode", "sde", "cps", "ddim"],
-                        help=f"sampler; 'sde' is DDIM with eta on SD/SDXL (default: {sampler_default})")
-    parser.add_argument("--noise", default="flow", choices=["flow", "dance"],
-                        help="noise schedule of the flow SDE sampler (default: flow)")
-    parser.add_argument("--eta", type=float, default=None,
-                        help="noise level of stochastic samplers (default: the sampler's, e.g. 0.7 for flow SDE)")
+    _add_sampling_options(parser, **sampling_defaults)
     parser.add_argument("--height", type=int, default=None,
                         help="image height in pixels (default: the family's; 32 for tiny: and toy: models)")
     parser.add_argument("--width", type=int, default=None,
@@ -385,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Writes grid.png (or one MP4 per video), sample_NNN files with prompts.csv, and steer.json / "
                     "steer.csv with every prompt's reward. Example: visalign steer toy:t2i -p 'a red circle on "
                     "the left' --method fk --reward toy_clip --particles 8")
-    _add_generation_options(steer, sampler_default="sde", out_default="runs/steer")
+    _add_generation_options(steer, out_default="runs/steer", num_steps=20, sampler="sde")
     steer.add_argument("--method", default="fk", choices=list(STEER_METHODS),
                        help="fk: Feynman-Kac particle resampling; best-of-n: n independent samples, keep the best; "
                             "guidance: add the reward's gradient to each step (differentiable rewards) (default: fk)")
@@ -435,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Samples each prompt --num times. Writes grid.png (or one MP4 per video), "
                                         "sample_NNN files with prompts.csv (so `visalign score` can read the "
                                         "folder) and prompts.json.")
-    _add_generation_options(sample, sampler_default="ode", out_default="runs/sample")
+    _add_generation_options(sample, out_default="runs/sample", num_steps=20, sampler="ode")
     sample.add_argument("--num", type=int, default=1, help="samples per prompt (default: 1)")
     sample.set_defaults(func=cmd_sample)
     return parser

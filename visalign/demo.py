@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -24,8 +25,8 @@ from collections.abc import Sequence
 
 import torch
 
-from visalign.media import image_grid
-from visalign.report import line_plot, write_html_report
+from visalign.media import to_pil_images
+from visalign.report import Cell, Gallery, line_plot, write_html_report
 
 # The demo's GRPO settings; configs/toy_grpo.yaml holds the same recipe for `visalign train`.
 # lr 1e-3 for 60 iterations: BENCHMARKS.md ("Toy world: GRPO settings for make demo") has the runs
@@ -36,12 +37,82 @@ DEMO_CONFIG = dict(
     timestep_fraction=0.6, learning_rate=1e-3, use_lora=True, lora_rank=16, lora_alpha=16, max_grad_norm=1.0,
 )
 GRID_SIZE = 16
+ATTRIBUTES = ("color", "shape", "position")
 
 
-def _grid(images: torch.Tensor):
-    """16 samples as two rows of eight, upscaled 4× (nearest) so 32 px shapes are visible."""
-    grid = image_grid(images[:GRID_SIZE].float().cpu(), nrow=8)
-    return grid.resize((grid.width * 4, grid.height * 4), 0)
+def _gallery(result: dict, prompts: Sequence[str]) -> Gallery:
+    """The first 16 samples, upscaled 4× (nearest) so 32 px shapes are visible, each with its
+    caption and the exact evaluator's verdict (green ✓ all correct, red ✗ naming what is wrong).
+    """
+    images = to_pil_images(result["images"][:GRID_SIZE].float().cpu(), upscale=4)
+    cells = []
+    for image, prompt, verdict in zip(images, prompts, result["samples"]):
+        wrong = [attr for attr, ok in verdict["correct"].items() if not ok]
+        cells.append(Cell(image, prompt, correct=bool(verdict["all_correct"]),
+                          note=f"wrong: {', '.join(wrong)}" if wrong else ""))
+    return Gallery(cells, columns=8)
+
+
+def _count_correct(result: dict) -> str:
+    shown = result["samples"][:GRID_SIZE]
+    return f"{sum(bool(v['all_correct']) for v in shown)} of {len(shown)} judged all correct"
+
+
+def summary_table(before: dict, after: dict) -> str:
+    """The before → after table the demo prints: evaluator accuracies (percent) and the reward."""
+    rows = [("all correct", before["all_correct"], after["all_correct"], True)]
+    rows += [(attr, before["accuracy"][attr], after["accuracy"][attr], True)
+             for attr in ATTRIBUTES if attr in before["accuracy"]]
+    if "reward" in before:
+        rows.append(("reward (toy-CLIP)", before["reward"], after["reward"], False))
+    lines = [f"  {'':<18}{'before':>8}  {'after':>8}  {'Δ':>10}"]
+    for name, b, a, percent in rows:
+        if percent:
+            lines.append(f"  {name:<18}{b:>8.1%}  {a:>8.1%}  {(a - b) * 100:>+6.1f} pts")
+        else:
+            lines.append(f"  {name:<18}{b:>8.4f}  {a:>8.4f}  {a - b:>+10.4f}")
+    return "\n".join(lines)
+
+
+_TORCHVISION_NOTICE = "requires torchvision (not installed); falling back to"
+
+
+class _DropTorchvisionFallbackNotice:
+    """Drops transformers' "…ImageProcessor requires torchvision; falling back to …Pil" notice.
+
+    The default environment must not contain torchvision (its registry build breaks CPU torch), so
+    a user cannot act on it; the PIL processors it falls back to are the ones visalign wants.
+    """
+
+    def filter(self, record) -> bool:
+        return _TORCHVISION_NOTICE not in record.getMessage()
+
+
+def quiet_torchvision_fallback_notice() -> None:
+    """Installs the filter above on the one transformers logger that emits the notice (idempotent)."""
+    import logging
+
+    logger = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(f, _DropTorchvisionFallbackNotice) for f in logger.filters):
+        logger.addFilter(_DropTorchvisionFallbackNotice())
+
+
+@contextlib.contextmanager
+def _no_loading_bars():
+    """Hides diffusers' and transformers' loading bars while the tiny toy models load (sub-second)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    was = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was[0]:
+            diffusers_logging.enable_progress_bar()
+        if was[1]:
+            transformers_logging.enable_progress_bar()
 
 
 def run_demo(out_dir: str = "runs/demo", seed: int = 0, max_steps: int | None = None, eval_every: int = 15,
@@ -67,8 +138,10 @@ def run_demo(out_dir: str = "runs/demo", seed: int = 0, max_steps: int | None = 
     # Length 1 instead of the stock 256 zero T5 rows is the same model (toy/MODELS.md), ~5x faster.
     start = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
-    policy = va.load(toy_model_path("t2i"), local_files_only=True, policy_kwargs={"max_sequence_length": 1})
-    reward = va.rewards.CLIPScore(model=toy_model_path("clip"), variant="cosine")
+    quiet_torchvision_fallback_notice()
+    with _no_loading_bars():
+        policy = va.load(toy_model_path("t2i"), local_files_only=True, policy_kwargs={"max_sequence_length": 1})
+        reward = va.rewards.CLIPScore(model=toy_model_path("clip"), variant="cosine")
     settings = {**DEMO_CONFIG, **({"max_steps": max_steps} if max_steps is not None else {})}
     config = va.GRPOConfig(output_dir=out_dir, seed=seed, trackers=["jsonl"], **settings).with_overrides(overrides)
     eval_prompts, eval_seeds = eval_set(num_eval_prompts)
@@ -111,9 +184,10 @@ def run_demo(out_dir: str = "runs/demo", seed: int = 0, max_steps: int | None = 
     }
     sections = [
         ("Result", [summary]),
-        ("Before: the base model, fixed prompts and seeds", [_grid(before["images"])]),
-        ("After GRPO: same prompts and seeds", [_grid(after["images"])]),
-        ("Prompts of the grids (row by row)", ["; ".join(eval_prompts[:GRID_SIZE])]),
+        ("Before: the base model, fixed prompts and seeds", [
+            f"{_count_correct(before)} by the exact evaluator: a green ✓ means every attribute of the "
+            f"caption is right, a red ✗ names the wrong ones.", _gallery(before, eval_prompts)]),
+        ("After GRPO: same prompts and seeds", [f"{_count_correct(after)}.", _gallery(after, eval_prompts)]),
         ("Curves", [
             line_plot({"eval (fixed prompts)": [(s, r["reward"]) for s, r in curve],
                        "training batches": [(r["step"], r["reward_mean"]) for r in rows]}, "toy-CLIP reward"),
@@ -130,4 +204,6 @@ def run_demo(out_dir: str = "runs/demo", seed: int = 0, max_steps: int | None = 
                    "after": {k: after[k] for k in ("all_correct", "accuracy", "reward")},
                    "curve": [{"step": s, "all_correct": r["all_correct"], "reward": r["reward"]} for s, r in curve],
                    "timings": timings}, f, indent=2)
+    print(f"\nBefore → after {config.max_steps} GRPO iterations ({num_eval_prompts} fixed prompts, "
+          f"exact evaluator):\n{summary_table(before, after)}")
     return path

@@ -33,6 +33,16 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) 
     return Image.fromarray(grid)
 
 
+def to_pil_images(images: torch.Tensor, upscale: int = 1) -> list[Image.Image]:
+    """A batch (B, 3, H, W) in [0, 1] → one PIL image each, nearest-neighbour ``upscale``d."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise InvalidInputError(f"to_pil_images expects (B, 3, H, W); got {tuple(images.shape)}.")
+    out = [Image.fromarray(tile) for tile in to_uint8(images)]
+    if upscale > 1:
+        out = [im.resize((im.width * upscale, im.height * upscale), Image.NEAREST) for im in out]
+    return out
+
+
 def save_image_grid(images: torch.Tensor, path: str, nrow: int | None = None, upscale: int = 1) -> str:
     """Saves a batch of images as one PNG grid (nearest-neighbour ``upscale`` for tiny images)."""
     grid = image_grid(images, nrow)

@@ -62,6 +62,8 @@ def load_policy(model: str, torch_dtype: str | None = None, policy_kwargs: dict 
 
     policy_kwargs = dict(policy_kwargs or {})
     if model.startswith("tiny:"):
+        # Tiny random pipelines are a testing facility that the CLI offers too (``tiny:FAMILY``), so
+        # visalign.testing is imported here, when one is asked for, never at module level.
         from visalign.testing import tiny_pipeline
 
         return va.wrap(tiny_pipeline(model.split(":", 1)[1]), **policy_kwargs)
@@ -95,7 +97,7 @@ def _one_reward(spec: Any):
     kind = spec.pop("type", None)
     spec.pop("weight", None)
     if kind == "brightness":
-        from visalign.testing.rewards import brightness
+        from visalign.rewards.simple import brightness
 
         return brightness
     if kind == "toy_clip":
@@ -105,7 +107,7 @@ def _one_reward(spec: Any):
 
         return ToyEvaluatorReward(**spec)
     if kind is None or not hasattr(rewards, kind) or kind.startswith("_"):
-        names = [n for n in rewards.__all__ if n[0].isupper() and n not in ("Reward", "CombinedOutput", "RunningNorm")]
+        names = [n for n in rewards.__all__ if n[0].isupper() and n not in ("Reward", "RewardResult", "RunningNorm")]
         raise ConfigError(f"Unknown reward type {kind!r}; use one of {names} or toy_clip, toy_evaluator, brightness.")
     if kind == "SegmentalVideoReward":
         spec["image_reward"] = _one_reward(spec.pop("image_reward"))

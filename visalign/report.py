@@ -10,6 +10,7 @@ import base64
 import html
 import io
 import json
+from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
@@ -61,6 +62,51 @@ def line_plot(series: dict[str, list[tuple[float, float]]], title: str, y_label:
     return image
 
 
+@dataclass
+class Cell:
+    """One image of a :class:`Gallery`: its caption and, optionally, a judgement (✓ / ✗ badge and border)."""
+
+    image: Image.Image
+    caption: str
+    correct: bool | None = None
+    note: str = ""  # e.g. which attributes were wrong, shown under the caption
+
+
+@dataclass
+class Gallery:
+    """A grid of captioned images, each marked correct (green ✓) or not (red ✗) when judged."""
+
+    cells: list[Cell]
+    columns: int = 8
+
+
+GALLERY_CSS = (
+    ".gallery{display:grid;gap:6px;margin:8px 0}"
+    ".cell{margin:0;padding:4px;border:3px solid #bbb;border-radius:6px;position:relative;background:#fff}"
+    ".cell.ok{border-color:#2e9e44}.cell.bad{border-color:#d0342c}"
+    ".cell img{display:block;width:100%;height:auto;margin:0;border:0}"
+    ".badge{position:absolute;top:6px;right:6px;width:22px;height:22px;border-radius:11px;color:#fff;"
+    "font-weight:bold;text-align:center;line-height:22px;font-size:15px}"
+    ".ok .badge{background:#2e9e44}.bad .badge{background:#d0342c}"
+    ".cell figcaption{font-size:12px;line-height:1.25;margin-top:3px}"
+    ".cell .note{color:#d0342c;font-size:11px}"
+)
+
+
+def _gallery_html(gallery: Gallery) -> str:
+    cells = []
+    for cell in gallery.cells:
+        state = {True: " ok", False: " bad", None: ""}[cell.correct]
+        badge = {True: "<span class='badge' title='judged correct'>✓</span>",
+                 False: "<span class='badge' title='judged wrong'>✗</span>", None: ""}[cell.correct]
+        note = f"<br><span class='note'>{html.escape(cell.note)}</span>" if cell.note else ""
+        cells.append(f"<figure class='cell{state}'>{badge}<img src='{png_data_uri(cell.image)}' "
+                     f"alt='{html.escape(cell.caption, quote=True)}'>"
+                     f"<figcaption>{html.escape(cell.caption)}{note}</figcaption></figure>")
+    return (f"<div class='gallery' style='grid-template-columns:repeat({gallery.columns},1fr)'>"
+            + "".join(cells) + "</div>")
+
+
 def png_data_uri(image: Image.Image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -68,18 +114,22 @@ def png_data_uri(image: Image.Image) -> str:
 
 
 def write_html_report(path: str, title: str, sections: list[tuple[str, list]]) -> str:
-    """Writes an HTML file. Each section is (heading, items); an item is a PIL image, a dict
-    (rendered as a table), or a string (a paragraph, HTML-escaped)."""
+    """Writes an HTML file. Each section is (heading, items); an item is a PIL image, a
+    :class:`Gallery` (captioned, judged images), a dict (rendered as a table), or a string (a
+    paragraph, HTML-escaped).
+    """
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
              "img{image-rendering:pixelated;margin:4px;border:1px solid #ddd}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
-             "pre{background:#f6f6f6;padding:8px;overflow:auto}</style></head><body>",
+             "pre{background:#f6f6f6;padding:8px;overflow:auto}" + GALLERY_CSS + "</style></head><body>",
              f"<h1>{html.escape(title)}</h1>"]
     for heading, items in sections:
         parts.append(f"<h2>{html.escape(heading)}</h2>")
         for item in items:
-            if isinstance(item, Image.Image):
+            if isinstance(item, Gallery):
+                parts.append(_gallery_html(item))
+            elif isinstance(item, Image.Image):
                 parts.append(f"<img src='{png_data_uri(item)}' width='{item.width}' height='{item.height}'>")
             elif isinstance(item, dict):
                 rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>"

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 import visalign as va
-from visalign.algorithms.dpo import dpo_beta, dpo_loss, noise_pairs, prediction_errors, rwr_weights
+from visalign.losses.dpo import best_worst_pairs, dpo_beta, dpo_loss, prediction_errors, rwr_weights
 from visalign.errors import ConfigError, InvalidInputError
-from visalign.sampling import steps as S
+from visalign import steps as S
 from visalign.testing import brightness, tiny_pipeline
 from tests.algorithms.helpers import train_with_crash
 
@@ -38,7 +38,7 @@ def write_pairs(folder, n=6, seed=0, fmt="jsonl"):
 
 def make_config(tmp_path, **overrides):
     base = dict(output_dir=str(tmp_path / "run"), max_steps=1, height=32, width=32, lora_rank=4, guidance_scale=1.0,
-                pairs_per_step=2, num_steps=4, trackers=["jsonl"])
+                prompts_per_step=2, num_steps=4, trackers=["jsonl"])
     base.update(overrides)
     return va.DPOConfig(**base)
 
@@ -113,23 +113,57 @@ def test_eps_equivalent_beta_matches_the_eps_error():
     x = S.flow_add_noise(x0, eps, sigma)
     eps_err = prediction_errors(S.flow_x1(x, pred, sigma), eps)
     v_err = prediction_errors(pred, S.flow_target(x0, eps))
-    torch.testing.assert_close(eps_err, dpo_beta(1.0, "eps", True, sigma) * v_err)
+    torch.testing.assert_close(eps_err, dpo_beta(1.0, "eps", sigma, "velocity") * v_err)
     # DDPM v-prediction: the ε-error is ᾱ times the v-error
     alpha = torch.tensor([0.95, 0.6, 0.3, 0.02])
     xt = S.ddpm_add_noise(x0, eps, alpha)
     _, eps_hat = S.ddpm_x0_eps(xt, pred, alpha, "v_prediction")
     torch.testing.assert_close(prediction_errors(eps_hat, eps),
-                               dpo_beta(1.0, "eps", False, alpha, "v_prediction")
+                               dpo_beta(1.0, "eps", alpha, "v_prediction")
                                * prediction_errors(pred, S.ddpm_target(x0, eps, alpha, "v_prediction")))
-    assert dpo_beta(100.0, "eps", True, torch.tensor([0.5])).item() == pytest.approx(25.0)
-    assert dpo_beta(100.0, "constant", True, torch.tensor([0.5, 0.9])).tolist() == [100.0, 100.0]
-    assert dpo_beta(100.0, "eps", False, torch.tensor([0.3]), "epsilon").item() == pytest.approx(100.0)
+    assert dpo_beta(100.0, "eps", torch.tensor([0.5])).item() == pytest.approx(25.0)
+    assert dpo_beta(100.0, "constant", torch.tensor([0.5, 0.9])).tolist() == [100.0, 100.0]
+    assert dpo_beta(100.0, "eps", torch.tensor([0.3]), "epsilon").item() == pytest.approx(100.0)
+
+
+def test_dpo_beta_rejects_an_unknown_prediction_type():
+    with pytest.raises(ConfigError, match="prediction_type"):
+        dpo_beta(1.0, "eps", torch.tensor([0.5]), "flow")
+
+
+def test_best_worst_pairs():
+    rewards = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.3, 0.3])
+    best, worst, gap, active = best_worst_pairs(rewards, 3)
+    assert best.tolist() == [1, 3] and worst.tolist() == [0, 3]
+    torch.testing.assert_close(gap, torch.tensor([0.8, 0.0]))
+    assert active.tolist() == [True, False]
+
+
+@pytest.mark.parametrize("family", ["sd3", "sd"])
+def test_policy_forward_process_matches_the_step_math(family):
+    """The policy's training-time noise is the family's forward process and target (docs/math.md §0, §3)."""
+    policy = va.wrap(tiny_pipeline(family))
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    level, timesteps = policy.training_noise_levels(torch.tensor([0.3, 0.8]), policy.geometry())
+    if policy.is_flow:
+        torch.testing.assert_close(policy.add_noise(x0, eps, level), S.flow_add_noise(x0, eps, level))
+        torch.testing.assert_close(policy.training_target(x0, eps, level), eps - x0)
+        assert policy.prediction_type == "velocity" and policy.default_level_sampling == "logit_normal"
+    else:
+        torch.testing.assert_close(policy.add_noise(x0, eps, level), S.ddpm_add_noise(x0, eps, level))
+        torch.testing.assert_close(policy.training_target(x0, eps, level),
+                                   S.ddpm_target(x0, eps, level, policy.prediction_type))
+        assert policy.default_level_sampling == "uniform"
+        assert timesteps.tolist() == [float(int(0.3 * 1000)), float(int(0.8 * 1000))]
 
 
 def test_pairs_share_noise_and_level():
+    policy = va.wrap(tiny_pipeline("sd3"))
     x0_w, x0_l, noise = torch.ones(2, 4), -torch.ones(2, 4), torch.full((2, 4), 0.5)
     sigma = torch.tensor([0.25, 0.75])
-    x_w, x_l, t_w, t_l = noise_pairs(x0_w, x0_l, noise, sigma, is_flow=True)
+    x_w, x_l = policy.add_noise(x0_w, noise, sigma), policy.add_noise(x0_l, noise, sigma)
+    t_w, t_l = policy.training_target(x0_w, noise, sigma), policy.training_target(x0_l, noise, sigma)
     # x = (1−σ)·x0 + σ·ε: the pair differs only by (1−σ)·(x0_w − x0_l)
     torch.testing.assert_close(x_w - x_l, (1 - sigma).view(2, 1) * 2 * torch.ones(2, 4))
     assert x_w[0, 0].item() == pytest.approx(0.75 + 0.125)
@@ -180,7 +214,7 @@ def test_offline_dpo_moves_samples_towards_the_chosen(tmp_path):
     The tiny VAE is random (decode∘encode is not the identity), so the reward is measured in latent
     space: the projection of the sampled final latents on mean(chosen) − mean(rejected).
     """
-    cfg = make_config(tmp_path, max_steps=15, pairs_per_step=4, use_lora=False, learning_rate=1e-3, beta=100.0,
+    cfg = make_config(tmp_path, max_steps=15, prompts_per_step=4, use_lora=False, learning_rate=1e-3, beta=100.0,
                       max_grad_norm=None)
     trainer = va.DPOTrainer(tiny_pipeline("sd3"), None, write_pairs(tmp_path), cfg)
     x0_w, x0_l, _, _ = trainer.load_pair_latents([trainer.prompt_source[i] for i in range(6)])
@@ -204,7 +238,7 @@ def test_offline_dpo_moves_samples_towards_the_chosen(tmp_path):
 def test_micro_batches_give_the_same_gradient(tmp_path):
     pairs, grads = write_pairs(tmp_path), {}
     for micro in (None, 1):
-        cfg = make_config(tmp_path / str(micro), micro_batch_size=micro, pairs_per_step=3, use_lora=False)
+        cfg = make_config(tmp_path / str(micro), micro_batch_size=micro, prompts_per_step=3, use_lora=False)
         trainer = va.DPOTrainer(tiny_pipeline("sd3"), None, pairs, cfg)
         step = trainer.optimizer_step
 
@@ -218,11 +252,11 @@ def test_micro_batches_give_the_same_gradient(tmp_path):
 
 
 def test_gradient_steps_reuse_the_batch_at_fresh_noise(tmp_path):
-    """gradient_steps=K: K optimizer steps per iteration on the same pairs, each at its own ε and level;
+    """updates_per_rollout=K: K optimizer steps per iteration on the same pairs, each at its own ε and level;
     the first draw is the single-step draw, so K=1 is unchanged."""
     pairs, seen = write_pairs(tmp_path), {}
     for k in (1, 3):
-        cfg = make_config(tmp_path / str(k), gradient_steps=k, max_steps=2)
+        cfg = make_config(tmp_path / str(k), updates_per_rollout=k, max_steps=2)
         trainer = va.DPOTrainer(tiny_pipeline("sd3"), None, pairs, cfg)
         draws, levels = [], trainer.noise_levels
 
@@ -264,7 +298,7 @@ def test_latent_cache(tmp_path):
 # ---------------------------------------------------------------------------- online
 def test_online_dpo_raises_brightness(tmp_path):
     """20 seeded iterations of online DPO (full fine-tuning) lift the mean reward by > 3× its starting spread."""
-    cfg = make_config(tmp_path, mode="online", max_steps=20, group_size=4, pairs_per_step=2, num_steps=6,
+    cfg = make_config(tmp_path, mode="online", max_steps=20, group_size=4, prompts_per_step=2, num_steps=6,
                       use_lora=False, learning_rate=1e-2, beta=5000.0, max_grad_norm=None)
     va.DPOTrainer(tiny_pipeline("sd3"), brightness, PROMPTS, cfg).train()
     rows = metrics_rows(tmp_path)
@@ -344,7 +378,7 @@ def test_chosen_equal_to_rejected(tmp_path):
     # the same pixels under two names are caught when the pair is encoded
     Image.open(tmp_path / "w0.png").save(tmp_path / "copy.png")
     rows.write_text(json.dumps({"prompt": "a red circle", "chosen": "w0.png", "rejected": "copy.png"}) + "\n")
-    trainer = va.DPOTrainer(tiny_pipeline("sd3"), None, str(rows), make_config(tmp_path, pairs_per_step=1))
+    trainer = va.DPOTrainer(tiny_pipeline("sd3"), None, str(rows), make_config(tmp_path, prompts_per_step=1))
     with pytest.raises(InvalidInputError, match="are the same image"):
         trainer.train()
 
@@ -356,8 +390,8 @@ def test_config_errors(tmp_path):
         make_config(tmp_path, beta=-1.0)
     with pytest.raises(ConfigError, match="rwr_beta"):
         make_config(tmp_path, rwr_beta=0.0)
-    with pytest.raises(ConfigError, match="gradient_steps"):
-        make_config(tmp_path, gradient_steps=0)
+    with pytest.raises(ConfigError, match="updates_per_rollout"):
+        make_config(tmp_path, updates_per_rollout=0)
     with pytest.raises(ConfigError, match="group_size"):
         make_config(tmp_path, mode="online", group_size=1)
     with pytest.raises(ConfigError, match="pass a reward"):

@@ -17,7 +17,7 @@ PROMPTS = ["a red circle", "a blue square", "a green triangle"]
 
 
 def make_config(tmp_path, **overrides):
-    base = dict(output_dir=str(tmp_path / "run"), max_steps=1, num_steps=4, samples_per_step=2, height=32, width=32,
+    base = dict(output_dir=str(tmp_path / "run"), max_steps=1, num_steps=4, prompts_per_step=2, height=32, width=32,
                 lora_rank=4, guidance_scale=1.0, trackers=["jsonl"])
     base.update(overrides)
     return va.DRaFTConfig(**base)
@@ -152,7 +152,7 @@ def test_micro_batches_accumulate_the_same_update(tmp_path):
 # ---------------------------------------------------------------------------- learning
 def test_draft_raises_brightness(tmp_path):
     """10 seeded iterations of DRaFT-2 (full fine-tuning) lift the mean reward by more than 5× its starting spread."""
-    cfg = make_config(tmp_path, max_steps=10, num_steps=6, truncation=2, samples_per_step=4, use_lora=False,
+    cfg = make_config(tmp_path, max_steps=10, num_steps=6, truncation=2, prompts_per_step=4, use_lora=False,
                       learning_rate=1e-2, max_grad_norm=None)
     va.DRaFTTrainer(tiny_pipeline("sd3"), brightness, PROMPTS, cfg).train()
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
@@ -230,7 +230,7 @@ from visalign.testing import brightness, tiny_pipeline
 
 torch.set_num_threads(1)
 out = sys.argv[1]
-cfg = va.DRaFTConfig(output_dir=out, max_steps=2, num_steps=3, samples_per_step=2, truncation=2, height=32,
+cfg = va.DRaFTConfig(output_dir=out, max_steps=2, num_steps=3, prompts_per_step=2, truncation=2, height=32,
                      width=32, guidance_scale=3.0, lora_rank=4, learning_rate=1e-2, checkpoint_steps=True,
                      trackers=["jsonl"])
 trainer = va.DRaFTTrainer(tiny_pipeline("sd3"), brightness, ["a", "b", "c", "d"], cfg)

@@ -31,15 +31,19 @@ def trainable_state(trainer):
 
 # ---------------------------------------------------------------------------- pure math
 def test_group_advantages_per_group_std():
-    adv, zero = group_advantages(torch.tensor([1.0, 2, 3, 3, 0, 0, 0, 0]), 4, "group", clip=5.0)
+    adv, zero = group_advantages(torch.tensor([1.0, 2, 3, 3, 0, 0, 0, 0]), 4, "group", clip=5.0, eps=1e-8)
     # group 1: mean 2.25, population std √0.6875; group 2 has zero std → advantage 0
     expected = [-1.507556704707, -0.30151134094140003, 0.9045340228242, 0.9045340228242, 0, 0, 0, 0]
     assert adv.tolist() == pytest.approx(expected, abs=1e-5)
+    # the default floor 1e-4 (Flow-GRPO's): the deviations over √0.6875 + 1e-4 = 0.8292562
+    floored, _ = group_advantages(torch.tensor([1.0, 2, 3, 3, 0, 0, 0, 0]), 4, "group", clip=5.0)
+    assert floored[:4].tolist() == pytest.approx([-1.25 / 0.8292562, -0.25 / 0.8292562, 0.75 / 0.8292562,
+                                                  0.75 / 0.8292562], abs=1e-5)
     assert zero.tolist() == [False, True]
 
 
 def test_group_advantages_global_std_and_clip():
-    adv, _ = group_advantages(torch.tensor([1.0, 2, 3, 3, 0, 0, 0, 0]), 4, "global", clip=5.0)
+    adv, _ = group_advantages(torch.tensor([1.0, 2, 3, 3, 0, 0, 0, 0]), 4, "global", clip=5.0, eps=1e-8)
     # the std over all eight rewards is 1.2686114456365274
     assert adv[:4].tolist() == pytest.approx([-0.985329270397303, -0.1970658540794606,
                                               0.5911975622383818, 0.5911975622383818], abs=1e-5)
@@ -209,9 +213,9 @@ def test_outputs_trackers_and_samples(tmp_path):
 
 # ---------------------------------------------------------------------------- bad input
 def test_config_errors(tmp_path):
-    with pytest.raises(ConfigError, match="at least 2"):
+    with pytest.raises(ConfigError, match="group_size.*>= 2"):
         make_config(tmp_path, group_size=1)
-    with pytest.raises(ConfigError, match="not divisible by group_size"):
+    with pytest.raises(ConfigError, match="a multiple of group_size"):
         make_config(tmp_path, group_size=4, batch_size=6)
     with pytest.raises(ConfigError, match="ODE sampler"):
         make_config(tmp_path, sampler="ode")

@@ -69,7 +69,7 @@ def test_first_update_is_on_policy(tmp_path):
 
 
 def test_later_gradient_steps_are_clipped(tmp_path):
-    cfg = make_config(tmp_path, gradient_steps=3, learning_rate=5e-2, clip_range=1e-5, beta=0.01)
+    cfg = make_config(tmp_path, updates_per_rollout=3, learning_rate=5e-2, clip_range=1e-5, beta=0.01)
     metrics = va.PRDPTrainer(tiny_pipeline("sd3"), brightness, PROMPTS, cfg).train()
     assert metrics["clipfrac_last"] > 0 and metrics["clipped_pair_frac"] > 0
     assert metrics["clipfrac"] < metrics["clipfrac_last"]  # the first step had none
@@ -77,7 +77,7 @@ def test_later_gradient_steps_are_clipped(tmp_path):
 
 def test_ddim_policy(tmp_path):
     """SD (DDPM family) samples with DDIM η > 0 and trains on its exact log-probs."""
-    cfg = make_config(tmp_path, group_size=2, prompts_per_step=1, num_steps=3, gradient_steps=2, learning_rate=5e-2,
+    cfg = make_config(tmp_path, group_size=2, prompts_per_step=1, num_steps=3, updates_per_rollout=2, learning_rate=5e-2,
                       clip_range=1e-5, beta=0.01)
     trainer = va.PRDPTrainer(tiny_pipeline("sd"), brightness, PROMPTS, cfg)
     metrics = trainer.train()

@@ -58,7 +58,7 @@ def test_unknown_conditioning_is_refused_on_direct_calls_but_dropped_by_call_rew
     with pytest.raises(InvalidInputError, match=r"unexpected conditioning \['typo'\]"):
         r(rand_images(2), ["a", "b"], typo=1)
     out = call_reward(r, rand_images(2), ["a", "b"], typo=1, offset=1.0)
-    assert torch.allclose(out, 2 * rand_images(2).mean(dim=(1, 2, 3)) + 1.0)
+    assert torch.allclose(out.total, 2 * rand_images(2).mean(dim=(1, 2, 3)) + 1.0)
 
 
 # ---------------------------------------------------------------- output, placement, chunking
@@ -98,8 +98,8 @@ def test_non_differentiable_reward_refuses_backprop_with_a_clear_error():
 # ---------------------------------------------------------------- plain callables
 def test_plain_callables_are_rewards_and_outputs_are_checked():
     x = rand_images(3)
-    assert torch.allclose(call_reward(brightness, x, ["p"] * 3), x.mean(dim=(1, 2, 3)))
-    assert torch.allclose(call_reward(lambda im, pr: [1, 2, 3], x, None), torch.tensor([1., 2, 3]))
+    assert torch.allclose(call_reward(brightness, x, ["p"] * 3).total, x.mean(dim=(1, 2, 3)))
+    assert torch.allclose(call_reward(lambda im, pr: [1, 2, 3], x, None).total, torch.tensor([1., 2, 3]))
     with pytest.raises(RewardError, match=r"shape \(3, 1\).*squeeze"):
         call_reward(lambda im, pr: torch.zeros(3, 1), x, None)
     with pytest.raises(RewardError, match=r"non-finite"):

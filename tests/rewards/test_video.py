@@ -9,7 +9,7 @@ from tests.rewards._util import rand_images
 from visalign.testing import brightness
 from visalign.errors import InvalidInputError, NotDifferentiableError, RewardError
 from visalign.rewards import (CLIPScore, MultiHeadVideoReward, SegmentalVideoReward,
-                              attenuation_weights, segment_indices)
+                              attenuation_weights, call_reward, segment_indices)
 
 
 def videos(batch=2, frames=10, size=8, seed=0, requires_grad=False):
@@ -96,11 +96,18 @@ def test_multi_head_adapter_sums_normalised_heads():
     torch.testing.assert_close(plain(v, ["a", "b"]), 3 * m + 1)
     normed = MultiHeadVideoReward(model, heads=["VQ", "MQ"], weights={"MQ": 0.5},
                                   normalization={"VQ": (0.5, 0.1)})
-    comps = normed.components(v, ["a", "b"])
-    torch.testing.assert_close(comps["VQ"], (m - 0.5) / 0.1)
-    torch.testing.assert_close(comps["overall"], (m - 0.5) / 0.1 + 0.5 * 2 * m)
-    torch.testing.assert_close(normed(v, ["a", "b"]), comps["overall"])
-    assert set(normed.last_components) == {"VQ", "MQ", "TA", "overall"}
+    out = normed.evaluate(v, ["a", "b"])  # the summed heads are the result's parts
+    assert set(out.components) == set(out.raw) == {"VQ", "MQ"}
+    assert out.weights == {"VQ": 1.0, "MQ": 0.5}
+    torch.testing.assert_close(out.components["VQ"], (m - 0.5) / 0.1)
+    torch.testing.assert_close(out.components["MQ"], 0.5 * 2 * m)
+    torch.testing.assert_close(out.raw["VQ"], m)
+    torch.testing.assert_close(out.total, (m - 0.5) / 0.1 + 0.5 * 2 * m)
+    torch.testing.assert_close(sum(out.components.values()), out.total)
+    torch.testing.assert_close(normed(v, ["a", "b"]), out.total)
+    chunked = MultiHeadVideoReward(model, heads=["VQ", "MQ"], weights={"MQ": 0.5},
+                                   normalization={"VQ": (0.5, 0.1)}, batch_size=1)
+    torch.testing.assert_close(call_reward(chunked, v, ["a", "b"]).components["MQ"], out.components["MQ"])
     # a (B, K) tensor output with head names
     as_tensor = MultiHeadVideoReward(lambda v, p: torch.stack([v.mean((1, 2, 3, 4))] * 3, 1),
                                      head_names=["VQ", "MQ", "TA"])

@@ -50,11 +50,44 @@ def test_ode_matches_stock_pipeline(tiny_policies, family):
 
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
 def test_stochastic_ddim_matches_stock(tiny_policies, family):
-    # Stock draws the initial noise, then one randn per step from the same generator (PITFALLS).
+    """Stock DDIM with eta= draws the initial noise, then one randn per step from the same generator
+    (PITFALLS). Every state matches stock's except the last step, which visalign makes deterministic
+    (the DDIM η=0 step onto x̂0's level) so that no noise is left in the output."""
     policy = tiny_policies(family)
-    stock = _stock(policy, family, PROMPTS, torch.Generator().manual_seed(3), eta=0.6)
-    traj = _ours(policy, family, PROMPTS, torch.Generator().manual_seed(3), sampler="ddim", eta=0.6)
-    torch.testing.assert_close(traj.images, stock, rtol=0, atol=STOCK_ATOL)
+    states = []
+
+    def keep(pipe, i, t, kwargs):
+        states.append(kwargs["latents"].float().clone())
+        return kwargs
+
+    _stock(policy, family, PROMPTS, torch.Generator().manual_seed(3), eta=0.6, callback_on_step_end=keep,
+           output_type="latent")
+    traj = _ours(policy, family, PROMPTS, torch.Generator().manual_seed(3), sampler="ddim", eta=0.6, return_x0=True)
+    # every stochastic state, the one the last step starts from included, is stock's
+    torch.testing.assert_close(traj.latents[:, 1:-1], torch.stack(states[:-1], 1), rtol=0, atol=STOCK_ATOL)
+    assert traj.sde_mask.tolist() == [True, True, True, False] and float(traj.stds[-1]) == 0
+    # the last step is the deterministic DDIM step (η=0) from that state
+    ode_last = va.sample(policy, PROMPTS, num_steps=4, guidance_scale=4.0, sampler="ode",
+                         latents=traj.latents[:, 0], **size_kwargs(family))
+    assert (traj.final_latents - states[-1]).abs().max() > 1e-4  # stock's last step is noisy here
+    assert traj.final_latents.shape == ode_last.final_latents.shape
+
+
+def test_last_step_of_a_stochastic_sampler_leaves_no_noise(tiny_policies):
+    """On a FLUX-like schedule (dynamic shifting, σ_last ≈ 0.2–0.3) the last SDE step used to add noise of
+    std g·√σ_last to the decoded output; now it lands on the clean prediction x̂0 (hardening item 1)."""
+    policy = tiny_policies("flux")
+    sigmas = policy.schedule(4, policy.geometry(**size_kwargs("flux"))).sigmas
+    assert float(sigmas[-2]) > 0.05 and float(sigmas[-1]) == 0.0
+    for sampler, noise in _stochastic_samplers("flux"):
+        traj = _ours(policy, "flux", PROMPTS, torch.Generator().manual_seed(0), sampler=sampler, noise=noise,
+                     return_x0=True)
+        assert not bool(traj.sde_mask[-1]) and bool(traj.sde_mask[:-1].all()), sampler
+        assert float(traj.log_probs[:, -1].abs().max()) == 0.0
+        torch.testing.assert_close(traj.final_latents, traj.x0[:, -1], rtol=0, atol=1e-6)
+        # the log-probs of the earlier steps still recompute exactly
+        out = va.log_prob(policy, traj, [0, 1, 2])
+        torch.testing.assert_close(out.log_probs, traj.log_probs[:, :3], rtol=0, atol=1e-5)
 
 
 def _stochastic_samplers(family):
@@ -103,10 +136,10 @@ def test_recomputed_ratio_is_one_on_policy(tiny_policies, family):
 def test_log_prob_with_per_sample_steps(tiny_policies):
     policy = tiny_policies("sd3")
     traj = _ours(policy, "sd3", PROMPTS, torch.Generator().manual_seed(0), sampler="sde")
-    steps = torch.tensor([[0, 2], [1, 3]])
+    steps = torch.tensor([[0, 2], [1, 2]])  # the last step (3) is deterministic
     with torch.no_grad():
         out = va.log_prob(policy, traj, steps)
-    expected = torch.stack([traj.log_probs[0, [0, 2]], traj.log_probs[1, [1, 3]]])
+    expected = torch.stack([traj.log_probs[0, [0, 2]], traj.log_probs[1, [1, 2]]])
     torch.testing.assert_close(out.log_probs, expected, rtol=0, atol=1e-5)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from visalign.errors import SamplerError
-from visalign.sampling import steps as S
+from visalign import steps as S
 
 X, V, SIGMA, SIGMA_NEXT = torch.tensor([[1.0]]), torch.tensor([[0.5]]), 0.8, 0.6
 

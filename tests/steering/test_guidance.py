@@ -51,3 +51,34 @@ def test_non_differentiable_reward_is_refused(tiny_policies):
     frozen = FunctionReward(brightness, name="frozen_brightness", differentiable=False)
     with pytest.raises(NotDifferentiableError, match="frozen_brightness"):
         _guide(tiny_policies("sd3"), "sd3", [(brightness, 1.0), (frozen, 1.0)], scale=1.0)
+
+
+def test_a_reward_without_gradient_is_refused_clearly(tiny_policies):
+    """differentiable=False, or scores that come back detached, end in NotDifferentiableError, not torch's error."""
+    policy = tiny_policies("sd3")
+    with pytest.raises(NotDifferentiableError, match=r"'frozen'.*not differentiable"):
+        _guide(policy, "sd3", FunctionReward(brightness, name="frozen", differentiable=False), scale=1.0)
+
+    def detached(images, prompts):  # claims nothing, but its scores carry no gradient
+        with torch.no_grad():
+            return images.mean(dim=(1, 2, 3))
+
+    with pytest.raises(NotDifferentiableError, match=r"'detached'.*carry no gradient"):
+        _guide(policy, "sd3", detached, scale=1.0)
+
+
+def test_steering_functions_take_the_sampling_keywords(tiny_policies):
+    """The sampling keywords show in each signature (defaults: SamplingOptions'); group_size is the function's own."""
+    import inspect
+
+    from visalign.errors import ConfigError
+    from visalign.sampling import SamplingOptions
+
+    for fn in (va.best_of_n, va.fk_steer, va.reward_guidance):
+        params = inspect.signature(fn).parameters
+        assert params["num_steps"].default == SamplingOptions().num_steps
+        assert params["sampler"].default == SamplingOptions().sampler
+        assert {"eta", "noise", "guidance_scale", "generator", "height", "negative_prompt"} <= set(params)
+        assert "group_size" not in params
+    with pytest.raises(ConfigError, match="num_samples="):
+        _guide(tiny_policies("sd3"), "sd3", brightness, scale=0.0, group_size=2)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import visalign as va
+from tests.toy._scripts import load_script
 from visalign.toy import COLORS, SHAPES, Scene, evaluate, render_batch
 
 MODELS = Path(va.toy.__file__).parent / "models"
@@ -81,7 +82,7 @@ def test_clip_reward_is_differentiable(clip_reward):
 @pytest.fixture(scope="module")
 def t2i_policy():
     # max_sequence_length=1: the shipped model is trained for any number of zero "T5" rows
-    # (see visalign/toy/train.py), and one row keeps these tests fast.
+    # (see scripts/toy/README.md), and one row keeps these tests fast.
     return va.load(str(T2I), local_files_only=True, policy_kwargs={"max_sequence_length": 1})
 
 
@@ -125,7 +126,7 @@ def test_t2i_stock_pipeline_matches_visalign():
 @pytest.mark.slow
 def test_t2i_base_accuracy_is_in_the_documented_band():
     """The base model is deliberately imperfect: re-measure what MODELS.md reports."""
-    from visalign.toy.train import evaluate_t2i
+    evaluate_t2i = load_script("train_t2i").evaluate_t2i
 
     documented = json.loads((T2I / "training_info.json").read_text())["evaluation"]
     measured = evaluate_t2i(T2I, max_sequence_length=1, threads=torch.get_num_threads())

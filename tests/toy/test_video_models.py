@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import visalign as va
+from tests.toy._scripts import load_script
 from visalign.toy import detect, evaluate_videos, first_frame
 
 MODELS = Path(va.toy.__file__).parent / "models"
@@ -65,7 +66,7 @@ def test_toy_model_path_finds_the_video_models():
 @pytest.fixture(scope="module")
 def t2v_policy():
     # max_sequence_length=16: the model is trained for any number of zero text rows (see
-    # visalign/toy/train_video.py), and 16 rows instead of 512 keep these tests fast.
+    # scripts/toy/README.md), and 16 rows instead of 512 keep these tests fast.
     return va.load(str(T2V), local_files_only=True, policy_kwargs={"max_sequence_length": 16})
 
 
@@ -156,7 +157,7 @@ def test_i2v_stock_pipeline_matches_visalign(i2v_policy):
 @pytest.mark.parametrize("kind", ["t2v", "i2v"])
 def test_video_base_accuracy_is_in_the_documented_band(kind):
     """The base models are deliberately imperfect: re-measure what MODELS.md reports."""
-    from visalign.toy.train_video import evaluate_video_model
+    evaluate_video_model = load_script("train_video").evaluate_video_model
 
     folder = MODELS / kind
     info = json.loads((folder / "training_info.json").read_text())

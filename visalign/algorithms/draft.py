@@ -1,4 +1,4 @@
-"""Direct reward fine-tuning: DRaFT, DRaFT-K, DRaFT-LV and ReFL (REFERENCE §5).
+"""Direct reward fine-tuning: DRaFT, DRaFT-K, DRaFT-LV and ReFL (docs/math.md §5).
 
 DRaFT is Clark et al., arXiv 2309.17400; ReFL is from ImageReward (Xu et al., arXiv 2304.05977);
 the random truncation is AlignProp's (Prabhudesai et al., arXiv 2310.03739).
@@ -52,51 +52,28 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from visalign.errors import ConfigError, NotDifferentiableError, RewardError
-from visalign.sampling import SamplerSpec, denoise_step
-from visalign.sampling import steps as S
-from visalign.training.config import TrainConfig, config_field
+from visalign.losses.draft import draft_loss, grad_window
+from visalign.sampling import denoise_step, prepare_sampling
+from visalign.sampling.options import sampling_field
+from visalign.training.config import TrainConfig, config_field, override_default
 from visalign.training.trainer import Trainer
-
-
-# ---------------------------------------------------------------------------- pure pieces
-def draft_loss(rewards: torch.Tensor, total: int | None = None) -> torch.Tensor:
-    """loss = −Σ r / total (−mean(r) for one batch; ``total`` is the whole step's batch for micro-batches)."""
-    return -rewards.float().sum() / (rewards.shape[0] if total is None else total)
-
-
-def grad_window(num_steps: int, truncation: int | None, mode: str, generator: torch.Generator | None) -> int:
-    """The first step of the gradient window: the window is ``[start, num_steps)``, one contiguous block.
-
-    Args:
-        num_steps: S.
-        truncation: K, or None for the full chain.
-        mode: ``"fixed"`` (the last K steps) or ``"random"`` (the last K' steps, K' uniform in [1, K]).
-        generator: the draw's random source (drawn once per rollout).
-    """
-    k = num_steps if truncation is None else truncation
-    if not 1 <= k <= num_steps:
-        raise ConfigError(f"truncation={truncation} must be in [1, num_steps={num_steps}].")
-    if mode == "random":
-        k = int(torch.randint(1, k + 1, (1,), generator=generator))
-    elif mode != "fixed":
-        raise ConfigError(f"truncation_mode must be 'fixed' or 'random'; got {mode!r}.")
-    return num_steps - k
 
 
 # ---------------------------------------------------------------------------- config
 @dataclass
 class DRaFTConfig(TrainConfig):
-    """DRaFT options (REFERENCE §5), on top of :class:`~visalign.training.config.TrainConfig`."""
+    """DRaFT options (docs/math.md §5), on top of :class:`~visalign.training.config.TrainConfig`.
 
+    ``prompts_per_step`` samples (one per prompt) per rank per iteration; ``sampler`` is ode (DDIM
+    η=0 on SD/SDXL, as DRaFT) or sde (noise drawn per step from the iteration's seed).
+    """
+
+    renamed_fields = {"samples_per_step": "prompts_per_step"}
+
+    sampler: Literal["ode", "sde", "cps", "ddim"] = sampling_field("sampler", "ode")
+    prompts_per_step: int = override_default(TrainConfig, "prompts_per_step", 4)
     variant: Literal["draft", "lv", "refl"] = config_field(
         "draft", "draft (last K steps), lv (DRaFT-LV re-noisings) or refl (one random late step).")
-    num_steps: int = config_field(20, "Denoising steps per rollout.")
-    guidance_scale: float | None = config_field(
-        None, "CFG scale (FLUX: embedded guidance); None uses the family default.")
-    sampler: Literal["ode", "sde"] = config_field(
-        "ode", "ode (DDIM η=0 on SD/SDXL, as DRaFT) or sde (noise drawn per step from the iteration seed).")
-    noise: Literal["flow", "dance"] = config_field("flow", "Flow SDE noise schedule when sampler='sde'.")
-    eta: float | None = config_field(None, "Noise level of the 'sde' sampler; None uses its default.")
     truncation: int | None = config_field(
         None, "K: backprop through the last K steps (DRaFT-K; 1 is DRaFT-1); None: the full chain.")
     truncation_mode: Literal["fixed", "random"] = config_field(
@@ -106,24 +83,17 @@ class DRaFTConfig(TrainConfig):
         None, "ReFL: the step with gradient is uniform in [lo, hi] (inclusive); None: the last quarter.")
     checkpoint_steps: bool = config_field(
         True, "Gradient-checkpoint each step with gradient and the VAE decode (use_reentrant=False).")
-    detach_uncond: bool = config_field(False, "No gradient through the unconditional CFG branch.")
-    samples_per_step: int = config_field(4, "Samples per rank per iteration (one prompt each).")
-    micro_batch_size: int | None = config_field(
-        None, "Samples per forward/backward (gradient accumulation); None: all at once.")
-    image_column: str = config_field("image", "Prompt-source column holding I2V first-frame paths.")
 
     def validate(self) -> None:
         super().validate()
         c = self._check
-        c(self.num_steps >= 1, "num_steps", ">= 1")
+        c(self.sampler in ("ode", "sde"), "sampler", "'ode' or 'sde'", "DRaFT backpropagates through ODE or SDE steps.")
         c(self.truncation is None or 1 <= self.truncation <= self.num_steps, "truncation",
           f"in [1, num_steps={self.num_steps}] or None", "K counts the last steps with gradient; None is the full chain.")
         c(self.truncation is None or self.variant == "draft", "truncation", "None unless variant='draft'",
           "DRaFT-LV and ReFL take exactly one step with gradient.")
         c(self.refl_steps is None or self.variant == "refl", "refl_steps", "None unless variant='refl'")
         c(self.lv_samples >= 1, "lv_samples", ">= 1")
-        c(self.samples_per_step >= 1, "samples_per_step", ">= 1")
-        c(self.micro_batch_size is None or self.micro_batch_size >= 1, "micro_batch_size", ">= 1 or None")
         if self.refl_steps is not None:
             lo, hi = self.refl_steps
             c(0 <= lo <= hi < self.num_steps, "refl_steps", f"(lo, hi) with 0 <= lo <= hi < num_steps={self.num_steps}",
@@ -158,9 +128,6 @@ class DRaFTTrainer(Trainer):
                 f"Aesthetic, HPSv2, a YesTokenReward on torch pixels), or train with GRPO/PRDP, which need only scores.")
         super().__init__(policy, reward, prompts, config, accelerator)
 
-    def prompts_per_step(self) -> int:
-        return self.config.samples_per_step
-
     def batch_arithmetic(self) -> list[str]:
         cfg = self.config
         if cfg.variant == "draft":
@@ -171,14 +138,10 @@ class DRaFTTrainer(Trainer):
             grad = f"DRaFT-LV: {cfg.lv_samples} re-noisings of the last of {cfg.num_steps} steps"
         else:
             grad = f"ReFL: one step with gradient in {list(cfg.refl_range())} of {cfg.num_steps}"
-        return [f"{cfg.samples_per_step} samples per rank per iteration, sampler {cfg.sampler}; {grad}",
+        return [f"{cfg.prompts_per_step} samples per rank per iteration, sampler {cfg.sampler}; {grad}",
                 f"per-step checkpointing {'on' if cfg.checkpoint_steps else 'off'}"]
 
     # ------------------------------------------------------------------ the chain
-    def _spec(self) -> SamplerSpec:
-        cfg = self.config
-        return SamplerSpec.resolve(self.policy, cfg.sampler, cfg.noise, cfg.eta, "mean", None, cfg.num_steps)
-
     def _step(self, spec, schedule, i, x, conditioning, noise, want_x0: bool = False):
         """One step with gradient (checkpointed when configured); returns next state (and x̂0)."""
         def run(latents):
@@ -204,15 +167,11 @@ class DRaFTTrainer(Trainer):
             ``info`` holds the window drawn.
         """
         cfg, policy = self.config, self.policy
-        prompts = [r["prompt"] for r in records]
-        images = self.load_condition_images(records, cfg.image_column)
-        geometry = policy.geometry(cfg.height, cfg.width, cfg.num_frames)
-        spec = self._spec()
-        schedule = policy.schedule(cfg.num_steps, geometry).to(self.accelerator.device)
         gens = self.generators(step, offset + len(records))[offset:]
-        with torch.no_grad():
-            conditioning = policy.encode_prompt(prompts, None, cfg.guidance_scale, images=images, geometry=geometry)
-            x = policy.prepare_latents(len(records), geometry, gens)
+        setup = prepare_sampling(policy, [r["prompt"] for r in records], **self.sampling_kwargs(step), generator=gens,
+                                 images=self.load_condition_images(records))
+        prompts, spec, geometry, schedule = setup.prompts, setup.spec, setup.geometry, setup.schedule
+        conditioning, x = setup.conditioning, setup.latents
         window_gen = torch.Generator().manual_seed(self.step_seed(step, 5))
         if cfg.variant == "draft":
             start, stop = grad_window(cfg.num_steps, cfg.truncation, cfg.truncation_mode, window_gen), cfg.num_steps
@@ -252,10 +211,7 @@ class DRaFTTrainer(Trainer):
         gens = self.generators(step, offset + len(records), stream=4)[offset:]
         copies = x0.repeat_interleave(n, dim=0)
         noise = torch.cat([torch.randn((n, *x0.shape[1:]), generator=g, device=x0.device) for g in gens])
-        if schedule.is_flow:
-            x = S.flow_add_noise(copies, noise, schedule.sigmas[last])
-        else:
-            x = S.ddpm_add_noise(copies, noise, schedule.alphas_cumprod[last])
+        x = self.policy.add_noise(copies, noise, schedule.noise_level(last))
         step_noise = None
         if spec.kind_at(last) != "ode":
             step_noise = torch.cat([torch.randn((n, *x0.shape[1:]), generator=g, device=x0.device) for g in gens])
@@ -273,7 +229,7 @@ class DRaFTTrainer(Trainer):
         from visalign.rewards import reward_name
 
         pixels, prompts, recs, info = self.generate(step, records, offset)
-        rewards, _ = self.score(pixels, prompts, recs)
+        rewards = self.score(pixels, prompts, recs).total
         if not rewards.requires_grad:
             raise NotDifferentiableError(
                 f"The reward '{reward_name(self.reward)}' returned scores with no gradient (it detaches, or goes "

@@ -9,7 +9,7 @@ interface, so that samplers, trainers and steering never branch on a family:
 - :meth:`Policy.schedule` → a :class:`Schedule` (σ table or ᾱ table, read from the scheduler);
 - :meth:`Policy.predict` → the guided model output (velocity for flow, ε/v for DDPM);
 - :meth:`Policy.decode` / :meth:`Policy.encode` → pixels in [0, 1] ↔ latents, differentiable;
-- :meth:`Policy.add_lora`, :meth:`Policy.adapters_disabled`, :meth:`Policy.save_lora`.
+- :meth:`Policy.add_lora`, :meth:`Policy.remove_lora`, :meth:`Policy.adapters_disabled`, :meth:`Policy.save_lora`.
 
 Family adapters subclass Policy in one file per family and register themselves by pipeline class.
 """
@@ -60,6 +60,10 @@ class Schedule:
     @property
     def is_flow(self) -> bool:
         return self.sigmas is not None
+
+    def noise_level(self, step) -> torch.Tensor:
+        """The noise level of the state at ``step``: σ (flow) or ᾱ_t (DDPM), as :meth:`Policy.add_noise` takes it."""
+        return self.sigmas[step] if self.is_flow else self.alphas_cumprod[step]
 
     def to(self, device) -> "Schedule":
         return dataclasses.replace(
@@ -314,6 +318,58 @@ class Policy:
         """Pixels in [0, 1] → latents in the denoiser's layout (scaled as the pipeline scales)."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ training-time noise
+    # What algorithms that noise clean samples themselves (DPO, DRaFT-LV, the forward-process
+    # trainers) need from a family. Flow and DDPM families implement them (docs/math.md §0, §3).
+    prediction_type: str = "velocity"
+    # The noise-level draw that suits the parameterisation: "logit_normal" (flow) or "uniform" (DDPM).
+    default_level_sampling: ClassVar[str] = "logit_normal"
+
+    def training_noise_levels(self, u: torch.Tensor, geometry: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
+        """Maps draws ``u`` ∈ (0, 1) to training noise levels; returns ``(level, timesteps)``.
+
+        ``level`` is σ (flow: through the scheduler's shift, as sampling sees it) or ᾱ_t (DDPM:
+        t = ⌊u·T⌋); ``timesteps`` are in the denoiser's scheduler units.
+        """
+        raise NotImplementedError
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, level) -> torch.Tensor:
+        """The forward process at ``level`` (σ for flow, ᾱ_t for DDPM), in float32."""
+        raise NotImplementedError
+
+    def training_target(self, x0: torch.Tensor, noise: torch.Tensor, level) -> torch.Tensor:
+        """What the denoiser regresses on at ``level``: the velocity (flow), or ε / v / x0 (DDPM)."""
+        raise NotImplementedError
+
+    def vae_fingerprint(self) -> str:
+        """A short hash of the VAE's config and first weights: keys caches of encoded latents."""
+        import hashlib
+        import json
+
+        vae = self.vae
+        first = next(vae.parameters()).detach().flatten()[:256].float().cpu().numpy().tobytes()
+        config = json.dumps(dict(vae.config), sort_keys=True, default=str).encode()
+        return hashlib.sha1(config + first).hexdigest()[:16]
+
+    def use_batched_cfg(self) -> None:
+        """Runs CFG as one batched [uncond, cond] forward from now on.
+
+        Distributed training needs it: DDP expects one forward per backward, and two CFG forwards
+        would break that. Outputs equal the two-forward form up to float rounding.
+        """
+        self.cfg_batched = True
+
+    def merged_pipeline(self):
+        """A copy of the pipeline whose denoiser has the LoRA merged into its weights (no adapter left)."""
+        import copy
+
+        pipe = copy.deepcopy(self.pipe)
+        if self.has_lora:
+            denoiser = getattr(pipe, self.denoiser_name)
+            denoiser.fuse_lora()
+            denoiser.unload_lora()
+        return pipe
+
     # ------------------------------------------------------------------ shared behaviour
     def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning,
                 detach_uncond: bool = False) -> torch.Tensor:
@@ -372,9 +428,42 @@ class Policy:
             lora_dropout=dropout, init_lora_weights=init_lora_weights,
         )
         denoiser = self.denoiser
+        if adapter_name in (getattr(denoiser, "peft_config", None) or {}):
+            # E.g. a notebook cell that builds a trainer run twice on the same policy.
+            import warnings
+
+            self.remove_lora(adapter_name)
+            warnings.warn(
+                f"The policy already had a LoRA adapter {adapter_name!r}; it was replaced by a fresh one "
+                f"(the previous adapter's trained weights are gone from this policy). To keep training the "
+                f"previous adapter, keep using the trainer that created it (trainer.train() again, or "
+                f"resume='latest' from its output_dir), or save it first with policy.save_lora(folder); "
+                f"to start over without this warning, call policy.remove_lora() before building a new trainer "
+                f"or load a fresh policy.",
+                UserWarning, stacklevel=2,
+            )
         denoiser.requires_grad_(False)
         denoiser.add_adapter(config, adapter_name=adapter_name)
         denoiser.set_adapter(adapter_name)
+
+    def remove_lora(self, adapter_name: str = "default") -> None:
+        """Removes a LoRA adapter from the denoiser; without adapters it is the base model again.
+
+        The last adapter is unloaded entirely (the original layers are restored); with several,
+        only ``adapter_name`` is deleted and the remaining ones stay active.
+        """
+        denoiser = self.denoiser
+        names = list(getattr(denoiser, "peft_config", None) or {})
+        if adapter_name not in names:
+            raise ConfigError(
+                f"remove_lora({adapter_name!r}): the policy has no adapter of that name "
+                f"(adapters: {names or 'none'}). Call policy.add_lora() to attach one."
+            )
+        if names == [adapter_name]:
+            denoiser.unload_lora()
+        else:
+            denoiser.delete_adapters(adapter_name)
+            denoiser.set_adapter([n for n in names if n != adapter_name])
 
     @property
     def has_lora(self) -> bool:

@@ -14,6 +14,7 @@ import torch
 
 from visalign.errors import ConfigError
 from visalign.pipelines.base import Geometry, Policy, Schedule
+from visalign import steps as S
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,17 @@ class FlowPolicy(Policy):
             return scheduler.time_shift(mu, 1.0, sigmas)
         shift = float(scheduler.config.get("shift", 1.0))
         return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+    # ----------------------------------------------------------------- training-time noise
+    def training_noise_levels(self, u, geometry):
+        sigma = self.shift_sigmas(u, geometry).clamp(1e-4, 1.0)
+        return sigma, sigma * self.flow_scheduler().config.num_train_timesteps
+
+    def add_noise(self, x0, noise, level):
+        return S.flow_add_noise(x0, noise, level)
+
+    def training_target(self, x0, noise, level):
+        return S.flow_target(x0, noise)
 
     # ----------------------------------------------------------------- VAE affine
     def _latent_affine(self):

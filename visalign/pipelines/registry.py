@@ -7,7 +7,10 @@ its method resolution order.
 
 from __future__ import annotations
 
-from visalign.errors import UnsupportedPipelineError
+import os
+import re
+
+from visalign.errors import InvalidInputError, UnsupportedPipelineError
 
 _ADAPTERS: dict[str, type] = {}
 
@@ -68,5 +71,67 @@ def load(pretrained_model_name_or_path: str, policy_kwargs: dict | None = None, 
     """
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(pretrained_model_name_or_path, **from_pretrained_kwargs)
+    name = _check_local_source(pretrained_model_name_or_path)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(name, **from_pretrained_kwargs)
+    except Exception as exc:
+        # "org/name" whose "org" is a local folder: maybe a mistyped local path, maybe a hub id.
+        parent = os.path.dirname(name) if isinstance(name, str) else ""
+        if parent and os.path.isdir(parent) and not os.path.exists(name):
+            raise InvalidInputError(
+                f"va.load({pretrained_model_name_or_path!r}) failed: it is not a local folder ('{parent}' exists, "
+                f"but has no '{os.path.basename(name)}' in it), and loading it as a hub id failed with "
+                f"{type(exc).__name__}: {exc}. Pass a local folder written by save_pretrained (one with "
+                f"model_index.json) or a hub id such as 'stabilityai/stable-diffusion-3.5-medium'."
+            ) from exc
+        raise
     return wrap(pipe, **(policy_kwargs or {}))
+
+
+_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
+
+
+def _looks_like_path(name: str) -> bool:
+    """Whether ``name`` can only be a local path (never a hub id, which is ``name`` or ``org/name``)."""
+    return (name in (".", "..") or name.startswith(("/", "./", "../", "~", ".\\", "..\\"))
+            or bool(_WINDOWS_DRIVE.match(name)) or "\\" in name or name.count("/") >= 2
+            or (os.sep != "/" and os.sep in name))
+
+
+def _check_local_source(name):
+    """Returns ``name`` (``~`` expanded) or raises a clear error for a local path that is no pipeline folder."""
+    if not isinstance(name, (str, os.PathLike)):
+        raise InvalidInputError(
+            f"va.load expects a hub id or a local folder as a string; got {type(name).__name__}. "
+            f"To wrap an already loaded pipeline, use va.wrap(pipe)."
+        )
+    name = os.path.expanduser(os.fspath(name))
+    if os.path.isfile(name):
+        raise InvalidInputError(
+            f"va.load({name!r}): this is a file, but va.load needs a pipeline folder (one with "
+            f"model_index.json, as written by save_pretrained) or a hub id. For a single-file checkpoint, "
+            f"load it with the pipeline class (e.g. StableDiffusion3Pipeline.from_single_file(path)) and "
+            f"call va.wrap(pipe); for a LoRA file, load the base model and call pipe.load_lora_weights(path)."
+        )
+    if os.path.isdir(name):
+        if os.path.exists(os.path.join(name, "model_index.json")):
+            return name
+        hint = ""
+        inner = sorted(os.path.join(name, d) for d in os.listdir(name)
+                       if os.path.exists(os.path.join(name, d, "model_index.json")))
+        if inner:
+            hint = f" The pipeline folder seems to be {inner[0]!r}: pass that."
+        elif any(f.endswith("lora_weights.safetensors") for f in os.listdir(name)):
+            hint = (" It holds LoRA weights: load the base model with va.load(...) and call "
+                    "policy.pipe.load_lora_weights(folder) (on the command line: --lora FOLDER).")
+        raise InvalidInputError(
+            f"va.load({name!r}): the folder exists but has no model_index.json, so it is not a diffusers "
+            f"pipeline folder.{hint} Pass a local folder written by save_pretrained or a hub id."
+        )
+    if _looks_like_path(name):
+        raise InvalidInputError(
+            f"va.load({name!r}): the local folder {os.path.abspath(name)!r} does not exist; pass a local "
+            f"folder written by save_pretrained (one with model_index.json) or a hub id such as "
+            f"'stabilityai/stable-diffusion-3.5-medium'."
+        )
+    return name

@@ -15,6 +15,7 @@ import torch
 from visalign.errors import ConfigError
 from visalign.pipelines.base import Conditioning, Geometry, Policy, Schedule
 from visalign.pipelines.registry import register_adapter
+from visalign import steps as S
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +45,23 @@ class _UNetPolicy(Policy):
             self._ddim_cache = (scheduler, DDIMScheduler.from_config(scheduler.config))
         return self._ddim_cache[1]
 
+    default_level_sampling = "uniform"
+
     @property
     def prediction_type(self) -> str:
         return self.ddim_scheduler().config.prediction_type
+
+    def training_noise_levels(self, u, geometry):
+        scheduler = self.ddim_scheduler()
+        steps = scheduler.config.num_train_timesteps
+        t = (u * steps).long().clamp(max=steps - 1)
+        return scheduler.alphas_cumprod.to(u.device)[t].float(), t.float()
+
+    def add_noise(self, x0, noise, level):
+        return S.ddpm_add_noise(x0, noise, level)
+
+    def training_target(self, x0, noise, level):
+        return S.ddpm_target(x0, noise, level, self.prediction_type)
 
     def schedule(self, num_steps: int, geometry: Geometry) -> Schedule:
         scheduler = self.ddim_scheduler()

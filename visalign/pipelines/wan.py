@@ -11,9 +11,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
-from visalign.errors import InvalidInputError, UnsupportedPipelineError
+from visalign.errors import InvalidInputError, MissingDependencyError, UnsupportedPipelineError
 from visalign.pipelines.base import Conditioning, Geometry
 from visalign.pipelines.flow import FlowPolicy
 from visalign.pipelines.registry import register_adapter
@@ -62,11 +64,26 @@ class _WanPolicy(FlowPolicy):
         frames = (geometry.num_frames - 1) // self.pipe.vae_scale_factor_temporal + 1
         return (batch_size, self._latent_channels(), frames, geometry.height // f, geometry.width // f)
 
-    def _encode_text(self, prompts, negative_prompts, do_cfg, length):
-        embeds, negative = self.pipe.encode_prompt(
-            prompt=list(prompts), negative_prompt=negative_prompts, do_classifier_free_guidance=do_cfg,
-            num_videos_per_prompt=1, max_sequence_length=length, device=self.device,
+    def _missing_ftfy(self, cause=None) -> MissingDependencyError:
+        return MissingDependencyError(
+            f"{type(self.pipe).__name__} cleans prompts with the optional package 'ftfy', which is not "
+            f"installed (diffusers would fail with \"NameError: name 'ftfy' is not defined\", or skip the "
+            f"cleaning Wan was trained with). Install the video extra: `pip install 'visalign[video]'` "
+            f"(or `pip install ftfy`), then restart Python."
         )
+
+    def _encode_text(self, prompts, negative_prompts, do_cfg, length):
+        if importlib.util.find_spec("ftfy") is None:
+            raise self._missing_ftfy()
+        try:
+            embeds, negative = self.pipe.encode_prompt(
+                prompt=list(prompts), negative_prompt=negative_prompts, do_classifier_free_guidance=do_cfg,
+                num_videos_per_prompt=1, max_sequence_length=length, device=self.device,
+            )
+        except NameError as exc:  # ftfy installed after diffusers' Wan module was imported
+            if "ftfy" in str(exc):
+                raise self._missing_ftfy() from exc
+            raise
         cast = lambda t: None if t is None else t.to(self.dtype)  # noqa: E731
         return cast(embeds), cast(negative)
 

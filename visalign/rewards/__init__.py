@@ -5,8 +5,10 @@ Every reward is called the same way::
     scores = reward(images, prompts)   # images: float [0, 1], (B, 3, H, W) or (B, T, 3, H, W)
                                        # scores: float32 (B,) on the images' device
 
-and any plain callable with that signature is a reward too (trainers call both through
-:func:`call_reward`, which checks the output).
+and any plain callable with that signature is a reward too. Inside visalign, trainers, steering
+and the CLI call both through :func:`call_reward`, which checks the output and returns a
+:class:`RewardResult`: the total with the reward's named parts (``reward.evaluate(images, prompts)``
+returns the same for a :class:`Reward`).
 
 =========================  ==================================================  ==================
 reward                     what it scores                                      differentiable
@@ -29,15 +31,17 @@ from visalign.rewards.aesthetic import AESTHETIC_URL, Aesthetic, AestheticMLP
 from visalign.rewards.base import (FunctionReward, Reward, as_reward, call_reward, check_images,
                                    check_prompts, check_scores, is_differentiable, reward_name)
 from visalign.rewards.clip import CLIPEmbedder, CLIPScore, PickScore
-from visalign.rewards.combine import Combined, CombinedOutput, RunningNorm
+from visalign.rewards.combine import Combined, RunningNorm
 from visalign.rewards.hps import HPSv2
 from visalign.rewards.preprocess import CLIP_MEAN, CLIP_STD, ImageTransform
+from visalign.rewards.result import RewardResult
 from visalign.rewards.video import (MultiHeadVideoReward, SegmentalVideoReward, VideoReward,
                                     attenuation_weights, segment_indices)
 from visalign.rewards.vlm import YesTokenReward, answer_token_ids
 
 __all__ = [
-    "Reward", "FunctionReward", "as_reward", "call_reward", "reward_name", "is_differentiable",
+    "Reward", "RewardResult", "FunctionReward", "as_reward", "call_reward", "reward_name",
+    "is_differentiable",
     "check_images", "check_prompts", "check_scores",
     "ImageTransform", "CLIP_MEAN", "CLIP_STD",
     "CLIPScore", "PickScore", "CLIPEmbedder",
@@ -46,5 +50,5 @@ __all__ = [
     "YesTokenReward", "answer_token_ids",
     "VideoReward", "SegmentalVideoReward", "MultiHeadVideoReward", "segment_indices",
     "attenuation_weights",
-    "Combined", "CombinedOutput", "RunningNorm",
+    "Combined", "RunningNorm",
 ]

@@ -12,10 +12,12 @@ Two kinds of object are rewards:
   ``batch_size`` and refuses backprop when it is not differentiable;
 - any plain callable ``fn(images, prompts, **conditioning) -> Tensor[B]``.
 
-Trainers and steering never call either directly: they go through :func:`call_reward`, which
-accepts both, drops conditioning a reward does not take, and checks the output (shape ``[B]``,
-finite) so that a broken reward raises :class:`~visalign.errors.RewardError` at once instead of a
-NaN loss later.
+Trainers, steering and the CLI never call either directly: they go through :func:`call_reward`,
+the one internal call path. It accepts both, drops conditioning a reward does not take, checks the
+output (shape ``[B]``, finite) so that a broken reward raises :class:`~visalign.errors.RewardError`
+at once instead of a NaN loss later, and returns a :class:`~visalign.rewards.RewardResult`: the
+total with the reward's named parts (:meth:`Reward.evaluate`), e.g. each member of a
+:class:`~visalign.rewards.Combined`.
 
 Non-differentiable rewards. When ``differentiable`` is ``False`` the scores are computed under
 ``torch.no_grad()``. If the images require grad, the scores are still attached to the graph through
@@ -35,6 +37,7 @@ import torch
 from torch import nn
 
 from visalign.errors import InvalidInputError, NotDifferentiableError, RewardError
+from visalign.rewards.result import RewardResult
 
 __all__ = [
     "Reward",
@@ -254,10 +257,12 @@ class _RefuseBackward(torch.autograd.Function):
 class Reward(nn.Module):
     """Base class of visalign's rewards: ``reward(images, prompts, **conditioning) -> Tensor[B]``.
 
-    Subclasses implement :meth:`score` for one chunk of already-validated input. The base class
-    validates the input, moves the reward to the images' device on first use, splits the batch into
-    chunks of ``batch_size``, returns float32 scores on the images' device, and enforces
-    ``differentiable`` (see the module docstring).
+    Subclasses implement :meth:`score` for one chunk of already-validated input (or
+    :meth:`score_parts`, when the score is a weighted sum of named parts). The base class validates
+    the input, moves the reward to the images' device on first use, splits the batch into chunks
+    of ``batch_size``, returns float32 scores on the images' device, and enforces
+    ``differentiable`` (see the module docstring). Calling the reward returns the scores;
+    :meth:`evaluate` returns them with their parts, as a :class:`RewardResult`.
 
     The weights of every model a reward holds are frozen (``requires_grad=False``) and stay in eval
     mode: ``reward.train()`` does not turn dropout back on.
@@ -296,6 +301,15 @@ class Reward(nn.Module):
     def score(self, images: torch.Tensor, prompts: list[str] | None, **conditioning) -> torch.Tensor:
         """Scores one chunk of validated input; returns a tensor of shape (chunk,)."""
         raise NotImplementedError
+
+    def score_parts(self, images: torch.Tensor, prompts: list[str] | None, **conditioning
+                    ) -> RewardResult:
+        """Scores one chunk with its named parts. The default has no parts: it wraps :meth:`score`.
+
+        A reward whose score is a weighted sum of natural parts (:class:`~visalign.rewards.Combined`,
+        :class:`~visalign.rewards.MultiHeadVideoReward`) overrides this instead.
+        """
+        return RewardResult(self.score(images, prompts, **conditioning))
 
     # -- machinery ---------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -337,6 +351,17 @@ class Reward(nn.Module):
         Returns:
             `torch.Tensor`: float32 scores of shape (B,) on ``images.device``.
         """
+        return self.evaluate(images, prompts, **conditioning).total
+
+    def evaluate(self, images: torch.Tensor, prompts: Sequence[str] | None = None,
+                 **conditioning) -> RewardResult:
+        """Scores a batch like calling the reward, and returns the scores with their named parts.
+
+        Takes the arguments of :meth:`forward`. Returns a :class:`RewardResult` whose ``total`` is
+        what calling the reward returns; ``components``, ``raw`` and ``weights`` are empty for a
+        reward without parts. When the reward is not differentiable, only ``total`` is attached
+        to the graph (to refuse a backward); the parts are constants.
+        """
         images = check_images(images, self.input_kind, name=self.name, check_range=self.check_range)
         batch = images.shape[0]
         prompts = check_prompts(prompts, batch, name=self.name, required=self.needs_prompts)
@@ -349,26 +374,27 @@ class Reward(nn.Module):
                     f"{sorted(accepted) or 'none'}.")
         self.place(images.device)
         if self.differentiable:
-            scores = self._chunked(images, prompts, conditioning)
+            result = self._chunked(images, prompts, conditioning)
         else:
             with torch.no_grad():
-                scores = self._chunked(images.detach(), prompts, conditioning)
+                result = self._chunked(images.detach(), prompts, conditioning)
             if images.requires_grad and torch.is_grad_enabled():
-                scores = _RefuseBackward.apply(scores.float(), images, self.name)
-        return check_scores(scores, batch, images.device, name=self.name)
+                result.total = _RefuseBackward.apply(result.total.float(), images, self.name)
+        result.total = check_scores(result.total, batch, images.device, name=self.name)
+        return result
 
-    def _chunked(self, images, prompts, conditioning) -> torch.Tensor:
+    def _chunked(self, images, prompts, conditioning) -> RewardResult:
         batch = images.shape[0]
         step = self.batch_size or batch
         if step >= batch:
-            return self.score(images, prompts, **conditioning).float()
+            return self.score_parts(images, prompts, **conditioning).float()
         outs = []
         for start in range(0, batch, step):
             stop = min(start + step, batch)
             chunk_prompts = None if prompts is None else prompts[start:stop]
             chunk_cond = _slice_conditioning(conditioning, batch, start, stop)
-            outs.append(self.score(images[start:stop], chunk_prompts, **chunk_cond).float())
-        return torch.cat(outs)
+            outs.append(self.score_parts(images[start:stop], chunk_prompts, **chunk_cond).float())
+        return RewardResult.cat(outs)
 
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, differentiable={self.differentiable}, "
@@ -440,12 +466,15 @@ def as_reward(reward: Any, *, name: str | None = None, differentiable: bool | No
 
 
 def call_reward(reward: Any, images: torch.Tensor, prompts: Sequence[str] | None,
-                **conditioning) -> torch.Tensor:
-    """Calls a :class:`Reward` or a plain callable the way trainers and steering do.
+                **conditioning) -> RewardResult:
+    """Scores a batch with a :class:`Reward` or a plain callable: visalign's one internal call path.
 
-    Conditioning keywords the reward's signature does not take are dropped (a trainer passes what
-    it has; each reward takes what it needs). The images are validated (rank 4 or 5, three
-    channels, [0, 1]) and so is the output.
+    Trainers, steering and the CLI call every reward through here. Conditioning keywords the
+    reward's signature does not take are dropped (a trainer passes what it has; each reward takes
+    what it needs). The images are validated (rank 4 or 5, three channels, [0, 1]) and so is the
+    total (shape ``[B]``, finite). A :class:`Reward` is scored with :meth:`Reward.evaluate`, so
+    the result carries its named parts (a :class:`~visalign.rewards.Combined`'s members); a plain
+    callable's tensor becomes a result without parts.
 
     Args:
         reward: a :class:`Reward` or a callable ``(images, prompts, **conditioning) -> Tensor[B]``.
@@ -454,7 +483,8 @@ def call_reward(reward: Any, images: torch.Tensor, prompts: Sequence[str] | None
         **conditioning: optional per-sample extras, e.g. ``reference_images``.
 
     Returns:
-        `torch.Tensor`: float32 scores of shape (B,) on ``images.device``.
+        :class:`RewardResult`: ``total`` is float32 (B,) on ``images.device``; use ``.total``
+        where only the scores are needed.
 
     Raises:
         InvalidInputError: bad images or prompts.
@@ -470,13 +500,14 @@ def call_reward(reward: Any, images: torch.Tensor, prompts: Sequence[str] | None
     if accepted is not None:
         conditioning = {k: v for k, v in conditioning.items() if k in accepted}
     if isinstance(reward, Reward):
-        return check_scores(reward(images, prompts, **conditioning), _batch(images),
-                            images.device, name=name)
-    images = check_images(images, "any", name=name)
-    if prompts is not None:
-        prompts = check_prompts(prompts, images.shape[0], name=name)
-    out = reward(images, prompts, **conditioning)
-    return check_scores(out, images.shape[0], images.device, name=name)
+        result = reward.evaluate(images, prompts, **conditioning)
+    else:
+        images = check_images(images, "any", name=name)
+        if prompts is not None:
+            prompts = check_prompts(prompts, images.shape[0], name=name)
+        result = RewardResult(reward(images, prompts, **conditioning))
+    result.total = check_scores(result.total, _batch(images), images.device, name=name)
+    return result
 
 
 def _batch(images: Any) -> int:

@@ -7,13 +7,13 @@ under running statistics of reward k (updated with each batch before it is norma
 first batch is normalised by its own statistics). Normalising keeps a reward with a large scale
 (PickScore ~ 21, aesthetic ~ 5) from drowning one with a small scale (HPS ~ 0.3).
 
-:meth:`Combined.evaluate` returns the total and every component (``w_k * n_k(r_k)``, which add up to
-the total) and every raw score, for logging and for per-reward advantages.
+:meth:`Combined.evaluate` returns a :class:`~visalign.rewards.RewardResult`: the total, every
+component (``w_k * n_k(r_k)``, which add up to the total), every raw score ``r_k`` and every weight
+``w_k``, for logging and for per-reward advantages. Each member is scored once per call.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
@@ -21,25 +21,9 @@ from torch import nn
 
 from visalign.errors import ConfigError
 from visalign.rewards.base import Reward, as_reward, call_reward, is_differentiable
+from visalign.rewards.result import RewardResult
 
-__all__ = ["Combined", "CombinedOutput", "RunningNorm"]
-
-
-@dataclass
-class CombinedOutput:
-    """What :meth:`Combined.evaluate` returns.
-
-    Attributes:
-        total: (B,) the weighted sum.
-        components: name -> (B,) ``weight * normalised score``; these add up to ``total``.
-        raw: name -> (B,) each reward's own score.
-        normalized: name -> (B,) after running normalisation (equal to ``raw`` when it is off).
-    """
-
-    total: torch.Tensor
-    components: dict[str, torch.Tensor] = field(default_factory=dict)
-    raw: dict[str, torch.Tensor] = field(default_factory=dict)
-    normalized: dict[str, torch.Tensor] = field(default_factory=dict)
+__all__ = ["Combined", "RunningNorm"]
 
 
 class RunningNorm(nn.Module):
@@ -105,8 +89,10 @@ class Combined(Reward):
         eps (`float`, defaults to 1e-6): see :class:`RunningNorm`.
         name (`str`, defaults to ``"combined"``).
 
-    Calling it returns the total (B,). :meth:`evaluate` returns a :class:`CombinedOutput`, and
-    ``last_output`` keeps the latest one for logging. Set ``update_stats = False`` (or pass
+    Calling it returns the total (B,). :meth:`evaluate` (and :func:`~visalign.rewards.call_reward`)
+    returns a :class:`~visalign.rewards.RewardResult` with the total, the components
+    ``w_k * n_k(r_k)``, the raw scores ``r_k`` and the weights ``w_k``; the normalised score of
+    reward k is ``components[k] / weights[k]``. Set ``update_stats = False`` (or pass
     ``update_stats=False``) to freeze the running statistics, e.g. for evaluation. Conditioning is
     passed to each reward that takes it. Differentiable when every reward is.
 
@@ -115,7 +101,7 @@ class Combined(Reward):
         reward = Combined({"clip": (CLIPScore(), 1.0), "aesthetic": (Aesthetic(), 0.5)},
                           normalize=True)
         out = reward.evaluate(images, prompts)
-        out.total, out.components["clip"], out.raw["aesthetic"]
+        out.total, out.components["clip"], out.raw["aesthetic"], out.weights["aesthetic"]
     """
 
     default_name = "combined"
@@ -140,7 +126,6 @@ class Combined(Reward):
         self.norms = nn.ModuleDict({k: RunningNorm(momentum, eps) for k in members}) \
             if normalize else None
         self.update_stats = True
-        self.last_output: CombinedOutput | None = None
 
     @property
     def accepted_conditioning(self) -> set[str] | None:
@@ -152,25 +137,24 @@ class Combined(Reward):
             keys |= accepted
         return keys
 
-    def evaluate(self, images: torch.Tensor, prompts: list[str] | None = None, **conditioning
-                 ) -> CombinedOutput:
-        """Scores the batch and returns the total with every component (see the class docs)."""
-        self(images, prompts, **conditioning)
-        return self.last_output
+    def non_differentiable(self) -> list[str]:
+        """The names of the members through which no gradient flows."""
+        return [key for key, reward in self.rewards.items() if not is_differentiable(reward)]
 
-    def score(self, images: torch.Tensor, prompts: list[str] | None, *,
-              update_stats: bool | None = None, **conditioning) -> torch.Tensor:
+    def score_parts(self, images: torch.Tensor, prompts: list[str] | None, *,
+                    update_stats: bool | None = None, **conditioning) -> RewardResult:
         update = self.update_stats if update_stats is None else update_stats
-        raw, normed, comps = {}, {}, {}
+        raw, comps = {}, {}
         for key, reward in self.rewards.items():
-            r = call_reward(reward, images, prompts, **conditioning)
+            r = call_reward(reward, images, prompts, **conditioning).total
             raw[key] = r
             if self.norms is not None:
                 if update:
                     self.norms[key].update(r)
                 r = self.norms[key].normalize(r)
-            normed[key] = r
             comps[key] = self.weights[key] * r
         total = torch.stack(list(comps.values())).sum(0)
-        self.last_output = CombinedOutput(total, comps, raw, normed)
-        return total
+        return RewardResult(total, comps, raw, dict(self.weights))
+
+    def score(self, images: torch.Tensor, prompts: list[str] | None, **conditioning) -> torch.Tensor:
+        return self.score_parts(images, prompts, **conditioning).total

@@ -26,6 +26,7 @@ import torch
 from visalign.errors import ConfigError, InvalidInputError, RewardError
 from visalign.rewards.base import (Reward, _accepted_kwargs, as_reward, call_reward, freeze,
                                    is_differentiable, reward_name)
+from visalign.rewards.result import RewardResult
 
 __all__ = ["segment_indices", "attenuation_weights", "VideoReward", "SegmentalVideoReward",
            "MultiHeadVideoReward"]
@@ -146,7 +147,7 @@ class SegmentalVideoReward(VideoReward):
         s = self.segments
         flat_prompts = None if prompts is None else [p for p in prompts for _ in range(s)]
         cond = {k: _repeat(v, b, s) for k, v in conditioning.items()}
-        scores = call_reward(self.image_reward, frames.flatten(0, 1), flat_prompts, **cond)
+        scores = call_reward(self.image_reward, frames.flatten(0, 1), flat_prompts, **cond).total
         self.last_frame_indices, self.last_weights = idx, weights
         return (scores.view(b, s) * weights).sum(-1)
 
@@ -183,8 +184,10 @@ class MultiHeadVideoReward(VideoReward):
         name (`str`, defaults to ``"video_reward"``), differentiable (defaults to `False`),
         batch_size (*optional*).
 
-    :meth:`components` returns every (normalised) head and ``"overall"``; after each call
-    ``last_components`` holds them for logging.
+    :meth:`evaluate` (and :func:`~visalign.rewards.call_reward`) returns the heads as the parts of
+    a :class:`~visalign.rewards.RewardResult`: ``components[h]`` is ``weight_h * (s_h - mean_h) /
+    std_h`` (they add up to ``overall``), ``raw[h]`` the model's own ``s_h`` and ``weights[h]``
+    ``weight_h``, for the summed heads.
     """
 
     default_differentiable = False
@@ -205,7 +208,6 @@ class MultiHeadVideoReward(VideoReward):
         if bad:
             raise ConfigError(f"normalization std must be > 0; got it for heads {bad}.")
         self.head_names = list(head_names) if head_names is not None else None
-        self.last_components: dict[str, torch.Tensor] | None = None
 
     @property
     def accepted_conditioning(self) -> set[str] | None:
@@ -235,21 +237,21 @@ class MultiHeadVideoReward(VideoReward):
             heads[h] = v
         return heads
 
-    def components(self, videos: torch.Tensor, prompts: list[str] | None = None,
-                   **conditioning) -> dict[str, torch.Tensor]:
-        """Every (z-normalised) head, plus ``"overall"``, each (B,)."""
+    def score_parts(self, videos: torch.Tensor, prompts: list[str] | None, **conditioning
+                    ) -> RewardResult:
+        """The summed heads of one chunk, weighted and normalised, with the raw heads."""
         raw = self._heads(videos, prompts, **conditioning)
         selected = self.heads or list(raw)
         missing = [h for h in selected if h not in raw]
         if missing:
             raise RewardError(f"{self.name}: the model returned heads {list(raw)}, not {missing}.")
+        weights = {h: float(self.weights.get(h, 1.0)) for h in selected}
         comps = {}
-        for h, v in raw.items():
+        for h in selected:
             mean, std = self.normalization.get(h, (0.0, 1.0))
-            comps[h] = (v - mean) / std
-        comps["overall"] = sum(self.weights.get(h, 1.0) * comps[h] for h in selected)
-        self.last_components = {k: v.detach() for k, v in comps.items()}
-        return comps
+            comps[h] = weights[h] * (raw[h] - mean) / std
+        total = torch.stack(list(comps.values())).sum(0)
+        return RewardResult(total, comps, {h: raw[h] for h in selected}, weights)
 
     def score(self, videos: torch.Tensor, prompts: list[str] | None, **conditioning):
-        return self.components(videos, prompts, **conditioning)["overall"]
+        return self.score_parts(videos, prompts, **conditioning).total

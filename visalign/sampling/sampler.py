@@ -1,4 +1,4 @@
-"""The sampling loop: a Policy plus the step math of :mod:`visalign.sampling.steps` → a Trajectory.
+"""The sampling loop: a Policy plus the step math of :mod:`visalign.steps` → a Trajectory.
 
 :func:`sample` runs visalign's own denoising loop through the Policy (stock pipelines are
 inference-only), recording every state, the per-step Gaussian (mean, std) and the exact log-prob
@@ -20,6 +20,7 @@ ddim   DDIM with η > 0 (DDPO)                       DDPM
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -27,10 +28,8 @@ import torch
 
 from visalign.errors import InvalidInputError, SamplerError
 from visalign.pipelines.base import Conditioning, Geometry, Policy, Schedule
-from visalign.sampling import steps as S
-
-SAMPLERS = ("ode", "sde", "cps", "ddim")
-DEFAULT_ETA = {("sde", "flow"): 0.7, ("sde", "dance"): 0.3, "cps": 0.8, "ddim": 1.0}
+from visalign import steps as S
+from visalign.sampling.options import DEFAULTS, SAMPLERS, default_eta
 
 
 @dataclass(frozen=True)
@@ -44,6 +43,9 @@ class SamplerSpec:
         reduce: log-prob reduction over non-batch dims, ``"mean"`` (default) or ``"sum"``.
         window: ``(start, end)`` step indices where the sampler is stochastic; the ODE runs elsewhere.
             None means every step.
+        num_steps: the schedule's length S. The last step (S−1) is always deterministic: it lands
+            on the clean prediction x̂0 (the ODE's last step), so no noise is left in the output;
+            it carries no log-prob and is never trained (docs/math.md §1, "The last step").
     """
 
     sampler: str = "sde"
@@ -51,6 +53,7 @@ class SamplerSpec:
     eta: float = 0.7
     reduce: str = "mean"
     window: tuple[int, int] | None = None
+    num_steps: int | None = None
 
     @staticmethod
     def resolve(policy: Policy, sampler: str, noise: str, eta: float | None, reduce: str,
@@ -69,7 +72,7 @@ class SamplerSpec:
         if reduce not in ("mean", "sum"):
             raise SamplerError(f"Unknown log-prob reduction {reduce!r}; use 'mean' or 'sum'.")
         if eta is None:
-            eta = DEFAULT_ETA.get((sampler, noise), DEFAULT_ETA.get(sampler, 0.0))
+            eta = default_eta(sampler, noise)
         if eta < 0:
             raise SamplerError(f"eta must be >= 0, got {eta}.")
         if window is not None:
@@ -79,11 +82,13 @@ class SamplerSpec:
                     f"sde_window={tuple(window)} must satisfy 0 <= start < end <= num_steps={num_steps}."
                 )
             window = (start, end)
-        return SamplerSpec(sampler, noise, float(eta), reduce, window)
+        return SamplerSpec(sampler, noise, float(eta), reduce, window, int(num_steps))
 
     def kind_at(self, step: int) -> str:
-        """The transition used at ``step``: the sampler inside the window, ``"ode"`` outside."""
+        """The transition used at ``step``: the sampler inside the window and before the last step, else ``"ode"``."""
         if self.window is not None and not self.window[0] <= step < self.window[1]:
+            return "ode"
+        if self.num_steps is not None and step == self.num_steps - 1:
             return "ode"
         return self.sampler
 
@@ -186,7 +191,7 @@ def transition(policy: Policy, spec: SamplerSpec, schedule: Schedule, step, late
     """Mean, std and x̂0 of the transition at ``step`` (an int, or a (B,) long tensor per sample).
 
     This is the only place where a sampler kind is mapped to the step math of
-    :mod:`visalign.sampling.steps`; sampling, log-prob recomputation and steering all call it.
+    :mod:`visalign.steps`; sampling, log-prob recomputation and steering all call it.
     """
     per_sample = isinstance(step, torch.Tensor) and step.ndim == 1
     kinds = [spec.kind_at(int(i)) for i in (step.tolist() if per_sample else [int(step)])]
@@ -324,11 +329,11 @@ class SamplingSetup:
 def prepare_sampling(
     policy: Policy,
     prompts: str | Sequence[str],
-    num_steps: int = 20,
-    guidance_scale: float | None = None,
-    sampler: str = "sde",
-    noise: str = "flow",
-    eta: float | None = None,
+    num_steps: int = DEFAULTS.num_steps,
+    guidance_scale: float | None = DEFAULTS.guidance_scale,
+    sampler: str = DEFAULTS.sampler,
+    noise: str = DEFAULTS.noise,
+    eta: float | None = DEFAULTS.eta,
     generator: torch.Generator | list[torch.Generator] | None = None,
     latents: torch.Tensor | None = None,
     images: torch.Tensor | None = None,
@@ -337,16 +342,41 @@ def prepare_sampling(
     num_frames: int | None = None,
     negative_prompt: str | Sequence[str] | None = None,
     group_size: int = 1,
-    same_noise_in_group: bool = False,
+    same_noise_in_group: bool = DEFAULTS.same_noise_in_group,
     sde_window: tuple[int, int] | None = None,
-    reduce: str = "mean",
+    reduce: str = DEFAULTS.log_prob_reduce,
     **encode_kwargs: Any,
 ) -> SamplingSetup:
-    """Validates the inputs, encodes the prompts and draws the initial noise (see :func:`sample`).
+    """Validates the inputs, encodes the prompts and draws the initial noise.
 
-    Takes :func:`sample`'s arguments (less the loop's own: ``return_x0``, ``decode``,
-    ``progress``) and returns a :class:`SamplingSetup`. The generator is consumed exactly as
-    :func:`sample` consumes it before its first step.
+    This is the one place that turns the sampling keywords into a ready-to-run loop; :func:`sample`
+    and the steering functions (:mod:`visalign.steering`) pass their sampling keywords here.
+    Defaults come from :class:`~visalign.sampling.options.SamplingOptions`.
+
+    Args:
+        policy: from :func:`visalign.wrap` or :func:`visalign.load`.
+        prompts: P prompts. With ``group_size=G`` the batch is B = P·G, prompt p at rows p·G…p·G+G−1.
+        num_steps: the number of denoising steps S (≥ 1).
+        guidance_scale: CFG scale (FLUX: the embedded guidance); None uses the family's default.
+        sampler: ``"ode"``, ``"sde"``, ``"cps"`` or ``"ddim"`` (``"sde"`` means DDIM η>0 on DDPM families).
+        noise: the flow SDE's noise schedule, ``"flow"`` or ``"dance"``.
+        eta: noise level; None uses the sampler's default (``SamplingOptions.eta``). 0 gives the ODE.
+        generator: one ``torch.Generator``, or a list of B (one per sample, for reproducibility
+            independent of batch composition).
+        latents: initial noise (B, ...) in the denoiser's layout, instead of drawing it.
+        images: I2V first frames, (P, 3, H, W) in [0, 1], one per prompt.
+        height, width, num_frames: output size; None uses the family's default.
+        negative_prompt: one string or P strings for the unconditional branch.
+        group_size: samples per prompt (GRPO's G).
+        same_noise_in_group: share the initial noise within each group (DanceGRPO).
+        sde_window: ``(start, end)``: stochastic only for steps start ≤ i < end, ODE elsewhere
+            (Flow-GRPO-Fast / MixGRPO). Only those steps carry log-probs.
+        reduce: log-prob reduction, ``"mean"`` (default) or ``"sum"``.
+        **encode_kwargs: passed to the policy's ``encode_prompt`` (e.g. FLUX's ``true_cfg_scale``).
+
+    Returns:
+        A :class:`SamplingSetup`. The generator is consumed exactly as :func:`sample` consumes it
+        before its first step.
     """
     prompts = _as_prompt_list(prompts)
     if int(num_steps) < 1:
@@ -396,65 +426,28 @@ def prepare_sampling(
 
 
 @torch.no_grad()
-def sample(
-    policy: Policy,
-    prompts: str | Sequence[str],
-    num_steps: int = 20,
-    guidance_scale: float | None = None,
-    sampler: str = "sde",
-    noise: str = "flow",
-    eta: float | None = None,
-    generator: torch.Generator | list[torch.Generator] | None = None,
-    latents: torch.Tensor | None = None,
-    images: torch.Tensor | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    num_frames: int | None = None,
-    negative_prompt: str | Sequence[str] | None = None,
-    group_size: int = 1,
-    same_noise_in_group: bool = False,
-    sde_window: tuple[int, int] | None = None,
-    return_x0: bool = False,
-    reduce: str = "mean",
-    decode: bool = True,
-    progress: bool = False,
-    **encode_kwargs: Any,
-) -> Trajectory:
+def sample(policy: Policy, prompts: str | Sequence[str], *, return_x0: bool = False, decode: bool = True,
+           progress: bool = False, **sampling: Any) -> Trajectory:
     """Samples trajectories with exact per-step log-probs.
 
     Args:
         policy: from :func:`visalign.wrap` or :func:`visalign.load`.
-        prompts: P prompts. With ``group_size=G`` the batch is B = P·G, prompt p at rows p·G…p·G+G−1.
-        num_steps: the number of denoising steps S (≥ 1).
-        guidance_scale: CFG scale (FLUX: the embedded guidance); None uses the family's default.
-        sampler: ``"ode"``, ``"sde"``, ``"cps"`` or ``"ddim"`` (``"sde"`` means DDIM η>0 on DDPM families).
-        noise: the flow SDE's noise schedule, ``"flow"`` or ``"dance"``.
-        eta: noise level; defaults: sde/flow 0.7, sde/dance 0.3, cps 0.8, ddim 1.0. 0 gives the ODE.
-        generator: one ``torch.Generator``, or a list of B (one per sample, for reproducibility
-            independent of batch composition).
-        latents: initial noise (B, ...) in the denoiser's layout, instead of drawing it.
-        images: I2V first frames, (P, 3, H, W) in [0, 1], one per prompt.
-        height, width, num_frames: output size; None uses the family's default.
-        negative_prompt: one string or P strings for the unconditional branch.
-        group_size: samples per prompt (GRPO's G).
-        same_noise_in_group: share the initial noise within each group (DanceGRPO).
-        sde_window: ``(start, end)``: stochastic only for steps start ≤ i < end, ODE elsewhere
-            (Flow-GRPO-Fast / MixGRPO). Only those steps carry log-probs.
+        prompts: P prompts; with ``group_size=G`` the batch is B = P·G.
         return_x0: also keep each step's x̂0 in ``traj.x0``.
-        reduce: log-prob reduction, ``"mean"`` (default) or ``"sum"``.
         decode: decode the final latents to ``traj.images``.
         progress: show a tqdm bar over the steps.
-        **encode_kwargs: passed to the policy's ``encode_prompt`` (e.g. FLUX's ``true_cfg_scale``).
+        **sampling: the sampling keywords of :func:`prepare_sampling` (``num_steps``,
+            ``guidance_scale``, ``sampler``, ``noise``, ``eta``, ``generator``, ``latents``,
+            ``images``, ``height``, ``width``, ``num_frames``, ``negative_prompt``, ``group_size``,
+            ``same_noise_in_group``, ``sde_window``, ``reduce``); defaults and help are
+            :class:`~visalign.sampling.options.SamplingOptions`'. A trainer config passes its own
+            with ``sample(policy, prompts, **config.sample_kwargs(iteration))``.
 
     Returns:
         A :class:`Trajectory`.
     """
-    setup = prepare_sampling(
-        policy, prompts, num_steps=num_steps, guidance_scale=guidance_scale, sampler=sampler, noise=noise, eta=eta,
-        generator=generator, latents=latents, images=images, height=height, width=width, num_frames=num_frames,
-        negative_prompt=negative_prompt, group_size=group_size, same_noise_in_group=same_noise_in_group,
-        sde_window=sde_window, reduce=reduce, **encode_kwargs,
-    )
+    setup = prepare_sampling(policy, prompts, **sampling)
+    generator = sampling.get("generator")  # the per-step noise continues the initial noise's stream
     prompts, spec, geometry, conditioning = setup.prompts, setup.spec, setup.geometry, setup.conditioning
     latents, schedule, images, batch = setup.latents, setup.schedule, setup.images, setup.batch_size
     num_steps, group_size = schedule.num_steps, setup.group_size
@@ -493,6 +486,25 @@ def sample(
         cond_images=images,
         group_size=group_size,
     )
+
+
+def with_sampling_keywords(fn):
+    """Shows :func:`prepare_sampling`'s keywords in ``fn``'s signature (``help()``, IDEs).
+
+    Functions that forward ``**sampling`` to :func:`prepare_sampling` (:func:`sample`, the
+    steering functions) declare the keywords once, there.
+    """
+    own = inspect.signature(fn)
+    params = [p for p in own.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    taken = {p.name for p in params} | {"policy", "prompts"}
+    forwarded = [p.replace(kind=p.KEYWORD_ONLY) for p in inspect.signature(prepare_sampling).parameters.values()
+                 if p.name not in taken and p.kind is not p.VAR_KEYWORD]
+    rest = [p for p in own.parameters.values() if p.kind is p.VAR_KEYWORD]
+    fn.__signature__ = own.replace(parameters=params + forwarded + rest)
+    return fn
+
+
+sample = with_sampling_keywords(sample)
 
 
 @dataclass

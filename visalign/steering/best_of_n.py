@@ -19,9 +19,10 @@ import torch
 
 from visalign.errors import ConfigError
 from visalign.pipelines.base import Policy
-from visalign.sampling.sampler import denoise_step, prepare_sampling
+from visalign.sampling.sampler import denoise_step
 from visalign.steering.common import (check_max_batch_size, decode_and_score, expand_reward_kwargs,
-                                      resolve_reward, select_rows)
+                                      prepare_steering, resolve_reward, select_rows,
+                                      with_steering_keywords)
 
 __all__ = ["BestOfNOutput", "best_of_n"]
 
@@ -52,26 +53,16 @@ class BestOfNOutput:
 
 
 @torch.no_grad()
+@with_steering_keywords
 def best_of_n(
     policy: Policy,
     prompts: str | Sequence[str],
     reward: Any,
     n: int = 8,
-    num_steps: int = 20,
-    guidance_scale: float | None = None,
-    sampler: str = "sde",
-    noise: str = "flow",
-    eta: float | None = None,
-    generator: torch.Generator | list[torch.Generator] | None = None,
-    images: torch.Tensor | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    num_frames: int | None = None,
-    negative_prompt: str | Sequence[str] | None = None,
     reward_kwargs: Mapping[str, Any] | None = None,
     max_batch_size: int | None = None,
     return_all: bool = True,
-    **encode_kwargs: Any,
+    **sampling: Any,
 ) -> BestOfNOutput:
     """Samples ``n`` candidates per prompt, scores them and keeps the best.
 
@@ -81,16 +72,19 @@ def best_of_n(
         reward: a reward or callable ``(images, prompts) -> Tensor[B]``, or a dict / list of
             ``(reward, weight)`` for a weighted sum.
         n (`int`, defaults to 8): candidates per prompt.
-        num_steps, guidance_scale, sampler, noise, eta, images, height, width, num_frames,
-        negative_prompt, **encode_kwargs: as in :func:`visalign.sample`; any sampler works
-            (``"ode"`` included: candidates differ by their initial noise).
-        generator: one generator, or one per candidate row p·n+k. All initial noise is drawn
-            before the first chunk, so it does not depend on ``max_batch_size``; with one shared
-            generator the per-step SDE noise does (use per-row generators to make it not).
         reward_kwargs (`dict`, *optional*): per-prompt reward conditioning, repeated per candidate.
         max_batch_size (`int`, *optional*): the most candidates sampled, decoded and scored at
             once; None samples all P·n together.
         return_all (`bool`, defaults to `True`): keep every candidate's pixels in ``all_images``.
+        **sampling: the sampling keywords of :func:`visalign.sampling.prepare_sampling`
+            (``num_steps``, ``guidance_scale``, ``sampler``, ``noise``, ``eta``, ``generator``,
+            ``images``, ``height``, ``width``, ``num_frames``, ``negative_prompt``, …, and the
+            policy's encode keywords); defaults are
+            :class:`~visalign.sampling.SamplingOptions`'. Any sampler works (``"ode"`` included:
+            candidates differ by their initial noise). ``generator`` is one generator, or one per
+            candidate row p·n+k; all initial noise is drawn before the first chunk, so it does not
+            depend on ``max_batch_size``. With one shared generator the per-step SDE noise does
+            (use per-row generators to make it not).
 
     Returns:
         :class:`BestOfNOutput`.
@@ -102,11 +96,8 @@ def best_of_n(
     reward = resolve_reward(reward)
     # Validate, encode once and draw every candidate's initial noise, whatever the chunking; then run
     # the same denoising steps as visalign.sample, one chunk of candidates at a time.
-    setup = prepare_sampling(
-        policy, prompts, num_steps=num_steps, guidance_scale=guidance_scale, sampler=sampler, noise=noise, eta=eta,
-        generator=generator, images=images, height=height, width=width, num_frames=num_frames,
-        negative_prompt=negative_prompt, group_size=n, **encode_kwargs,
-    )
+    setup = prepare_steering(policy, prompts, n, "n", sampling)
+    generator = sampling.get("generator")
     batch, num_prompts = setup.batch_size, setup.batch_size // n
     row_kwargs = expand_reward_kwargs(reward_kwargs, num_prompts, n)
     chunk = batch if max_batch_size is None else max_batch_size
@@ -120,10 +111,10 @@ def best_of_n(
         for i in range(setup.schedule.num_steps):
             x = denoise_step(policy, setup.spec, setup.schedule, i, x, conditioning,
                              generator=chunk_generator).next_latents
-        r, images_ab = decode_and_score(policy, x, setup.geometry, reward, setup.prompts[a:b],
-                                        select_rows(row_kwargs, slice(a, b), batch), None,
-                                        keep_images=return_all)
-        scores.append(r)
+        result, images_ab = decode_and_score(policy, x, setup.geometry, reward, setup.prompts[a:b],
+                                             select_rows(row_kwargs, slice(a, b), batch), None,
+                                             keep_images=return_all)
+        scores.append(result.total)
         finals.append(x)
         pixels.append(images_ab)
     all_rewards = torch.cat(scores).view(num_prompts, n)

@@ -62,7 +62,7 @@ from visalign.sampling.sampler import SamplerSpec, transition
 from visalign.steering import resampling as R
 from visalign.steering.common import decode_and_score, resolve_reward
 from visalign.steering.fk import reward_steps
-from visalign.steering.guidance import _check_differentiable, reward_gradient
+from visalign.steering.guidance import _check_differentiable, differentiable_scores, reward_gradient
 
 __all__ = ["RewardGuidanceCallback", "FKResampleCallback"]
 
@@ -209,9 +209,7 @@ class RewardGuidanceCallback(_StockSteering):
         return callback_kwargs
 
     def _score(self, policy, x, prompts, geometry):
-        from visalign.rewards.base import call_reward
-
-        return call_reward(self.reward, policy.decode(x, geometry), prompts)
+        return differentiable_scores(self.reward, policy.decode(x, geometry), prompts)
 
 
 class FKResampleCallback(_StockSteering):
@@ -299,8 +297,8 @@ class FKResampleCallback(_StockSteering):
             return callback_kwargs
         with torch.no_grad():
             x0 = self.x0_of(pipeline, policy, conditioning, latents, step_index)
-            rewards, _ = decode_and_score(policy, x0, geometry, self.reward, prompts)
-        rewards = rewards.view(num_prompts, n).cpu()
+            result, _ = decode_and_score(policy, x0, geometry, self.reward, prompts)
+        rewards = result.total.view(num_prompts, n).cpu()
         if last:
             log_g = R.final_log_potential(self.lam, rewards, self.log_prod)
             self.rewards = rewards

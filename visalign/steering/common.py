@@ -2,7 +2,10 @@
 
 - :func:`resolve_reward` turns one reward, or several with user weights, into one reward;
 - :func:`predict_chunked` runs the denoiser on at most ``max_batch_size`` particles at a time;
-- :func:`decode_and_score` decodes latents and scores them in chunks of the same size;
+- :func:`decode_and_score` decodes latents and scores them in chunks of the same size, returning
+  the reward's :class:`~visalign.rewards.RewardResult` (total and named parts);
+- :func:`with_steering_keywords` and :func:`prepare_steering` take the sampling keywords of
+  :func:`~visalign.sampling.prepare_sampling` once for every steering function;
 - :func:`steering_generator` gives the CPU generator that draws resampling uniforms, kept apart
   from the sampler's noise so that steering never shifts the noise stream.
 """
@@ -16,17 +19,21 @@ import torch
 from visalign.errors import ConfigError, InvalidInputError
 from visalign.pipelines.base import Conditioning, Geometry, Policy
 from visalign.rewards.base import call_reward, reward_name
+from visalign.rewards.result import RewardResult
+from visalign.sampling.sampler import SamplingSetup, prepare_sampling, with_sampling_keywords
 
 __all__ = ["resolve_reward", "predict_chunked", "decode_and_score", "steering_generator",
-           "check_max_batch_size", "expand_reward_kwargs", "select_rows"]
+           "check_max_batch_size", "expand_reward_kwargs", "select_rows", "with_steering_keywords",
+           "prepare_steering"]
 
 
 def resolve_reward(reward: Any):
     """One reward from ``reward``: a reward or callable, a dict, or a list of ``(reward, weight)``.
 
     A dict ``{name: reward}`` / ``{name: (reward, weight)}`` or a list of ``(reward, weight)``
-    pairs becomes a :class:`~visalign.rewards.Combined` weighted sum (no normalisation), so that
-    ``Combined.last_output`` keeps every part for logging.
+    pairs becomes a :class:`~visalign.rewards.Combined` weighted sum (no normalisation), whose
+    :class:`~visalign.rewards.RewardResult` (from :func:`~visalign.rewards.call_reward`) carries
+    every weighted part in ``components``.
     """
     from visalign.rewards.combine import Combined
 
@@ -47,6 +54,34 @@ def resolve_reward(reward: Any):
             f"{{name: (reward, weight)}} or a list of (reward, weight); got {type(reward).__name__}."
         )
     return reward
+
+
+def with_steering_keywords(fn):
+    """:func:`~visalign.sampling.with_sampling_keywords` for a steering function.
+
+    Shows :func:`~visalign.sampling.prepare_sampling`'s keywords after ``fn``'s own in its
+    signature, less ``group_size``: a steering function sets it from its own count (``n``,
+    ``num_particles``, ``num_samples``).
+    """
+    fn = with_sampling_keywords(fn)
+    signature = fn.__signature__
+    fn.__signature__ = signature.replace(
+        parameters=[p for p in signature.parameters.values() if p.name != "group_size"])
+    return fn
+
+
+def prepare_steering(policy: Policy, prompts, group_size: int, count_name: str,
+                     sampling: Mapping[str, Any]) -> SamplingSetup:
+    """:func:`~visalign.sampling.prepare_sampling` with ``group_size`` samples per prompt.
+
+    Args:
+        count_name: the steering function's keyword that sets ``group_size``, for the message
+            when ``sampling`` holds a ``group_size`` of its own.
+        sampling: the caller's sampling keywords (defaults: :class:`~visalign.sampling.SamplingOptions`').
+    """
+    if "group_size" in sampling:
+        raise ConfigError(f"Pass the number of samples per prompt as {count_name}=, not group_size=.")
+    return prepare_sampling(policy, prompts, group_size=group_size, **sampling)
 
 
 def check_max_batch_size(max_batch_size: int | None) -> int | None:
@@ -100,23 +135,25 @@ def expand_reward_kwargs(reward_kwargs: Mapping[str, Any] | None, num_prompts: i
 
 def decode_and_score(policy: Policy, latents: torch.Tensor, geometry: Geometry, reward: Any,
                      prompts: Sequence[str], reward_kwargs: Mapping[str, Any] | None = None,
-                     max_batch_size: int | None = None, keep_images: bool = False):
+                     max_batch_size: int | None = None, keep_images: bool = False
+                     ) -> tuple[RewardResult, torch.Tensor | None]:
     """Decodes latents to pixels and scores them, ``max_batch_size`` rows at a time.
 
     Returns:
-        ``(rewards, images)``: float32 (B,) rewards on the latents' device, and the decoded pixels
+        ``(result, images)``: the :class:`~visalign.rewards.RewardResult` of the B rows (``total``
+        float32 (B,) on the images' device, with the reward's named parts), and the decoded pixels
         (B, ...) when ``keep_images`` (else None).
     """
     batch = latents.shape[0]
     reward_kwargs = reward_kwargs or {}
-    scores, images = [], []
+    results, images = [], []
     for a, b in _chunks(batch, max_batch_size):
         pixels = policy.decode(latents[a:b], geometry)
-        scores.append(call_reward(reward, pixels, list(prompts[a:b]),
-                                  **select_rows(reward_kwargs, slice(a, b), batch)).float())
+        results.append(call_reward(reward, pixels, list(prompts[a:b]),
+                                   **select_rows(reward_kwargs, slice(a, b), batch)))
         if keep_images:
             images.append(pixels)
-    return torch.cat(scores), (torch.cat(images) if keep_images else None)
+    return RewardResult.cat(results), (torch.cat(images) if keep_images else None)
 
 
 def steering_generator(generator, resample_seed: int | None = None) -> torch.Generator:

@@ -48,10 +48,12 @@ import torch
 
 from visalign.errors import ConfigError, SamplerError
 from visalign.pipelines.base import Policy
-from visalign.sampling.sampler import denoise_step, prepare_sampling
+from visalign.sampling.options import DEFAULTS
+from visalign.sampling.sampler import denoise_step
 from visalign.steering import resampling as R
 from visalign.steering.common import (check_max_batch_size, decode_and_score, expand_reward_kwargs,
-                                      predict_chunked, resolve_reward, select_rows, steering_generator)
+                                      predict_chunked, prepare_steering, resolve_reward, select_rows,
+                                      steering_generator, with_steering_keywords)
 
 __all__ = ["FKOutput", "fk_steer", "reward_steps"]
 
@@ -146,6 +148,7 @@ def _validate(num_particles, potential, resampler, ess_threshold, lam):
 
 
 @torch.no_grad()
+@with_steering_keywords
 def fk_steer(
     policy: Policy,
     prompts: str | Sequence[str],
@@ -159,23 +162,12 @@ def fk_steer(
     ess_threshold: float = 0.5,
     resampler: str = "systematic",
     resample_final: bool = True,
-    num_steps: int = 20,
-    guidance_scale: float | None = None,
-    sampler: str = "sde",
-    noise: str = "flow",
-    eta: float | None = None,
-    generator: torch.Generator | list[torch.Generator] | None = None,
     resample_seed: int | None = None,
-    images: torch.Tensor | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    num_frames: int | None = None,
-    negative_prompt: str | Sequence[str] | None = None,
     reward_kwargs: Mapping[str, Any] | None = None,
     max_batch_size: int | None = None,
     return_particles: bool = True,
     progress: bool = False,
-    **encode_kwargs: Any,
+    **sampling: Any,
 ) -> FKOutput:
     """Samples with Feynman-Kac steering towards ``p(x0)·exp(lam·reward(x0))``.
 
@@ -204,14 +196,6 @@ def fk_steer(
         resample_final (`bool`, defaults to `True`): resample after the final correction (subject
             to ``adaptive``), so the returned particles are equally weighted draws; with False they
             keep their importance weights in ``log_weights``.
-        num_steps, guidance_scale, noise, eta, images, height, width, num_frames,
-        negative_prompt, **encode_kwargs: as in :func:`visalign.sample`. ``images`` are the I2V
-            first frames, one per prompt.
-        sampler (`str`, defaults to ``"sde"``): a stochastic sampler, ``"sde"``, ``"cps"`` or
-            ``"ddim"`` (``"sde"`` means DDIM η>0 on DDPM families). ``"ode"`` is refused:
-            resampled copies of a deterministic trajectory stay identical.
-        generator: the sampler's noise, as in :func:`visalign.sample` (one generator, or one per
-            particle row p·N+k; per-row generators stay with their row when particles move).
         resample_seed (`int`, *optional*): seeds the resampling draws; by default derived from
             ``generator``'s initial seed without consuming it.
         reward_kwargs (`dict`, *optional*): per-prompt reward conditioning (P rows, or constants),
@@ -221,6 +205,15 @@ def fk_steer(
             floating-point round-off: the noise is drawn for the whole batch.
         return_particles (`bool`, defaults to `True`): keep every final particle's pixels.
         progress (`bool`): a tqdm bar over the steps.
+        **sampling: the sampling keywords of :func:`visalign.sampling.prepare_sampling`
+            (``num_steps``, ``guidance_scale``, ``sampler``, ``noise``, ``eta``, ``generator``,
+            ``images``, ``height``, ``width``, ``num_frames``, ``negative_prompt``, …, and the
+            policy's encode keywords); defaults are :class:`~visalign.sampling.SamplingOptions`'.
+            The sampler must be stochastic, ``"sde"``, ``"cps"`` or ``"ddim"`` (``"sde"`` means
+            DDIM η>0 on DDPM families): ``"ode"`` is refused, as resampled copies of a
+            deterministic trajectory stay identical. ``generator`` is the sampler's noise (one
+            generator, or one per particle row p·N+k; per-row generators stay with their row when
+            particles move). ``images`` are the I2V first frames, one per prompt.
 
     Returns:
         :class:`FKOutput`: ``images`` and ``rewards`` of the best particle per prompt, and every
@@ -231,7 +224,7 @@ def fk_steer(
         ConfigError: an unknown potential or resampler, or a bad schedule.
     """
     _validate(num_particles, potential, resampler, ess_threshold, lam)
-    if sampler == "ode":
+    if sampling.get("sampler", DEFAULTS.sampler) == "ode":
         raise SamplerError(
             "FK steering needs a stochastic sampler: with sampler='ode', resampled copies of a particle "
             "follow the same deterministic path and never diverge. Use sampler='sde' (flow models; "
@@ -241,11 +234,8 @@ def fk_steer(
     lam = float(lam)
     max_batch_size = check_max_batch_size(max_batch_size)
     reward = resolve_reward(reward)
-    setup = prepare_sampling(
-        policy, prompts, num_steps=num_steps, guidance_scale=guidance_scale, sampler=sampler, noise=noise, eta=eta,
-        generator=generator, images=images, height=height, width=width, num_frames=num_frames,
-        negative_prompt=negative_prompt, group_size=n, **encode_kwargs,
-    )
+    setup = prepare_steering(policy, prompts, n, "num_particles", sampling)
+    generator = sampling.get("generator")
     if setup.spec.eta <= 0:
         raise SamplerError(
             f"FK steering needs noise: eta={setup.spec.eta} makes the {setup.spec.sampler} sampler deterministic, "
@@ -294,14 +284,14 @@ def fk_steer(
             continue
 
         if last:  # score the output itself and undo the earlier potentials
-            rewards, final_images = decode_and_score(policy, x, geometry, reward, row_prompts, row_kwargs,
-                                                     max_batch_size, keep_images=return_particles)
-            rewards = rewards.view(num_prompts, n).to(device)
+            result, final_images = decode_and_score(policy, x, geometry, reward, row_prompts, row_kwargs,
+                                                    max_batch_size, keep_images=return_particles)
+            rewards = result.total.view(num_prompts, n).to(device)
             log_g = R.final_log_potential(lam, rewards, log_prod)
             final_rewards = rewards
         else:
-            rewards, _ = decode_and_score(policy, out.x0, geometry, reward, row_prompts, row_kwargs, max_batch_size)
-            rewards = rewards.view(num_prompts, n).to(device)
+            result, _ = decode_and_score(policy, out.x0, geometry, reward, row_prompts, row_kwargs, max_batch_size)
+            rewards = result.total.view(num_prompts, n).to(device)
             log_g, state = R.potential(potential, lam, rewards, state)
             log_prod = log_prod + log_g
         num_reward_evals += batch

@@ -39,9 +39,10 @@ import torch
 from visalign.errors import ConfigError, NotDifferentiableError
 from visalign.pipelines.base import Policy
 from visalign.rewards.base import call_reward, is_differentiable, reward_name
-from visalign.sampling.sampler import denoise_step, prepare_sampling, transition
+from visalign.sampling.sampler import denoise_step, transition
 from visalign.steering.common import (check_max_batch_size, decode_and_score, expand_reward_kwargs,
-                                      predict_chunked, resolve_reward, select_rows)
+                                      predict_chunked, prepare_steering, resolve_reward, select_rows,
+                                      with_steering_keywords)
 
 __all__ = ["GuidanceOutput", "reward_guidance", "reward_gradient"]
 
@@ -53,7 +54,8 @@ class GuidanceOutput:
     Attributes:
         images: (B, ...) the guided samples.
         rewards: (B,) the (weighted) reward of each output.
-        components: name → (B,) each weighted part when several rewards were given.
+        components: name → (B,) each weighted part of the reward's
+            :class:`~visalign.rewards.RewardResult` (several rewards); empty for a single reward.
         latents: (B, ...) the final latents.
         prompts: the B prompts.
         guided_steps: the steps where the gradient was added.
@@ -70,16 +72,31 @@ class GuidanceOutput:
 
 
 def _check_differentiable(reward) -> None:
-    from visalign.rewards.combine import Combined
+    """Refuses a reward whose ``differentiable`` is False, naming it (or a Combined's culprit members)."""
+    if is_differentiable(reward):
+        return
+    members = getattr(reward, "non_differentiable", None)  # Combined: the members at fault
+    bad = (members() if callable(members) else []) or [reward_name(reward)]
+    raise NotDifferentiableError(
+        f"reward_guidance follows the reward's gradient, but {bad} {'is' if len(bad) == 1 else 'are'} not "
+        f"differentiable (differentiable=False), so no gradient reaches the latents. Use differentiable rewards "
+        f"(CLIPScore, PickScore, Aesthetic, HPSv2, a YesTokenReward on torch pixels), or steer with va.fk_steer "
+        f"/ va.best_of_n, which need only reward values."
+    )
 
-    members = dict(reward.rewards) if isinstance(reward, Combined) else {reward_name(reward): reward}
-    bad = [name for name, r in members.items() if not is_differentiable(r)]
-    if bad:
+
+def differentiable_scores(reward: Any, pixels: torch.Tensor, prompts: Sequence[str],
+                          reward_kwargs: Mapping[str, Any] | None = None) -> torch.Tensor:
+    """The reward's total on ``pixels`` (which require grad), refusing scores that carry no gradient."""
+    rewards = call_reward(reward, pixels, list(prompts), **(reward_kwargs or {})).total
+    if rewards.grad_fn is None:
         raise NotDifferentiableError(
-            f"reward_guidance needs differentiable rewards; {bad} are not (differentiable=False), so no "
-            f"gradient reaches the latents. Drop them from the guidance rewards, or steer with them "
-            f"through va.fk_steer / va.best_of_n, which only need reward values."
+            f"reward_guidance follows the reward's gradient, but the scores of '{reward_name(reward)}' carry no "
+            f"gradient: they come back detached from the pixels (computed under torch.no_grad(), through "
+            f"numpy/PIL, or with .detach()). Compute the reward with torch operations on the pixels, or steer "
+            f"with va.fk_steer / va.best_of_n, which need only reward values."
         )
+    return rewards
 
 
 def reward_gradient(policy: Policy, spec, schedule, step: int, latents: torch.Tensor, conditioning,
@@ -104,7 +121,7 @@ def reward_gradient(policy: Policy, spec, schedule, step: int, latents: torch.Te
                 model_output = policy.predict(x.detach(), t, conditioning)
         _, _, x0 = transition(policy, spec, schedule, step, x, model_output)
         pixels = policy.decode(x0, geometry)
-        rewards = call_reward(reward, pixels, list(prompts), **(reward_kwargs or {}))
+        rewards = differentiable_scores(reward, pixels, prompts, reward_kwargs)
         (grad,) = torch.autograd.grad(rewards.sum(), x)
     return grad.detach(), model_output.detach(), rewards.detach()
 
@@ -120,30 +137,20 @@ def _guided_steps(num_steps: int, guidance_steps) -> list[int]:
     return list(range(start, end))
 
 
+@with_steering_keywords
 def reward_guidance(
     policy: Policy,
     prompts: str | Sequence[str],
     reward: Any,
     scale: float = 1.0,
     guidance_steps: tuple[int, int] | None = None,
-    num_steps: int = 20,
-    guidance_scale: float | None = None,
-    sampler: str = "sde",
-    noise: str = "flow",
-    eta: float | None = None,
-    generator: torch.Generator | list[torch.Generator] | None = None,
-    images: torch.Tensor | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    num_frames: int | None = None,
-    negative_prompt: str | Sequence[str] | None = None,
     num_samples: int = 1,
     through_model: bool = True,
     normalize_grad: bool = False,
     reward_kwargs: Mapping[str, Any] | None = None,
     max_batch_size: int | None = None,
     progress: bool = False,
-    **encode_kwargs: Any,
+    **sampling: Any,
 ) -> GuidanceOutput:
     """Samples with reward-gradient guidance added to each guided step's mean.
 
@@ -156,9 +163,6 @@ def reward_guidance(
         scale (`float`, defaults to 1.0): the step size s of ``mean += s·∇``; 0 is plain sampling.
         guidance_steps (`tuple[int, int]`, *optional*): guide steps ``start ≤ i < end`` only;
             None guides every step.
-        num_steps, guidance_scale, sampler, noise, eta, generator, images, height, width,
-        num_frames, negative_prompt, **encode_kwargs: as in :func:`visalign.sample`. Any sampler
-            works, ``"ode"`` included.
         num_samples (`int`, defaults to 1): samples per prompt.
         through_model (`bool`, defaults to `True`): back-propagate through the denoiser (DPS);
             False treats the model output as constant (cheaper; see the module docstring).
@@ -166,24 +170,26 @@ def reward_guidance(
         reward_kwargs (`dict`, *optional*): per-prompt reward conditioning, repeated per sample.
         max_batch_size (`int`, *optional*): the most samples per forward/backward; None runs all.
         progress (`bool`): a tqdm bar over the steps.
+        **sampling: the sampling keywords of :func:`visalign.sampling.prepare_sampling`
+            (``num_steps``, ``guidance_scale``, ``sampler``, ``noise``, ``eta``, ``generator``,
+            ``images``, ``height``, ``width``, ``num_frames``, ``negative_prompt``, …, and the
+            policy's encode keywords); defaults are :class:`~visalign.sampling.SamplingOptions`'.
+            Any sampler works, ``"ode"`` included.
 
     Returns:
-        :class:`GuidanceOutput` with ``images``, ``rewards`` (and ``components`` for several rewards).
+        :class:`GuidanceOutput` with ``images``, ``rewards`` and, for a reward with named parts
+        (several rewards), their weighted ``components``.
 
     Raises:
-        NotDifferentiableError: a reward is not differentiable (``differentiable=False``).
+        NotDifferentiableError: the reward is not differentiable (``differentiable=False``, or its
+            scores carry no gradient back to the pixels).
     """
-    from visalign.rewards.combine import Combined
-
     reward = resolve_reward(reward)
     _check_differentiable(reward)
     max_batch_size = check_max_batch_size(max_batch_size)
     scale = float(scale)
-    setup = prepare_sampling(
-        policy, prompts, num_steps=num_steps, guidance_scale=guidance_scale, sampler=sampler, noise=noise, eta=eta,
-        generator=generator, images=images, height=height, width=width, num_frames=num_frames,
-        negative_prompt=negative_prompt, group_size=num_samples, **encode_kwargs,
-    )
+    setup = prepare_steering(policy, prompts, num_samples, "num_samples", sampling)
+    generator = sampling.get("generator")
     spec, schedule, geometry, conditioning = setup.spec, setup.schedule, setup.geometry, setup.conditioning
     batch, rows_prompts = setup.batch_size, setup.prompts
     row_kwargs = expand_reward_kwargs(reward_kwargs, batch // setup.group_size, setup.group_size)
@@ -223,14 +229,7 @@ def reward_guidance(
                              model_output=model_output, mean_offset=offset).next_latents
 
     with torch.no_grad():
-        rewards, out_images = decode_and_score(policy, x, geometry, reward, rows_prompts, row_kwargs,
-                                               max_batch_size, keep_images=True)
-    components = {}
-    if isinstance(reward, Combined) and max_batch_size is None:
-        components = {k: v.detach() for k, v in reward.last_output.components.items()}
-    elif isinstance(reward, Combined):
-        with torch.no_grad():
-            components = {k: v.detach() for k, v in reward.evaluate(out_images, rows_prompts,
-                                                                    **row_kwargs).components.items()}
-    return GuidanceOutput(images=out_images, rewards=rewards, latents=x, prompts=rows_prompts,
-                          guided_steps=guided, grad_norms=grad_norms, components=components)
+        result, out_images = decode_and_score(policy, x, geometry, reward, rows_prompts, row_kwargs,
+                                              max_batch_size, keep_images=True)
+    return GuidanceOutput(images=out_images, rewards=result.total, latents=x, prompts=rows_prompts,
+                          guided_steps=guided, grad_norms=grad_norms, components=result.detach().components)

@@ -15,7 +15,8 @@ mode; nothing is downloaded. Building any of them takes well under a second.
   its processor, with a chat template and single-token "yes"/"Yes"/" yes"/... answers.
 - :func:`tiny_open_clip`: an open_clip ``CLIP`` for HPSv2 tests (needs the ``openclip`` extra).
 - :func:`color_images`: solid-colour image batches for constructed test cases.
-- :func:`brightness`: the mean pixel value, a differentiable plain-callable reward any tiny model can move.
+- :func:`brightness`: the mean pixel value, a differentiable plain-callable reward any tiny model can move
+  (defined in :mod:`visalign.rewards.simple`, re-exported here).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from functools import lru_cache
 from typing import Sequence
 
 import torch
+
+from visalign.pipelines.tokenizers import word_clip_tokenizer
+from visalign.rewards.simple import brightness  # re-exported: the runtime reward, public here too
 
 __all__ = [
     "COLORS",
@@ -38,19 +42,6 @@ __all__ = [
     "tiny_open_clip",
     "TINY_VLM_CHAT_TEMPLATE",
 ]
-
-
-def brightness(images: torch.Tensor, prompts: Sequence[str] | None = None) -> torch.Tensor:
-    """Mean pixel value per sample: the simplest reward, for smoke tests and first runs.
-
-    Args:
-        images (`torch.Tensor`): ``(B, C, H, W)`` images or ``(B, F, C, H, W)`` videos in [0, 1].
-        prompts (`Sequence[str]`, *optional*): ignored; accepted so that it is a plain-callable reward.
-
-    Returns:
-        `torch.Tensor`: ``(B,)`` float rewards, differentiable with respect to ``images``.
-    """
-    return images.float().flatten(1).mean(1)
 
 
 COLORS = {
@@ -88,8 +79,6 @@ def color_images(colors: Sequence[str], size: int | tuple[int, int] = 32, noise:
 def tiny_clip_tokenizer(words: Sequence[str] = _CLIP_WORDS, model_max_length: int = 77):
     """An offline ``CLIPTokenizer`` in which each of ``words`` is one token; any other text still
     tokenizes (byte by byte). Survives save/load_pretrained."""
-    from visalign.testing.tokenizers import word_clip_tokenizer
-
     return word_clip_tokenizer(words, model_max_length)
 
 

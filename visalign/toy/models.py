@@ -1,8 +1,9 @@
 """Architectures of the shipped toy models, built from configs (random weights, seeded).
 
-:mod:`visalign.toy.train` trains these; nothing here downloads anything. Every component is a
-stock transformers or diffusers class, so the trained folders load with the ordinary
-``from_pretrained`` calls and run in the stock pipelines:
+The lab script ``scripts/toy/train_t2i.py`` (in the repository, not the installed package) trains
+these; nothing here downloads anything. Every component is a stock transformers or diffusers
+class, so the trained folders load with the ordinary ``from_pretrained`` calls and run in the
+stock pipelines:
 
 - :func:`build_clip`: the toy CLIP reward, a ``CLIPModel`` + ``CLIPProcessor`` at 32 px;
 - :func:`build_vae`: a 2× ``AutoencoderKL`` (32×32×3 pixels ↔ 16×16×4 latents);

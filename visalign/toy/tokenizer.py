@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+from visalign.pipelines.tokenizers import word_clip_tokenizer, word_t5_tokenizer
 from visalign.toy.world import CAPTION_SIZES, COLORS, MOTIONS, POSITION_PHRASES, SHAPES
 
 __all__ = ["WORDS", "toy_tokenizer", "toy_t5_tokenizer"]
@@ -55,8 +56,6 @@ def toy_tokenizer(model_max_length: int = 16):
     Returns:
         `transformers.CLIPTokenizer`: ``len(tokenizer)`` is the vocabulary size.
     """
-    from visalign.testing.tokenizers import word_clip_tokenizer
-
     return word_clip_tokenizer(WORDS, model_max_length)
 
 
@@ -72,14 +71,4 @@ def toy_t5_tokenizer(model_max_length: int = 512):
         model_max_length (`int`, *optional*, defaults to 512): only decides when transformers
             warns about long inputs; pipelines pad to their own ``max_sequence_length``.
     """
-    import string
-
-    from transformers import T5Tokenizer
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    pieces += [("\u2581" + w, -3.0) for w in WORDS]  # whole words win over letters
-    for char in string.ascii_letters + string.digits + string.punctuation:
-        pieces += [(char, -6.0), ("\u2581" + char, -5.0)]
-    seen: set[str] = set()
-    pieces = [p for p in pieces if not (p[0] in seen or seen.add(p[0]))]
-    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+    return word_t5_tokenizer(WORDS, model_max_length)

@@ -33,7 +33,7 @@ import torch
 
 from visalign.errors import ConfigError, RewardError, require
 from visalign.pipelines import Policy, wrap
-from visalign.training.checkpoint import resolve_resume, save_checkpoint
+from visalign.training.checkpoint import load_latest_complete, save_checkpoint
 from visalign.training.config import TrainConfig
 from visalign.training.prompts import PromptSampler, PromptSource
 from visalign.training.tracking import RunLogger
@@ -131,21 +131,22 @@ class Trainer:
                 policy.add_lora(rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules,
                                 dropout=cfg.lora_dropout)
         else:
-            if self.needs_reference:  # full fine-tuning compares against a frozen copy
-                self.reference_model = copy.deepcopy(denoiser).requires_grad_(False).eval()
             denoiser.requires_grad_(True)
         # Trainable weights live in fp32 even when the model runs in bf16/fp16.
         for p in denoiser.parameters():
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()
+        if not cfg.use_lora and self.needs_reference:
+            # Full fine-tuning compares against a frozen copy, taken after the upcast so that it
+            # computes exactly as the policy does at initialisation (KL, r̂ and margins are 0 there).
+            self.reference_model = copy.deepcopy(denoiser).requires_grad_(False).eval()
         if cfg.gradient_checkpointing:
             denoiser.enable_gradient_checkpointing()
         self.trainable_parameters = [p for p in denoiser.parameters() if p.requires_grad]
         if not self.trainable_parameters:
             raise ConfigError("No trainable parameters: check lora_target_modules for this family.")
         if self.accelerator.num_processes > 1:
-            # One forward per backward keeps DDP's contract (two CFG forwards would break it).
-            policy.cfg_batched = True
+            policy.use_batched_cfg()  # DDP expects one forward per backward
 
     def optimizer_steps_per_iteration(self) -> int:
         """Optimizer steps taken by one :meth:`train_step` (sizes the LR schedule)."""
@@ -181,15 +182,11 @@ class Trainer:
             for key in [k for k in state if k not in keep]:
                 del state[key]
 
-    def prompts_per_step(self) -> int:
-        """Records drawn per rank per iteration; algorithms override."""
-        return 1
-
     def _setup_data(self) -> None:
         self.prompt_sampler = None
         if self.prompt_source is not None:
             self.prompt_sampler = PromptSampler(
-                self.prompt_source, batch_size=self.prompts_per_step(), seed=self.config.seed,
+                self.prompt_source, batch_size=self.config.prompts_per_step, seed=self.config.seed,
                 rank=self.accelerator.process_index, world_size=self.accelerator.num_processes)
             self.accelerator.register_for_checkpointing(self.prompt_sampler)
 
@@ -218,23 +215,36 @@ class Trainer:
             raise ConfigError(f"{type(self).__name__} needs prompts; pass prompts=[...] or a prompt file.")
         return self.prompt_sampler.next_batch()
 
-    def load_condition_images(self, records: list[dict], column: str = "image") -> torch.Tensor | None:
-        """I2V first frames from a prompt-source column (paths), sized to the run's geometry."""
+    def load_condition_images(self, records: list[dict]) -> torch.Tensor | None:
+        """Conditioning images (I2V first frames) from the ``image_column`` of the records, sized to the run."""
         if not self.policy.needs_image:
             return None
         from visalign.training.prompts import load_images
 
         geometry = self.policy.geometry(self.config.height, self.config.width, self.config.num_frames)
-        return load_images(records, column, base_dir=self.prompt_source.base_dir,
+        return load_images(records, self.config.image_column, base_dir=self.prompt_source.base_dir,
                            size=(geometry.height, geometry.width)).to(self.accelerator.device)
 
-    def score(self, images: torch.Tensor, prompts: list[str], records: list[dict] | None = None):
-        """Calls the reward with the records' extra columns as conditioning. Returns (total, components).
+    def guidance_scale(self) -> float | None:
+        """The CFG scale of sampling and training: 1 (no CFG) when ``cfg_in_training`` is off.
 
-        Components are the named parts of a :class:`~visalign.rewards.Combined` reward (weighted),
-        or ``{"reward": total}`` for any other reward.
+        Embedded guidance (FLUX.1-dev) is an input of the model, not CFG, so it keeps its value.
         """
-        from visalign.rewards import Combined, call_reward
+        cfg = self.config
+        if cfg.cfg_in_training or self.policy.embedded_guidance:
+            return cfg.guidance_scale
+        return 1.0
+
+    def sampling_kwargs(self, step: int) -> dict:
+        """The keywords of :func:`visalign.sample` for iteration ``step``: the config's sampling options
+        (the SDE window of ``step``), the CFG rule of :meth:`guidance_scale` and the output size."""
+        cfg = self.config
+        return {**cfg.sample_kwargs(step, cfg.seed), "guidance_scale": self.guidance_scale(),
+                "height": cfg.height, "width": cfg.width, "num_frames": cfg.num_frames}
+
+    def score(self, images: torch.Tensor, prompts: list[str], records: list[dict] | None = None):
+        """Scores with the records' extra columns as conditioning; returns a :class:`~visalign.rewards.RewardResult`."""
+        from visalign.rewards import call_reward
 
         # A step-seeded generator for rewards that draw at random (e.g. TSN frame sampling in
         # SegmentalVideoReward), so that resumed runs score exactly as uninterrupted ones.
@@ -243,29 +253,26 @@ class Trainer:
             for key in records[0]:
                 if key != "prompt":
                     conditioning[key] = [r.get(key) for r in records]
-        total = call_reward(self.reward, images, prompts, **conditioning)
-        if isinstance(self.reward, Combined):
-            return total.float(), {k: v.float() for k, v in self.reward.last_output.components.items()}
-        return total, {"reward": total}
+        return call_reward(self.reward, images, prompts, **conditioning)
 
     def score_or_skip(self, images: torch.Tensor, prompts: list[str], records: list[dict] | None = None):
         """:meth:`score` under no_grad, turning a :class:`RewardError` on any rank into a skip on all.
 
         Returns:
-            ``(total, components, reason)``: ``total`` is None (and ``reason`` says why) when this
-            or another rank's reward returned something unusable; the caller then returns
-            ``{"skipped": 1.0, "skip_reason": reason}``.
+            ``(result, reason)``: ``result`` (a :class:`~visalign.rewards.RewardResult` on this
+            rank's device) is None, and ``reason`` says why, when this or another rank's reward
+            returned something unusable; the caller then returns ``{"skipped": 1.0, "skip_reason": reason}``.
         """
-        total, components, reason = None, {}, ""
+        result, reason = None, ""
         try:
             with torch.no_grad():
-                total, components = self.score(images, prompts, records)
+                result = self.score(images, prompts, records)
         except RewardError as exc:
             reason = str(exc)
-        bad = torch.tensor([0.0 if total is not None else 1.0], device=self.accelerator.device)
+        bad = torch.tensor([0.0 if result is not None else 1.0], device=self.accelerator.device)
         if float(self.accelerator.gather(bad).sum()) > 0:
-            return None, {}, reason or "another rank's reward failed"
-        return total.to(self.accelerator.device), components, ""
+            return None, reason or "another rank's reward failed"
+        return result.to(self.accelerator.device), ""
 
     @contextlib.contextmanager
     def reference(self):
@@ -310,9 +317,8 @@ class Trainer:
     def train(self) -> dict:
         """Runs until ``config.max_steps``, resuming first when ``config.resume`` says so."""
         cfg = self.config
-        resume_dir = resolve_resume(cfg.resume, cfg.output_dir)
-        if resume_dir is not None:
-            self.accelerator.load_state(resume_dir, **({"strict": False} if cfg.use_lora else {}))
+        # Loads the newest checkpoint that loads (broken newer ones are skipped, with a warning).
+        load_latest_complete(self.accelerator, cfg.resume, cfg.output_dir, strict=not cfg.use_lora)
         if self.is_main_process and self.state.step == 0:
             print(self.describe())
         from tqdm.auto import tqdm
@@ -384,19 +390,14 @@ class Trainer:
             records = [self.prompt_source[i] for i in range(min(4, len(self.prompt_source)))]
             prompts = [r["prompt"] for r in records]
             images = self.load_condition_images(records)
+        cfg = self.config
         with torch.no_grad(), self.ema_weights():
-            traj = sample(self.policy, prompts, num_steps=self.sample_num_steps(), sampler="ode", images=images,
+            traj = sample(self.policy, prompts, num_steps=cfg.num_steps, sampler="ode", images=images,
                           generator=[torch.Generator(self.accelerator.device).manual_seed(i) for i in range(len(prompts))],
-                          height=self.config.height, width=self.config.width, num_frames=self.config.num_frames,
-                          **self.sample_kwargs())
-            rewards, _ = self.score(traj.images, traj.prompts, records)
+                          guidance_scale=self.guidance_scale(), height=cfg.height, width=cfg.width,
+                          num_frames=cfg.num_frames)
+            rewards = self.score(traj.images, traj.prompts, records).total
         self.logger.save_samples(traj.images, traj.prompts, rewards, step)
-
-    def sample_num_steps(self) -> int:
-        return getattr(self.config, "num_steps", 20)
-
-    def sample_kwargs(self) -> dict:
-        return {"guidance_scale": getattr(self.config, "guidance_scale", None)}
 
     @contextlib.contextmanager
     def ema_weights(self):
@@ -425,12 +426,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if self.is_main_process:
             with self.ema_weights() if use_ema else contextlib.nullcontext():
-                pipe = copy.deepcopy(self.policy.pipe)
-                denoiser = getattr(pipe, self.policy.denoiser_name)
-                if self.config.use_lora:  # merge the adapter into the base weights, then drop it
-                    denoiser.fuse_lora()
-                    denoiser.unload_lora()
-                pipe.save_pretrained(save_directory)
+                self.policy.merged_pipeline().save_pretrained(save_directory)
         self.accelerator.wait_for_everyone()
 
     def describe(self) -> str:

@@ -1,58 +1,12 @@
-"""Trains the toy video models (Wan 2.1-style T2V and I2V) on the toy world's moving shapes.
+"""Trains and evaluates the toy video models (Wan 2.1-style T2V and I2V, with their VAE) shipped
+in ``visalign/toy/models/``; ``scripts/toy/README.md`` has the exact commands and the lab notes::
 
-The subcommands are registered in :mod:`visalign.toy.train`; the shipped folders were made with
-exactly these commands (``visalign/toy/MODELS.md`` records times, machine and accuracies)::
-
-    # the video VAE (an AutoencoderKLWan: 9×32×32×3 pixels ↔ 3×8×8×16 latents)
-    python -m visalign.toy.train video-vae --out runs/toy/video_vae --seed 0 --image-steps 500 --steps 400
-    # the toy T2V model (a WanPipeline folder)
-    python -m visalign.toy.train t2v --out visalign/toy/models/t2v --vae runs/toy/video_vae \
-        --seed 0 --steps 500
-    # the toy I2V model (a WanImageToVideoPipeline folder, Wan 2.1 style with a CLIP image encoder)
-    python -m visalign.toy.train i2v --out visalign/toy/models/i2v --vae runs/toy/video_vae \
-        --clip visalign/toy/models/clip --seed 0 --steps 300
-    # evaluator accuracy (colour, shape, motion, all-correct) of the folders
-    python -m visalign.toy.train eval-t2v visalign/toy/models/t2v --max-sequence-length 16
-    python -m visalign.toy.train eval-i2v visalign/toy/models/i2v
-
-Both folders hold their VAE, so ``--vae visalign/toy/models/t2v/vae`` retrains either model from
-the shipped VAE. Step counts and the other defaults are the shipped ones.
-
-Why the models look the way they do:
-
-- **A stock pipeline needs its own VAE class**, so a tiny ``AutoencoderKLWan`` is trained first.
-  Wan couples temporal and spatial downsampling, so the real 4× temporal compression needs two
-  downsampling stages: 32 px → 8×8 latents, 9 frames → 3 latent frames (frame 0 alone, then
-  4 frames each). Video convolutions are costly on a CPU, so it starts as a per-frame
-  autoencoder (:func:`_frame_wise_init`), learns the look of the world on single frames (a
-  ninth of a clip's cost), then learns motion on whole 9-frame clips. The sprite's pixels
-  weigh 10× in the loss. Its per-channel latent mean and std become
-  ``latents_mean``/``latents_std``.
-- **Rectified flow as the stock scheduler expects**, exactly as for the toy T2I model: the
-  transformer predicts ``ε − x0`` at ``timestep = 1000 t``; sampling uses the
-  ``FlowMatchEulerDiscreteScheduler`` that ``WanPipeline`` declares (real Wan checkpoints ship
-  UniPC, which visalign's Euler/SDE loops do not reproduce).
-- **Text.** A tiny ``UMT5EncoderModel`` reads the toy T5 tokenizer and is trained with the
-  transformer. Stock Wan pads every prompt with zero rows up to ``max_sequence_length`` (512 by
-  default) and attends to all of them. Those rows are identical, so, as for the T2I model, one
-  zero row with its attention logit raised by ``log c`` stands in for ``c`` of them
-  (:class:`WanNullRowAttnProcessor`). T2V trains half of the samples at the stock 512 and half
-  at a log-uniform number of rows, so it also works with ``max_sequence_length=16``
-  (``va.load(path, policy_kwargs={"max_sequence_length": 16})``), which is much cheaper.
-  **I2V must stay at 512**: stock ``WanAttnProcessor`` finds the CLIP image tokens by assuming
-  exactly 512 text rows, so I2V trains only that length.
-- **I2V image side (Wan 2.1).** The frozen vision tower of the shipped toy CLIP
-  (``visalign/toy/models/clip``) is the ``image_encoder`` (its penultimate hidden state, 65
-  tokens × 64, as Wan reads CLIP), and the first frame's VAE latent plus Wan's 4-channel mask
-  are concatenated to the noisy latents (16 + 4 + 16 = 36 input channels). The conditions are
-  built by visalign's own :class:`~visalign.pipelines.wan.WanI2VPolicy`, the code that samples.
-- **Caption dropout** 0.1 (to ``""``, the stock negative prompt) enables CFG; **EMA** 0.998
-  weights are what is saved. Training runs in fp32, one thread by default; the data, noise and
-  dropout come from generators seeded by ``--seed``.
+    python scripts/toy/train_video.py {video-vae,t2v,i2v,eval-t2v,eval-i2v} --help
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import time
@@ -61,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from common import (EMA, add_common_args, finish_step, log_line, lr_factor, optimizer_step, setup,
+                    weights_size_mb, write_info)
 
 from visalign.toy import evaluator as toy_eval
 from visalign.toy import world
-from visalign.toy.train import (EMA, _finish_step, _log, _lr_factor, _optimizer_step, _weights_size_mb,
-                                _write_info)
 
 #: Frames of every toy video (4k+1, as Wan needs) and the side of a frame in pixels.
 NUM_FRAMES = 9
@@ -215,12 +169,12 @@ def train_video_vae(args) -> None:
     vae.train()
     total = args.image_steps + args.steps
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, 30, total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, 30, total))
     rng = np.random.default_rng(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    _log(f"toy video VAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.3f}M parameters; "
-         f"{args.image_steps} steps of {args.image_batch_size} frames, then {args.steps} steps "
-         f"of {args.batch_size} clips", log)
+    log_line(f"toy video VAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.3f}M parameters; "
+            f"{args.image_steps} steps of {args.image_batch_size} frames, then {args.steps} steps "
+            f"of {args.batch_size} clips", log)
     start, cpu0 = time.time(), time.process_time()
     for step in range(total):
         images = step < args.image_steps
@@ -242,11 +196,11 @@ def train_video_vae(args) -> None:
         rec = (weight * (recon - x) ** 2).mean() / weight.mean()
         kl = posterior.kl().mean() / z[0].numel()
         loss = rec + args.kl_weight * kl
-        _optimizer_step(loss, opt, sched, vae.parameters())
+        optimizer_step(loss, opt, sched, vae.parameters())
         if step % args.log_every == 0 or step == total - 1:
-            _log(f"step {step} {'frames' if images else 'clips'} mse {rec.item():.5f} "
-                 f"kl/dim {kl.item():.3f} "
-                 f"({time.time() - start:.0f}s)", log)
+            log_line(f"step {step} {'frames' if images else 'clips'} mse {rec.item():.5f} "
+                    f"kl/dim {kl.item():.3f} "
+                    f"({time.time() - start:.0f}s)", log)
     wall = time.time() - start
     cpu = time.process_time() - cpu0
     vae.eval()
@@ -260,8 +214,8 @@ def train_video_vae(args) -> None:
                 fg_weight=args.fg_weight, threads=args.threads,
                 wall_time_s=round(wall, 1), cpu_time_s=round(cpu, 1),
                 reconstruction=evaluate_video_vae(vae))
-    _write_info(out, info)
-    _log(json.dumps(info, indent=1), log)
+    write_info(out, info)
+    log_line(json.dumps(info, indent=1), log)
 
 
 @torch.no_grad()
@@ -407,16 +361,16 @@ def train_video(args) -> None:
     _set_cross_processor(pipe.transformer, processor)
     ema = EMA(params, args.ema)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, args.warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.warmup))
     z_mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
     z_std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
     rng = np.random.default_rng(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     lengths: dict = {}
     n_params = sum(p.numel() for p in pipe.transformer.parameters())
-    _log(f"toy {kind.upper()}: transformer {n_params / 1e6:.2f}M parameters, UMT5 "
-         f"{sum(p.numel() for p in pipe.text_encoder.parameters()) / 1e6:.2f}M, batch "
-         f"{args.batch_size}, {args.steps} steps, lr {args.lr}, EMA {args.ema}", log)
+    log_line(f"toy {kind.upper()}: transformer {n_params / 1e6:.2f}M parameters, UMT5 "
+            f"{sum(p.numel() for p in pipe.text_encoder.parameters()) / 1e6:.2f}M, batch "
+            f"{args.batch_size}, {args.steps} steps, lr {args.lr}, EMA {args.ema}", log)
     b = args.batch_size
     start, cpu0 = time.time(), time.process_time()
     for step in range(args.steps):
@@ -446,20 +400,20 @@ def train_video(args) -> None:
         pred = pipe.transformer(hidden_states=xt, timestep=t * 1000, encoder_hidden_states=embeds,
                                 return_dict=False, **extra)[0]
         loss = F.mse_loss(pred, noise - x0)
-        _finish_step(step, loss, args, opt, sched, params, ema, out=out, start=start, log=log,
-                     save=lambda target: _save_video(pipe, processor, target))
+        finish_step(step, loss, args, opt, sched, params, ema, out=out, start=start, log=log,
+                    save=lambda target: _save_video(pipe, processor, target))
     wall, cpu = time.time() - start, time.process_time() - cpu0
     vae_info = Path(args.vae) / "training_info.json"
     vae_training = json.loads(vae_info.read_text()) if vae_info.exists() else None
-    size = _weights_size_mb(out)
+    size = weights_size_mb(out)
     info = dict(kind=kind, seed=args.seed, steps=args.steps, batch_size=b, lr=args.lr,
                 warmup=args.warmup, ema=args.ema, caption_dropout=args.caption_dropout,
                 layers=args.layers, shift=args.shift, vae=str(args.vae),
                 clip=str(args.clip) if kind == "i2v" else None, threads=args.threads,
                 wall_time_s=round(wall, 1), cpu_time_s=round(cpu, 1), size_mb=round(size, 2),
                 vae_training=vae_training)
-    _write_info(out, info)
-    _log(json.dumps(info, indent=1), log)
+    write_info(out, info)
+    log_line(json.dumps(info, indent=1), log)
 
 
 def _save_video(pipe, processor, target: Path) -> None:
@@ -538,11 +492,14 @@ def _first_frame_agreement(generated: torch.Tensor, given: torch.Tensor) -> floa
 
 # ----------------------------------------------------------------------------- CLI
 
-def add_parsers(sub, common) -> None:
-    """Adds the video subcommands to :mod:`visalign.toy.train`'s parser (``common`` adds the
-    shared ``--out/--seed/--steps/--batch-size/--lr/--threads/--log-every`` options)."""
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python scripts/toy/train_video.py",
+                                description="Train and evaluate the shipped toy video models "
+                                            "(the CLIP and T2I models: scripts/toy/train_t2i.py).")
+    sub = p.add_subparsers(dest="kind", required=True)
+
     q = sub.add_parser("video-vae", help="the toy video models' AutoencoderKLWan")
-    common(q, 400, 8, 3e-3)
+    add_common_args(q, 400, 8, 3e-3)
     q.add_argument("--base-dim", type=int, default=8, help="channels of the first VAE level")
     q.add_argument("--dim-mult", type=int, nargs=3, default=[1, 2, 2],
                    help="channel multiplier of each level (32, 16 and 8 px)")
@@ -557,7 +514,7 @@ def add_parsers(sub, common) -> None:
     for kind, steps, what in (("t2v", 500, "the toy Wan T2V pipeline (needs a trained --vae)"),
                               ("i2v", 300, "the toy Wan 2.1 I2V pipeline (needs --vae, --clip)")):
         q = sub.add_parser(kind, help=what)
-        common(q, steps, 32, 1e-3)
+        add_common_args(q, steps, 32, 1e-3)
         q.add_argument("--vae", required=True, help="folder of a VAE from `video-vae`")
         if kind == "i2v":
             q.add_argument("--clip", required=True,
@@ -581,10 +538,12 @@ def add_parsers(sub, common) -> None:
         q.add_argument("--threads", type=int, default=1)
         q.add_argument("--record", default=None, metavar="KEY",
                        help="also store the results in the folder's training_info.json[KEY]")
+    return p
 
 
-def run(args) -> None:
-    """Runs one of the subcommands of :func:`add_parsers`."""
+def main(argv=None) -> None:
+    args = _parser().parse_args(argv)
+    setup(args)
     if args.kind == "video-vae":
         train_video_vae(args)
     elif args.kind in ("t2v", "i2v"):
@@ -611,4 +570,8 @@ def _record(folder: Path, key: str, results: dict, settings: str) -> None:
     info = json.loads(path.read_text()) if path.exists() else {}
     info[key] = results
     info[f"{key}_settings"] = settings
-    _write_info(folder, info)
+    write_info(folder, info)
+
+
+if __name__ == "__main__":
+    main()

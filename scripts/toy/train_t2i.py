@@ -1,59 +1,7 @@
-"""Trains the shipped toy models on the toy world, on a CPU, seeded and reproducible.
+"""Trains and evaluates the toy CLIP reward and the toy T2I model (with its VAE) shipped in
+``visalign/toy/models/``; ``scripts/toy/README.md`` has the exact commands and the lab notes::
 
-The shipped folders under ``visalign/toy/models/`` were made with exactly these commands
-(``visalign/toy/MODELS.md`` records the wall times, machine and accuracies)::
-
-    # the toy CLIP reward (a transformers CLIPModel + CLIPProcessor folder)
-    python -m visalign.toy.train clip --out visalign/toy/models/clip --seed 0 --steps 1500
-
-    # the toy T2I model (a StableDiffusion3Pipeline folder): first its VAE, then the rest
-    python -m visalign.toy.train vae --out runs/toy/vae --seed 0 --steps 1000
-    python -m visalign.toy.train t2i --out visalign/toy/models/t2i --vae runs/toy/vae --seed 0 --steps 400
-
-    # per-attribute evaluator accuracy of a T2I folder (200 fixed-seed samples, no CFG and CFG 3)
-    python -m visalign.toy.train eval-t2i visalign/toy/models/t2i
-    # zero-shot caption retrieval accuracy of a CLIP folder
-    python -m visalign.toy.train eval-clip visalign/toy/models/clip
-
-    # the toy video models (visalign/toy/train_video.py): a Wan VAE, then T2V and I2V folders
-    python -m visalign.toy.train video-vae --out runs/toy/video_vae --seed 0 --image-steps 500 --steps 400
-    python -m visalign.toy.train t2v --out visalign/toy/models/t2v --vae runs/toy/video_vae --seed 0 --steps 500
-    python -m visalign.toy.train i2v --out visalign/toy/models/i2v --vae runs/toy/video_vae \
-        --clip visalign/toy/models/clip --seed 0 --steps 300
-    # their evaluator accuracy (144 fixed-seed videos, no CFG and CFG 3)
-    python -m visalign.toy.train eval-t2v visalign/toy/models/t2v --max-sequence-length 16
-    python -m visalign.toy.train eval-i2v visalign/toy/models/i2v
-
-(The T2I folder holds its VAE, so ``--vae visalign/toy/models/t2i/vae`` retrains the rest from
-the shipped VAE.) Every command takes ``--threads``, default 1: on a 2-core machine shared with
-other jobs, two threads per process made small ops wait on each other and ran about 2× slower.
-Results are reproducible for a given seed, thread count and torch build: the data, noise and
-caption dropout all come from generators seeded by ``--seed`` (two runs gave bit-identical
-weights). The T2I learning rate is constant after warm-up, so a run with ``--steps N`` is the
-first N steps of any longer run with the same seed; ``--save-every`` keeps EMA checkpoints along
-the way, which is how the shipped step count was picked on purpose: the base must stay
-imperfect (about 50% all-correct) so that alignment has headroom; at 500 steps it is already
-above 90% right.
-
-Why the T2I model looks the way it does:
-
-- **A stock pipeline needs a VAE**, so a tiny ``AutoencoderKL`` (32×32×3 ↔ 16×16×4) is trained
-  first on renders of the world. Its latents' mean and std become ``shift_factor`` and
-  ``scaling_factor``, so the transformer sees roughly unit-variance latents.
-- **Rectified flow as the stock scheduler expects**: ``x_t = (1 - t) x_0 + t ε``, the
-  transformer predicts ``ε - x_0`` and is called with ``timestep = 1000 t``, which is what
-  ``FlowMatchEulerDiscreteScheduler`` passes at sampling time (``sigma * 1000``).
-- **No real T5.** Without a T5 the stock SD3 pipeline appends ``max_sequence_length`` (256 by
-  default) rows of zeros to the CLIP tokens; the folder's ``text_encoder_3`` is a stand-in that
-  outputs exactly those zeros (:func:`visalign.toy.models.zero_t5`). The rows are all
-  identical, so inside attention 256 copies of one key act like one key whose logit is raised
-  by ``log 256``. Training therefore appends a single zero row and adds ``log c`` to its
-  attention logit (:class:`NullTokenAttnProcessor`): the stock computation for ``c`` rows at a
-  fraction of the cost. Half the samples use ``c = 256`` (the stock default) and half a
-  log-uniform ``c`` in [1, 256], so the model also works with ``max_sequence_length=1``, which
-  samples several times faster (``va.load(path, policy_kwargs={"max_sequence_length": 1})``).
-- **Caption dropout** 0.1 (the caption becomes ``""``, the stock negative prompt) enables CFG.
-- **EMA** weights (decay 0.998) are what is saved.
+    python scripts/toy/train_t2i.py {clip,vae,t2i,eval-t2i,eval-clip} --help
 """
 
 from __future__ import annotations
@@ -67,98 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from common import (EMA, add_common_args, finish_step, folder_size_mb, log_line, lr_factor,
+                    optimizer_step, setup, weights_size_mb, write_info)
 
 from visalign.toy import evaluator as toy_eval
 from visalign.toy import world
-
-# ----------------------------------------------------------------------------- utilities
-
-
-def _log(msg: str, log_file: Path | None = None) -> None:
-    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-    print(line, flush=True)
-    if log_file is not None:
-        with open(log_file, "a") as f:
-            f.write(line + "\n")
-
-
-def _lr_factor(step: int, warmup: int, total: int | None = None) -> float:
-    """Linear warm-up, then constant (``total=None``) or cosine decay to 0 at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if total is None:
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def _optimizer_step(loss: torch.Tensor, opt, sched, params) -> None:
-    """One update of every toy model: backward, clip the gradient norm to 1, step the optimizer and the LR schedule."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
-    sched.step()
-
-
-class EMA:
-    """An exponential moving average of a set of parameters (kept in fp32 on the CPU)."""
-
-    def __init__(self, params, decay: float):
-        self.params = list(params)
-        self.decay = decay
-        self.shadow = [p.detach().clone() for p in self.params]
-
-    @torch.no_grad()
-    def update(self, step: int) -> None:
-        # The usual warm-up of the decay, so early averages are not dominated by the random init.
-        d = min(self.decay, (1 + step) / (10 + step))
-        for s, p in zip(self.shadow, self.params):
-            s.lerp_(p.detach(), 1 - d)
-
-    @torch.no_grad()
-    def swap(self) -> None:
-        """Exchanges the live weights and the averages (call twice to restore)."""
-        for s, p in zip(self.shadow, self.params):
-            tmp = p.detach().clone()
-            p.copy_(s)
-            s.copy_(tmp)
-
-
-def _finish_step(step: int, loss: torch.Tensor, args, opt, sched, params, ema: EMA, *, out: Path, start: float,
-                 log: Path, save) -> None:
-    """The shared end of a denoiser's training step: the update, the EMA, the progress line, and
-    ``save(target)`` with the EMA weights swapped in every ``--save-every`` steps (into
-    ``out/checkpoints``) and at the end (into ``out``)."""
-    _optimizer_step(loss, opt, sched, params)
-    ema.update(step)
-    done = step + 1
-    if step % args.log_every == 0 or done == args.steps:
-        _log(f"step {done} loss {loss.item():.4f} ({time.time() - start:.0f}s)", log)
-    if (args.save_every and done % args.save_every == 0) or done == args.steps:
-        target = out if done == args.steps else out / "checkpoints" / f"step-{done:05d}"
-        ema.swap()
-        try:
-            save(target)
-        finally:
-            ema.swap()
-        _log(f"saved EMA weights of step {done} to {target}", log)
-
-
-def _folder_size_mb(path: Path) -> float:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
-
-
-def _weights_size_mb(out: Path) -> float:
-    """Size of a trained folder without its intermediate checkpoints."""
-    checkpoints = out / "checkpoints"
-    return _folder_size_mb(out) - (_folder_size_mb(checkpoints) if checkpoints.exists() else 0.0)
-
-
-def _write_info(out: Path, info: dict) -> None:
-    with open(out / "training_info.json", "w") as f:
-        json.dump(info, f, indent=2, sort_keys=True)
-
 
 # ----------------------------------------------------------------------------- data
 
@@ -327,11 +188,11 @@ def train_clip(args) -> None:
     # Exactly the preprocessing the CLIPScore reward will apply (read off the processor).
     transform = ImageTransform.from_processor(processor)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, 100, args.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, 100, args.steps))
     rng = np.random.default_rng(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    _log(f"toy CLIP: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-         f"batch {args.batch_size}, {args.steps} steps, lr {args.lr}", log)
+    log_line(f"toy CLIP: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+            f"batch {args.batch_size}, {args.steps} steps, lr {args.lr}", log)
     start = time.time()
     cpu0 = time.process_time()
     for step in range(args.steps):
@@ -348,12 +209,13 @@ def train_clip(args) -> None:
         loss_i = -(compat / compat.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
         loss_t = -(compat.T / compat.T.sum(1, keepdim=True) * logits.T.log_softmax(1)).sum(1).mean()
         loss = 0.5 * (loss_i + loss_t)
-        _optimizer_step(loss, opt, sched, model.parameters())
+        optimizer_step(loss, opt, sched, model.parameters())
         with torch.no_grad():  # CLIP's clamp: a temperature below 1/100 destabilises training
             model.logit_scale.clamp_(0, math.log(100))
         if step % args.log_every == 0 or step == args.steps - 1:
-            _log(f"step {step} loss {loss.item():.4f} scale {model.logit_scale.exp().item():.1f} "
-                 f"({time.time() - start:.0f}s)", log)
+            scale = model.logit_scale.exp().item()
+            log_line(f"step {step} loss {loss.item():.4f} scale {scale:.1f} "
+                     f"({time.time() - start:.0f}s)", log)
     wall = time.time() - start
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
@@ -362,9 +224,9 @@ def train_clip(args) -> None:
     info = dict(kind="clip", seed=args.seed, steps=args.steps, batch_size=args.batch_size,
                 lr=args.lr, hidden=args.hidden, layers=args.layers, threads=args.threads,
                 wall_time_s=round(wall, 1), cpu_time_s=round(time.process_time() - cpu0, 1),
-                size_mb=round(_folder_size_mb(out), 2), retrieval=results)
-    _write_info(out, info)
-    _log(json.dumps(info, indent=1), log)
+                size_mb=round(folder_size_mb(out), 2), retrieval=results)
+    write_info(out, info)
+    log_line(json.dumps(info, indent=1), log)
 
 
 @torch.no_grad()
@@ -431,11 +293,11 @@ def train_vae(args) -> None:
     vae = build_vae(args.seed, channels=tuple(args.channels))
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, 50, args.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, 50, args.steps))
     rng = np.random.default_rng(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    _log(f"toy VAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.3f}M parameters, "
-         f"batch {args.batch_size}, {args.steps} steps", log)
+    log_line(f"toy VAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.3f}M parameters, "
+            f"batch {args.batch_size}, {args.steps} steps", log)
     start, cpu0 = time.time(), time.process_time()
     for step in range(args.steps):
         scenes = world.sample_scenes(args.batch_size, int(rng.integers(2**31)), sizes=True,
@@ -449,10 +311,10 @@ def train_vae(args) -> None:
         rec = F.mse_loss(recon, x)
         kl = posterior.kl().mean() / z[0].numel()
         loss = rec + args.kl_weight * kl
-        _optimizer_step(loss, opt, sched, vae.parameters())
+        optimizer_step(loss, opt, sched, vae.parameters())
         if step % args.log_every == 0 or step == args.steps - 1:
-            _log(f"step {step} mse {rec.item():.5f} kl/dim {kl.item():.3f} "
-                 f"({time.time() - start:.0f}s)", log)
+            log_line(f"step {step} mse {rec.item():.5f} kl/dim {kl.item():.3f} "
+                    f"({time.time() - start:.0f}s)", log)
     wall = time.time() - start
     vae.eval()
     stats = _latent_stats(vae)
@@ -464,8 +326,8 @@ def train_vae(args) -> None:
                 lr=args.lr, kl_weight=args.kl_weight, channels=list(args.channels),
                 threads=args.threads, wall_time_s=round(wall, 1),
                 cpu_time_s=round(time.process_time() - cpu0, 1), **stats, reconstruction=recon_eval)
-    _write_info(out, info)
-    _log(json.dumps(info, indent=1), log)
+    write_info(out, info)
+    log_line(json.dumps(info, indent=1), log)
 
 
 @torch.no_grad()
@@ -572,14 +434,14 @@ def train_t2i(args) -> None:
     pipe.transformer.set_attn_processor(NullTokenAttnProcessor())
     ema = EMA(params, args.ema)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, args.warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.warmup))
     index, lat_mean, lat_std = _encode_library(vae, args.sizes)
     shift_f, scale_f = vae.config.shift_factor, vae.config.scaling_factor
     rng = np.random.default_rng(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     n_params = sum(p.numel() for p in pipe.transformer.parameters())
-    _log(f"toy T2I: transformer {n_params / 1e6:.2f}M parameters, batch {args.batch_size}, "
-         f"{args.steps} steps, lr {args.lr}, EMA {args.ema}", log)
+    log_line(f"toy T2I: transformer {n_params / 1e6:.2f}M parameters, batch {args.batch_size}, "
+            f"{args.steps} steps, lr {args.lr}, EMA {args.ema}", log)
     b = args.batch_size
     start, cpu0 = time.time(), time.process_time()
     for step in range(args.steps):
@@ -606,17 +468,17 @@ def train_t2i(args) -> None:
                                 joint_attention_kwargs={"attention_mask": bias},
                                 return_dict=False)[0]
         loss = F.mse_loss(pred, noise - x0)
-        _finish_step(step, loss, args, opt, sched, params, ema, out=out, start=start, log=log,
-                     save=lambda target: _save_t2i(pipe, target))
+        finish_step(step, loss, args, opt, sched, params, ema, out=out, start=start, log=log,
+                    save=lambda target: _save_t2i(pipe, target))
     wall = time.time() - start
     info = dict(kind="t2i", seed=args.seed, steps=args.steps, batch_size=b, lr=args.lr,
                 warmup=args.warmup, ema=args.ema, caption_dropout=args.caption_dropout,
                 layers=args.layers, sizes=args.sizes, shift=args.shift, vae=str(args.vae),
                 threads=args.threads, wall_time_s=round(wall, 1),
                 cpu_time_s=round(time.process_time() - cpu0, 1),
-                size_mb=round(_weights_size_mb(out), 2))
-    _write_info(out, info)
-    _log(json.dumps(info, indent=1), log)
+                size_mb=round(weights_size_mb(out), 2))
+    write_info(out, info)
+    log_line(json.dumps(info, indent=1), log)
 
 
 def _save_t2i(pipe, target: Path) -> None:
@@ -666,32 +528,24 @@ def evaluate_t2i(path, *, num_samples: int = 200, num_steps: int = 20, seed: int
 # ----------------------------------------------------------------------------- CLI
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m visalign.toy.train",
-                                description="Train and evaluate the shipped toy models.")
+    p = argparse.ArgumentParser(prog="python scripts/toy/train_t2i.py",
+                                description="Train and evaluate the shipped toy CLIP and T2I "
+                                            "models (video: scripts/toy/train_video.py).")
     sub = p.add_subparsers(dest="kind", required=True)
 
-    def common(q, steps, batch, lr):
-        q.add_argument("--out", required=True, help="output folder (created)")
-        q.add_argument("--seed", type=int, default=0, help="seeds weights, data and noise")
-        q.add_argument("--steps", type=int, default=steps, help="optimizer steps")
-        q.add_argument("--batch-size", type=int, default=batch, help="samples per step")
-        q.add_argument("--lr", type=float, default=lr, help="peak AdamW learning rate")
-        q.add_argument("--threads", type=int, default=1, help="torch CPU threads (see above)")
-        q.add_argument("--log-every", type=int, default=50, help="steps between log lines")
-
     q = sub.add_parser("clip", help="the toy CLIP reward (CLIPModel + CLIPProcessor)")
-    common(q, 1500, 128, 1e-3)
+    add_common_args(q, 1500, 128, 1e-3)
     q.add_argument("--hidden", type=int, default=64, help="width of both towers")
     q.add_argument("--layers", type=int, default=2, help="depth of both towers")
 
     q = sub.add_parser("vae", help="the T2I model's AutoencoderKL")
-    common(q, 1000, 32, 2e-3)
+    add_common_args(q, 1000, 32, 2e-3)
     q.add_argument("--channels", type=int, nargs="+", default=[8, 16],
                    help="block_out_channels; each level after the first halves the side")
     q.add_argument("--kl-weight", type=float, default=1e-4, help="weight of the per-dim KL")
 
     q = sub.add_parser("t2i", help="the toy SD3-style T2I pipeline (needs a trained --vae)")
-    common(q, 400, 64, 1e-3)
+    add_common_args(q, 400, 64, 1e-3)
     q.add_argument("--vae", required=True, help="folder of a VAE from the `vae` command")
     q.add_argument("--layers", type=int, default=6, help="transformer blocks")
     q.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
@@ -713,22 +567,12 @@ def _parser() -> argparse.ArgumentParser:
     q = sub.add_parser("eval-clip", help="caption retrieval accuracy of a CLIP folder")
     q.add_argument("path")
     q.add_argument("--threads", type=int, default=1)
-
-    from visalign.toy import train_video  # video-vae, t2v, i2v, eval-t2v, eval-i2v
-
-    train_video.add_parsers(sub, common)
     return p
 
 
 def main(argv=None) -> None:
     args = _parser().parse_args(argv)
-    torch.set_num_threads(args.threads)
-    # With max_sequence_length=1 the stock SD3 pipeline warns on every call that the zero-T5
-    # tokens were truncated; that is intended here, so keep the logs readable.
-    from diffusers.utils import logging as diffusers_logging
-
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
+    setup(args)
     if args.kind == "clip":
         train_clip(args)
     elif args.kind == "vae":
@@ -740,12 +584,8 @@ def main(argv=None) -> None:
                            guidance_scales=args.guidance_scales,
                            max_sequence_length=args.max_sequence_length, threads=args.threads)
         print(json.dumps(res, indent=1))
-    elif args.kind == "eval-clip":
+    else:  # eval-clip (argparse only offers the kinds above)
         print(json.dumps(evaluate_clip(args.path, threads=args.threads), indent=1))
-    else:
-        from visalign.toy import train_video
-
-        train_video.run(args)
 
 
 if __name__ == "__main__":
