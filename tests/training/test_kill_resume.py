@@ -8,6 +8,7 @@ and renames only when complete), a "mid-step" kill a seeded random delay after a
 After each kill the test records which one it was by looking at the folder the process left.
 """
 
+import json
 import os
 import random
 import signal
@@ -71,7 +72,7 @@ def _command(out: Path, max_steps: int, processes: int) -> list[str]:
 
 
 def _start(out: Path, max_steps: int, processes: int, log) -> subprocess.Popen:
-    # Its own session, so that a kill reaches every process of the run (accelerate's launcher and ranks).
+    # Its own session, so that pytest's own signals (Ctrl-C) do not reach the run.
     return subprocess.Popen(
         _command(out, max_steps, processes),
         cwd=ROOT,
@@ -82,20 +83,47 @@ def _start(out: Path, max_steps: int, processes: int, log) -> subprocess.Popen:
     )
 
 
-def _kill(proc: subprocess.Popen) -> None:
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants, from /proc (accelerate's ranks run in sessions of their own,
+    so a signal to the launcher's process group would not reach them)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    tree, stack = [pid], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            tree.append(child)
+            stack.append(child)
+    return tree
+
+
+def _alive(pid: int) -> bool:
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """SIGKILLs every process of the run at once (launcher and ranks), as a crash or an OOM kill would."""
+    tree = _process_tree(proc.pid)
+    for pid in reversed(tree):  # the ranks first, then the launcher
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait()
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:  # until every process of the group is gone
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return
+    while any(_alive(pid) for pid in tree):
+        assert time.monotonic() < deadline, "the killed run's processes did not exit"
         time.sleep(0.05)
-    raise AssertionError("the killed run's processes did not exit")
 
 
 def _latest(out: Path) -> int:
@@ -180,6 +208,11 @@ def _check(tmp_path: Path, processes: int, max_steps: int, kills: int, seed: int
     assert returncode == 0, open(tmp_path / "uninterrupted.log").read()[-3000:]
     assert "checkpoint" in done and "step" in done, f"kills: {done}; the run was too quick to interrupt"
     assert _latest(killed) == max_steps
+    # Every kill ended the whole run (no orphaned rank went on training), and each restart resumed
+    # from a checkpoint instead of starting over (step 1 was trained once).
+    assert open(tmp_path / "killed.log", errors="replace").read().count("Done: ") == 1
+    logged = [json.loads(line)["step"] for line in open(killed / "metrics.jsonl")]
+    assert logged.count(1) == 1 and logged[-1] == max_steps, logged
     _assert_identical(ref, killed)
 
 

@@ -33,24 +33,18 @@ from visalign.losses.grpo import flow_grpo_kl, group_advantages, grpo_loss, sele
 from visalign.sampling import log_prob
 from visalign.sampling.options import sampling_field
 from visalign.steps import gaussian_kl
-from visalign.training.config import RolloutConfig, config_field
+from visalign.training.config import AdvantageOptions, RolloutConfig, config_field
 from visalign.training.online import OnlineTrainer
 
 
 # ---------------------------------------------------------------------------- config
 @dataclass
-class GRPOConfig(RolloutConfig):
+class GRPOConfig(AdvantageOptions, RolloutConfig):
     """GRPO options (docs/math.md §2) on top of :class:`~visalign.training.config.RolloutConfig`."""
 
     num_steps: int = sampling_field("num_steps", 10)
     batch_size: int | None = config_field(
         None, "Alternative to prompts_per_step: samples per rank per iteration (a multiple of group_size).")
-    advantage_std: Literal["group", "global"] = config_field(
-        "group", "Normalise by each group's std or the whole batch's (Flow-GRPO).")
-    advantage_clip: float | None = config_field(5.0, "Clip advantages to ±this (None disables).")
-    advantage_eps: float = config_field(
-        1e-4, "Floor added to the std that advantages divide by (Flow-GRPO's 1e-4): a group whose rewards differ "
-        "only by jitter then gets small advantages instead of full-strength ±1.")
     clip_range: float = config_field(
         1e-4, "PPO clip ε on the ratio (Flow-GRPO: 1e-4 with the SDE). Its CPS runs use 1e-5 on a log-prob "
         "without the 1/(2s²) scale; the same clip here is 1e-5/(2s²) per step (5.6e-5 at s = 0.3).")
@@ -62,8 +56,6 @@ class GRPOConfig(RolloutConfig):
     timestep_fraction: float = config_field(
         0.6, "Share of the SDE steps each sample trains on, drawn per sample (DanceGRPO 0.6); an SDE window "
         "trains on all of its steps.")
-    multi_reward: Literal["weighted", "per_reward"] = config_field(
-        "weighted", "Combine rewards before normalising, or normalise each then weight (MixGRPO).")
 
     def validate(self) -> None:
         super().validate()
@@ -80,7 +72,6 @@ class GRPOConfig(RolloutConfig):
         c(0 < self.timestep_fraction <= 1, "timestep_fraction", "in (0, 1]")
         c(self.clip_range > 0, "clip_range", "> 0")
         c(self.kl_beta >= 0, "kl_beta", ">= 0", "0 disables the KL term.")
-        c(self.advantage_eps >= 0, "advantage_eps", ">= 0", "Flow-GRPO uses 1e-4.")
 
 
 # ---------------------------------------------------------------------------- trainer
@@ -98,28 +89,6 @@ class GRPOTrainer(OnlineTrainer):
         trained = f"window {cfg.sde_window_size}" if cfg.sde_window_size else f"{cfg.timestep_fraction:.0%} of steps"
         return [self.rollout_summary(),
                 f"updates: {cfg.updates_per_rollout} optimizer steps per rollout; {trained} trained"]
-
-    def compute_advantages(self, rollout):
-        """Advantages of this rank's samples from every rank's rewards; returns (advantages, zero-std, stats)."""
-        cfg, acc = self.config, self.accelerator
-        rewards = rollout.rewards
-        if cfg.multi_reward == "per_reward" and rewards.raw:
-            adv_all = torch.zeros_like(rollout.gathered)
-            zero_all = torch.ones(rollout.gathered.numel() // cfg.group_size, dtype=torch.bool,
-                                  device=rollout.gathered.device)
-            for key, values in rewards.raw.items():
-                a, z = group_advantages(acc.gather(values.detach().float()), cfg.group_size, cfg.advantage_std, None,
-                                        eps=cfg.advantage_eps)
-                adv_all = adv_all + rewards.weights[key] * a
-                zero_all &= z
-            if cfg.advantage_clip is not None:
-                adv_all = adv_all.clamp(-cfg.advantage_clip, cfg.advantage_clip)
-        else:
-            adv_all, zero_all = group_advantages(rollout.gathered, cfg.group_size, cfg.advantage_std,
-                                                 cfg.advantage_clip, eps=cfg.advantage_eps)
-        mine = rollout.rank_slice(acc.process_index)
-        stats = {"zero_std_ratio": float(zero_all.float().mean()), "advantage_abs_mean": float(adv_all.abs().mean())}
-        return adv_all[mine], zero_all.repeat_interleave(cfg.group_size)[mine], stats
 
     def train_step(self, step: int) -> dict:
         cfg = self.config

@@ -20,7 +20,7 @@ from typing import Literal
 from visalign.config import ConfigBase, config_field, load_yaml, override_default, parse_overrides
 from visalign.sampling.options import SamplingOptions, sampling_field
 
-__all__ = ["ConfigBase", "LoopOptions", "RolloutConfig", "TRACKERS", "TrainConfig", "config_field", "load_yaml",
+__all__ = ["AdvantageOptions", "ConfigBase", "LoopOptions", "RolloutConfig", "TRACKERS", "TrainConfig", "config_field", "load_yaml",
            "override_default", "parse_overrides", "sampling_field"]
 
 TRACKERS = ("jsonl", "tensorboard", "wandb")
@@ -146,6 +146,25 @@ class TrainConfig(SamplingOptions, LoopOptions):
     The sampling options are inherited flat from :class:`~visalign.sampling.options.SamplingOptions`
     (``TrainConfig(num_steps=10)``); the trainer samples with them (the saved samples use the ODE).
     """
+
+
+@dataclass
+class AdvantageOptions(ConfigBase):
+    """How rewards become group-relative advantages (docs/math.md §2): GRPO, DiffusionNFT, AWM."""
+
+    advantage_std: Literal["group", "global"] = config_field(
+        "group", "Normalise by each group's std or the whole gathered batch's (Flow-GRPO's global_std).")
+    advantage_clip: float | None = config_field(5.0, "Clip advantages to ±this (None disables).")
+    advantage_eps: float = config_field(
+        1e-4, "Floor added to the std that advantages divide by (Flow-GRPO's 1e-4): a group whose rewards differ "
+        "only by jitter then gets small advantages instead of full-strength ±1.")
+    multi_reward: Literal["weighted", "per_reward"] = config_field(
+        "weighted", "Combine rewards before normalising, or normalise each then weight (MixGRPO).")
+
+    def validate(self) -> None:
+        super().validate()
+        self._check(self.advantage_clip is None or self.advantage_clip > 0, "advantage_clip", "> 0 or None")
+        self._check(self.advantage_eps >= 0, "advantage_eps", ">= 0", "Flow-GRPO uses 1e-4.")
 
 
 @dataclass

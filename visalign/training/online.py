@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from visalign.losses.grpo import group_advantages
 from visalign.sampling import Trajectory, sample
 from visalign.training.config import RolloutConfig
 from visalign.training.trainer import Trainer
@@ -90,6 +91,37 @@ class OnlineTrainer(Trainer):
         with torch.no_grad(), policy_context or contextlib.nullcontext(), self.accelerator.autocast():
             return sample(self.policy, prompts, **self.sampling_kwargs(step), generator=generators, images=images,
                           group_size=cfg.group_size)
+
+    def compute_advantages(self, rollout: Rollout):
+        """Group-relative advantages of this rank's samples from every rank's rewards (docs/math.md §2).
+
+        Needs a config with :class:`~visalign.training.config.AdvantageOptions`. With
+        ``multi_reward="per_reward"`` each raw reward of a combination is normalised on its own and
+        the advantages are weighted (MixGRPO); otherwise the total is.
+
+        Returns:
+            ``(advantages (B,), zero_std (B,) bool, stats)``; ``stats`` holds ``zero_std_ratio`` and
+            ``advantage_abs_mean`` over the whole gathered batch.
+        """
+        cfg, acc = self.config, self.accelerator
+        rewards = rollout.rewards
+        if cfg.multi_reward == "per_reward" and rewards.raw:
+            adv_all = torch.zeros_like(rollout.gathered)
+            zero_all = torch.ones(rollout.gathered.numel() // cfg.group_size, dtype=torch.bool,
+                                  device=rollout.gathered.device)
+            for key, values in rewards.raw.items():
+                a, z = group_advantages(acc.gather(values.detach().float()), cfg.group_size, cfg.advantage_std, None,
+                                        eps=cfg.advantage_eps)
+                adv_all = adv_all + rewards.weights[key] * a
+                zero_all &= z
+            if cfg.advantage_clip is not None:
+                adv_all = adv_all.clamp(-cfg.advantage_clip, cfg.advantage_clip)
+        else:
+            adv_all, zero_all = group_advantages(rollout.gathered, cfg.group_size, cfg.advantage_std,
+                                                 cfg.advantage_clip, eps=cfg.advantage_eps)
+        mine = rollout.rank_slice(acc.process_index)
+        stats = {"zero_std_ratio": float(zero_all.float().mean()), "advantage_abs_mean": float(adv_all.abs().mean())}
+        return adv_all[mine], zero_all.repeat_interleave(cfg.group_size)[mine], stats
 
     def collect(self, step: int, policy_context=None) -> Rollout | dict:
         """The rollout stage: draw records, sample, score, gather across ranks, summarise.
