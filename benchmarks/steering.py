@@ -108,7 +108,7 @@ def _unit_costs(policy, prompts, reward, args, images, size) -> dict:
     """CPU seconds of the prompt encoding (P prompts), and of one denoiser step, one decode and one
     reward call on the P·N particles."""
     from visalign.rewards import call_reward
-    from visalign.sampling.sampler import prepare_sampling
+    from visalign.sampling.prepare import prepare_sampling
 
     setup = prepare_sampling(policy, prompts, args.steps, images=images, group_size=args.particles, **size)
     t = setup.schedule.timesteps[0]

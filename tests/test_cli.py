@@ -229,3 +229,12 @@ def test_sampling_flags_come_from_sampling_options():
         required = ["--reward", "brightness"] if command == "steer" else []
         args = commands[command].parse_args(["m", "--num-steps", "7", "--eta", "0.5", "--noise", "dance", *required])
         assert (args.num_steps, args.eta, args.noise) == (7, 0.5, "dance")
+
+
+def test_sample_of_a_missing_local_model_folder_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("VISALIGN_TRACEBACK", raising=False)
+    missing = str(tmp_path / "no_such_model")
+    assert main(["sample", missing, "-p", "a red circle", "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "does not exist; pass a local folder written by save_pretrained or a hub id" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -131,7 +131,6 @@ def _check_local_source(name):
     if _looks_like_path(name):
         raise InvalidInputError(
             f"va.load({name!r}): the local folder {os.path.abspath(name)!r} does not exist; pass a local "
-            f"folder written by save_pretrained (one with model_index.json) or a hub id such as "
-            f"'stabilityai/stable-diffusion-3.5-medium'."
+            f"folder written by save_pretrained or a hub id (such as 'stabilityai/stable-diffusion-3.5-medium')."
         )
     return name

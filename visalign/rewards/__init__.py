@@ -28,8 +28,8 @@ needs when it is built.
 """
 
 from visalign.rewards.aesthetic import AESTHETIC_URL, Aesthetic, AestheticMLP
-from visalign.rewards.base import (FunctionReward, Reward, as_reward, call_reward, check_images,
-                                   check_prompts, check_scores, is_differentiable, reward_name)
+from visalign.rewards.base import FunctionReward, Reward, as_reward, call_reward, is_differentiable, reward_name
+from visalign.rewards.checks import check_images, check_prompts, check_scores
 from visalign.rewards.clip import CLIPEmbedder, CLIPScore, PickScore
 from visalign.rewards.combine import Combined, RunningNorm
 from visalign.rewards.hps import HPSv2

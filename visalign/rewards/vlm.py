@@ -22,7 +22,8 @@ from typing import Any, Sequence
 import torch
 
 from visalign.errors import ConfigError, InvalidInputError
-from visalign.rewards.base import Reward, check_images, freeze
+from visalign.rewards.base import Reward, freeze
+from visalign.rewards.checks import check_images
 from visalign.rewards.loading import from_pretrained
 from visalign.rewards.preprocess import ImageTransform
 

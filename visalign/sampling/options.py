@@ -66,13 +66,20 @@ class SamplingOptions(ConfigBase):
     sde_window_size: int | None = config_field(
         None, "Run the SDE only in a window of this many steps (ODE elsewhere; Flow-GRPO-Fast, MixGRPO); "
         "None: every step.", metadata={"cli": False})
-    sde_window_mode: Literal["fixed", "sliding", "random"] = config_field(
-        "fixed", "Window placement over training iterations: fixed start, sliding, or random per iteration.",
-        metadata={"cli": False})
+    sde_window_mode: Literal["fixed", "sliding", "random", "mixgrpo"] = config_field(
+        "fixed", "Window placement over training iterations: fixed start; sliding (moves one step every "
+        "sde_window_shift_every iterations, wraps around at full size); random (start drawn uniformly per iteration, "
+        "the same on every rank: Flow-GRPO-Fast); mixgrpo (slides like sliding but shrinks at the end of the range, "
+        "[start, min(start+size, hi)), then rolls back: MixGRPO).", metadata={"cli": False})
     sde_window_start: int = config_field(
         0, "First step of a fixed window (and of the sliding window's first position).", metadata={"cli": False})
     sde_window_shift_every: int = config_field(
-        1, "Iterations between sliding-window moves.", metadata={"cli": False})
+        1, "Iterations between sliding-window moves (MixGRPO: 25).", metadata={"cli": False})
+    sde_window_range: tuple[int, int] | None = config_field(
+        None, "Steps [lo, hi) the window stays within: random draws the start from [lo, hi−size] (Flow-GRPO-Fast: "
+        "(0, num_steps//2)), sliding and mixgrpo move through it; None: the whole schedule [0, num_steps) "
+        "(mixgrpo: [0, num_steps−1), the last step being always the ODE). Keep hi <= num_steps−1 for exactly "
+        "size stochastic steps.", metadata={"cli": False})
 
     def validate(self) -> None:
         super().validate()
@@ -83,6 +90,14 @@ class SamplingOptions(ConfigBase):
           f"in [1, num_steps={self.num_steps}] or None", "None makes every step stochastic.")
         c(self.sde_window_start >= 0, "sde_window_start", ">= 0")
         c(self.sde_window_shift_every >= 1, "sde_window_shift_every", ">= 1")
+        if self.sde_window_range is not None:
+            lo, hi = self.sde_window_range
+            c(self.sde_window_size is not None, "sde_window_range", "None without sde_window_size",
+              "Set sde_window_size too (Flow-GRPO-Fast: 3).")
+            size = self.sde_window_size or 1
+            c(0 <= lo and lo + size <= hi <= self.num_steps, "sde_window_range",
+              f"(lo, hi) with 0 <= lo, lo + sde_window_size <= hi <= num_steps={self.num_steps}",
+              f"Flow-GRPO-Fast uses (0, num_steps//2) = (0, {self.num_steps // 2}).")
 
     @classmethod
     def sampling_field_names(cls) -> list[str]:
@@ -96,21 +111,37 @@ class SamplingOptions(ConfigBase):
     def sde_window_at(self, iteration: int, seed: int = 0) -> tuple[int, int] | None:
         """The SDE window ``(start, end)`` of training iteration ``iteration`` (None: every step).
 
-        ``fixed`` starts at ``sde_window_start``; ``sliding`` moves one step every
-        ``sde_window_shift_every`` iterations and wraps around; ``random`` draws the start from
-        ``(seed, iteration)``, the same on every rank.
+        Within the range [lo, hi) (``sde_window_range``; see its help for the default), with
+        W = ``sde_window_size`` and k = ``iteration // sde_window_shift_every``:
+
+        - ``fixed``: start = ``sde_window_start`` (clamped to [lo, hi−W]);
+        - ``sliding``: start = lo + (s0 − lo + k) mod (hi−W−lo+1), s0 the clamped ``sde_window_start``;
+          the window keeps its size and wraps around;
+        - ``random``: start uniform on [lo, hi−W], drawn from ``(seed, iteration)``, so the same on
+          every rank (Flow-GRPO-Fast);
+        - ``mixgrpo``: start = lo + (s0 − lo + k) mod (hi−lo), window [start, min(start+W, hi)): it
+          shrinks near hi and rolls back to lo once it would be empty (MixGRPO, docs/math.md §10).
         """
         if self.sde_window_size is None:
             return None
-        positions = self.num_steps - self.sde_window_size + 1
-        if self.sde_window_mode == "fixed":
-            start = min(self.sde_window_start, positions - 1)
-        elif self.sde_window_mode == "sliding":
-            start = (self.sde_window_start + iteration // self.sde_window_shift_every) % positions
+        size, mode = self.sde_window_size, self.sde_window_mode
+        if self.sde_window_range is not None:
+            lo, hi = self.sde_window_range
+        else:
+            lo, hi = 0, self.num_steps - (1 if mode == "mixgrpo" and self.num_steps > size else 0)
+        first = min(max(self.sde_window_start, lo), hi - size)
+        shifts = iteration // self.sde_window_shift_every
+        if mode == "fixed":
+            start = first
+        elif mode == "sliding":
+            start = lo + (first - lo + shifts) % (hi - size - lo + 1)
+        elif mode == "mixgrpo":
+            start = lo + (first - lo + shifts) % (hi - lo)
+            return (start, min(start + size, hi))
         else:
             g = torch.Generator().manual_seed(seed * 7919 + iteration)
-            start = int(torch.randint(positions, (1,), generator=g))
-        return (start, start + self.sde_window_size)
+            start = lo + int(torch.randint(hi - size - lo + 1, (1,), generator=g))
+        return (start, start + size)
 
     def sample_kwargs(self, iteration: int = 0, seed: int = 0) -> dict[str, Any]:
         """The keywords of :func:`visalign.sample` these options stand for (the window of ``iteration``)."""

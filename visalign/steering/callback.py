@@ -58,7 +58,8 @@ from diffusers.callbacks import PipelineCallback
 
 from visalign.errors import ConfigError, InvalidInputError, SamplerError
 from visalign.pipelines.base import Schedule
-from visalign.sampling.sampler import SamplerSpec, transition
+from visalign.sampling.sampler import transition
+from visalign.sampling.trajectory import SamplerSpec
 from visalign.steering import resampling as R
 from visalign.steering.common import decode_and_score, resolve_reward
 from visalign.steering.fk import reward_steps

@@ -20,7 +20,7 @@ from visalign.errors import ConfigError, InvalidInputError
 from visalign.pipelines.base import Conditioning, Geometry, Policy
 from visalign.rewards.base import call_reward, reward_name
 from visalign.rewards.result import RewardResult
-from visalign.sampling.sampler import SamplingSetup, prepare_sampling, with_sampling_keywords
+from visalign.sampling.prepare import SamplingSetup, prepare_sampling, with_sampling_keywords
 
 __all__ = ["resolve_reward", "predict_chunked", "decode_and_score", "steering_generator",
            "check_max_batch_size", "expand_reward_kwargs", "select_rows", "with_steering_keywords",
