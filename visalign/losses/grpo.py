@@ -12,7 +12,7 @@ import torch
 
 from visalign.errors import ConfigError
 
-__all__ = ["flow_grpo_kl", "group_advantages", "grpo_loss", "select_train_steps"]
+__all__ = ["flow_grpo_kl", "group_advantages", "grpo_guard_loss", "grpo_loss", "guard_log_ratio", "select_train_steps"]
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, std: str = "group", clip: float | None = 5.0,
@@ -126,3 +126,66 @@ def flow_grpo_kl(kl: torch.Tensor, minus_dt: torch.Tensor) -> torch.Tensor:
         minus_dt: σ_i − σ_{i+1} > 0 of each transition, broadcastable to ``kl``.
     """
     return kl * minus_dt.to(kl.dtype)
+
+
+def guard_log_ratio(log_probs: torch.Tensor, old_log_probs: torch.Tensor, means: torch.Tensor,
+                    old_means: torch.Tensor, std: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
+    """GRPO-Guard's RatioNorm: the normalised log-ratio log ρ̃ of each trained transition (docs/math.md §11).
+
+    ``log ρ̃ = s·[log π_θ − log π_old + R(δ²)/(2s²)]`` with δ = μ_θ − μ_old, s the step's std and R
+    the log-prob's reduction over the latent dimensions (``reduce``, mean or sum). For a Gaussian
+    step the plain log-ratio is R(z·δ)/s − R(δ²)/(2s²), z = (x' − μ_old)/s the rollout noise, so
+    log ρ̃ = R(z·δ): its mean over z is 0 and it does not depend on s, where the plain log-ratio's
+    mean is −R(δ²)/(2s²) < 0 (the left shift GRPO-Guard corrects).
+
+    Args:
+        log_probs: (B, k) log π_θ of the trained transitions (with gradient).
+        old_log_probs: (B, k) log π_old from the rollout.
+        means: (B, k, ...) μ_θ of those transitions (with gradient).
+        old_means: (B, k, ...) μ_old, the rollout's means (``Trajectory.means`` at the trained steps).
+        std: (B, k) the step std s of each transition (per sample), > 0.
+        reduce: the reduction the log-probs were computed with, ``"mean"`` (default) or ``"sum"``.
+
+    Returns:
+        (B, k) log ρ̃, float32.
+    """
+    if reduce not in ("mean", "sum"):
+        raise ConfigError(f"reduce must be 'mean' or 'sum', got {reduce!r}.")
+    delta = (means.float() - old_means.float()).flatten(2)
+    sq = delta.pow(2).mean(-1) if reduce == "mean" else delta.pow(2).sum(-1)
+    s = std.float()
+    return s * (log_probs.float() - old_log_probs.float() + sq / (2 * s * s))
+
+
+def grpo_guard_loss(log_ratio: torch.Tensor, advantages: torch.Tensor, clip_range: float, minus_dt: torch.Tensor,
+                    kl: torch.Tensor | None = None, kl_beta: float = 0.0, weights: torch.Tensor | None = None,
+                    reduction: str = "mean"):
+    """GRPO-Guard's objective: the PPO clip of :func:`grpo_loss` on ρ̃, each policy term divided by −dt.
+
+    ``max(−A·ρ̃, −A·clip(ρ̃, 1−ε, 1+ε))/(−dt) + β·KL`` per (sample, step): the gradient
+    reweighting of GRPO-Guard (docs/math.md §11) that evens out the steps' gradient scales. The
+    KL term is not reweighted.
+
+    Args:
+        log_ratio: (B, k) log ρ̃ from :func:`guard_log_ratio` (with gradient).
+        advantages: (B,) one advantage per sample.
+        clip_range: ε.
+        minus_dt: (B, k) or broadcastable, σ_i − σ_{i+1} > 0 of each trained transition.
+        kl, kl_beta, weights, reduction: as in :func:`grpo_loss`.
+
+    Returns:
+        ``(loss, metrics)``: the metrics of :func:`grpo_loss` on ρ̃ (``clipfrac``, ``approx_kl``,
+        ``ratio_mean`` are of ρ̃), with ``policy_loss`` the reweighted policy term.
+    """
+    _, metrics = grpo_loss(log_ratio.detach(), torch.zeros_like(log_ratio), advantages, clip_range, kl=kl,
+                           kl_beta=kl_beta, weights=weights)
+    ratio = torch.exp(log_ratio)
+    adv = advantages.unsqueeze(1).to(ratio.dtype)
+    policy = torch.maximum(-adv * ratio, -adv * ratio.clamp(1.0 - clip_range, 1.0 + clip_range))
+    policy = policy / minus_dt.to(policy.dtype).expand_as(policy)
+    terms = policy + kl_beta * kl if kl is not None and kl_beta else policy
+    w = (torch.ones_like(advantages) if weights is None else weights.float()).unsqueeze(1).expand_as(terms)
+    count = w.sum().clamp(min=1.0)
+    total = (terms * w).sum()
+    metrics["policy_loss"] = float((policy.detach() * w).sum() / count)
+    return (total / count if reduction == "mean" else total), metrics

@@ -84,12 +84,14 @@ def _check_files(path: str) -> None:
                     header = json.loads(f.read(n)) if n is not None and 8 + n <= size else None
                 except ValueError:
                     header = None
-            if header is None:
-                problem = "its header is truncated or unreadable"
-            else:
+            try:
                 end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-                if size < 8 + n + end:
-                    problem = f"it is truncated ({size} bytes; its header says {8 + n + end})"
+            except (AttributeError, KeyError, TypeError, IndexError):
+                end = None
+            if header is None or end is None:
+                problem = "its header is truncated or unreadable"
+            elif size < 8 + n + end:
+                problem = f"it is truncated ({size} bytes; its header says {8 + n + end})"
         elif name.endswith((".bin", ".pkl", ".pt", ".pth")):
             with open(file, "rb") as f:
                 is_zip = f.read(4) == b"PK\x03\x04"  # torch.save's format (accelerate writes all of these so)
@@ -183,9 +185,10 @@ def load_latest_complete(accelerator, resume: str | None, output_dir: str, stric
     listing = "; ".join(failures)
     raise CheckpointError(
         f"resume='latest' found {len(failures)} checkpoint(s) in {checkpoint_root(output_dir)}, and none of "
-        f"them could be loaded: {listing}. To go on, delete the broken checkpoint folders (or move them away) "
-        f"and resume from an earlier one, or start fresh with resume=None (use a new output_dir to keep this "
-        f"run's files)."
+        f"them could be loaded: {listing}. If files are damaged, delete the broken checkpoint folders (or move "
+        f"them away) and resume from an earlier one; if the run's config changed (model, LoRA rank, optimizer), "
+        f"resume with the config they were written with. Or start fresh with resume=None (use a new output_dir "
+        f"to keep this run's files)."
     )
 
 
