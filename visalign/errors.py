@@ -65,3 +65,8 @@ def require(package: str, extra: str, purpose: str):
             f"{purpose} needs the optional package '{package}', which could not be imported "
             f"({type(exc).__name__}: {exc}). Install it with `pip install \"visalign[{extra}]\"`."
         ) from exc
+
+
+class RewardUnavailableError(RewardError):
+    """A reward served by another process (:class:`~visalign.rewards.RemoteReward`) could not be reached
+    or did not answer in time. Trainers skip the step, as for any :class:`RewardError`."""

@@ -30,6 +30,8 @@ ALGORITHMS = {
     "dpo": ("visalign.algorithms.dpo", "DPOTrainer"),
     "prdp": ("visalign.algorithms.prdp", "PRDPTrainer"),
     "draft": ("visalign.algorithms.draft", "DRaFTTrainer"),
+    "nft": ("visalign.algorithms.nft", "NFTTrainer"),
+    "awm": ("visalign.algorithms.awm", "AWMTrainer"),
 }
 RECIPE_KEYS = ("algorithm", "model", "torch_dtype", "prompts", "reward")
 

@@ -1,7 +1,8 @@
 """Group-relative policy optimisation for diffusion and flow models (docs/math.md §2).
 
 DanceGRPO (Xue et al., arXiv 2505.07818), Flow-GRPO (Liu et al., arXiv 2505.05470), and DDPO
-(Black et al., arXiv 2305.13301) for DDIM policies.
+(Black et al., arXiv 2305.13301) for DDIM policies. Options: the SDE windows of Flow-GRPO-Fast and
+MixGRPO (``sde_window_*``, docs/math.md §10) and GRPO-Guard's normalised ratio (``ratio="guard"``, §11).
 
 One iteration: the shared rollout stage (:meth:`~visalign.training.online.OnlineTrainer.collect`)
 samples G trajectories per prompt with a stochastic sampler (exact log-probs) and scores them;
@@ -29,7 +30,8 @@ from typing import Literal
 import torch
 
 from visalign.errors import ConfigError
-from visalign.losses.grpo import flow_grpo_kl, group_advantages, grpo_loss, select_train_steps
+from visalign.losses.grpo import (flow_grpo_kl, group_advantages, grpo_guard_loss, grpo_loss, guard_log_ratio,
+                                  select_train_steps)
 from visalign.sampling import log_prob
 from visalign.sampling.options import sampling_field
 from visalign.steps import gaussian_kl
@@ -56,6 +58,10 @@ class GRPOConfig(AdvantageOptions, RolloutConfig):
     timestep_fraction: float = config_field(
         0.6, "Share of the SDE steps each sample trains on, drawn per sample (DanceGRPO 0.6); an SDE window "
         "trains on all of its steps.")
+    ratio: Literal["plain", "guard"] = config_field(
+        "plain", "plain: the PPO ratio π_θ/π_old; guard: GRPO-Guard's RatioNorm ρ̃ = exp(s·[log ρ + R(δ²)/(2s²)]), "
+        "whose mean over the rollout noise is 1, with each step's policy loss divided by −dt (arXiv 2510.22319, "
+        "docs/math.md §11; flow models, made for sampler sde). Its clip ranges (2e-6 to 4e-6) carry over unchanged.")
 
     def validate(self) -> None:
         super().validate()
@@ -80,6 +86,12 @@ class GRPOTrainer(OnlineTrainer):
 
     config_class = GRPOConfig
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.config.ratio == "guard" and not self.policy.is_flow:
+            raise ConfigError(f"ratio='guard' (GRPO-Guard) reweights by the flow step −dt; {self.policy.family} is a "
+                              "DDPM model: use ratio='plain'.")
+
     @property
     def needs_reference(self) -> bool:
         return self.config.kl_beta > 0
@@ -87,8 +99,9 @@ class GRPOTrainer(OnlineTrainer):
     def batch_arithmetic(self) -> list[str]:
         cfg = self.config
         trained = f"window {cfg.sde_window_size}" if cfg.sde_window_size else f"{cfg.timestep_fraction:.0%} of steps"
+        ratio = "; GRPO-Guard ratio" if cfg.ratio == "guard" else ""
         return [self.rollout_summary(),
-                f"updates: {cfg.updates_per_rollout} optimizer steps per rollout; {trained} trained"]
+                f"updates: {cfg.updates_per_rollout} optimizer steps per rollout; {trained} trained{ratio}"]
 
     def train_step(self, step: int) -> dict:
         cfg = self.config
@@ -130,8 +143,12 @@ class GRPOTrainer(OnlineTrainer):
             with sync, acc.autocast():
                 out = log_prob(self.policy, sub, train_steps[chunk], detach_uncond=cfg.detach_uncond)
                 kl = self._kl(sub, train_steps[chunk], out) if cfg.kl_beta > 0 else None
-                loss, m = grpo_loss(out.log_probs, old_log_probs[chunk], advantages[chunk], cfg.clip_range,
-                                    kl=kl, kl_beta=cfg.kl_beta, weights=active[chunk], reduction="sum")
+                if cfg.ratio == "guard":
+                    loss, m = self._guard_loss(sub, train_steps[chunk], out, old_log_probs[chunk], advantages[chunk],
+                                               kl, active[chunk])
+                else:
+                    loss, m = grpo_loss(out.log_probs, old_log_probs[chunk], advantages[chunk], cfg.clip_range,
+                                        kl=kl, kl_beta=cfg.kl_beta, weights=active[chunk], reduction="sum")
                 acc.backward(loss / normaliser)
             share = float(active[chunk].sum()) * train_steps.shape[1] / normaliser
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / normaliser
@@ -139,6 +156,18 @@ class GRPOTrainer(OnlineTrainer):
                 sums[key] = sums.get(key, 0.0) + value * share
         sums.update(self.optimizer_step())
         return sums
+
+    def _guard_loss(self, traj, steps, out, old_log_probs, advantages, kl, weights):
+        """GRPO-Guard's objective on the transitions ``steps`` of ``traj`` (docs/math.md §11).
+
+        μ_old is the rollout's mean of each trained step (``traj.means``) and s the per-sample std.
+        """
+        rows = torch.arange(traj.batch_size, device=steps.device).unsqueeze(1)
+        log_ratio = guard_log_ratio(out.log_probs, old_log_probs, out.means, traj.means[rows, steps], out.stds,
+                                    traj.spec.reduce)
+        sigmas = traj.schedule.sigmas.to(steps.device)
+        return grpo_guard_loss(log_ratio, advantages, self.config.clip_range, sigmas[steps] - sigmas[steps + 1], kl=kl,
+                               kl_beta=self.config.kl_beta, weights=weights, reduction="sum")
 
     def _kl(self, traj, steps, out):
         """KL of each trained transition to the reference policy's, in the configured form (docs/math.md §2)."""
@@ -153,4 +182,5 @@ class GRPOTrainer(OnlineTrainer):
         return kl
 
 
-__all__ = ["GRPOConfig", "GRPOTrainer", "group_advantages", "grpo_loss", "select_train_steps"]
+__all__ = ["GRPOConfig", "GRPOTrainer", "group_advantages", "grpo_guard_loss", "grpo_loss", "guard_log_ratio",
+           "select_train_steps"]

@@ -14,7 +14,7 @@ import torch
 
 from visalign.errors import ConfigError
 
-__all__ = ["anchor_loss", "awm_advantages", "awm_log_weight", "awm_policy_loss", "ema_anchor_decay",
+__all__ = ["anchor_loss", "awm_advantages", "awm_log_weight", "awm_loss", "awm_policy_loss", "ema_anchor_decay",
            "matching_error", "num_usable_strata", "stratified_indices"]
 
 _TINY = 1e-10
@@ -98,6 +98,46 @@ def anchor_loss(v: torch.Tensor, v_anchor: torch.Tensor | None) -> torch.Tensor:
     if v_anchor is None:
         return v.new_zeros(())
     return (v.float() - v_anchor.float().detach()).pow(2).flatten(1).mean(dim=1).mean()
+
+
+def awm_loss(v: torch.Tensor, target: torch.Tensor, sigma: torch.Tensor | float, advantages: torch.Tensor,
+             old_log_w: torch.Tensor | None = None, clip_range: float = 1.0, weighting: str = "ghuber",
+             power: float = 0.25, v_ref: torch.Tensor | None = None, ref_beta: float = 0.0,
+             v_ema: torch.Tensor | None = None, ema_beta: float = 0.0):
+    """The AWM loss of one noise level per sample (docs/math.md §9).
+
+    ``policy + ref_beta·mean (v − v_ref)² + ema_beta·mean (v − v_ema)²``, the policy term of
+    :func:`awm_policy_loss` on ℓ = :func:`awm_log_weight` of m = :func:`matching_error`.
+
+    Args:
+        v: (B, ...) the trained velocity at x_σ = (1−σ)·x0 + σ·ε (with gradient).
+        target: (B, ...) ε − x0, with the same ε as every other pass at this x_σ.
+        sigma: σ per sample (B,) or a float.
+        advantages: (B,) rescaled advantages (:func:`awm_advantages`).
+        old_log_w: (B,) ℓ of the behaviour policy at the same x_σ; None is on-policy (sg(ℓ), ρ ≡ 1).
+        clip_range: the PPO clip ε (official 1, i.e. [0, 2]).
+        weighting, power: see :func:`awm_log_weight`.
+        v_ref, ref_beta: the base model's velocity and the weight of its anchor.
+        v_ema, ema_beta: the EMA policy's velocity and the weight of its anchor.
+
+    Returns:
+        ``(loss, metrics)`` with detached floats ``loss``, ``policy_loss``, ``matching`` (mean m),
+        ``ratio_mean``, ``clipfrac``, ``ref_anchor``, ``ema_anchor``.
+    """
+    m = matching_error(v, target)
+    log_w = awm_log_weight(m, sigma, weighting, power)
+    policy, ratio = awm_policy_loss(log_w, log_w.detach() if old_log_w is None else old_log_w, advantages, clip_range)
+    ref, ema = anchor_loss(v, v_ref), anchor_loss(v, v_ema)
+    loss = policy
+    if v_ref is not None and ref_beta:
+        loss = loss + ref_beta * ref
+    if v_ema is not None and ema_beta:
+        loss = loss + ema_beta * ema
+    with torch.no_grad():
+        metrics = {"loss": float(loss), "policy_loss": float(policy), "matching": float(m.mean()),
+                   "ratio_mean": float(ratio.mean()), "clipfrac": float(((ratio - 1).abs() > clip_range).float().mean()),
+                   "ref_anchor": float(ref), "ema_anchor": float(ema)}
+    return loss, metrics
 
 
 def ema_anchor_decay(step: int, rate: float = 0.001, cap: float = 0.3) -> float:

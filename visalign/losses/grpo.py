@@ -2,7 +2,8 @@
 
 DanceGRPO (Xue et al., arXiv 2505.07818), Flow-GRPO (Liu et al., arXiv 2505.05470) and DDPO
 (Black et al., arXiv 2305.13301): group-relative advantages, the PPO-clipped ratio objective with an
-optional KL term, and the choice of trained steps. :class:`visalign.algorithms.grpo.GRPOTrainer`
+optional KL term, and the choice of trained steps; GRPO-Guard's normalised ratio and reweighted
+loss (GRPO-Guard, arXiv 2510.22319; docs/math.md §11). :class:`visalign.algorithms.grpo.GRPOTrainer`
 calls them; tests pin them against hand-computed numbers.
 """
 

@@ -90,6 +90,22 @@ class Policy:
         """Routes denoiser calls through ``module`` (e.g. a DDP wrapper); None restores the plain one."""
         self._runner = module
 
+    _scheduler_cache: tuple | None = None
+
+    def sampling_scheduler(self, kind: type, build):
+        """The pipeline's scheduler when it is a ``kind``, else ``build(scheduler)``, cached per scheduler.
+
+        Each family samples with one scheduler class (flow-match Euler, DDIM). A checkpoint that ships
+        another (Wan's UniPC, SD1.5's PNDM) is sampled with an equivalent one built from its config;
+        the pipeline's own scheduler is left untouched, and a new one set on the pipe is picked up.
+        """
+        scheduler = self.pipe.scheduler
+        if isinstance(scheduler, kind):
+            return scheduler
+        if self._scheduler_cache is None or self._scheduler_cache[0] is not scheduler:
+            self._scheduler_cache = (scheduler, build(scheduler))
+        return self._scheduler_cache[1]
+
     @property
     def vae(self) -> torch.nn.Module:
         return self.pipe.vae

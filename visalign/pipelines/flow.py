@@ -24,19 +24,15 @@ class FlowPolicy(Policy):
 
     is_flow = True
 
-    def __init__(self, pipe):
-        super().__init__(pipe)
-        self._flow_cache = None
-
     def flow_scheduler(self):
         """The pipeline's FlowMatchEulerDiscreteScheduler, or one equivalent to its flow scheduler."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        scheduler = self.pipe.scheduler
-        if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
-            return scheduler
-        if self._flow_cache is not None and self._flow_cache[0] is scheduler:
-            return self._flow_cache[1]
+        return self.sampling_scheduler(FlowMatchEulerDiscreteScheduler, self._euler_like)
+
+    def _euler_like(self, scheduler):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
         config = scheduler.config
         if not (config.get("use_flow_sigmas") or config.get("prediction_type") == "flow_prediction"):
             raise ConfigError(
@@ -49,7 +45,6 @@ class FlowPolicy(Policy):
         )
         logger.info("Sampling %s with FlowMatchEulerDiscreteScheduler(shift=%s) in place of %s.",
                     self.family, euler.config.shift, type(scheduler).__name__)
-        self._flow_cache = (scheduler, euler)
         return euler
 
     def _set_timesteps_kwargs(self, num_steps: int, geometry: Geometry) -> dict:

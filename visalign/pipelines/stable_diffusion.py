@@ -28,22 +28,16 @@ class _UNetPolicy(Policy):
     cfg_batched = True
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
 
-    def __init__(self, pipe):
-        super().__init__(pipe)
-        self._ddim_cache = None
-
     # ----------------------------------------------------------------- schedule
     def ddim_scheduler(self):
         """The pipeline's scheduler if it is DDIM, else a DDIMScheduler from the same config."""
         from diffusers import DDIMScheduler
 
-        scheduler = self.pipe.scheduler
-        if isinstance(scheduler, DDIMScheduler):
-            return scheduler
-        if self._ddim_cache is None or self._ddim_cache[0] is not scheduler:
+        def from_config(scheduler):
             logger.info("Sampling %s with DDIM built from its %s config.", self.family, type(scheduler).__name__)
-            self._ddim_cache = (scheduler, DDIMScheduler.from_config(scheduler.config))
-        return self._ddim_cache[1]
+            return DDIMScheduler.from_config(scheduler.config)
+
+        return self.sampling_scheduler(DDIMScheduler, from_config)
 
     default_level_sampling = "uniform"
 

@@ -84,8 +84,8 @@ def word_clip_tokenizer(words, model_max_length: int = 32):
     the tiny test pipelines' CLIP tokenizer, the tiny reward CLIPs and the toy world's tokenizer.
 
     Args:
-        words (`Sequence[str]`): the words that become single tokens, in vocabulary order.
-        model_max_length (`int`, *optional*, defaults to 32):
+        words: the words that become single tokens, in vocabulary order.
+        model_max_length:
             The length pipelines pad and truncate CLIP text to.
 
     Returns:
@@ -123,8 +123,8 @@ def word_t5_tokenizer(words, model_max_length: int = 512):
     models' T5 tokenizer.
 
     Args:
-        words (`Sequence[str]`): the words that become single pieces.
-        model_max_length (`int`, *optional*, defaults to 512):
+        words: the words that become single pieces.
+        model_max_length:
             Only decides when transformers warns that an input is long; the pipelines pad to their
             own ``max_sequence_length``.
 

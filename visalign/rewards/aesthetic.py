@@ -30,7 +30,7 @@ class AestheticMLP(nn.Module):
     Dropout Linear(64, 16) Linear(16, 1)``, parameter names as in the released checkpoint.
 
     Args:
-        input_dim (`int`, defaults to 768): the CLIP embedding size (768 for ViT-L/14).
+        input_dim: the CLIP embedding size (768 for ViT-L/14) (default 768).
     """
 
     def __init__(self, input_dim: int = 768):
@@ -69,16 +69,17 @@ class Aesthetic(Reward):
     Prompts are ignored (pass them or ``None``).
 
     Args:
-        predictor (defaults to the released ``sac+logos+ava1-l14-linearMSE.pth`` URL): an
+        predictor: an
             :class:`AestheticMLP`, a state dict, a local ``.pth``/``.pt`` (read with
             ``torch.load(weights_only=True)``) or ``.safetensors`` file, a URL, or a hub repo id
             together with ``predictor_filename``.
-        clip_model (defaults to ``"openai/clip-vit-large-patch14"``): hub id / folder (its vision
+        clip_model: hub id / folder (its vision
             tower is loaded with ``CLIPVisionModelWithProjection``) or a built CLIP model.
         processor (*optional*): a ``CLIPProcessor`` or image processor whose settings define the
             preprocessing; defaults to ``clip_model`` when that is a string.
-        predictor_filename (`str`, *optional*): the file inside a hub repo or folder.
-        batch_size (`int`, defaults to 32), torch_dtype, name, differentiable (defaults to `True`).
+        predictor_filename: the file inside a hub repo or folder.
+        batch_size, torch_dtype, name, differentiable: as for every :class:`Reward` (defaults 32, fp32,
+            the class name, True).
     """
 
     default_name = "aesthetic"

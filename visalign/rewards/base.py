@@ -117,16 +117,16 @@ class Reward(nn.Module):
     mode: ``reward.train()`` does not turn dropout back on.
 
     Class attributes a subclass may set:
-        input_kind (`str`): ``"image"`` (B, 3, H, W), ``"video"`` (B, T, 3, H, W) or ``"any"``.
-        needs_prompts (`bool`): whether ``prompts`` may be ``None``.
+        input_kind: ``"image"`` (B, 3, H, W), ``"video"`` (B, T, 3, H, W) or ``"any"``.
+        needs_prompts: whether ``prompts`` may be ``None``.
 
     Args:
-        name (`str`, *optional*): a short name for logs; defaults to the class's ``default_name``.
-        differentiable (`bool`, *optional*): whether gradients flow from the scores to the pixels;
+        name: a short name for logs; defaults to the class's ``default_name``.
+        differentiable: whether gradients flow from the scores to the pixels;
             defaults to the class's ``default_differentiable``.
-        batch_size (`int`, *optional*): the most samples scored at once; ``None`` scores the whole
+        batch_size: the most samples scored at once; ``None`` scores the whole
             batch together.
-        check_range (`bool`, defaults to `True`): check that pixel values lie in [0, 1].
+        check_range: check that pixel values lie in [0, 1] (default True).
     """
 
     default_name: str = "reward"
@@ -191,9 +191,9 @@ class Reward(nn.Module):
         """Scores a batch.
 
         Args:
-            images (`torch.Tensor`): floats in [0, 1], (B, 3, H, W) for image rewards or
+            images: floats in [0, 1], (B, 3, H, W) for image rewards or
                 (B, T, 3, H, W) for video rewards.
-            prompts (`list[str]`): one prompt per sample (may be ``None`` for rewards that ignore
+            prompts: one prompt per sample (may be ``None`` for rewards that ignore
                 prompts, like ``Aesthetic``).
             **conditioning: extra per-sample inputs the reward takes (e.g. ``reference_images``).
 
@@ -254,11 +254,11 @@ class FunctionReward(Reward):
     """A plain callable ``fn(images, prompts, **conditioning) -> Tensor[B]`` as a :class:`Reward`.
 
     Args:
-        fn (`Callable`): the function.
-        name (`str`, *optional*): defaults to ``fn.name`` or ``fn.__name__``.
-        differentiable (`bool`, *optional*): defaults to ``fn.differentiable`` when present, else
+        fn: the function.
+        name: defaults to ``fn.name`` or ``fn.__name__``.
+        differentiable: defaults to ``fn.differentiable`` when present, else
             ``True`` (a torch function of the pixels is differentiable unless it says otherwise).
-        input_kind (`str`, defaults to ``"any"``): which pixel ranks to accept.
+        input_kind: which pixel ranks to accept (default "any").
     """
 
     input_kind = "any"
@@ -327,8 +327,8 @@ def call_reward(reward: Any, images: torch.Tensor, prompts: Sequence[str] | None
 
     Args:
         reward: a :class:`Reward` or a callable ``(images, prompts, **conditioning) -> Tensor[B]``.
-        images (`torch.Tensor`): floats in [0, 1], (B, 3, H, W) or (B, T, 3, H, W).
-        prompts (`list[str]`): one per sample.
+        images: floats in [0, 1], (B, 3, H, W) or (B, T, 3, H, W).
+        prompts: one per sample.
         **conditioning: optional per-sample extras, e.g. ``reference_images``.
 
     Returns:

@@ -154,14 +154,14 @@ class CLIPScore(Reward):
       ``CLIPScore`` reports it.
 
     Args:
-        model (`str` or `CLIPModel`, defaults to ``"openai/clip-vit-base-patch32"``): hub id,
+        model: hub id,
             local folder, or built model.
-        processor (`str` or `CLIPProcessor`, *optional*): defaults to ``model`` when it is a string.
-        variant (`str`, defaults to ``"hessel"``): see above.
-        prefix (`str`, *optional*): the caption prefix; defaults to the variant's.
-        batch_size (`int`, defaults to 32): images scored at once.
-        torch_dtype (`torch.dtype`, *optional*): dtype to load the weights in.
-        name (`str`, *optional*), differentiable (`bool`, defaults to `True`).
+        processor: defaults to ``model`` when it is a string.
+        variant: see above (default "hessel").
+        prefix: the caption prefix; defaults to the variant's.
+        batch_size: images scored at once (default 32).
+        torch_dtype: dtype to load the weights in.
+        name, differentiable: as for every :class:`Reward` (defaults: the class name, True).
 
     Example::
 
@@ -199,10 +199,11 @@ class PickScore(Reward):
     the released model; ``logit_scale.exp()`` is about 100).
 
     Args:
-        model (`str` or `CLIPModel`, defaults to ``"yuvalkirstain/PickScore_v1"``).
-        processor (`str` or `CLIPProcessor`, defaults to ``"laion/CLIP-ViT-H-14-laion2B-s32B-b79K"``,
-            the processor PickScore was trained with).
-        batch_size (`int`, defaults to 16), torch_dtype, name, differentiable (defaults to `True`).
+        model: a hub id, a local folder or a loaded ``CLIPModel`` (default the released PickScore_v1).
+        processor: a hub id, folder or ``CLIPProcessor`` (default the CLIP-H processor PickScore was
+            trained with).
+        batch_size, torch_dtype, name, differentiable: as for every :class:`Reward` (defaults 16, fp32,
+            the class name, True).
     """
 
     default_name = "pickscore"

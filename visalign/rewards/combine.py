@@ -30,10 +30,10 @@ class RunningNorm(nn.Module):
     """Running mean and variance of a scalar stream, as buffers (saved in ``state_dict``).
 
     Args:
-        momentum (`float`, *optional*): ``None`` (default) pools every sample seen so far (exact
+        momentum: ``None`` (default) pools every sample seen so far (exact
             Chan/Welford merge); a value in (0, 1] gives an exponential moving average that follows
             a drifting reward.
-        eps (`float`, defaults to 1e-6): added to the variance before the square root.
+        eps: added to the variance before the square root (default 1e-6).
     """
 
     def __init__(self, momentum: float | None = None, eps: float = 1e-6):
@@ -81,12 +81,12 @@ class Combined(Reward):
     """A weighted sum of named rewards.
 
     Args:
-        rewards (`dict`): name -> reward, or name -> ``(reward, weight)``; a reward is a
+        rewards: name -> reward, or name -> ``(reward, weight)``; a reward is a
             :class:`Reward` or any callable ``(images, prompts) -> Tensor[B]``; weight defaults
             to 1.
-        normalize (`bool`, defaults to `False`): normalise each reward by its running statistics.
-        momentum (`float`, *optional*): see :class:`RunningNorm`.
-        eps (`float`, defaults to 1e-6): see :class:`RunningNorm`.
+        normalize: normalise each reward by its running statistics (default False).
+        momentum: see :class:`RunningNorm`.
+        eps: see :class:`RunningNorm` (default 1e-6).
         name (`str`, defaults to ``"combined"``).
 
     Calling it returns the total (B,). :meth:`evaluate` (and :func:`~visalign.rewards.call_reward`)

@@ -36,8 +36,8 @@ class HPSv2(Reward):
             ``.safetensors`` file, a URL, a state dict, or a hub repo id (then the ``version``'s
             file is taken from it). Defaults to ``HPS_REPO`` when ``model`` is an architecture
             name, and to no loading when ``model`` is a module already built.
-        version (`str`, defaults to ``"v2.1"``): ``"v2.0"`` or ``"v2.1"``; picks the hub file.
-        model (defaults to ``"ViT-H-14"``): an open_clip architecture name (built with random
+        version: ``"v2.0"`` or ``"v2.1"``; picks the hub file (default "v2.1").
+        model: an open_clip architecture name (built with random
             weights, then ``checkpoint`` is loaded into it) or an open_clip ``CLIP`` module.
         tokenizer (*optional*): an open_clip tokenizer; defaults to the architecture's.
         batch_size (`int`, defaults to 16), torch_dtype, name, differentiable (defaults to `True`).

@@ -120,11 +120,11 @@ class OCRReward(Reward):
         engine (*optional*): an OCR engine called as ``engine(bgr_uint8_hwc)`` returning an object
             with ``txts`` (a tuple of strings, or None). Defaults to ``rapidocr.RapidOCR`` with its
             bundled PP-OCR models, built on the first call.
-        params (`dict`, *optional*): options for ``rapidocr.RapidOCR(params=...)`` when ``engine`` is
+        params: options for ``rapidocr.RapidOCR(params=...)`` when ``engine`` is
             None, e.g. ``{"Global.text_score": 0.5, "EngineConfig.onnxruntime.intra_op_num_threads": 4}``.
             The defaults turn the angle classifier off (as Flow-GRPO does) and logging down to errors.
-        name (`str`, defaults to ``"ocr"``): the name in logs.
-        batch_size (`int`, *optional*): images scored per chunk (the engine reads one image at a time).
+        name: the name in logs (default "ocr").
+        batch_size: images scored per chunk (the engine reads one image at a time).
 
     Raises:
         MissingDependencyError: rapidocr or onnxruntime is not installed (``pip install "visalign[ocr]"``).

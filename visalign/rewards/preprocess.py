@@ -144,15 +144,15 @@ class ImageTransform:
     """A reward model's preprocessing, as a differentiable function of [0, 1] pixels.
 
     Args:
-        resize_mode (`str`): ``"shortest"`` (shortest side to ``size``), ``"longest_pad"``
+        resize_mode: ``"shortest"`` (shortest side to ``size``), ``"longest_pad"``
             (longest side to ``size`` then pad), ``"exact"`` (resize to ``size`` x ``size`` or
             ``(h, w)``) or ``"none"``.
         size: the resize target (an int, or (height, width) for ``"exact"``).
         crop_size: the centre crop after resizing, or ``None``.
         mean, std: the normalisation, or ``None`` for none.
-        interpolation (`str`): ``"bicubic"`` (default), ``"bilinear"`` or ``"nearest"``.
-        antialias (`bool`): antialias when shrinking (default True).
-        fill (`float`): the padding value of ``"longest_pad"``, in pixel units before normalising.
+        interpolation: ``"bicubic"`` (default), ``"bilinear"`` or ``"nearest"``.
+        antialias: antialias when shrinking (default True).
+        fill: the padding value of ``"longest_pad"``, in pixel units before normalising.
 
     Example::
 

@@ -31,12 +31,12 @@ class RewardResult:
     """The scores of one batch, with their named parts.
 
     Attributes:
-        total (`torch.Tensor`): (B,) float32, the reward of each sample.
-        components (`dict[str, torch.Tensor]`): name → (B,) weighted part; they add up to ``total``.
+        total: (B,) float32, the reward of each sample.
+        components: name → (B,) weighted part; they add up to ``total``.
             Empty for a reward without parts.
-        raw (`dict[str, torch.Tensor]`): name → (B,) each part's own score, before weighting (and
+        raw: name → (B,) each part's own score, before weighting (and
             before any normalisation). Empty for a reward without parts.
-        weights (`dict[str, float]`): name → the weight of each component. Empty for a reward
+        weights: name → the weight of each component. Empty for a reward
             without parts. With normalisation off, ``components[k] == weights[k] * raw[k]``.
     """
 

@@ -17,8 +17,8 @@ def brightness(images: torch.Tensor, prompts: Sequence[str] | None = None) -> to
     """Mean pixel value per sample: the simplest reward, for smoke tests and first runs.
 
     Args:
-        images (`torch.Tensor`): ``(B, C, H, W)`` images or ``(B, F, C, H, W)`` videos in [0, 1].
-        prompts (`Sequence[str]`, *optional*): ignored; accepted so that it is a plain-callable reward.
+        images: ``(B, C, H, W)`` images or ``(B, F, C, H, W)`` videos in [0, 1].
+        prompts: ignored; accepted so that it is a plain-callable reward.
 
     Returns:
         `torch.Tensor`: ``(B,)`` float rewards, differentiable with respect to ``images``.

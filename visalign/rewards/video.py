@@ -100,14 +100,14 @@ class SegmentalVideoReward(VideoReward):
 
     Args:
         image_reward: any image reward (a :class:`Reward` or a callable).
-        segments (`int`, defaults to 4): S.
-        sampling (`str`, defaults to ``"tsn"``): ``"tsn"`` (random frame per segment, training) or
+        segments: S (default 4).
+        sampling: ``"tsn"`` (random frame per segment, training) or
             ``"fixed"`` (first frame per segment, evaluation). A call may override it with
             ``sampling=``.
-        attenuation (`float`, defaults to 1.0): lambda of ``exp(-lambda |f - F/2|)``; 0 averages
+        attenuation: lambda of ``exp(-lambda |f - F/2|)``; 0 averages
             evenly.
-        seed (`int`, defaults to 0): seeds the TSN draws; a call may pass its own ``generator=``.
-        name (`str`, *optional*): defaults to ``"segmental_" + image reward name``.
+        seed: seeds the TSN draws; a call may pass its own ``generator=`` (default 0).
+        name: defaults to ``"segmental_" + image reward name``.
 
     After each call, ``last_frame_indices`` (B, S) and ``last_weights`` (B, S) hold what was used.
     Differentiable exactly when the image reward is.
@@ -176,13 +176,13 @@ class MultiHeadVideoReward(VideoReward):
     Args:
         model: the video reward model (a callable; an ``nn.Module`` is frozen and moved with the
             reward).
-        heads (`list[str]`, *optional*): the heads to sum; defaults to all the model returns.
-        weights (`dict[str, float]`, *optional*): per-head weights (default 1).
-        normalization (`dict[str, tuple[float, float]]`, *optional*): per-head (mean, std), e.g.
+        heads: the heads to sum; defaults to all the model returns.
+        weights: per-head weights (default 1).
+        normalization: per-head (mean, std), e.g.
             from the model's config.
-        head_names (`list[str]`, *optional*): the column names when the model returns a tensor.
-        name (`str`, defaults to ``"video_reward"``), differentiable (defaults to `False`),
-        batch_size (*optional*).
+        head_names: the column names when the model returns a tensor.
+        name, differentiable, batch_size: as for every :class:`Reward` (defaults ``"video_reward"``,
+            False, None).
 
     :meth:`evaluate` (and :func:`~visalign.rewards.call_reward`) returns the heads as the parts of
     a :class:`~visalign.rewards.RewardResult`: ``components[h]`` is ``weight_h * (s_h - mean_h) /

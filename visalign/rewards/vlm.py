@@ -97,15 +97,16 @@ class YesTokenReward(Reward):
     Args:
         model: a hub id / folder (``AutoModelForImageTextToText.from_pretrained``) or a built model.
         processor: its processor (hub id, folder or object); defaults to ``model`` when a string.
-        question (`str`): the pointwise template; ``{prompt}`` is replaced by the prompt.
-        mode (`str`, defaults to ``"pointwise"``): or ``"pairwise"``.
-        criteria (`str`): the task criteria of the pairwise template.
-        pairwise_question (`str`): the pairwise template (``{prompt}``, ``{criteria}``).
-        normalize (`bool`, defaults to `True`): ``P(yes) / (P(yes) + P(no))`` instead of ``P(yes)``.
+        question: the pointwise template; ``{prompt}`` is replaced by the prompt.
+        mode: or ``"pairwise"`` (default "pointwise").
+        criteria: the task criteria of the pairwise template.
+        pairwise_question: the pairwise template (``{prompt}``, ``{criteria}``).
+        normalize: ``P(yes) / (P(yes) + P(no))`` instead of ``P(yes)`` (default True).
         yes_words, no_words: the answers; all single-token spellings are summed.
-        system_prompt (`str`, *optional*): a system message for the chat template.
-        use_chat_template (`bool`, *optional*): defaults to whether the processor has one.
-        batch_size (`int`, defaults to 8), torch_dtype, name, differentiable (defaults to `False`).
+        system_prompt: a system message for the chat template.
+        use_chat_template: defaults to whether the processor has one.
+        batch_size, torch_dtype, name, differentiable: as for every :class:`Reward` (defaults 8, fp32,
+            the class name, False).
     """
 
     default_name = "yes_token"

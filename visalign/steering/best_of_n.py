@@ -67,15 +67,15 @@ def best_of_n(
     """Samples ``n`` candidates per prompt, scores them and keeps the best.
 
     Args:
-        policy (`Policy`): from :func:`visalign.wrap` or :func:`visalign.load`.
-        prompts (`str` or `list[str]`): P prompts.
+        policy: from :func:`visalign.wrap` or :func:`visalign.load`.
+        prompts: P prompts.
         reward: a reward or callable ``(images, prompts) -> Tensor[B]``, or a dict / list of
             ``(reward, weight)`` for a weighted sum.
-        n (`int`, defaults to 8): candidates per prompt.
-        reward_kwargs (`dict`, *optional*): per-prompt reward conditioning, repeated per candidate.
-        max_batch_size (`int`, *optional*): the most candidates sampled, decoded and scored at
+        n: candidates per prompt (default 8).
+        reward_kwargs: per-prompt reward conditioning, repeated per candidate.
+        max_batch_size: the most candidates sampled, decoded and scored at
             once; None samples all P·n together.
-        return_all (`bool`, defaults to `True`): keep every candidate's pixels in ``all_images``.
+        return_all: keep every candidate's pixels in ``all_images`` (default True).
         **sampling: the sampling keywords of :func:`visalign.sampling.prepare_sampling`
             (``num_steps``, ``guidance_scale``, ``sampler``, ``noise``, ``eta``, ``generator``,
             ``images``, ``height``, ``width``, ``num_frames``, ``negative_prompt``, …, and the

@@ -165,10 +165,10 @@ class RewardGuidanceCallback(_StockSteering):
     Args:
         reward: one differentiable reward, or a dict / list of ``(reward, weight)``.
         prompts: the prompts given to the pipeline (one per prompt, not per image).
-        scale (`float`, defaults to 1.0): the step size per guided step.
-        steps (`tuple[int, int]`, *optional*): guide after steps ``start ≤ i < end`` only.
-        through_model (`bool`, defaults to `True`): differentiate through the denoiser (DPS).
-        normalize_grad (`bool`, defaults to `False`): unit-RMS gradient per sample.
+        scale: the step size per guided step (default 1.0).
+        steps: guide after steps ``start ≤ i < end`` only.
+        through_model: differentiate through the denoiser (DPS) (default True).
+        normalize_grad: unit-RMS gradient per sample (default False).
         height, width, num_frames, images, negative_prompt: as given to the pipeline call.
 
     Raises:
@@ -230,7 +230,7 @@ class FKResampleCallback(_StockSteering):
         prompts: the prompts given to the pipeline.
         lam, potential, resample_every, resample_range, adaptive, ess_threshold, resampler,
         resample_final: as in :func:`visalign.fk_steer`.
-        seed (`int`, defaults to 0): seeds the resampling draws.
+        seed: seeds the resampling draws (default 0).
         height, width, num_frames, images, negative_prompt: as given to the pipeline call.
 
     Raises:

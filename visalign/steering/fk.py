@@ -172,39 +172,39 @@ def fk_steer(
     """Samples with Feynman-Kac steering towards ``p(x0)·exp(lam·reward(x0))``.
 
     Args:
-        policy (`Policy`): from :func:`visalign.wrap` or :func:`visalign.load`.
-        prompts (`str` or `list[str]`): P prompts; each gets its own N particles.
+        policy: from :func:`visalign.wrap` or :func:`visalign.load`.
+        prompts: P prompts; each gets its own N particles.
         reward: a reward or callable ``(images, prompts) -> Tensor[B]``, or a dict / list of
             ``(reward, weight)`` for a weighted sum. For video families it scores decoded clips
             (B, T, 3, H, W), e.g. a :class:`~visalign.rewards.SegmentalVideoReward`.
-        num_particles (`int`, defaults to 4): N per prompt. With N = 1 the output is exactly
+        num_particles: N per prompt. With N = 1 the output is exactly
             :func:`visalign.sample`'s for the same generator.
-        potential (`str`, defaults to ``"max"``): ``"max"``, ``"add"``, ``"diff"`` or ``"rt"``
+        potential: ``"max"``, ``"add"``, ``"diff"`` or ``"rt"``
             (see :mod:`visalign.steering.resampling`).
-        lam (`float`, defaults to 10.0): the inverse temperature λ; 0 gives plain sampling
+        lam: the inverse temperature λ; 0 gives plain sampling
             with uniform weights.
-        resample_every (`int`, defaults to 5): score x̂0 and resample after every k steps (0-based
+        resample_every: score x̂0 and resample after every k steps (0-based
             steps k−1, 2k−1, …; see :func:`reward_steps`); None scores and resamples only at the
             final step.
-        resample_range (`tuple[int, int]`, *optional*): ``(t_start, t_end)`` step indices; reward
+        resample_range: ``(t_start, t_end)`` step indices; reward
             steps are ``t_start+k−1, t_start+2k−1, … < t_end``. The final step always counts.
-        adaptive (`bool`, defaults to `False`): at a reward step, resample a prompt's particles
+        adaptive: at a reward step, resample a prompt's particles
             only if their ESS < ``ess_threshold·N``; otherwise carry the weights forward.
-        ess_threshold (`float`, defaults to 0.5): the adaptive threshold, as a fraction of N.
-        resampler (`str`, defaults to ``"systematic"``): ``"systematic"`` (lower variance) or
+        ess_threshold: the adaptive threshold, as a fraction of N (default 0.5).
+        resampler: ``"systematic"`` (lower variance) or
             ``"multinomial"`` (the reference scheme).
-        resample_final (`bool`, defaults to `True`): resample after the final correction (subject
+        resample_final: resample after the final correction (subject
             to ``adaptive``), so the returned particles are equally weighted draws; with False they
             keep their importance weights in ``log_weights``.
-        resample_seed (`int`, *optional*): seeds the resampling draws; by default derived from
+        resample_seed: seeds the resampling draws; by default derived from
             ``generator``'s initial seed without consuming it.
-        reward_kwargs (`dict`, *optional*): per-prompt reward conditioning (P rows, or constants),
+        reward_kwargs: per-prompt reward conditioning (P rows, or constants),
             repeated for each particle, e.g. ``{"reference_images": first_frames}``.
-        max_batch_size (`int`, *optional*): the most particles per denoiser call and per
+        max_batch_size: the most particles per denoiser call and per
             decode/reward call; None runs all P·N at once. Results do not depend on it beyond
             floating-point round-off: the noise is drawn for the whole batch.
-        return_particles (`bool`, defaults to `True`): keep every final particle's pixels.
-        progress (`bool`): a tqdm bar over the steps.
+        return_particles: keep every final particle's pixels (default True).
+        progress: a tqdm bar over the steps.
         **sampling: the sampling keywords of :func:`visalign.sampling.prepare_sampling`
             (``num_steps``, ``guidance_scale``, ``sampler``, ``noise``, ``eta``, ``generator``,
             ``images``, ``height``, ``width``, ``num_frames``, ``negative_prompt``, …, and the

@@ -155,21 +155,21 @@ def reward_guidance(
     """Samples with reward-gradient guidance added to each guided step's mean.
 
     Args:
-        policy (`Policy`): from :func:`visalign.wrap` or :func:`visalign.load`.
-        prompts (`str` or `list[str]`): P prompts.
+        policy: from :func:`visalign.wrap` or :func:`visalign.load`.
+        prompts: P prompts.
         reward: one differentiable reward, or several with weights: a dict
             ``{name: (reward, weight)}`` or a list of ``(reward, weight)``; the guidance follows
             ``Σ w_k r_k`` (Flow-NRG's user-weighted objectives).
-        scale (`float`, defaults to 1.0): the step size s of ``mean += s·∇``; 0 is plain sampling.
-        guidance_steps (`tuple[int, int]`, *optional*): guide steps ``start ≤ i < end`` only;
+        scale: the step size s of ``mean += s·∇``; 0 is plain sampling (default 1.0).
+        guidance_steps: guide steps ``start ≤ i < end`` only;
             None guides every step.
-        num_samples (`int`, defaults to 1): samples per prompt.
-        through_model (`bool`, defaults to `True`): back-propagate through the denoiser (DPS);
+        num_samples: samples per prompt (default 1).
+        through_model: back-propagate through the denoiser (DPS);
             False treats the model output as constant (cheaper; see the module docstring).
-        normalize_grad (`bool`, defaults to `False`): rescale each sample's gradient to unit RMS.
-        reward_kwargs (`dict`, *optional*): per-prompt reward conditioning, repeated per sample.
-        max_batch_size (`int`, *optional*): the most samples per forward/backward; None runs all.
-        progress (`bool`): a tqdm bar over the steps.
+        normalize_grad: rescale each sample's gradient to unit RMS (default False).
+        reward_kwargs: per-prompt reward conditioning, repeated per sample.
+        max_batch_size: the most samples per forward/backward; None runs all.
+        progress: a tqdm bar over the steps.
         **sampling: the sampling keywords of :func:`visalign.sampling.prepare_sampling`
             (``num_steps``, ``guidance_scale``, ``sampler``, ``noise``, ``eta``, ``generator``,
             ``images``, ``height``, ``width``, ``num_frames``, ``negative_prompt``, …, and the

@@ -79,6 +79,20 @@ class LoopOptions(ConfigBase):
         0, "Save sample images or videos with their prompts and rewards every N steps; 0 disables.")
     sample_prompts: list[str] | None = config_field(
         None, "Prompts for the saved samples; None takes the first few prompts of the training source.")
+    # reward-hacking monitor (visalign.training.monitor)
+    true_metric: Literal["toy_evaluator"] | None = config_field(
+        None, "A built-in true metric to watch beside the reward (toy_evaluator: the toy world's exact evaluator, "
+        "1 for a sample with every attribute right); the trainer's true_metric= keyword takes any callable.")
+    true_metric_every: int = config_field(
+        0, "Every N steps (and at the last), sample fixed prompts with the ODE and log the true metric beside the "
+        "reward (true/<name>, true/reward); 0 disables.")
+    true_metric_prompts: list[str] | None = config_field(
+        None, "Prompts the true metric is evaluated on; None takes true_metric_num_prompts evenly spaced training prompts.")
+    true_metric_num_prompts: int = config_field(
+        16, "How many training prompts the true metric is evaluated on when true_metric_prompts is None.")
+    hacking_window: int = config_field(
+        3, "Evaluations over which a rising reward with a falling true metric raises a RewardHackingWarning "
+        "(logged as hacking_suspected).")
     max_bad_steps: int = config_field(
         5, "Consecutive skipped steps (rewards of the wrong shape, or NaN) after which training stops "
            "with an error and a checkpoint.")
@@ -132,6 +146,11 @@ class LoopOptions(ConfigBase):
         c(self.sample_every >= 0, "sample_every", ">= 0", "0 disables samples.")
         c(self.sample_prompts is None or len(self.sample_prompts) > 0, "sample_prompts", "a non-empty list or None")
         c(self.max_bad_steps >= 1, "max_bad_steps", ">= 1")
+        c(self.true_metric_every >= 0, "true_metric_every", ">= 0", "0 disables the true metric.")
+        c(self.true_metric_prompts is None or len(self.true_metric_prompts) > 0, "true_metric_prompts",
+          "a non-empty list or None")
+        c(self.true_metric_num_prompts >= 1, "true_metric_num_prompts", ">= 1")
+        c(self.hacking_window >= 2, "hacking_window", ">= 2", "A trend needs at least two evaluations.")
         c(self.prompts_per_step >= 1, "prompts_per_step", ">= 1")
         c(self.micro_batch_size is None or self.micro_batch_size >= 1, "micro_batch_size", ">= 1 or None")
         for key in ("height", "width", "num_frames"):

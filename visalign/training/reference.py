@@ -5,51 +5,26 @@ last refresh: a snapshot of the *trainable* weights (for LoRA, the adapter only;
 shared, never copied). A reference pass swaps the snapshot into the live parameters in place, under
 no_grad, and swaps it back; run it before the policy's own forward, so autograd never sees a
 changed weight. The snapshot is checkpointed with the run.
+
+It is a :class:`~visalign.training.lagged.LaggedWeights` that starts empty and is only ever
+refreshed (decay 0); DiffusionNFT's old policy and AWM's EMA anchor use the decaying form.
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
+
+from visalign.training.lagged import LaggedWeights
 
 __all__ = ["ReferenceSnapshot"]
 
 
-class ReferenceSnapshot:
-    """Copies of the trainable weights at the last refresh, swapped in for reference passes.
+class ReferenceSnapshot(LaggedWeights):
+    """Copies of the trainable weights at the last :meth:`refresh`, swapped in for reference passes.
 
-    Checkpointed through ``accelerator.register_for_checkpointing`` (``state_dict``/``load_state_dict``).
+    ``tensors`` is None until the first refresh. Checkpointed through
+    ``accelerator.register_for_checkpointing`` (``state_dict``/``load_state_dict``).
     """
 
     def __init__(self, parameters: list[torch.nn.Parameter]):
-        self.parameters = parameters
-        self.tensors: list[torch.Tensor] | None = None
-
-    @torch.no_grad()
-    def refresh(self) -> None:
-        self.tensors = [p.detach().clone() for p in self.parameters]
-
-    @contextlib.contextmanager
-    def swapped(self):
-        """Within this block the parameters hold the snapshot (no grad); swapped back after."""
-        with torch.no_grad():
-            self._swap()
-            try:
-                yield
-            finally:
-                self._swap()
-
-    def _swap(self) -> None:
-        for p, t in zip(self.parameters, self.tensors):
-            held = p.detach().clone()
-            p.data.copy_(t)
-            t.copy_(held)
-
-    def state_dict(self) -> dict:
-        return {"tensors": None if self.tensors is None else [t.cpu() for t in self.tensors]}
-
-    def load_state_dict(self, state: dict) -> None:
-        tensors = state["tensors"]
-        self.tensors = None if tensors is None else [
-            t.to(device=p.device, dtype=p.dtype) for t, p in zip(tensors, self.parameters)]
+        super().__init__(parameters, copy=False)

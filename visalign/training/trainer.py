@@ -63,11 +63,15 @@ class Trainer:
             :class:`~visalign.training.prompts.PromptSource`. Extra columns reach the reward.
         config: the algorithm's config (a :class:`~visalign.training.config.TrainConfig` subclass).
         accelerator: an existing ``accelerate.Accelerator``; one is built from the config otherwise.
+        true_metric: a callable ``(images, prompts) -> Tensor[B]`` measuring what the reward stands
+            for, evaluated every ``config.true_metric_every`` steps beside the reward
+            (:meth:`evaluate_true_metric`); None uses ``config.true_metric`` (a built-in) if set.
     """
 
     config_class = TrainConfig
 
-    def __init__(self, policy, reward=None, prompts=None, config: TrainConfig | None = None, accelerator=None):
+    def __init__(self, policy, reward=None, prompts=None, config: TrainConfig | None = None, accelerator=None,
+                 true_metric=None):
         self.config = config if config is not None else self.config_class()
         if not isinstance(self.config, self.config_class):
             raise ConfigError(
@@ -80,6 +84,10 @@ class Trainer:
         self.prompt_source = PromptSource.from_any(prompts) if prompts is not None else None
         self.state = TrainState()
         self.callbacks = []
+        from visalign.training.monitor import resolve_true_metric
+
+        self.true_metric = resolve_true_metric(true_metric, self.config, self.prompt_source is not None)
+        self.true_history: list[tuple[int, float, float]] = []  # (step, reward, true metric) per evaluation
         self._setup_model()
         self._setup_optimization()
         self._setup_data()
@@ -334,6 +342,7 @@ class Trainer:
             metrics["time_step"] = time.perf_counter() - start
             self.state.step += 1
             self._track_bad_steps(metrics)
+            metrics.update(self.evaluate_true_metric(self.state.step))
             if step % cfg.log_every == 0 or self.state.step == cfg.max_steps:
                 self.logger.log(metrics, step=self.state.step)
             if cfg.sample_every and self.state.step % cfg.sample_every == 0:
@@ -398,6 +407,68 @@ class Trainer:
                           num_frames=cfg.num_frames)
             rewards = self.score(traj.images, traj.prompts, records).total
         self.logger.save_samples(traj.images, traj.prompts, rewards, step)
+
+    def evaluate_true_metric(self, step: int) -> dict:
+        """Every ``config.true_metric_every`` steps (and at the last): the true metric beside the reward.
+
+        Samples fixed prompts (``true_metric_prompts``, or ``true_metric_num_prompts`` evenly spaced
+        training prompts) with the ODE from fixed seeds, with the EMA weights when there are any, and
+        scores the same images with the true metric and the reward. Logs ``true/<name>``,
+        ``true/reward``, ``time_true_metric`` and ``hacking_suspected``; warns with a
+        :class:`~visalign.training.monitor.RewardHackingWarning` when the reward rose while the true
+        metric fell over the last ``hacking_window`` evaluations (visalign.training.monitor).
+
+        Returns:
+            The logged metrics ({} off schedule); the loop merges them into the step's metrics.
+        """
+        import warnings
+
+        from visalign.rewards import call_reward
+        from visalign.rewards.base import reward_name
+        from visalign.sampling import sample
+        from visalign.training.monitor import RewardHackingWarning, hacking_alert, hacking_message, history_from_log
+
+        cfg, metric = self.config, self.true_metric
+        if metric is None or not cfg.true_metric_every or (step % cfg.true_metric_every and step != cfg.max_steps):
+            return {}
+        start = time.perf_counter()
+        if cfg.true_metric_prompts and not self.policy.needs_image:
+            records = [{"prompt": p} for p in cfg.true_metric_prompts]
+        else:
+            n = len(self.prompt_source)
+            k = min(cfg.true_metric_num_prompts, n)
+            records = [self.prompt_source[i * n // k] for i in range(k)]
+        prompts = [r["prompt"] for r in records]
+        chunk = cfg.micro_batch_size or len(prompts)
+        true_values, rewards = [], []
+        with torch.no_grad(), self.ema_weights(), self.accelerator.autocast():
+            for i in range(0, len(prompts), chunk):
+                part = records[i:i + chunk]
+                traj = sample(self.policy, prompts[i:i + chunk], num_steps=cfg.num_steps, sampler="ode",
+                              images=self.load_condition_images(part), guidance_scale=self.guidance_scale(),
+                              generator=[torch.Generator(self.accelerator.device).manual_seed(1000 + i + j)
+                                         for j in range(len(part))],
+                              height=cfg.height, width=cfg.width, num_frames=cfg.num_frames)
+                true_values.append(call_reward(metric, traj.images, traj.prompts).total.float().cpu())
+                if self.reward is not None:
+                    rewards.append(self.score(traj.images, traj.prompts, part).total.float().cpu())
+        name = reward_name(metric) if reward_name(metric) != "<lambda>" else "metric"
+        true = float(torch.cat(true_values).mean())
+        row = {f"true/{name}": true, "time_true_metric": time.perf_counter() - start}
+        if rewards:
+            reward = row["true/reward"] = float(torch.cat(rewards).mean())
+            if not self.true_history and step > cfg.true_metric_every:  # resumed: the history is in the log
+                self.true_history = history_from_log(self.logger.path, name, step)
+            self.true_history.append((step, reward, true))
+            reward_hist, true_hist = [h[1] for h in self.true_history], [h[2] for h in self.true_history]
+            fired = hacking_alert(reward_hist, true_hist, cfg.hacking_window)
+            row["hacking_suspected"] = float(fired)
+            if fired and self.is_main_process:
+                warnings.warn(hacking_message(name, reward_hist, true_hist, cfg.hacking_window, step),
+                              RewardHackingWarning, stacklevel=2)
+        if not ((step - 1) % cfg.log_every == 0 or step == cfg.max_steps):  # the loop does not log this step
+            self.logger.log(row, step=step)
+        return row
 
     @contextlib.contextmanager
     def ema_weights(self):
