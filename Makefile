@@ -65,6 +65,7 @@ $(OPENCLIP_STAMP): pyproject.toml
 	$(QUIET_EDITABLE) $(PIP_ENV) $(OPENCLIP_PY) -m pip install --quiet -e ".[dev]"
 	@touch $(OPENCLIP_STAMP)
 
+# test_openclip_remote.py serves HPSv2 from this venv and scores it from the main .venv's python.
 .PHONY: test-openclip
-test-openclip: $(OPENCLIP_STAMP)
-	$(OPENCLIP_PY) -m pytest -q tests/rewards/test_openclip.py
+test-openclip: $(OPENCLIP_STAMP) $(STAMP)
+	$(OPENCLIP_PY) -m pytest -q tests/rewards/test_openclip.py tests/rewards/test_openclip_remote.py

@@ -310,6 +310,22 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_serve_reward(args) -> int:
+    """Serves the reward SPEC names until interrupted (:func:`visalign.rewards.server.serve`)."""
+    from visalign.errors import ConfigError
+    from visalign.rewards.server import api_key_from_env, check_bind, load_reward, serve
+
+    if args.max_body_mb <= 0:
+        raise ConfigError(f"--max-body-mb must be positive; got {args.max_body_mb}.")
+    api_key = api_key_from_env(args.api_key_env)
+    if api_key is None and args.api_key_env != "VISALIGN_REWARD_API_KEY":
+        raise ConfigError(f"--api-key-env {args.api_key_env}: that environment variable is not set (or empty).")
+    check_bind(args.host, api_key, args.api_key_env)  # before loading a model that may take minutes
+    serve(load_reward(args.spec), args.host, args.port, api_key=api_key, api_key_env=args.api_key_env,
+          max_body_bytes=int(args.max_body_mb * 2**20), device=args.device, log_level=args.log_level)
+    return 0
+
+
 def cmd_demo(args) -> int:
     """Runs the offline demo (:func:`visalign.demo.run_demo`) and prints where its report is."""
     from visalign.demo import run_demo
@@ -493,6 +509,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_options(sample, out_default="runs/sample", num_steps=20, sampler="ode")
     sample.add_argument("--num", type=int, default=1, help="samples per prompt (default: 1)")
     sample.set_defaults(func=cmd_sample)
+
+    serve = sub.add_parser(
+        "serve-reward", help="serve a reward over HTTP for RemoteReward clients (extra: serve)",
+        description="Serves a reward over HTTP (GET /health, POST /score; protocol in visalign.rewards.remote) so that "
+                    "trainers in other processes, environments or machines score with va.rewards.RemoteReward(URL). "
+                    "Binds 127.0.0.1 by default; any other address requires an API key in an environment variable. "
+                    "Example: visalign serve-reward ocr --port 8765")
+    serve.add_argument("spec", metavar="SPEC",
+                       help="a reward name (brightness, ocr, CLIPScore, ...), a JSON spec as in a recipe's reward:, or "
+                            "module:attr naming a reward object, a reward class or a factory returning a reward")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default: 127.0.0.1); anything but loopback requires an API key")
+    serve.add_argument("--port", type=int, default=8765, help="port to bind; 0 picks a free one (default: 8765)")
+    serve.add_argument("--api-key-env", default="VISALIGN_REWARD_API_KEY", metavar="NAME",
+                       help="environment variable holding the API key clients must send; when it is set, every "
+                            "request needs it (default: VISALIGN_REWARD_API_KEY)")
+    serve.add_argument("--max-body-mb", type=float, default=256.0,
+                       help="largest request accepted, in MiB; larger ones get 413 unread (default: 256)")
+    serve.add_argument("--device", default=None,
+                       help="device the reward runs on (default: cuda if available, else cpu)")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                       help="server log level; debug also logs every request (default: info)")
+    serve.set_defaults(func=cmd_serve_reward)
     return parser
 
 
@@ -503,7 +542,10 @@ def main(argv: list[str] | None = None) -> int:
     """
     from visalign.errors import VisalignError
 
+    from visalign.quiet import quiet_library_notices
+
     args = build_parser().parse_args(argv)
+    quiet_library_notices()
     try:
         return args.func(args)
     except VisalignError as error:

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import torch
 
 from visalign.media import to_pil_images
+from visalign.quiet import quiet_library_notices
 from visalign.report import Cell, Gallery, line_plot, write_html_report
 
 # The demo's GRPO settings; configs/toy_grpo.yaml holds the same recipe for `visalign train`.
@@ -74,29 +75,6 @@ def summary_table(before: dict, after: dict) -> str:
     return "\n".join(lines)
 
 
-_TORCHVISION_NOTICE = "requires torchvision (not installed); falling back to"
-
-
-class _DropTorchvisionFallbackNotice:
-    """Drops transformers' "…ImageProcessor requires torchvision; falling back to …Pil" notice.
-
-    The default environment must not contain torchvision (its registry build breaks CPU torch), so
-    a user cannot act on it; the PIL processors it falls back to are the ones visalign wants.
-    """
-
-    def filter(self, record) -> bool:
-        return _TORCHVISION_NOTICE not in record.getMessage()
-
-
-def quiet_torchvision_fallback_notice() -> None:
-    """Installs the filter above on the one transformers logger that emits the notice (idempotent)."""
-    import logging
-
-    logger = logging.getLogger("transformers.utils.import_utils")
-    if not any(isinstance(f, _DropTorchvisionFallbackNotice) for f in logger.filters):
-        logger.addFilter(_DropTorchvisionFallbackNotice())
-
-
 @contextlib.contextmanager
 def _no_loading_bars():
     """Hides diffusers' and transformers' loading bars while the tiny toy models load (sub-second)."""
@@ -138,7 +116,7 @@ def run_demo(out_dir: str = "runs/demo", seed: int = 0, max_steps: int | None = 
     # Length 1 instead of the stock 256 zero T5 rows is the same model (toy/MODELS.md), ~5x faster.
     start = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
-    quiet_torchvision_fallback_notice()
+    quiet_library_notices()
     with _no_loading_bars():
         policy = va.load(toy_model_path("t2i"), local_files_only=True, policy_kwargs={"max_sequence_length": 1})
         reward = va.rewards.CLIPScore(model=toy_model_path("clip"), variant="cosine")

@@ -69,4 +69,5 @@ def require(package: str, extra: str, purpose: str):
 
 class RewardUnavailableError(RewardError):
     """A reward served by another process (:class:`~visalign.rewards.RemoteReward`) could not be reached
-    or did not answer in time. Trainers skip the step, as for any :class:`RewardError`."""
+    or did not answer in time. Trainers skip the step, as for any :class:`RewardError`.
+    """

@@ -12,7 +12,7 @@ A recipe is the algorithm's config plus four keys the config does not hold::
 
 ``visalign train recipe.yaml key=value ...`` overrides any of them (``model=...`` and
 ``prompts=...`` too). Reward ``type`` is a class of :mod:`visalign.rewards` (its other keys are
-passed to it), or ``toy_clip`` / ``toy_evaluator`` / ``brightness``.
+passed to it), or ``toy_clip`` / ``toy_evaluator`` / ``brightness`` / ``ocr`` / ``remote`` (with ``url``).
 """
 
 from __future__ import annotations
@@ -108,15 +108,22 @@ def _one_reward(spec: Any):
         from visalign.toy import ToyEvaluatorReward
 
         return ToyEvaluatorReward(**spec)
+    if kind == "ocr":
+        return rewards.OCRReward(**spec)
+    if kind == "remote":
+        if "url" not in spec:
+            raise ConfigError("Reward type 'remote' needs a url, e.g. {type: remote, url: 'http://127.0.0.1:8765'} "
+                              "(the address `visalign serve-reward` prints).")
+        return rewards.RemoteReward(**spec)
     if kind is None or not hasattr(rewards, kind) or kind.startswith("_"):
         names = [n for n in rewards.__all__ if n[0].isupper() and n not in ("Reward", "RewardResult", "RunningNorm")]
-        raise ConfigError(f"Unknown reward type {kind!r}; use one of {names} or toy_clip, toy_evaluator, brightness.")
+        raise ConfigError(f"Unknown reward type {kind!r}; use one of {names} or {', '.join(BUILTIN_REWARDS)}.")
     if kind == "SegmentalVideoReward":
         spec["image_reward"] = _one_reward(spec.pop("image_reward"))
     return getattr(rewards, kind)(**spec)
 
 
-BUILTIN_REWARDS = ("brightness", "toy_clip", "toy_evaluator")
+BUILTIN_REWARDS = ("brightness", "toy_clip", "toy_evaluator", "ocr", "remote")
 
 
 def reward_types(spec: Any) -> list[str]:

@@ -1,4 +1,4 @@
-"""The step math of every visalign sampler, as pure functions of tensors (REFERENCE §0–§1).
+"""The step math of every visalign sampler, as pure functions of tensors (docs/math.md §0–§1).
 
 This file is the one home of the denoising transitions. Samplers, trainers and steering call it;
 nobody re-derives a step elsewhere. Each transition is a Gaussian ``x' ~ N(mean, std²)``; the
@@ -49,7 +49,7 @@ def ode_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next) -> torch.Tenso
 
 
 def flow_diffusion_coefficient(noise: str, eta: float, sigma, sigma_max) -> torch.Tensor:
-    """The SDE's diffusion coefficient g(σ) (REFERENCE §1).
+    """The SDE's diffusion coefficient g(σ) (docs/math.md §1).
 
     Args:
         noise: ``"dance"`` for a constant g = η (DanceGRPO), or ``"flow"`` for
@@ -70,7 +70,7 @@ def flow_diffusion_coefficient(noise: str, eta: float, sigma, sigma_max) -> torc
 
 
 def flow_sde_mean_std(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next, g):
-    """Mean and std of one flow-SDE transition (REFERENCE §1).
+    """Mean and std of one flow-SDE transition (docs/math.md §1).
 
     ``score = −(x + (1−σ)·v)/σ``, ``mean = x + [v − ½·g²·score]·dt``, ``std = g·√(−dt)``.
     With g = 0 this is exactly :func:`ode_step`.
@@ -94,7 +94,7 @@ def flow_sde_mean_std(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next, g):
 
 
 def cps_mean_std(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next, eta: float):
-    """Mean and std of Flow-GRPO's coefficient-preserving (CPS) step (REFERENCE §1).
+    """Mean and std of Flow-GRPO's coefficient-preserving (CPS) step (docs/math.md §1).
 
     ``s = σ_next·sin(η·π/2)``, ``mean = x̂0·(1−σ_next) + x̂1·√(σ_next² − s²)``, ``std = s``.
     With η = 0 the mean is exactly the ODE step. At σ_next = 0 the std is 0 (no log-prob).
@@ -108,7 +108,7 @@ def cps_mean_std(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next, eta: float
 
 
 def ddpm_x0_eps(x: torch.Tensor, model_output: torch.Tensor, alpha_cumprod, prediction_type: str):
-    """Converts a DDPM-family model output to (x̂0, ε̂) (REFERENCE §0).
+    """Converts a DDPM-family model output to (x̂0, ε̂) (docs/math.md §0).
 
     Args:
         x: the noisy sample x_t.
@@ -136,7 +136,7 @@ def ddpm_x0_eps(x: torch.Tensor, model_output: torch.Tensor, alpha_cumprod, pred
 
 
 def ddim_mean_std(x0: torch.Tensor, eps: torch.Tensor, alpha_cumprod, alpha_cumprod_prev, eta: float):
-    """Mean and std of one DDIM step with noise (DDPO's log-prob step, REFERENCE §1).
+    """Mean and std of one DDIM step with noise (DDPO's log-prob step, docs/math.md §1).
 
     ``var = (1−ᾱ_prev)/(1−ᾱ_t)·(1−ᾱ_t/ᾱ_prev)``, ``s = η·√var``,
     ``mean = √ᾱ_prev·x̂0 + √(1−ᾱ_prev−s²)·ε̂``. With η = 0 this is deterministic DDIM.
@@ -151,7 +151,7 @@ def ddim_mean_std(x0: torch.Tensor, eps: torch.Tensor, alpha_cumprod, alpha_cump
 def gaussian_log_prob(sample: torch.Tensor, mean: torch.Tensor, std, reduce: str = "mean") -> torch.Tensor:
     """Log-density of ``sample`` under N(mean, std²), reduced over all non-batch dims.
 
-    Always the full density ``−(x−μ)²/(2s²) − log s − ½·log 2π``, computed in fp32 (REFERENCE §0).
+    Always the full density ``−(x−μ)²/(2s²) − log s − ½·log 2π``, computed in fp32 (docs/math.md §0).
 
     Args:
         sample, mean: (B, ...) tensors.
@@ -171,7 +171,7 @@ def gaussian_log_prob(sample: torch.Tensor, mean: torch.Tensor, std, reduce: str
 def gaussian_kl(mean_p: torch.Tensor, mean_q: torch.Tensor, std, reduce: str = "mean") -> torch.Tensor:
     """KL(N(μ_p, s²) ‖ N(μ_q, s²)) = (μ_p − μ_q)²/(2s²) per element, reduced like the log-prob.
 
-    ``std`` is the step's full std, including the √(−dt) factor (REFERENCE §2; Flow-GRPO omits it).
+    ``std`` is the step's full std, including the √(−dt) factor (docs/math.md §2; Flow-GRPO omits it).
     """
     std = torch.as_tensor(std, dtype=torch.float32, device=mean_p.device)
     kl = (mean_p.float() - mean_q.float()) ** 2 / (2.0 * std**2)
@@ -189,7 +189,7 @@ def reduce_per_sample(values: torch.Tensor, reduce: str) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------- forward process
 # The noising direction x0 → x_t, used where training draws its own noise level: DPO's regression
-# targets (REFERENCE §3) and DRaFT-LV's re-noising of the final sample (REFERENCE §5).
+# targets (docs/math.md §3) and DRaFT-LV's re-noising of the final sample (docs/math.md §5).
 def flow_add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
     """The rectified-flow forward process x_σ = (1−σ)·x0 + σ·ε; ``sigma`` a float or (B,)."""
     s = _as_batch(sigma, x0)

@@ -18,8 +18,10 @@ import torch.nn.functional as F
 from common import (EMA, add_common_args, finish_step, folder_size_mb, log_line, lr_factor,
                     optimizer_step, setup, weights_size_mb, write_info)
 
+import visalign.toy as world  # the toy world's scenes and renders
 from visalign.toy import evaluator as toy_eval
-from visalign.toy import world
+from visalign.toy.raster import coverage
+from visalign.toy.readout import _PALETTE_HUES
 
 # ----------------------------------------------------------------------------- data
 
@@ -91,7 +93,7 @@ def _render_varied(scenes, gen: torch.Generator, size: int = 32) -> torch.Tensor
       saturation and value by a little;
     - the background gets a faint low-frequency blotch.
 
-    Shapes come from :func:`visalign.toy.world.coverage`, the world's own rasteriser.
+    Shapes come from :func:`visalign.toy.raster.coverage`, the world's own rasteriser.
     """
     n = len(scenes)
     attrs = [_scene_attrs(s) for s in scenes]
@@ -109,13 +111,13 @@ def _render_varied(scenes, gen: torch.Generator, size: int = 32) -> torch.Tensor
         for shape in world.SHAPES:
             rows = [i for i, sh in enumerate(shapes) if sh == shape]
             if rows:
-                alpha[rows] = world.coverage(shape, center[rows, 0], center[rows, 1],
-                                             radius[rows], size, size)
+                alpha[rows] = coverage(shape, center[rows, 0], center[rows, 1],
+                                       radius[rows], size, size)
         return alpha
 
     alpha = (1 - weight[:, None, None]) * cover([a[0] for a in attrs]) \
         + weight[:, None, None] * cover(other)
-    hues = {c: float(toy_eval._PALETTE_HUES[i]) for i, c in enumerate(world.COLORS)}
+    hues = {c: float(_PALETTE_HUES[i]) for i, c in enumerate(world.COLORS)}
     gap = {c: min(min(abs(h - o) % 360, 360 - abs(h - o) % 360) for d, o in hues.items() if d != c)
            for c, h in hues.items()}
     rgb = torch.tensor([world.COLORS[c] for _, c, _, _ in attrs])

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from common import (EMA, add_common_args, finish_step, log_line, lr_factor, optimizer_step, setup,
                     weights_size_mb, write_info)
 
-from visalign.toy import evaluator as toy_eval
-from visalign.toy import world
+import visalign.toy as toy_eval  # the evaluator's API: evaluate_videos, detect
+import visalign.toy as world  # the toy world's scenes and renders
 
 #: Frames of every toy video (4k+1, as Wan needs) and the side of a frame in pixels.
 NUM_FRAMES = 9

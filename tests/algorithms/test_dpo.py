@@ -1,4 +1,4 @@
-"""Diffusion-/Flow-DPO (REFERENCE §3): the pure math against hand-computed numbers, the data paths, the trainer."""
+"""Diffusion-/Flow-DPO (docs/math.md §3): the pure math against hand-computed numbers, the data paths, the trainer."""
 
 import json
 import math

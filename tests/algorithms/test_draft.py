@@ -1,4 +1,4 @@
-"""DRaFT (REFERENCE §5): gradient windows checked with hooks, LV and ReFL, checkpointing, learning, bad input."""
+"""DRaFT (docs/math.md §5): gradient windows checked with hooks, LV and ReFL, checkpointing, learning, bad input."""
 
 import json
 import textwrap

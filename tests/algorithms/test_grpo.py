@@ -1,4 +1,4 @@
-"""GRPO (REFERENCE §2): the pure math against hand-computed numbers, and the trainer end to end."""
+"""GRPO (docs/math.md §2): the pure math against hand-computed numbers, and the trainer end to end."""
 
 import json
 import os

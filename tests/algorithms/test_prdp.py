@@ -1,4 +1,4 @@
-"""PRDP (REFERENCE §4): the pure loss against hand-computed numbers, the proximal clip, the trainer."""
+"""PRDP (docs/math.md §4): the pure loss against hand-computed numbers, the proximal clip, the trainer."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""visalign's sampling loop against the stock pipelines, and the log-prob invariants of REFERENCE §1.
+"""visalign's sampling loop against the stock pipelines, and the log-prob invariants of docs/math.md §1.
 
 Stock equality tolerance: fp32, the same generator, 4 steps with CFG 4: decoded pixels and final
 latents agree to 1e-5 absolute (measured: ≤ 1e-6 on every family, 2026-11-22).

@@ -1,4 +1,4 @@
-"""The step math of REFERENCE §1 against numbers worked out by hand.
+"""The step math of docs/math.md §1 against numbers worked out by hand.
 
 Fixed input throughout: x = 1.0, v = 0.5, σ = 0.8, σ_next = 0.6 (so dt = −0.2).
 """
@@ -35,7 +35,7 @@ def test_flow_noise_sde_step():
 
 
 def test_flow_noise_written_out_form_agrees():
-    # REFERENCE: mean = x·(1 + g²·dt/(2σ)) + v·(1 + g²·(1−σ)/(2σ))·dt
+    # docs/math.md §1: mean = x·(1 + g²·dt/(2σ)) + v·(1 + g²·(1−σ)/(2σ))·dt
     g, dt = 1.4, -0.2
     expected = 1.0 * (1 + g**2 * dt / (2 * SIGMA)) + 0.5 * (1 + g**2 * (1 - SIGMA) / (2 * SIGMA)) * dt
     mean, _ = S.flow_sde_mean_std(X, V, SIGMA, SIGMA_NEXT, g)

@@ -1,4 +1,4 @@
-"""SDE windows (REFERENCE §10, §13 "Windows"): Flow-GRPO-Fast's random window in a range, MixGRPO's sliding one."""
+"""SDE windows (docs/math.md §10, §13 "Windows"): Flow-GRPO-Fast's random window in a range, MixGRPO's sliding one."""
 
 import os
 from collections import Counter

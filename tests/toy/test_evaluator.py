@@ -10,7 +10,7 @@ from visalign.errors import InvalidInputError, NotDifferentiableError
 from visalign.toy import (BACKGROUNDS, COLORS, MOTIONS, POSITIONS, SHAPES, Scene, Sprite,
                           ToyEvaluatorReward, all_scenes, detect, evaluate, render_batch,
                           render_video_batch, sample_scenes)
-from visalign.toy.world import coverage
+from visalign.toy.raster import coverage
 
 
 def _on_backgrounds(scenes):

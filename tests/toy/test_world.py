@@ -7,7 +7,7 @@ from visalign.errors import InvalidInputError
 from visalign.toy import (BACKGROUNDS, COLORS, GRAMMAR, MOTIONS, POSITIONS, SIZES, Scene, Sprite,
                           ToyDataset, all_captions, all_scenes, first_frame, parse_caption, render,
                           render_batch, render_video, render_video_batch, sample_scenes)
-from visalign.toy.world import TRAVEL
+from visalign.toy.video import TRAVEL
 
 
 FLAGS = [dict(), dict(sizes=True), dict(two_shapes=True), dict(sizes=True, two_shapes=True),

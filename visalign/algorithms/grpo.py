@@ -54,7 +54,7 @@ class GRPOConfig(AdvantageOptions, RolloutConfig):
         0.0, "Weight β of the KL to the reference; Flow-GRPO's 0.004–0.04 are for kl_form='flow_grpo'. 0 disables.")
     kl_form: Literal["flow_grpo", "exact"] = config_field(
         "flow_grpo", "flow_grpo: ‖μθ−μref‖²/(2g²), the form of Flow-GRPO's code, which its β values are tuned "
-        "for; exact: the Gaussian KL of the step, = flow_grpo/(−dt) (15× on SD3 with 10 steps). DDIM: both exact.")
+        "for; exact: the Gaussian KL of the step, = flow_grpo/(−dt) (15× on SD3 with 10 steps). CPS and DDIM: both exact.")
     timestep_fraction: float = config_field(
         0.6, "Share of the SDE steps each sample trains on, drawn per sample (DanceGRPO 0.6); an SDE window "
         "trains on all of its steps.")
@@ -176,7 +176,9 @@ class GRPOTrainer(OnlineTrainer):
         b, k = out.log_probs.shape
         std = out.stds.reshape(b * k, *([1] * (out.means.ndim - 2)))
         kl = gaussian_kl(out.means.flatten(0, 1), ref.means.flatten(0, 1), std, self.config.log_prob_reduce).view(b, k)
-        if self.config.kl_form == "flow_grpo" and traj.schedule.is_flow:
+        # Flow-GRPO's form differs from the exact KL only for the flow SDE (its std is g·√(−dt); a CPS
+        # or DDIM step's std has no such factor, and Flow-GRPO divides those by the full std).
+        if self.config.kl_form == "flow_grpo" and traj.spec.sampler == "sde" and traj.schedule.is_flow:
             sigmas = traj.schedule.sigmas.to(steps.device)
             kl = flow_grpo_kl(kl, sigmas[steps] - sigmas[steps + 1])
         return kl

@@ -53,7 +53,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, std: str = "group",
 def grpo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor, clip_range: float,
               kl: torch.Tensor | None = None, kl_beta: float = 0.0, weights: torch.Tensor | None = None,
               reduction: str = "mean"):
-    """The PPO-clipped GRPO objective over trained steps (REFERENCE §2).
+    """The PPO-clipped GRPO objective over trained steps (docs/math.md §2).
 
     ``max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)) + β·KL`` per (sample, step), with ρ = exp(log π − log π_old).
 
@@ -98,7 +98,7 @@ def grpo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: 
 
 def select_train_steps(sde_mask: torch.Tensor, batch: int, fraction: float, generator: torch.Generator | None,
                        window: tuple[int, int] | None = None) -> torch.Tensor:
-    """Which transitions each sample trains on, as a (B, k) long tensor (REFERENCE §2).
+    """Which transitions each sample trains on, as a (B, k) long tensor (docs/math.md §2).
 
     Never the last step. With an SDE window: every stochastic step of the window. Otherwise a
     random ``fraction`` of the stochastic steps, drawn per sample (DanceGRPO trains on 60%).

@@ -20,6 +20,8 @@ reward                     what it scores                                      d
 :class:`YesTokenReward`    VLM P("yes") (RewardDance 2509.08826, VQAScore)     optional
 :class:`SegmentalVideoReward`  image reward on sampled frames (InstructVideo)  as its image reward
 :class:`MultiHeadVideoReward`  multi-head video models (VideoAlign 2501.13918)  optional
+:class:`OCRReward`         quoted prompt text read back by OCR (Flow-GRPO)     no (ocr extra)
+:class:`RemoteReward`      a reward served by ``visalign serve-reward``        no
 :class:`Combined`          weighted sum, optional running normalisation        when all parts are
 =========================  ==================================================  ==================
 
@@ -33,7 +35,9 @@ from visalign.rewards.checks import check_images, check_prompts, check_scores
 from visalign.rewards.clip import CLIPEmbedder, CLIPScore, PickScore
 from visalign.rewards.combine import Combined, RunningNorm
 from visalign.rewards.hps import HPSv2
+from visalign.rewards.ocr import OCRReward
 from visalign.rewards.preprocess import CLIP_MEAN, CLIP_STD, ImageTransform
+from visalign.rewards.remote import RemoteReward
 from visalign.rewards.result import RewardResult
 from visalign.rewards.video import (MultiHeadVideoReward, SegmentalVideoReward, VideoReward,
                                     attenuation_weights, segment_indices)
@@ -51,4 +55,6 @@ __all__ = [
     "VideoReward", "SegmentalVideoReward", "MultiHeadVideoReward", "segment_indices",
     "attenuation_weights",
     "Combined", "RunningNorm",
+    "OCRReward",
+    "RemoteReward",
 ]

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,9 +53,13 @@ def levenshtein(a: str, b: str) -> int:
     for i, ca in enumerate(a, start=1):
         current = [i]
         for j, cb in enumerate(b, start=1):
-            current.append(min(previous[j] + 1,                # delete ca
-                               current[j - 1] + 1,             # insert cb
-                               previous[j - 1] + (ca != cb)))  # substitute (free when equal)
+            current.append(
+                min(
+                    previous[j] + 1,  # delete ca
+                    current[j - 1] + 1,  # insert cb
+                    previous[j - 1] + (ca != cb),
+                )
+            )  # substitute (free when equal)
         previous = current
     return previous[-1]
 
@@ -68,16 +73,21 @@ def quoted_text(prompt: str) -> str:
     match = _QUOTED.search(prompt)
     if match is None:
         curly = any(q in prompt for q in "\u201c\u201d\u2018\u2019'")
-        hint = (" It has typographic or single quotes; the OCR reward reads only straight double quotes (\")."
-                if curly else "")
+        hint = (
+            ' It has typographic or single quotes; the OCR reward reads only straight double quotes (").'
+            if curly
+            else ""
+        )
         raise InvalidInputError(
             f"OCRReward: the prompt {prompt!r} quotes no text to render. The OCR reward compares the text "
-            f'between the first pair of double quotes with what the image shows; write prompts as '
-            f'... "TEXT" ..., e.g. \'A neon sign that says "Open 24 hours"\'.{hint}')
+            f"between the first pair of double quotes with what the image shows; write prompts as "
+            f'... "TEXT" ..., e.g. \'A neon sign that says "Open 24 hours"\'.{hint}'
+        )
     if not _normalise(match.group(1)):
         raise InvalidInputError(
-            f"OCRReward: the prompt {prompt!r} quotes empty text (\"\"), so there is nothing to read. Put the "
-            f'text to render between the quotes: ... "TEXT" ....')
+            f'OCRReward: the prompt {prompt!r} quotes empty text (""), so there is nothing to read. Put the '
+            f'text to render between the quotes: ... "TEXT" ....'
+        )
     return match.group(1)
 
 
@@ -99,7 +109,7 @@ def ocr_similarity(recognised: str | None, target: str) -> float:
     """
     target = _normalise(target)
     if not target:
-        raise InvalidInputError("OCRReward: the target text is empty; quote the text to render: ... \"TEXT\" ....")
+        raise InvalidInputError('OCRReward: the target text is empty; quote the text to render: ... "TEXT" ....')
     found = _normalise(recognised or "")
     if target in found:
         return 1.0
@@ -138,15 +148,24 @@ class OCRReward(Reward):
 
     DEFAULT_PARAMS = {"Global.log_level": "error", "Global.use_cls": False}
 
-    def __init__(self, engine: Any = None, *, params: dict | None = None, name: str | None = None,
-                 batch_size: int | None = None, check_range: bool = True):
+    def __init__(
+        self,
+        engine: Any = None,
+        *,
+        params: dict | None = None,
+        name: str | None = None,
+        batch_size: int | None = None,
+        check_range: bool = True,
+    ):
         super().__init__(name=name, differentiable=False, batch_size=batch_size, check_range=check_range)
         if engine is None:
             # Fail at construction, not at the first training step, when the extra is missing.
             require("onnxruntime", "ocr", "OCRReward")
             require("rapidocr", "ocr", "OCRReward")
         elif not callable(engine):
-            raise InvalidInputError(f"OCRReward: engine must be callable on an image array; got {type(engine).__name__}.")
+            raise InvalidInputError(
+                f"OCRReward: engine must be callable on an image array; got {type(engine).__name__}."
+            )
         self._engine = engine
         self.params = {**self.DEFAULT_PARAMS, **(params or {})}
 
@@ -185,11 +204,17 @@ class OCRReward(Reward):
                 recognised = None
             scores.append(ocr_similarity(recognised, target))
         if failures and len(failures) == len(targets):
-            raise RewardError(f"OCRReward: the OCR engine failed on every image of the batch "
-                              f"({type(failures[0]).__name__}: {failures[0]}).") from failures[0]
+            raise RewardError(
+                f"OCRReward: the OCR engine failed on every image of the batch "
+                f"({type(failures[0]).__name__}: {failures[0]})."
+            ) from failures[0]
         if failures:
-            warnings.warn(f"OCRReward: the OCR engine failed on {len(failures)} of {len(targets)} images, which "
-                          f"score 0 ({type(failures[0]).__name__}: {failures[0]}).", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"OCRReward: the OCR engine failed on {len(failures)} of {len(targets)} images, which "
+                f"score 0 ({type(failures[0]).__name__}: {failures[0]}).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return torch.tensor(scores, dtype=torch.float32, device=images.device)
 
     def extra_repr(self) -> str:

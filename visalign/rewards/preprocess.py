@@ -1,4 +1,4 @@
-"""Torch-only image preprocessing for reward models (REFERENCE §7).
+"""Torch-only image preprocessing for reward models (docs/math.md §7).
 
 Everything here is plain tensor code on (B, 3, H, W) floats in [0, 1], so it runs batched on the
 images' device and gradients flow back to the pixels. It reproduces the PIL path of the usual

@@ -41,7 +41,6 @@ import base64
 import http.client
 import json
 import os
-import socket
 import time
 import urllib.parse
 from typing import Any
@@ -53,8 +52,15 @@ from visalign.errors import ConfigError, InvalidInputError, RewardError, RewardU
 from visalign.rewards.base import Reward
 from visalign.rewards.result import RewardResult
 
-__all__ = ["RemoteReward", "PROTOCOL_VERSION", "API_KEY_ENV", "encode_array", "decode_array", "encode_value",
-           "decode_value"]
+__all__ = [
+    "RemoteReward",
+    "PROTOCOL_VERSION",
+    "API_KEY_ENV",
+    "encode_array",
+    "decode_array",
+    "encode_value",
+    "decode_value",
+]
 
 PROTOCOL_VERSION = 1
 API_KEY_ENV = "VISALIGN_REWARD_API_KEY"
@@ -73,7 +79,9 @@ def encode_array(array: torch.Tensor | np.ndarray) -> dict:
         array = array.numpy()
     array = np.ascontiguousarray(array)
     if array.dtype.name not in ARRAY_DTYPES:
-        raise InvalidInputError(f"RemoteReward: arrays of dtype {array.dtype} cannot travel; use one of {ARRAY_DTYPES}.")
+        raise InvalidInputError(
+            f"RemoteReward: arrays of dtype {array.dtype} cannot travel; use one of {ARRAY_DTYPES}."
+        )
     array = array.astype(array.dtype.newbyteorder("<"), copy=False)
     return {"dtype": array.dtype.name, "shape": list(array.shape), "data": base64.b64encode(array.tobytes()).decode()}
 
@@ -81,14 +89,21 @@ def encode_array(array: torch.Tensor | np.ndarray) -> dict:
 def decode_array(obj: Any) -> np.ndarray:
     """The array of :func:`encode_array`; checks dtype, shape and byte count (raises InvalidInputError)."""
     if not isinstance(obj, dict) or set(obj) != {"dtype", "shape", "data"}:
-        raise InvalidInputError('an array must be {"dtype": ..., "shape": [...], "data": base64}; '
-                                f"got {type(obj).__name__} with keys {sorted(obj) if isinstance(obj, dict) else '-'}.")
+        raise InvalidInputError(
+            'an array must be {"dtype": ..., "shape": [...], "data": base64}; '
+            f"got {type(obj).__name__} with keys {sorted(obj) if isinstance(obj, dict) else '-'}."
+        )
     dtype, shape, data = obj["dtype"], obj["shape"], obj["data"]
     if dtype not in ARRAY_DTYPES:
         raise InvalidInputError(f"array dtype {dtype!r} is not accepted; use one of {ARRAY_DTYPES}.")
-    if (not isinstance(shape, list) or len(shape) > MAX_ARRAY_RANK
-            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
-        raise InvalidInputError(f"array shape must be a list of at most {MAX_ARRAY_RANK} non-negative ints; got {shape!r}.")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_ARRAY_RANK
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+    ):
+        raise InvalidInputError(
+            f"array shape must be a list of at most {MAX_ARRAY_RANK} non-negative ints; got {shape!r}."
+        )
     if not isinstance(data, str):
         raise InvalidInputError("array data must be a base64 string.")
     try:
@@ -112,7 +127,9 @@ def encode_value(value: Any, where: str = "conditioning") -> Any:
         return value.item()
     if isinstance(value, torch.Generator):
         if value.device.type != "cpu":
-            raise InvalidInputError(f"RemoteReward: {where} is a {value.device.type} generator; only CPU generators travel.")
+            raise InvalidInputError(
+                f"RemoteReward: {where} is a {value.device.type} generator; only CPU generators travel."
+            )
         return {"__generator__": base64.b64encode(value.get_state().numpy().tobytes()).decode()}
     if isinstance(value, (list, tuple)):
         return [encode_value(v, f"{where}[{i}]") for i, v in enumerate(value)]
@@ -120,7 +137,8 @@ def encode_value(value: Any, where: str = "conditioning") -> Any:
         return {k: encode_value(v, f"{where}.{k}") for k, v in value.items()}
     raise InvalidInputError(
         f"RemoteReward: {where} is a {type(value).__name__}, which cannot travel to a reward server. Conditioning "
-        "must be JSON values (str, numbers, lists, dicts), tensors or numpy arrays, or a CPU torch.Generator.")
+        "must be JSON values (str, numbers, lists, dicts), tensors or numpy arrays, or a CPU torch.Generator."
+    )
 
 
 def decode_value(value: Any) -> Any:
@@ -204,16 +222,28 @@ class RemoteReward(Reward):
     input_kind = "any"
     needs_prompts = False
 
-    def __init__(self, url: str, api_key: str | None = None, *, api_key_env: str = API_KEY_ENV,
-                 timeout: float = 120.0, retries: int = 3, backoff: float = 0.5, batch_size: int | None = None,
-                 image_dtype: str = "uint8", name: str | None = None, check_range: bool = True):
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        *,
+        api_key_env: str = API_KEY_ENV,
+        timeout: float = 120.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+        batch_size: int | None = None,
+        image_dtype: str = "uint8",
+        name: str | None = None,
+        check_range: bool = True,
+    ):
         super().__init__(name=name, differentiable=False, batch_size=batch_size, check_range=check_range)
         parsed = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise ConfigError(f"RemoteReward: url must look like http://HOST:PORT; got {url!r}.")
         if int(retries) < 0 or float(timeout) <= 0 or float(backoff) < 0:
-            raise ConfigError(f"RemoteReward: need retries >= 0, timeout > 0, backoff >= 0; got {retries}, {timeout}, "
-                              f"{backoff}.")
+            raise ConfigError(
+                f"RemoteReward: need retries >= 0, timeout > 0, backoff >= 0; got {retries}, {timeout}, {backoff}."
+            )
         if image_dtype not in ("uint8", "float32"):
             raise ConfigError(f"RemoteReward: image_dtype must be 'uint8' or 'float32'; got {image_dtype!r}.")
         self.url = urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, parsed.path.rstrip("/"), "", ""))
@@ -232,7 +262,10 @@ class RemoteReward(Reward):
     def _request_once(self, method: str, path: str, body: bytes | None) -> tuple[int, bytes]:
         conn = self._connection()
         try:
-            conn.connect()
+            try:
+                conn.connect()
+            except TimeoutError as exc:  # nothing answered at all: retried like a refused connection
+                raise ConnectionError(f"connecting timed out after {min(self.timeout, 10.0):g} s") from exc
             conn.sock.settimeout(self.timeout)
             headers = {"Accept": "application/json"}
             if body is not None:
@@ -258,10 +291,11 @@ class RemoteReward(Reward):
                 time.sleep(min(self.backoff * 2 ** (attempt - 1), 30.0))
             try:
                 status, data = self._request_once(method, path, body)
-            except socket.timeout:
+            except TimeoutError:
                 raise RewardUnavailableError(
                     f"reward server at {self.url} did not answer {method} {path} within {self.timeout:g} s; raise "
-                    "RemoteReward(timeout=...) or lower batch_size.") from None
+                    "RemoteReward(timeout=...) or lower batch_size."
+                ) from None
             except (OSError, http.client.HTTPException) as exc:
                 last = f"{type(exc).__name__}: {exc}"
                 continue
@@ -272,13 +306,15 @@ class RemoteReward(Reward):
                 raise ConfigError(
                     f"reward server at {self.url} rejected the API key ({answer}). Pass the server's key as "
                     f"RemoteReward(url, api_key=...) or in the environment variable {self.api_key_env}."
-                    + ("" if self._api_key else " No key was sent."))
+                    + ("" if self._api_key else " No key was sent.")
+                )
             if status == 413:
-                size = f"{len(body) / 2**20:.1f} MiB" if body else "the request"
+                per_request = "the whole batch" if self.batch_size is None else f"{self.batch_size} images"
                 raise ConfigError(
-                    f"reward server at {self.url} refused a {size} request as too large (413: {answer}). Lower "
-                    f"RemoteReward(batch_size=...) (now {self.batch_size}) so each request carries fewer images, or "
-                    "start the server with a larger --max-body-mb.")
+                    f"reward server at {self.url} refused the request as too large (413: {answer}). Lower "
+                    f"RemoteReward(batch_size=...) (each request now carries {per_request}), or restart the server "
+                    "with a larger --max-body-mb."
+                )
             if status in (400, 422):
                 raise InvalidInputError(f"reward server at {self.url}: {answer}")
             if status >= 500:
@@ -290,7 +326,8 @@ class RemoteReward(Reward):
         raise RewardUnavailableError(
             f"reward server at {self.url} is not reachable after {tries} tries ({last}); start it with "
             f"`visalign serve-reward SPEC --host {self._parsed.hostname} --port {self._parsed.port or 80}` "
-            "(SPEC: a reward name, a JSON spec or module:attr).")
+            "(SPEC: a reward name, a JSON spec or module:attr)."
+        )
 
     # -- server facts --------------------------------------------------------------------------
     def health(self, refresh: bool = False) -> dict:
@@ -298,8 +335,10 @@ class RemoteReward(Reward):
         if self._health is None or refresh:
             health = self._request("GET", "/health")
             if health.get("protocol") != PROTOCOL_VERSION:
-                raise ConfigError(f"reward server at {self.url} speaks protocol {health.get('protocol')!r}; this client "
-                                  f"speaks {PROTOCOL_VERSION}. Use the same visalign version on both sides.")
+                raise ConfigError(
+                    f"reward server at {self.url} speaks protocol {health.get('protocol')!r}; this client "
+                    f"speaks {PROTOCOL_VERSION}. Use the same visalign version on both sides."
+                )
             self._health = health
         return self._health
 
@@ -312,21 +351,28 @@ class RemoteReward(Reward):
     # -- scoring -------------------------------------------------------------------------------
     def score_parts(self, images: torch.Tensor, prompts: list[str] | None, **conditioning) -> RewardResult:
         generator = conditioning.get("generator")
-        payload = {"protocol": PROTOCOL_VERSION, "images": encode_images(images, self.image_dtype),
-                   "prompts": prompts,
-                   "conditioning": {k: encode_value(v, f"conditioning '{k}'") for k, v in conditioning.items()}}
+        payload = {
+            "protocol": PROTOCOL_VERSION,
+            "images": encode_images(images, self.image_dtype),
+            "prompts": prompts,
+            "conditioning": {k: encode_value(v, f"conditioning '{k}'") for k, v in conditioning.items()},
+        }
         answer = self._request("POST", "/score", payload)
         batch = images.shape[0]
         try:
+
             def vec(values):
                 out = torch.tensor(values, dtype=torch.float32, device=images.device)
                 if tuple(out.shape) != (batch,):
                     raise ValueError(f"shape {tuple(out.shape)} for {batch} samples")
                 return out
 
-            result = RewardResult(vec(answer["total"]), {k: vec(v) for k, v in answer.get("components", {}).items()},
-                                  {k: vec(v) for k, v in answer.get("raw", {}).items()},
-                                  {k: float(v) for k, v in answer.get("weights", {}).items()})
+            result = RewardResult(
+                vec(answer["total"]),
+                {k: vec(v) for k, v in answer.get("components", {}).items()},
+                {k: vec(v) for k, v in answer.get("raw", {}).items()},
+                {k: float(v) for k, v in answer.get("weights", {}).items()},
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise RewardError(f"reward server at {self.url} sent an answer this client cannot read ({exc}).") from exc
         if isinstance(generator, torch.Generator) and answer.get("generator"):

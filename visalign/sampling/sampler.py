@@ -3,7 +3,7 @@
 :func:`sample` runs visalign's own denoising loop through the Policy (stock pipelines are
 inference-only), recording every state, the per-step Gaussian (mean, std) and the exact log-prob
 of each stochastic transition. :func:`log_prob` recomputes the log-probs of stored transitions
-under the policy's current weights, reading the σ/ᾱ table stored at rollout (REFERENCE §0).
+under the policy's current weights, reading the σ/ᾱ table stored at rollout (docs/math.md §0).
 
 Samplers (``sampler=``):
 

@@ -1,4 +1,4 @@
-"""Inference-time steering: improve samples with a reward and no training (REFERENCE §6).
+"""Inference-time steering: improve samples with a reward and no training (docs/math.md §6).
 
 ============================  ===========================================================  ==============
 function                      what it does                                                 reward needs

@@ -1,6 +1,6 @@
 """Best-of-N: draw N independent samples per prompt and keep the one the reward likes best.
 
-The baseline that every steering method must beat at matched compute (REFERENCE §6): N samples
+The baseline that every steering method must beat at matched compute (docs/math.md §6): N samples
 cost N·S denoiser evaluations, the same as FK steering with N particles over S steps.
 
 Example::

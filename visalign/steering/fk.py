@@ -21,7 +21,7 @@ Example::
     out.rewards       # (1,)
     out.ess           # (1, 20): effective sample size after each step's weighting
 
-What is different from the reference code (REFERENCE §6):
+What is different from the reference code (docs/math.md §6):
 
 - weights stay in log space (log-sum-exp); the reference clamps ``exp()`` into [0, 1e10];
 - when adaptive resampling skips a step, the weights are carried forward (the reference drops

@@ -1,4 +1,4 @@
-"""The math of Feynman-Kac particle steering, as pure functions of tensors (REFERENCE §6).
+"""The math of Feynman-Kac particle steering, as pure functions of tensors (docs/math.md §6).
 
 This file is the one home of FK steering's weights and resampling; :func:`visalign.fk_steer` and
 :class:`visalign.steering.FKResampleCallback` call these functions and nothing else re-derives them.

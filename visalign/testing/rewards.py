@@ -44,6 +44,7 @@ __all__ = [
 ]
 
 
+# Swatches for color_images and the tiny CLIP (black and white too); not the toy world's palette, toy.world.COLORS.
 COLORS = {
     "red": (0.9, 0.1, 0.1),
     "green": (0.1, 0.8, 0.2),

@@ -241,9 +241,16 @@ def save_checkpoint(accelerator, output_dir: str, step: int, keep_last: int) -> 
             f.write(f"{step}\n")
             f.flush()
             os.fsync(f.fileno())
-        shutil.rmtree(final, ignore_errors=True)
+        # Re-saving a step (after a fallback): move the old copy aside first, so that a crash between
+        # the two renames still leaves one complete checkpoint of this step on disk.
+        stale = None
+        if os.path.exists(final):
+            stale = f"{final}.old-{os.getpid()}"
+            os.replace(final, stale)
         os.replace(tmp, final)
         _fsync_dir(root)
+        if stale is not None:
+            shutil.rmtree(stale, ignore_errors=True)
         for _, old in list_checkpoints(output_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

@@ -7,12 +7,13 @@ the reward of the same images: ``true/<name>`` and ``true/reward``. When, over t
 ``hacking_window`` evaluations, the reward rose while the true metric fell, :func:`hacking_alert`
 fires: the loop logs ``hacking_suspected`` = 1 and warns with a :class:`RewardHackingWarning`.
 
-Give the trainer the metric as a callable, ``Trainer(..., true_metric=fn)`` with
-``fn(images, prompts) -> Tensor[B]``, or name a built-in one in the config (``true_metric:
-toy_evaluator`` in a recipe)::
+Give any trainer the metric as a callable ``fn(images, prompts) -> Tensor[B]`` with
+``trainer.set_true_metric(fn)`` (or ``true_metric=fn`` where the trainer's constructor takes it, as
+:class:`~visalign.training.trainer.Trainer`'s and GRPO's do), or name a built-in one in the config
+(``true_metric: toy_evaluator`` in a recipe)::
 
-    trainer = va.GRPOTrainer(policy, reward, prompts, va.GRPOConfig(true_metric_every=10),
-                             true_metric=my_metric)
+    trainer = va.DRaFTTrainer(policy, reward, prompts, va.DRaFTConfig(true_metric_every=10))
+    trainer.set_true_metric(my_metric)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections.abc import Callable, Sequence
 from visalign.errors import ConfigError
 
 __all__ = ["TRUE_METRICS", "RewardHackingWarning", "builtin_true_metric", "hacking_alert", "hacking_message",
-           "history_from_log", "resolve_true_metric", "trend"]
+           "check_true_metric", "history_from_log", "resolve_true_metric", "trend"]
 
 # The built-in true metrics a config can name (``LoopOptions.true_metric``).
 TRUE_METRICS = ("toy_evaluator",)
@@ -46,7 +47,7 @@ def trend(values: Sequence[float]) -> float:
 
 
 def hacking_alert(reward_history: Sequence[float], true_history: Sequence[float], window: int = 3,
-                  tolerance: float = 0.0) -> bool:
+                  tolerance: float = 1e-3) -> bool:
     """Whether the reward rose while the true metric fell over the last ``window`` evaluations.
 
     Rising and falling are read from least-squares lines through the last ``window`` values
@@ -56,11 +57,12 @@ def hacking_alert(reward_history: Sequence[float], true_history: Sequence[float]
         reward_history: the reward at each evaluation, oldest first.
         true_history: the true metric at the same evaluations.
         window: how many of the latest evaluations to compare (>= 2).
-        tolerance: the least change over the window that counts as a rise or a fall.
+        tolerance: the least change over the window that counts as a rise or a fall, relative to
+            the window's mean absolute value, so that float jitter on a flat curve does not fire.
 
     Returns:
-        True when the reward's change over the window is > ``tolerance`` and the true metric's is
-        < −``tolerance``; False with fewer than ``window`` evaluations.
+        True when the reward's fitted change over the window is above ``tolerance`` (relative) and the
+        true metric's is below −``tolerance`` (relative); False with fewer than ``window`` evaluations.
     """
     if window < 2:
         raise ConfigError(f"hacking_alert needs a window of at least 2 evaluations, got {window}.")
@@ -69,7 +71,12 @@ def hacking_alert(reward_history: Sequence[float], true_history: Sequence[float]
                           "values; pass one of each per evaluation.")
     if len(reward_history) < window:
         return False
-    return trend(reward_history[-window:]) > tolerance and trend(true_history[-window:]) < -tolerance
+    rewards, trues = list(reward_history[-window:]), list(true_history[-window:])
+
+    def scale(values):
+        return tolerance * max(sum(abs(v) for v in values) / len(values), 1e-12)
+
+    return trend(rewards) > scale(rewards) and trend(trues) < -scale(trues)
 
 
 def hacking_message(name: str, reward_history: Sequence[float], true_history: Sequence[float], window: int,
@@ -91,24 +98,25 @@ def builtin_true_metric(name: str) -> Callable:
     raise ConfigError(f"Unknown true metric {name!r}; use one of {TRUE_METRICS} or pass true_metric=fn to the trainer.")
 
 
-def resolve_true_metric(metric: Callable | None, config, has_prompts: bool) -> Callable | None:
-    """The trainer's true metric: the ``true_metric=`` callable, else the config's built-in one, else None.
-
-    Raises:
-        ConfigError: ``true_metric_every`` is set without a metric, or without prompts to evaluate on.
-    """
+def resolve_true_metric(metric: Callable | None, config) -> Callable | None:
+    """The trainer's true metric: the given callable, else the config's built-in one (``true_metric``), else None."""
     if metric is not None and not callable(metric):
         raise ConfigError(f"true_metric must be a callable (images, prompts) -> Tensor[B]; got {type(metric).__name__}.")
     if metric is None and getattr(config, "true_metric", None):
         metric = builtin_true_metric(config.true_metric)
-    if getattr(config, "true_metric_every", 0):
-        if metric is None:
-            raise ConfigError(f"true_metric_every={config.true_metric_every} needs a true metric: pass "
-                              f"true_metric=fn to the trainer or set true_metric to one of {TRUE_METRICS}.")
-        if not has_prompts and not config.true_metric_prompts:
-            raise ConfigError("true_metric_every needs prompts to evaluate on: set true_metric_prompts or give "
-                              "the trainer prompts.")
     return metric
+
+
+def check_true_metric(metric: Callable | None, config, has_prompts: bool) -> None:
+    """Raises a ConfigError when ``true_metric_every`` is set without a metric or without prompts."""
+    if not getattr(config, "true_metric_every", 0):
+        return
+    if metric is None:
+        raise ConfigError(f"true_metric_every={config.true_metric_every} needs a true metric: call "
+                          f"trainer.set_true_metric(fn), pass true_metric=fn, or set true_metric to one of {TRUE_METRICS}.")
+    if not has_prompts and not config.true_metric_prompts:
+        raise ConfigError("true_metric_every needs prompts to evaluate on: set true_metric_prompts or give the "
+                          "trainer prompts.")
 
 
 def history_from_log(path: str | None, name: str, before_step: int) -> list[tuple[int, float, float]]:

@@ -22,6 +22,7 @@ import torch
 
 from visalign.losses.grpo import group_advantages
 from visalign.sampling import Trajectory, sample
+from visalign.training.async_scoring import RolloutPipeline
 from visalign.training.config import RolloutConfig
 from visalign.training.trainer import Trainer
 
@@ -132,11 +133,17 @@ class OnlineTrainer(Trainer):
         """
         cfg, acc = self.config, self.accelerator
         start = time.perf_counter()
-        records = self.next_records()
-        traj = self.rollout(step, records, policy_context)
+        # rollout_ahead: step + 1 is sampled while step is scored in a thread (training/async_scoring.py)
+        pipeline = RolloutPipeline.of(self) if getattr(cfg, "rollout_ahead", False) else None
+        if pipeline is None:
+            records = self.next_records()
+            traj = self.rollout(step, records, policy_context)
+        else:
+            records, traj = pipeline.take(step, policy_context)
         sampled = time.perf_counter()
         group_records = [r for r in records for _ in range(cfg.group_size)]
-        result, reason = self.score_or_skip(traj.images, traj.prompts, group_records)
+        result, reason = (pipeline.result(step) if pipeline is not None
+                          else self.score_or_skip(traj.images, traj.prompts, group_records))
         if result is None:
             return {"skipped": 1.0, "skip_reason": reason, "time_sampling": sampled - start}
         gathered = acc.gather(result.total.detach())

@@ -65,7 +65,8 @@ class Trainer:
         accelerator: an existing ``accelerate.Accelerator``; one is built from the config otherwise.
         true_metric: a callable ``(images, prompts) -> Tensor[B]`` measuring what the reward stands
             for, evaluated every ``config.true_metric_every`` steps beside the reward
-            (:meth:`evaluate_true_metric`); None uses ``config.true_metric`` (a built-in) if set.
+            (:meth:`evaluate_true_metric`, :meth:`set_true_metric`); None uses ``config.true_metric``
+            (a built-in) if set.
     """
 
     config_class = TrainConfig
@@ -86,7 +87,7 @@ class Trainer:
         self.callbacks = []
         from visalign.training.monitor import resolve_true_metric
 
-        self.true_metric = resolve_true_metric(true_metric, self.config, self.prompt_source is not None)
+        self.true_metric = resolve_true_metric(true_metric, self.config)
         self.true_history: list[tuple[int, float, float]] = []  # (step, reward, true metric) per evaluation
         self._setup_model()
         self._setup_optimization()
@@ -408,6 +409,12 @@ class Trainer:
             rewards = self.score(traj.images, traj.prompts, records).total
         self.logger.save_samples(traj.images, traj.prompts, rewards, step)
 
+    def set_true_metric(self, metric) -> None:
+        """Sets the true metric ``metric(images, prompts) -> Tensor[B]`` that :meth:`evaluate_true_metric` watches."""
+        from visalign.training.monitor import resolve_true_metric
+
+        self.true_metric = resolve_true_metric(metric, self.config)
+
     def evaluate_true_metric(self, step: int) -> dict:
         """Every ``config.true_metric_every`` steps (and at the last): the true metric beside the reward.
 
@@ -426,10 +433,12 @@ class Trainer:
         from visalign.rewards import call_reward
         from visalign.rewards.base import reward_name
         from visalign.sampling import sample
-        from visalign.training.monitor import RewardHackingWarning, hacking_alert, hacking_message, history_from_log
+        from visalign.training.monitor import (RewardHackingWarning, check_true_metric, hacking_alert, hacking_message,
+                                               history_from_log)
 
         cfg, metric = self.config, self.true_metric
-        if metric is None or not cfg.true_metric_every or (step % cfg.true_metric_every and step != cfg.max_steps):
+        check_true_metric(metric, cfg, self.prompt_source is not None)
+        if not cfg.true_metric_every or (step % cfg.true_metric_every and step != cfg.max_steps):
             return {}
         start = time.perf_counter()
         if cfg.true_metric_prompts and not self.policy.needs_image:

@@ -1,0 +1,165 @@
+"""The tiny specs of the image families: SD 1.5, SDXL, SD3 and FLUX.1-dev.
+
+Each builder returns ``(pipeline class, {constructor argument: _Recipe or value})`` for
+:func:`visalign.testing.pipelines.tiny_pipeline`, which registers it under the family name. The
+tiny denoisers keep what the stock pipelines depend on (latent channels, VAE scaling and shift
+factors, SDXL's ``text_time`` conditioning, Flux's guidance embedding and dynamic shifting); a
+new image family is one more builder here, made of the shared parts of
+:mod:`visalign.testing.components`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffusers import (
+    DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+
+from visalign.testing.components import (
+    _CLIP_DIM,
+    _FLOW_SHIFT_3,
+    _T5_DIM,
+    _autoencoder_kl,
+    _clip_text,
+    _latent16_vae,
+    _Recipe,
+    _t5_text,
+)
+
+_DDIM_SD15 = dict(  # DDIM as SD 1.5 / SDXL configure it (see PITFALLS: leading spacing, offset 1)
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+    timestep_spacing="leading",
+)
+_FLOW_FLUX = dict(  # the scheduler config FLUX.1-dev ships
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+)
+
+
+def _sdxl_unet(**config):
+    """SDXL-style UNet whose ``text_time`` embedding input matches the second CLIP tower.
+
+    SDXL adds 6 size/crop numbers (each embedded to ``addition_time_embed_dim``) to the pooled text
+    embedding of ``text_encoder_2``; ``projection_class_embeddings_input_dim`` must equal that sum,
+    so it is derived here unless given.
+    """
+    config = {
+        "sample_size": 16,
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": [32, 64],
+        "layers_per_block": 1,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],  # no attention at full res
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+        "attention_head_dim": [2, 4],
+        "use_linear_projection": True,
+        "cross_attention_dim": 2 * _CLIP_DIM,  # both CLIP towers' hidden states, concatenated
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 8,
+        **config,
+    }
+    time_dims = 6 * config["addition_time_embed_dim"]
+    config.setdefault("projection_class_embeddings_input_dim", time_dims + _CLIP_DIM)
+    return UNet2DConditionModel(**config)
+
+
+def _sd() -> tuple[type, dict[str, Any]]:
+    unet = dict(
+        sample_size=16,  # with the VAE's factor 2: the stock default size is 32 px
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=[32, 64],
+        layers_per_block=1,
+        down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+        attention_head_dim=4,
+        cross_attention_dim=_CLIP_DIM,
+    )
+    return StableDiffusionPipeline, {
+        **_clip_text("text_encoder", with_projection=False),
+        "unet": _Recipe(UNet2DConditionModel, unet),
+        "vae": _Recipe(_autoencoder_kl, {"scaling_factor": 0.18215}),
+        "scheduler": _Recipe(DDIMScheduler, dict(_DDIM_SD15)),
+        "safety_checker": None,
+        "feature_extractor": None,
+        "requires_safety_checker": False,
+    }
+
+
+def _sdxl() -> tuple[type, dict[str, Any]]:
+    return StableDiffusionXLPipeline, {
+        **_clip_text("text_encoder", with_projection=False),
+        **_clip_text("text_encoder_2", with_projection=True),
+        "unet": _Recipe(_sdxl_unet),
+        "vae": _Recipe(_autoencoder_kl, {"scaling_factor": 0.13025}),
+        "scheduler": _Recipe(DDIMScheduler, dict(_DDIM_SD15)),
+        # Explicit, so outputs do not depend on whether invisible-watermark happens to be installed.
+        "add_watermarker": False,
+    }
+
+
+def _sd3() -> tuple[type, dict[str, Any]]:
+    transformer = dict(
+        sample_size=16,  # stock default size 32 px
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=_T5_DIM,
+        caption_projection_dim=32,  # must equal num_attention_heads * attention_head_dim
+        pooled_projection_dim=2 * _CLIP_DIM,  # both CLIP projections, concatenated
+        pos_embed_max_size=32,  # up to 32x32 patches, i.e. 128 px
+    )
+    return StableDiffusion3Pipeline, {
+        **_clip_text("text_encoder", with_projection=True),
+        **_clip_text("text_encoder_2", with_projection=True),
+        **_t5_text("text_encoder_3"),
+        "transformer": _Recipe(SD3Transformer2DModel, transformer),
+        "vae": _latent16_vae(scaling_factor=1.5305, shift_factor=0.0609),
+        "scheduler": _Recipe(FlowMatchEulerDiscreteScheduler, dict(_FLOW_SHIFT_3)),
+    }
+
+
+def _flux() -> tuple[type, dict[str, Any]]:
+    transformer = dict(
+        patch_size=1,
+        in_channels=64,  # 16 latent channels packed 2x2
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=_T5_DIM,
+        pooled_projection_dim=_CLIP_DIM,  # CLIPTextModel's pooled output
+        guidance_embeds=True,  # FLUX.1-dev: guidance_scale feeds an embedding, not CFG
+        axes_dims_rope=[4, 6, 6],  # must sum to attention_head_dim
+    )
+    return FluxPipeline, {
+        **_clip_text("text_encoder", with_projection=False),
+        **_t5_text("text_encoder_2"),
+        "transformer": _Recipe(FluxTransformer2DModel, transformer),
+        "vae": _latent16_vae(scaling_factor=0.3611, shift_factor=0.1159),
+        "scheduler": _Recipe(FlowMatchEulerDiscreteScheduler, dict(_FLOW_FLUX)),
+    }
