@@ -8,7 +8,8 @@
 Tiny mode builds the offline models of ``visalign.testing.rewards``. ``--real`` builds real-size
 architectures from their published configs with random weights (nothing is downloaded): CLIP
 ViT-L/14 (CLIPScore, Aesthetic), CLIP ViT-H/14 (PickScore) and a 2B LLaVA-style VLM (CLIP-L/336
-tower + a 28-layer, 2048-wide Llama) for the yes-token reward. It is meant for a GPU.
+tower + a 28-layer, 2048-wide Llama) for the yes-token reward. It is meant for a GPU. OCRReward
+runs rapidocr's bundled PP-OCR models (real weights, the ``ocr`` extra) on the CPU in both modes.
 
 For each reward it times the forward pass under ``torch.no_grad()`` and, for differentiable
 rewards, forward + backward to the pixels, and prints the median over ``--repeats`` runs (after
@@ -62,6 +63,10 @@ def tiny_rewards() -> dict:
         out["HPSv2"] = R.HPSv2(model=oc_model, tokenizer=oc_tok)
     except ImportError as exc:  # MissingDependencyError is an ImportError
         print(f"(HPSv2 skipped: {str(exc).splitlines()[0][:100]}...)")
+    try:
+        out["OCRReward (PP-OCR in rapidocr, CPU)"] = R.OCRReward()
+    except ImportError as exc:
+        print(f"(OCRReward skipped: {str(exc).splitlines()[0][:100]}...)")
     return out
 
 
@@ -120,17 +125,20 @@ def real_rewards(dtype: torch.dtype, vlm_layers: int = 28) -> dict:
         "PickScore (CLIP-H/14)": lambda: R.PickScore(clip_h(), proc()),
         f"YesTokenReward ({'2B' if vlm_layers == 28 else f'{vlm_layers}-layer'} LLaVA-style)":
             yes_token,
+        "OCRReward (PP-OCR in rapidocr, the real models, CPU)": lambda: R.OCRReward(),
     }
 
 
 def bench_one(reward, args, device: torch.device, g: torch.Generator) -> tuple[str, str]:
     """Samples/s of ``reward`` forward and forward+backward (videos/s for video rewards)."""
-    from visalign.rewards import VideoReward
+    from visalign.rewards import OCRReward, VideoReward
 
     video = isinstance(reward, VideoReward)
     shape = ((args.batch, args.frames) if video else (args.batch,)) + (3, args.size, args.size)
     x = torch.rand(shape, generator=g).to(device)
     prompts = [f"a photo of a red cat number {i}" for i in range(args.batch)]
+    if isinstance(reward, OCRReward):  # the OCR reward reads the quoted text
+        prompts = [f'a red cat holding a sign that says "cat {i}"' for i in range(args.batch)]
     reward.place(device)
 
     def fwd():

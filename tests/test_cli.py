@@ -33,7 +33,7 @@ def test_every_recipe_parses(recipe):
 def test_help_explains_every_option():
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert set(commands) == {"demo", "train", "score", "sample", "steer"}
+    assert set(commands) == {"demo", "train", "score", "sample", "steer", "serve-reward", "plan"}
     for command, sub in commands.items():
         for action in sub._actions:
             if action.dest != "help":

@@ -336,6 +336,23 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    """Prints a recipe's per-GPU memory and FLOPs (visalign.plan); loads no weights, downloads nothing."""
+    from visalign.pipelines.attention import resolve_attention_backend
+    from visalign.plan import format_plan, make_plan, workload_from_recipe
+
+    backend = resolve_attention_backend(args.attention_backend)  # a flash-style kernel either way (see plan.py)
+    workload = workload_from_recipe(args.recipe, args.overrides, architecture=args.architecture)
+    strategies = (args.strategy,) if args.strategy else (("ddp", "fsdp") if args.gpus > 1 else ("ddp",))
+    plan = make_plan(workload, gpus=args.gpus, strategies=strategies, accelerate_config=args.accelerate_config)
+    print(format_plan(plan) + f"\nattention backend: {backend}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"workload": vars(workload), "gpus": plan.gpus, "measured": plan.measured, "bytes": plan.rows,
+                       "flops": plan.flops, "notes": plan.notes}, f, indent=2, default=str)
+    return 0
+
+
 MODEL_HELP = "hub id, local pipeline folder, toy:NAME (a shipped toy model, e.g. toy:t2i) or tiny:FAMILY"
 
 
@@ -532,6 +549,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                        help="server log level; debug also logs every request (default: info)")
     serve.set_defaults(func=cmd_serve_reward)
+
+    plan = sub.add_parser(
+        "plan", help="per-GPU memory and FLOPs of a recipe before a run (loads no weights, downloads nothing)",
+        description="Builds the recipe's real architecture on the meta device and prints, per GPU, the weights, "
+                    "trainable parameters, gradients, AdamW state, EMA/reference copies, the activations of one "
+                    "training micro-batch with and without gradient checkpointing, the rollout's memory and the "
+                    "FLOPs per iteration, under DDP and FSDP. Example: visalign plan configs/sd35m_grpo.yaml --gpus 8")
+    plan.add_argument("recipe", help="path to a recipe YAML whose model: is a known hub id (or with architecture:)")
+    plan.add_argument("overrides", nargs="*", help="key=value overrides of recipe and config fields")
+    plan.add_argument("--gpus", type=int, default=1, help="GPUs the run will use (default: 1)")
+    plan.add_argument("--strategy", choices=["ddp", "fsdp"], default=None,
+                      help="only this strategy (default: DDP, and FSDP too when --gpus > 1)")
+    plan.add_argument("--architecture", default=None,
+                      help="architecture name when model: is not a known hub id (e.g. a fine-tune of one): "
+                           "sd35-medium, flux1-dev, wan21-t2v-1.3b, wan21-t2v-14b")
+    plan.add_argument("--accelerate-config", default=None,
+                      help="the accelerate config the run will use; its FSDP settings are checked (wrapped classes, "
+                           "fsdp_version)")
+    plan.add_argument("--attention-backend", default=None, choices=["sdpa", "native", "xformers", "flash", "sage"],
+                      help="attention kernel of the run (default: sdpa); all are flash-style, which the plan assumes")
+    plan.add_argument("--json", default=None, help="also write the plan to this JSON file")
+    plan.set_defaults(func=cmd_plan)
     return parser
 
 

@@ -7,11 +7,19 @@ import pytest
 import torch
 
 import visalign as va
-from visalign.errors import ConfigError, RewardError
-from visalign.losses.awm import (anchor_loss, awm_advantages, awm_log_weight, awm_loss, awm_policy_loss,
-                                 ema_anchor_decay, matching_error, stratified_indices)
-from visalign.testing import brightness, tiny_pipeline
 from tests.algorithms.helpers import train_with_crash
+from visalign.errors import ConfigError, RewardError
+from visalign.losses.awm import (
+    anchor_loss,
+    awm_advantages,
+    awm_log_weight,
+    awm_loss,
+    awm_policy_loss,
+    ema_anchor_decay,
+    matching_error,
+    stratified_indices,
+)
+from visalign.testing import brightness, tiny_pipeline
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
 
@@ -67,7 +75,8 @@ def test_ghuber_and_uniform_weighting_hand_computed():
     sigma = torch.tensor([0.9, 0.5, 0.1], dtype=torch.float64)
     m = matching_error(v, eps - x0)
     assert m.dtype == torch.float64
-    torch.testing.assert_close(awm_log_weight(m, sigma, "ghuber", 1.0), -sigma * m, rtol=1e-12, atol=1e-12)  # p = 1: σ·m
+    # p = 1 reduces ghuber to σ·m
+    torch.testing.assert_close(awm_log_weight(m, sigma, "ghuber", 1.0), -sigma * m, rtol=1e-12, atol=1e-12)
 
 
 def test_on_policy_ratio_is_one_and_the_loss_is_minus_mean_advantage():
@@ -159,6 +168,13 @@ def test_the_ema_anchor_lags(tmp_path):
     trainer.train()
     for ema, a, b in zip(trainer.ema_anchor.tensors, start, trainable_state(trainer)):
         torch.testing.assert_close(ema, 0.5 * a + 0.5 * b)  # d = min(0.9, 0.5·1)
+
+
+def test_lagged_and_base_passes_match_the_policy_at_init_in_bf16(tmp_path):
+    """Full fine-tuning under bf16 autocast: the lagged copy and the frozen base are exact copies at step 0."""
+    cfg = make_config(tmp_path, max_steps=1, use_lora=False, mixed_precision="bf16", learning_rate=1e-3)
+    m = va.AWMTrainer(tiny_pipeline("sd3").to(torch.bfloat16), brightness, PROMPTS, cfg).train()
+    assert m["ref_anchor"] == m["ema_anchor"] == 0.0 and m["ratio_mean"] == 1.0
 
 
 def test_exact_resume_after_a_crash(tmp_path):

@@ -9,12 +9,11 @@ import pytest
 import torch
 
 import visalign as va
+from tests.algorithms.helpers import train_with_crash
 from visalign.errors import ConfigError, RewardError
-from visalign.losses.nft import (adaptive_weight, implicit_velocities, nft_loss, old_policy_decay,
-                                 optimality_probability)
+from visalign.losses.nft import adaptive_weight, implicit_velocities, nft_loss, old_policy_decay, optimality_probability
 from visalign.testing import brightness, tiny_pipeline
 from visalign.training.lagged import LaggedWeights
-from tests.algorithms.helpers import train_with_crash
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
 
@@ -92,7 +91,8 @@ def test_at_the_old_policy_the_gradient_is_a_signed_weighted_fm_gradient(beta):
     w = adaptive_weight(x_t - s * v_old, x0)
     v_fm = v_old.clone().requires_grad_(True)
     per_sample = (x_t - s * v_fm - x0).pow(2).flatten(1).mean(1) / w
-    assert loss.detach().item() == pytest.approx(float((5 * per_sample.detach() / beta).mean()), rel=1e-6)  # 5·L/β for every r
+    value = float((5 * per_sample.detach() / beta).mean())
+    assert loss.detach().item() == pytest.approx(value, rel=1e-6)  # 5·L/β for every r
     (per_sample * 5 * (2 * r - 1)).mean().backward()
     torch.testing.assert_close(v.grad, v_fm.grad.float(), rtol=1e-5, atol=1e-8)
     assert v.grad[1].abs().max() < 1e-7  # r = ½: no gradient (up to float rounding of v± at β ≠ 1)
@@ -201,6 +201,13 @@ def test_rollouts_come_from_the_old_policy(tmp_path):
     trainer.rollout = spy
     trainer.train()
     assert checked == [False, True]  # θ_old = θ at the start; after one update they differ
+
+
+def test_lagged_and_base_passes_match_the_policy_at_init_in_bf16(tmp_path):
+    """Full fine-tuning under bf16 autocast: the lagged copy and the frozen base are exact copies at step 0."""
+    cfg = make_config(tmp_path, max_steps=1, use_lora=False, mixed_precision="bf16", learning_rate=1e-3)
+    m = va.NFTTrainer(tiny_pipeline("sd3").to(torch.bfloat16), brightness, PROMPTS, cfg).train()
+    assert m["old_deviation"] == m["kl"] == 0.0
 
 
 def test_exact_resume_after_a_crash(tmp_path):

@@ -183,3 +183,13 @@ def test_cli_scores_a_folder_with_ocr(tmp_path):
     assert main(["score", str(tmp_path), "--reward", "ocr"]) == 0
     line = (tmp_path / "rewards.csv").read_text().splitlines()[1]
     assert line.startswith("sign.png,") and float(line.rsplit(",", 1)[1]) >= 0.9, line
+
+
+def test_bad_settings_and_inputs():
+    with pytest.raises(InvalidInputError, match="engine must be callable"):
+        OCRReward(engine=42)
+    reward = OCRReward(Reader(("x",)))
+    with pytest.raises(InvalidInputError, match="SegmentalVideoReward"):
+        reward(torch.rand(1, 2, 3, 8, 8), [PROMPT])  # a video: read frame by frame through the video wrapper
+    with pytest.raises(InvalidInputError, match="one prompt per image"):
+        reward(torch.rand(2, 3, 8, 8), [PROMPT])

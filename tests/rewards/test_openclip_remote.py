@@ -92,5 +92,7 @@ def test_hps_served_from_the_openclip_env_scored_from_the_main_env():
     with torch.no_grad():
         local = tiny_hps()(images(), PROMPTS)
     torch.testing.assert_close(torch.tensor(answer["scores"]), local, rtol=0, atol=1e-6)
-    print(f"main env: torch {answer['torch']}, open_clip importable there: {answer['open_clip_here']}; "
-          f"this env: torch {torch.__version__}")
+    print(
+        f"main env: torch {answer['torch']}, open_clip importable there: {answer['open_clip_here']}; "
+        f"this env: torch {torch.__version__}"
+    )

@@ -300,3 +300,15 @@ def test_trainer_skips_steps_while_the_server_is_down(tmp_path):
     assert any(not torch.equal(before[n], after[n]) for n in before)  # training went on
     logged = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert "not reachable" in logged[0]["skip_reason"] and "reward_mean" in logged[-1]
+
+
+def test_client_rejects_bad_settings():
+    with pytest.raises(ConfigError, match="http://HOST:PORT"):
+        RemoteReward("ftp://127.0.0.1:21")
+    with pytest.raises(ConfigError, match="image_dtype"):
+        RemoteReward("http://127.0.0.1:1", image_dtype="jpeg")
+    with pytest.raises(ConfigError, match="retries >= 0"):
+        RemoteReward("http://127.0.0.1:1", retries=-1)
+    with pytest.raises(ConfigError, match="printable ASCII"):
+        RemoteReward("http://127.0.0.1:1", api_key="clé\n")
+    assert RemoteReward("127.0.0.1:8765/").url == "http://127.0.0.1:8765"

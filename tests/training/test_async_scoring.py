@@ -3,30 +3,37 @@
 import contextlib
 import threading
 import time
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 import visalign as va
+from tests.algorithms.helpers import train_with_crash
 from visalign.errors import ConfigError, RewardError
 from visalign.testing import brightness, tiny_pipeline
-from visalign.training.async_scoring import AsyncRolloutOptions, RolloutPipeline, drains_after
-from tests.algorithms.helpers import train_with_crash
+from visalign.training.async_scoring import RolloutPipeline, drains_after
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
 
 
-@dataclass
-class PipelinedGRPOConfig(AsyncRolloutOptions, va.GRPOConfig):
-    """GRPO with the rollout_ahead option (until RolloutConfig carries it)."""
-
 
 def config(output_dir, **overrides):
-    base = dict(output_dir=str(output_dir), max_steps=3, num_steps=3, group_size=2, prompts_per_step=2, height=32,
-                width=32, lora_rank=4, guidance_scale=1.0, learning_rate=1e-2, trackers=["jsonl"], rollout_ahead=True)
-    return PipelinedGRPOConfig(**{**base, **overrides})
+    base = dict(
+        output_dir=str(output_dir),
+        max_steps=3,
+        num_steps=3,
+        group_size=2,
+        prompts_per_step=2,
+        height=32,
+        width=32,
+        lora_rank=4,
+        guidance_scale=1.0,
+        learning_rate=1e-2,
+        trackers=["jsonl"],
+        rollout_ahead=True,
+    )
+    return va.GRPOConfig(**{**base, **overrides})
 
 
 def trainer_for(output_dir, reward=brightness, **overrides):
@@ -64,9 +71,12 @@ def test_drain_points_come_from_the_config():
 
 
 def test_default_is_the_synchronous_stage(tmp_path):
-    plain = va.GRPOTrainer(tiny_pipeline("sd3"), brightness, PROMPTS,
-                           va.GRPOConfig(**{k: v for k, v in vars(config(tmp_path / "a")).items()
-                                            if k != "rollout_ahead"}))
+    plain = va.GRPOTrainer(
+        tiny_pipeline("sd3"),
+        brightness,
+        PROMPTS,
+        va.GRPOConfig(**{k: v for k, v in vars(config(tmp_path / "a")).items() if k != "rollout_ahead"}),
+    )
     plain.train()
     off = trainer_for(tmp_path / "b", rollout_ahead=False)
     off.train()

@@ -34,8 +34,14 @@ import torch
 
 from visalign.algorithms.awm_config import AWMConfig
 from visalign.algorithms.forward_process import ForwardProcessTrainer
-from visalign.losses.awm import (awm_advantages, awm_log_weight, awm_loss, ema_anchor_decay, matching_error,
-                                 stratified_indices)
+from visalign.losses.awm import (
+    awm_advantages,
+    awm_log_weight,
+    awm_loss,
+    ema_anchor_decay,
+    matching_error,
+    stratified_indices,
+)
 from visalign.training.lagged import LaggedWeights
 
 __all__ = ["AWMConfig", "AWMTrainer", "awm_loss", "stratified_indices"]
@@ -62,7 +68,9 @@ class AWMTrainer(ForwardProcessTrainer):
             self.ema_anchor = LaggedWeights(self.trainable_parameters)
             self.accelerator.register_for_checkpointing(self.ema_anchor)
         # The weights that sampled the current rollout, for the off-policy updates after the first.
-        self.behaviour = LaggedWeights(self.trainable_parameters, copy=False) if self.config.updates_per_rollout > 1 else None
+        self.behaviour = None
+        if self.config.updates_per_rollout > 1:
+            self.behaviour = LaggedWeights(self.trainable_parameters, copy=False)
 
     @property
     def needs_reference(self) -> bool:

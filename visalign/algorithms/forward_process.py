@@ -49,7 +49,7 @@ class ForwardProcessTrainer(OnlineTrainer):
         super().__init__(policy, reward, prompts, config, accelerator)
 
     def advantages(self, rollout):
-        """``(advantages (B,), metrics)``; advantages is None when the iteration is skipped (see the module docstring)."""
+        """``(advantages (B,), metrics)``; advantages is None when the iteration is skipped (see the module doc)."""
         advantages, _, stats = self.compute_advantages(rollout)
         metrics = {**rollout.metrics, **stats}
         if stats["zero_std_ratio"] >= 1.0:

@@ -141,6 +141,7 @@ def build(name: str, part: str = "denoiser", device: str | torch.device = "meta"
     return model.to(dtype=dtype).eval()
 
 
+@functools.lru_cache(maxsize=64)
 def parameter_count(name: str, part: str = "denoiser", depth: int | None = None, buffers: bool = False) -> int:
     """Parameters (plus floating buffers if ``buffers``) of one component, counted on the meta device."""
     model = build(name, part, depth=depth)

@@ -23,7 +23,8 @@ _TINY = 1e-10
 def awm_advantages(advantages: torch.Tensor, clip_max: float = 5.0) -> torch.Tensor:
     """clip(A, ±clip_max)/clip_max ∈ [−1, 1], the official rescale (Flow-Factory drops the /clip_max)."""
     if clip_max is None or clip_max <= 0:
-        raise ConfigError(f"AWM rescales advantages by clip_max, which must be > 0; got {clip_max!r}. The official value is 5.")
+        raise ConfigError(f"AWM rescales advantages by clip_max, which must be > 0; got {clip_max!r}. "
+                          "The official value is 5.")
     return advantages.float().clamp(-clip_max, clip_max) / clip_max
 
 
@@ -135,7 +136,8 @@ def awm_loss(v: torch.Tensor, target: torch.Tensor, sigma: torch.Tensor | float,
         loss = loss + ema_beta * ema
     with torch.no_grad():
         metrics = {"loss": float(loss), "policy_loss": float(policy), "matching": float(m.mean()),
-                   "ratio_mean": float(ratio.mean()), "clipfrac": float(((ratio - 1).abs() > clip_range).float().mean()),
+                   "ratio_mean": float(ratio.mean()),
+                   "clipfrac": float(((ratio - 1).abs() > clip_range).float().mean()),
                    "ref_anchor": float(ref), "ema_anchor": float(ema)}
     return loss, metrics
 

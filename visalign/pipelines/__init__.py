@@ -9,6 +9,8 @@ from visalign.pipelines.registry import adapter_for, load, register_adapter, sup
 
 # Importing the family modules registers their adapters.
 from visalign.pipelines import flux, sd3, stable_diffusion, wan  # noqa: E402,F401
+from visalign.pipelines import flux2, kontext, qwen_image, qwen_image_edit, z_image  # noqa: E402,F401
+from visalign.pipelines import hunyuan_video15, wan22  # noqa: E402,F401
 
 __all__ = ["Conditioning", "Geometry", "Policy", "Schedule", "adapter_for", "load", "register_adapter",
            "supported_pipelines", "wrap"]

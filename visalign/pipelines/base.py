@@ -9,7 +9,11 @@ interface, so that samplers, trainers and steering never branch on a family:
 - :meth:`Policy.schedule` → a :class:`Schedule` (σ table or ᾱ table, read from the scheduler);
 - :meth:`Policy.predict` → the guided model output (velocity for flow, ε/v for DDPM);
 - :meth:`Policy.decode` / :meth:`Policy.encode` → pixels in [0, 1] ↔ latents, differentiable;
-- :meth:`Policy.add_lora`, :meth:`Policy.remove_lora`, :meth:`Policy.adapters_disabled`, :meth:`Policy.save_lora`.
+- :meth:`Policy.add_lora`, :meth:`Policy.remove_lora`, :meth:`Policy.adapters_disabled`, :meth:`Policy.save_lora`,
+  :meth:`Policy.load_lora`;
+- :meth:`Policy.trainable_denoisers` / :meth:`Policy.training_module`: what training adapts. Most families
+  have one denoiser; Wan 2.2 A14B has two experts, each running its own range of timesteps, and
+  its ``training_module`` routes every row of a batch to its expert (:mod:`visalign.pipelines.wan22`).
 
 Family adapters subclass Policy in one file per family and register themselves by pipeline class.
 """
@@ -60,6 +64,16 @@ class Policy:
         self.pipe = pipe
         self._validate_pipeline()
 
+    @classmethod
+    def accepts(cls, pipe) -> bool:
+        """Whether this adapter handles ``pipe``; consulted when several adapters share a pipeline class.
+
+        Wan 2.1, Wan 2.2 A14B (two experts) and Wan 2.2 TI2V all load as ``WanPipeline``: each
+        adapter accepts the variant it handles (:func:`visalign.pipelines.registry.adapter_for`).
+        ``pipe`` may be any object, so read its attributes with ``getattr`` and a default.
+        """
+        return True
+
     # ------------------------------------------------------------------ components
     def _validate_pipeline(self) -> None:
         """Raises when a component this adapter needs is missing. Adapters extend it."""
@@ -74,20 +88,38 @@ class Policy:
         """The trainable network: the UNet or the transformer."""
         return getattr(self.pipe, self.denoiser_name)
 
+    def trainable_denoisers(self) -> dict[str, torch.nn.Module]:
+        """The networks training adapts, by pipeline attribute name: ``{denoiser_name: denoiser}``.
+
+        Two-expert Wan 2.2 returns ``{"transformer": high-noise expert, "transformer_2": low-noise
+        expert}``. :meth:`add_lora`, :meth:`save_lora`, :meth:`load_lora`, :meth:`adapters_disabled`
+        and :meth:`merged_pipeline` act on every one of them.
+        """
+        return {self.denoiser_name: self.denoiser}
+
+    def training_module(self) -> torch.nn.Module:
+        """The one module a trainer makes trainable and hands to ``accelerator.prepare``.
+
+        It is the denoiser itself for one-denoiser families. With several denoisers it is a module
+        that holds all of them (so DDP/FSDP wrap them together and each forward is one call of one
+        wrapped module) and routes each row of a batch to its denoiser; :meth:`run_denoiser` calls it.
+        """
+        return self.denoiser
+
     _runner: torch.nn.Module | None = None
 
     def run_denoiser(self, *args, **kwargs):
         """Calls the denoiser, through its distributed wrapper while a trainer has installed one.
 
-        A trainer hands ``accelerator.prepare(policy.denoiser)`` to :meth:`set_runner`, so that
-        DDP/FSDP see every forward, while ``policy.denoiser`` stays the plain module (with its
+        A trainer hands ``accelerator.prepare(policy.training_module())`` to :meth:`set_runner`, so
+        that DDP/FSDP see every forward, while ``policy.denoiser`` stays the plain module (with its
         ``.config``) for everything else.
         """
-        module = self._runner if self._runner is not None else self.denoiser
+        module = self._runner if self._runner is not None else self.training_module()
         return module(*args, **kwargs)
 
     def set_runner(self, module: torch.nn.Module | None) -> None:
-        """Routes denoiser calls through ``module`` (e.g. a DDP wrapper); None restores the plain one."""
+        """Routes denoiser calls through ``module`` (a wrapper of :meth:`training_module`, e.g. DDP); None restores the plain one."""
         self._runner = module
 
     _scheduler_cache: tuple | None = None
@@ -254,10 +286,11 @@ class Policy:
         import copy
 
         pipe = copy.deepcopy(self.pipe)
-        if self.has_lora:
-            denoiser = getattr(pipe, self.denoiser_name)
-            denoiser.fuse_lora()
-            denoiser.unload_lora()
+        for name in self.trainable_denoisers():
+            denoiser = getattr(pipe, name)
+            if getattr(denoiser, "peft_config", None):
+                denoiser.fuse_lora()
+                denoiser.unload_lora()
         return pipe
 
     # ------------------------------------------------------------------ shared behaviour
@@ -280,7 +313,9 @@ class Policy:
             timesteps = timesteps.expand(latents.shape[0])
         if not conditioning.do_cfg:
             return self.forward(latents, timesteps, conditioning.cond, conditioning.shared).float()
-        scale = conditioning.guidance_scale
+        scale = self.guidance_scale_at(timesteps, conditioning)
+        if isinstance(scale, torch.Tensor):
+            scale = scale.view(-1, *([1] * (latents.ndim - 1)))
         if detach_uncond:
             with torch.no_grad():
                 uncond = self.forward(latents, timesteps, conditioning.uncond, conditioning.shared).float()
@@ -295,10 +330,18 @@ class Policy:
             uncond = self.forward(latents, timesteps, conditioning.uncond, conditioning.shared).float()
         return uncond + scale * (cond - uncond)
 
+    def guidance_scale_at(self, timesteps: torch.Tensor, conditioning: Conditioning) -> float | torch.Tensor:
+        """The CFG scale at ``timesteps`` (B,): a float, or a (B,) tensor when it differs between rows.
+
+        ``conditioning.guidance_scale`` for every family but two-expert Wan 2.2, whose low-noise
+        expert has its own ``guidance_scale_2``.
+        """
+        return conditioning.guidance_scale
+
     # ------------------------------------------------------------------ LoRA
     def add_lora(self, rank: int = 8, alpha: float | None = None, target_modules: Sequence[str] | None = None,
                  dropout: float = 0.0, adapter_name: str = "default", init_lora_weights=True) -> None:
-        """Attaches a peft LoRA adapter to the denoiser; only its weights stay trainable.
+        """Attaches a peft LoRA adapter to every trainable denoiser; only its weights stay trainable.
 
         Args:
             rank: the LoRA rank r.
@@ -317,8 +360,7 @@ class Policy:
             target_modules=list(target_modules or self.default_lora_targets),
             lora_dropout=dropout, init_lora_weights=init_lora_weights,
         )
-        denoiser = self.denoiser
-        if adapter_name in (getattr(denoiser, "peft_config", None) or {}):
+        if any(adapter_name in (getattr(d, "peft_config", None) or {}) for d in self.trainable_denoisers().values()):
             # E.g. a notebook cell that builds a trainer run twice on the same policy.
             import warnings
 
@@ -332,69 +374,109 @@ class Policy:
                 f"or load a fresh policy.",
                 UserWarning, stacklevel=2,
             )
-        denoiser.requires_grad_(False)
-        denoiser.add_adapter(config, adapter_name=adapter_name)
-        denoiser.set_adapter(adapter_name)
+        for denoiser in self.trainable_denoisers().values():
+            denoiser.requires_grad_(False)
+            denoiser.add_adapter(config, adapter_name=adapter_name)
+            denoiser.set_adapter(adapter_name)
 
     def remove_lora(self, adapter_name: str = "default") -> None:
-        """Removes a LoRA adapter from the denoiser; without adapters it is the base model again.
+        """Removes a LoRA adapter from the denoisers; without adapters they are the base model again.
 
         The last adapter is unloaded entirely (the original layers are restored); with several,
         only ``adapter_name`` is deleted and the remaining ones stay active.
         """
-        denoiser = self.denoiser
-        names = list(getattr(denoiser, "peft_config", None) or {})
-        if adapter_name not in names:
+        holders = {n: d for n, d in self.trainable_denoisers().items()
+                   if adapter_name in (getattr(d, "peft_config", None) or {})}
+        if not holders:
+            names = sorted({a for d in self.trainable_denoisers().values() for a in (getattr(d, "peft_config", None) or {})})
             raise ConfigError(
                 f"remove_lora({adapter_name!r}): the policy has no adapter of that name "
                 f"(adapters: {names or 'none'}). Call policy.add_lora() to attach one."
             )
-        if names == [adapter_name]:
-            denoiser.unload_lora()
-        else:
-            denoiser.delete_adapters(adapter_name)
-            denoiser.set_adapter([n for n in names if n != adapter_name])
+        for denoiser in holders.values():
+            names = list(denoiser.peft_config)
+            if names == [adapter_name]:
+                denoiser.unload_lora()
+            else:
+                denoiser.delete_adapters(adapter_name)
+                denoiser.set_adapter([n for n in names if n != adapter_name])
 
     @property
     def has_lora(self) -> bool:
-        return bool(getattr(self.denoiser, "peft_config", None))
+        return any(getattr(d, "peft_config", None) for d in self.trainable_denoisers().values())
 
     @contextlib.contextmanager
     def adapters_disabled(self):
-        """Within this block the denoiser runs as the base model (the LoRA reference policy)."""
+        """Within this block the denoisers run as the base model (the LoRA reference policy)."""
         if not self.has_lora:
             raise ConfigError(
                 "adapters_disabled() needs a LoRA adapter; call policy.add_lora() first, or keep a "
                 "frozen copy of the model as the reference for full fine-tuning."
             )
-        self.denoiser.disable_adapters()
+        adapted = [d for d in self.trainable_denoisers().values() if getattr(d, "peft_config", None)]
+        for denoiser in adapted:
+            denoiser.disable_adapters()
         try:
             yield
         finally:
-            self.denoiser.enable_adapters()
+            for denoiser in adapted:
+                denoiser.enable_adapters()
 
-    def lora_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-        """The adapter's weights with the keys the pipeline's ``save_lora_weights`` expects."""
+    def lora_state_dict(self, adapter_name: str = "default", denoiser: str | None = None) -> dict[str, torch.Tensor]:
+        """The adapter's weights of one denoiser (default: :attr:`denoiser_name`), with the keys the
+        pipeline's ``save_lora_weights`` expects."""
         from peft.utils import get_peft_model_state_dict
 
-        return get_peft_model_state_dict(self.denoiser, adapter_name=adapter_name)
+        module = self.trainable_denoisers()[denoiser or self.denoiser_name]
+        return get_peft_model_state_dict(module, adapter_name=adapter_name)
+
+    def _require_lora_on_every_denoiser(self, adapter_name: str, action: str) -> None:
+        """A clear error when some trainable denoiser lacks the adapter (e.g. a LoRA for one expert only)."""
+        if not self.has_lora:
+            raise ConfigError(f"{action} needs a LoRA adapter; call policy.add_lora() first.")
+        missing = [n for n, d in self.trainable_denoisers().items()
+                   if adapter_name not in (getattr(d, "peft_config", None) or {})]
+        if missing:
+            have = [n for n in self.trainable_denoisers() if n not in missing]
+            raise ConfigError(
+                f"{action}: {self.family} trains {', '.join(self.trainable_denoisers())}, but only "
+                f"{', '.join(have)} has a LoRA adapter {adapter_name!r} ({', '.join(missing)} has none), so the "
+                f"export would give one LoRA for a single {self._denoiser_kind} where all are needed. Attach the "
+                f"adapter to every one with policy.add_lora(...) (or load a LoRA for each with policy.load_lora)."
+            )
+
+    _denoiser_kind: ClassVar[str] = "denoiser"
 
     def save_lora(self, save_directory: str, adapter_name: str = "default") -> None:
         """Saves the LoRA in diffusers format; ``pipe.load_lora_weights(save_directory)`` reads it.
 
         The adapter config (rank, alpha, targets) goes into the file's metadata, so that the loaded
-        LoRA has the trained scale even when alpha ≠ rank.
+        LoRA has the trained scale even when alpha ≠ rank. Families with several denoisers write one
+        file per denoiser (see their adapter's docstring for the lines that load them);
+        :meth:`load_lora` loads whatever this writes.
         """
-        if not self.has_lora:
-            raise ConfigError("save_lora() needs a LoRA adapter; call policy.add_lora() first.")
-        state = {k: v.detach().cpu().contiguous() for k, v in self.lora_state_dict(adapter_name).items()}
-        metadata = self.denoiser.peft_config[adapter_name].to_dict()
+        self._require_lora_on_every_denoiser(adapter_name, "save_lora()")
+        for name, denoiser in self.trainable_denoisers().items():
+            state = {k: v.detach().cpu().contiguous() for k, v in self.lora_state_dict(adapter_name, name).items()}
+            self._write_lora(save_directory, name, state, denoiser.peft_config[adapter_name].to_dict())
+
+    def _write_lora(self, save_directory: str, name: str, state: dict, metadata: dict) -> None:
+        """Writes one denoiser's LoRA: the pipeline's ``save_lora_weights`` under ``{name}_lora_layers``."""
         type(self.pipe).save_lora_weights(
             save_directory,
-            **{f"{self.denoiser_name}_lora_layers": state,
-               f"{self.denoiser_name}_lora_adapter_metadata": metadata},
+            **{f"{name}_lora_layers": state, f"{name}_lora_adapter_metadata": metadata},
             safe_serialization=True,
         )
+
+    def load_lora(self, path: str, adapter_name: str | None = None) -> None:
+        """Loads a LoRA written by :meth:`save_lora` (or any diffusers LoRA) into the pipeline.
+
+        ``pipe.load_lora_weights(path)`` for most families; the families with several denoisers or
+        without a pipeline LoRA loader override it (Wan 2.2 loads both experts, HunyuanVideo 1.5
+        loads through its transformer). Loaded adapters are for sampling: to train further, keep the
+        trainer that made them.
+        """
+        self.pipe.load_lora_weights(path, adapter_name=adapter_name)
 
     # ------------------------------------------------------------------ helpers for adapters
     def _pipeline_name(self) -> str:

@@ -3,6 +3,11 @@
 Keys are class *names*, so registering an adapter never imports a pipeline module, and a subclass
 of a registered pipeline (e.g. a user's custom ``MyFluxPipeline(FluxPipeline)``) is found through
 its method resolution order.
+
+Several adapters may share a class name: Wan 2.1, Wan 2.2 A14B (two experts) and Wan 2.2 TI2V all
+load as ``WanPipeline``. Each adapter says which pipelines it handles with
+:meth:`~visalign.pipelines.Policy.accepts`, and the most recently registered adapter that accepts a
+pipeline handles it (so a user's adapter registered later takes precedence, as it always did).
 """
 
 from __future__ import annotations
@@ -12,26 +17,39 @@ import re
 
 from visalign.errors import InvalidInputError, UnsupportedPipelineError
 
-_ADAPTERS: dict[str, type] = {}
+_ADAPTERS: dict[str, list[type]] = {}
 
 
 def register_adapter(policy_class: type) -> type:
-    """Class decorator: registers a Policy subclass for each name in its ``pipeline_class_names``."""
+    """Class decorator: registers a Policy subclass for each name in its ``pipeline_class_names``.
+
+    Registering an adapter of a family that is already registered for a name replaces it.
+    """
     for name in policy_class.pipeline_class_names:
-        _ADAPTERS[name] = policy_class
+        others = [c for c in _ADAPTERS.get(name, []) if c.family != policy_class.family]
+        _ADAPTERS[name] = [*others, policy_class]
     return policy_class
 
 
 def supported_pipelines() -> dict[str, str]:
-    """Maps each supported pipeline class name to its visalign family."""
-    return {name: cls.family for name, cls in sorted(_ADAPTERS.items())}
+    """Maps each supported pipeline class name to its visalign family (several, comma-separated)."""
+    return {name: ", ".join(cls.family for cls in classes) for name, classes in sorted(_ADAPTERS.items())}
 
 
 def adapter_for(pipe) -> type:
     """The Policy subclass that handles ``pipe``, or a clear error listing the supported ones."""
     for klass in type(pipe).__mro__:
-        if klass.__name__ in _ADAPTERS:
-            return _ADAPTERS[klass.__name__]
+        candidates = _ADAPTERS.get(klass.__name__)
+        if not candidates:
+            continue
+        for cls in reversed(candidates):
+            if cls.accepts(pipe):
+                return cls
+        variants = "; ".join(f"{cls.family}: {(cls.__doc__ or '').strip().splitlines()[0]}" for cls in candidates)
+        raise UnsupportedPipelineError(
+            f"visalign's adapters for {klass.__name__} handle these variants, and none accepts this "
+            f"{type(pipe).__name__}: {variants}. Load one of them, or register an adapter for yours."
+        )
     listing = ", ".join(f"{name} ({family})" for name, family in supported_pipelines().items())
     raise UnsupportedPipelineError(
         f"visalign has no adapter for {type(pipe).__name__}. Supported pipelines: {listing}. "
@@ -57,12 +75,16 @@ def wrap(pipe, **kwargs):
     return adapter_for(pipe)(pipe, **kwargs)
 
 
-def load(pretrained_model_name_or_path: str, policy_kwargs: dict | None = None, **from_pretrained_kwargs):
+def load(pretrained_model_name_or_path: str, policy_kwargs: dict | None = None, attention_backend: str | None = None,
+         **from_pretrained_kwargs):
     """Loads a pipeline with ``DiffusionPipeline.from_pretrained`` and wraps it.
 
     Args:
         pretrained_model_name_or_path: a hub id or a local folder.
         policy_kwargs: options for the adapter (see :func:`wrap`).
+        attention_backend: the denoiser's attention kernel, ``"sdpa"`` (None: leave the stock one),
+            ``"xformers"``, ``"flash"`` or ``"sage"`` (:mod:`visalign.pipelines.attention`). Checked before
+            anything is loaded, so a missing package fails fast.
         **from_pretrained_kwargs: passed to ``from_pretrained`` (``torch_dtype``, ``local_files_only``, ...).
 
     Example::
@@ -71,6 +93,10 @@ def load(pretrained_model_name_or_path: str, policy_kwargs: dict | None = None, 
     """
     from diffusers import DiffusionPipeline
 
+    from visalign.pipelines.attention import apply_attention_backend, check_attention_backend
+
+    if attention_backend is not None:
+        check_attention_backend(attention_backend)
     name = _check_local_source(pretrained_model_name_or_path)
     try:
         pipe = DiffusionPipeline.from_pretrained(name, **from_pretrained_kwargs)
@@ -85,7 +111,10 @@ def load(pretrained_model_name_or_path: str, policy_kwargs: dict | None = None, 
                 f"model_index.json) or a hub id such as 'stabilityai/stable-diffusion-3.5-medium'."
             ) from exc
         raise
-    return wrap(pipe, **(policy_kwargs or {}))
+    policy = wrap(pipe, **(policy_kwargs or {}))
+    if attention_backend is not None:
+        apply_attention_backend(policy, attention_backend)
+    return policy
 
 
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")

@@ -5,8 +5,9 @@
 - I2V conditions on ``cat(4 mask channels, VAE latent of [image, zeros×(F−1)])`` concatenated to the
   latents on the channel axis, plus CLIP image embeddings when ``transformer.config.image_dim`` is
   set (Wan 2.1). Stock repeats one image for the whole batch; here each sample may have its own.
-- Wan 2.2's two-expert pipelines (``transformer_2``/``boundary_ratio``) and ``expand_timesteps``
-  are refused with a clear error: their per-step expert switch is not supported yet.
+- Wan 2.2 loads as the same pipeline classes: the two-expert A14B models (``transformer_2``,
+  ``boundary_ratio``) and TI2V-5B (``expand_timesteps``) have their adapters in
+  :mod:`visalign.pipelines.wan22`; the registry picks the adapter with :meth:`accepts`.
 """
 
 from __future__ import annotations
@@ -15,10 +16,22 @@ import importlib.util
 
 import torch
 
-from visalign.errors import InvalidInputError, MissingDependencyError, UnsupportedPipelineError
+from visalign.errors import ConfigError, InvalidInputError, MissingDependencyError
 from visalign.pipelines.base import Conditioning, Geometry
 from visalign.pipelines.flow import FlowPolicy
 from visalign.pipelines.registry import register_adapter
+
+
+def wan_variant(pipe) -> str:
+    """Which Wan a ``WanPipeline``/``WanImageToVideoPipeline`` is: ``"ti2v"`` (Wan 2.2 TI2V-5B,
+    ``expand_timesteps``), ``"experts"`` (Wan 2.2 A14B: ``transformer_2`` or ``boundary_ratio``) or
+    ``"single"`` (Wan 2.1: one transformer)."""
+    config = getattr(pipe, "config", None) or {}
+    if config.get("expand_timesteps"):
+        return "ti2v"
+    if getattr(pipe, "transformer_2", None) is not None or config.get("boundary_ratio") is not None:
+        return "experts"
+    return "single"
 
 
 class _WanPolicy(FlowPolicy):
@@ -26,19 +39,26 @@ class _WanPolicy(FlowPolicy):
     cfg_batched = False
     default_guidance_scale = 5.0
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    wan_variant: str = "single"
 
-    def __init__(self, pipe, max_sequence_length: int = 512):
+    @classmethod
+    def accepts(cls, pipe) -> bool:
+        return wan_variant(pipe) == cls.wan_variant
+
+    def __init__(self, pipe, max_sequence_length: int = 512, expert_lora: str | None = None,
+                 guidance_scale_2: float | None = None):
+        given = [name for name, value in (("expert_lora", expert_lora), ("guidance_scale_2", guidance_scale_2))
+                 if value is not None]
+        if given:
+            raise ConfigError(
+                f"{' and '.join(given)} {'is an option' if len(given) == 1 else 'are options'} of the two-expert "
+                f"Wan 2.2 pipelines (transformer_2 and boundary_ratio set), but this {type(pipe).__name__} is "
+                f"{type(self).family}, with one transformer: there is no second expert to train or guide. "
+                f"Drop the option, or load a two-expert checkpoint such as Wan-AI/Wan2.2-T2V-A14B-Diffusers."
+            )
         super().__init__(pipe)
         # The stock __call__ default (its encode_prompt defaults to 226: PITFALLS, "Text length").
         self.max_sequence_length = max_sequence_length
-
-    def _validate_pipeline(self):
-        super()._validate_pipeline()
-        if getattr(self.pipe, "transformer_2", None) is not None or self.pipe.config.get("expand_timesteps"):
-            raise UnsupportedPipelineError(
-                f"{type(self.pipe).__name__} is a Wan 2.2 two-expert or expand_timesteps pipeline, which "
-                f"visalign does not support yet. Use a Wan 2.1 checkpoint (one transformer)."
-            )
 
     @property
     def spatial_multiple(self) -> int:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import math
 import os
 import time
 import urllib.parse
@@ -111,7 +112,7 @@ def decode_array(obj: Any) -> np.ndarray:
     except ValueError as exc:
         raise InvalidInputError(f"array data is not valid base64 ({exc}).") from exc
     dt = np.dtype(dtype).newbyteorder("<")
-    expected = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    expected = math.prod(shape) * dt.itemsize  # Python ints: no overflow on absurd shapes
     if len(raw) != expected:
         raise InvalidInputError(f"array of shape {shape} and dtype {dtype} needs {expected} bytes; got {len(raw)}.")
     return np.frombuffer(raw, dtype=dt).reshape(shape).astype(dt.newbyteorder("="), copy=True)
@@ -250,6 +251,8 @@ class RemoteReward(Reward):
         self._parsed = parsed
         self.api_key_env = api_key_env
         self._api_key = api_key if api_key is not None else (os.environ.get(api_key_env) or None)
+        if self._api_key is not None and not (self._api_key.isascii() and self._api_key.isprintable()):
+            raise ConfigError("RemoteReward: the API key must be printable ASCII (it travels in an HTTP header).")
         self.timeout, self.retries, self.backoff = float(timeout), int(retries), float(backoff)
         self.image_dtype = image_dtype
         self._health: dict | None = None

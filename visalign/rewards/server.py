@@ -25,6 +25,7 @@ In Python, :class:`RewardServer` runs the same server in a background thread (te
 
 from __future__ import annotations
 
+import base64
 import hmac
 import importlib
 import inspect
@@ -171,6 +172,8 @@ def create_app(
     from fastapi.responses import JSONResponse
     from starlette.concurrency import run_in_threadpool
 
+    if api_key is not None and not (api_key.isascii() and api_key.isprintable() and api_key.strip()):
+        raise ConfigError("the API key must be printable ASCII, not blank (clients send it in an HTTP header).")
     served = as_reward(reward)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     lock = threading.Lock()
@@ -223,9 +226,7 @@ def create_app(
             "generator": None,
         }
         generator = conditioning.get("generator")
-        if isinstance(generator, torch.Generator):
-            import base64
-
+        if isinstance(generator, torch.Generator):  # its state after scoring goes back to the client
             out["generator"] = base64.b64encode(generator.get_state().numpy().tobytes()).decode()
         return out
 

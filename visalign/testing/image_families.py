@@ -27,12 +27,20 @@ from diffusers import (
 from visalign.testing.components import (
     _CLIP_DIM,
     _FLOW_SHIFT_3,
+    _LLM_DIM,
     _T5_DIM,
     _autoencoder_kl,
     _clip_text,
+    _flux2_vae,
     _latent16_vae,
+    _mistral3_text_encoder,
+    _qwen2vl_processor,
+    _qwen25_vl_text_encoder,
+    _qwen3_text_encoder,
+    _qwen_image_vae,
     _Recipe,
     _t5_text,
+    tiny_llm_tokenizer,
 )
 
 _DDIM_SD15 = dict(  # DDIM as SD 1.5 / SDXL configure it (see PITFALLS: leading spacing, offset 1)
@@ -163,3 +171,125 @@ def _flux() -> tuple[type, dict[str, Any]]:
         "vae": _latent16_vae(scaling_factor=0.3611, shift_factor=0.1159),
         "scheduler": _Recipe(FlowMatchEulerDiscreteScheduler, dict(_FLOW_FLUX)),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# The 2025 image families: Qwen-Image (+ Edit), FLUX.2 [dev] / [klein], Z-Image, FLUX.1 Kontext
+# ---------------------------------------------------------------------------------------------
+
+_FLOW_QWEN_IMAGE = dict(  # the scheduler config Qwen-Image ships
+    num_train_timesteps=1000,
+    shift=1.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=0.9,
+    base_image_seq_len=256,
+    max_image_seq_len=8192,
+    shift_terminal=0.02,
+    time_shift_type="exponential",
+)
+_FLOW_FLUX2 = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,  # FLUX.2's
+                   time_shift_type="exponential")
+_FLOW_Z_IMAGE = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)  # Z-Image-Turbo's
+
+
+def _qwen_image_transformer(**config):
+    from diffusers import QwenImageTransformer2DModel
+
+    config = {**dict(patch_size=2, in_channels=64, out_channels=16, num_layers=1, attention_head_dim=16,
+                     num_attention_heads=2, joint_attention_dim=_LLM_DIM, axes_dims_rope=(4, 6, 6)), **config}
+    return QwenImageTransformer2DModel(**config)
+
+
+def _qwen_image() -> tuple[type, dict[str, Any]]:
+    """Qwen-Image: Qwen2.5-VL text encoder (last hidden state, 34 template tokens dropped), the
+    Wan-style 3D VAE (8x, per-channel latent mean/std), true CFG with a norm rescale."""
+    from diffusers import QwenImagePipeline
+
+    return QwenImagePipeline, {
+        "tokenizer": _Recipe(tiny_llm_tokenizer),
+        "text_encoder": _Recipe(_qwen25_vl_text_encoder),
+        "transformer": _Recipe(_qwen_image_transformer),
+        "vae": _Recipe(_qwen_image_vae),
+        "scheduler": _Recipe(FlowMatchEulerDiscreteScheduler, dict(_FLOW_QWEN_IMAGE)),
+    }
+
+
+def _qwen_image_edit() -> tuple[type, dict[str, Any]]:
+    """Qwen-Image-Edit: Qwen-Image plus the source image, seen by the VLM (``processor``) and
+    concatenated to the sequence as VAE latents."""
+    from diffusers import QwenImageEditPipeline
+
+    _, parts = _qwen_image()
+    return QwenImageEditPipeline, {**parts, "processor": _Recipe(_qwen2vl_processor)}
+
+
+def _flux2_transformer(**config):
+    from diffusers import Flux2Transformer2DModel
+
+    config = {**dict(patch_size=1, in_channels=128, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                     num_attention_heads=2, joint_attention_dim=3 * 16, axes_dims_rope=(4, 4, 4, 4),
+                     timestep_guidance_channels=32, mlp_ratio=2.0, guidance_embeds=True), **config}
+    return Flux2Transformer2DModel(**config)
+
+
+def _flux2() -> tuple[type, dict[str, Any]]:
+    """FLUX.2 [dev]: Mistral-3 text encoder (layers 10, 20, 30 stacked), 32-channel VAE with 2x2
+    patches normalised by its batch-norm statistics, embedded guidance."""
+    from diffusers import Flux2Pipeline
+
+    return Flux2Pipeline, {
+        "tokenizer": _Recipe(tiny_llm_tokenizer, {"flavour": "mistral"}),
+        "text_encoder": _Recipe(_mistral3_text_encoder),
+        "transformer": _Recipe(_flux2_transformer),
+        "vae": _Recipe(_flux2_vae),
+        "scheduler": _Recipe(FlowMatchEulerDiscreteScheduler, dict(_FLOW_FLUX2)),
+    }
+
+
+def _flux2_klein() -> tuple[type, dict[str, Any]]:
+    """FLUX.2 [klein] base: Qwen3 text encoder (layers 9, 18, 27 stacked, so 28 tiny layers), no
+    guidance embedding, CFG with the empty negative prompt as two forwards."""
+    from diffusers import Flux2KleinPipeline
+
+    return Flux2KleinPipeline, {
+        "tokenizer": _Recipe(tiny_llm_tokenizer),
+        "text_encoder": _Recipe(_qwen3_text_encoder, {"causal_lm": True, "num_hidden_layers": 28,
+                                                      "hidden_size": 16, "intermediate_size": 32,
+                                                      "head_dim": 8}),
+        "transformer": _Recipe(_flux2_transformer, {"guidance_embeds": False}),
+        "vae": _Recipe(_flux2_vae),
+        "scheduler": _Recipe(FlowMatchEulerDiscreteScheduler, dict(_FLOW_FLUX2)),
+        "is_distilled": False,
+    }
+
+
+def _z_image_transformer(**config):
+    from diffusers import ZImageTransformer2DModel
+
+    config = {**dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=1,
+                     n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=_LLM_DIM, axes_dims=[4, 6, 6],
+                     axes_lens=[256, 64, 64]), **config}
+    return ZImageTransformer2DModel(**config)
+
+
+def _z_image() -> tuple[type, dict[str, Any]]:
+    """Z-Image: Qwen3 text encoder (penultimate hidden state, unpadded), the FLUX.1 VAE, a
+    single-stream DiT that predicts −v at t = 1 − σ; CFG as ``c + s·(c − u)``."""
+    from diffusers import ZImagePipeline
+
+    return ZImagePipeline, {
+        "tokenizer": _Recipe(tiny_llm_tokenizer),
+        "text_encoder": _Recipe(_qwen3_text_encoder),
+        "transformer": _Recipe(_z_image_transformer),
+        "vae": _latent16_vae(scaling_factor=0.3611, shift_factor=0.1159),
+        "scheduler": _Recipe(FlowMatchEulerDiscreteScheduler, dict(_FLOW_Z_IMAGE)),
+    }
+
+
+def _flux_kontext() -> tuple[type, dict[str, Any]]:
+    """FLUX.1 Kontext [dev]: FLUX.1-dev plus the source image's packed latents on the sequence."""
+    from diffusers import FluxKontextPipeline
+
+    _, parts = _flux()
+    return FluxKontextPipeline, {**parts, "image_encoder": None, "feature_extractor": None}

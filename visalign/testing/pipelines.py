@@ -45,7 +45,11 @@ from diffusers import DiffusionPipeline
 from visalign.errors import ConfigError, UnknownFamilyError
 from visalign.testing.components import _Recipe
 from visalign.testing.image_families import _flux, _sd, _sd3, _sdxl
+from visalign.testing.image_families import (_flux2, _flux2_klein, _flux_kontext, _qwen_image, _qwen_image_edit,
+                                             _z_image)
 from visalign.testing.video_families import _wan_i2v, _wan_t2v
+from visalign.testing.video_families import (_hunyuan_video15, _hunyuan_video15_i2v, _wan22, _wan22_i2v,
+                                             _wan22_ti2v, _wan22_ti2v_i2v)
 
 __all__ = ["DEFAULT_SIZES", "FAMILIES", "tiny_pipeline"]
 
@@ -55,8 +59,20 @@ _SPECS: dict[str, Callable[[], tuple[type, dict[str, Any]]]] = {
     "sdxl": _sdxl,
     "sd3": _sd3,
     "flux": _flux,
+    "qwen-image": _qwen_image,
+    "qwen-image-edit": _qwen_image_edit,
+    "flux2": _flux2,
+    "flux2-klein": _flux2_klein,
+    "z-image": _z_image,
+    "flux-kontext": _flux_kontext,
     "wan-t2v": _wan_t2v,
     "wan-i2v": _wan_i2v,
+    "wan22": _wan22,
+    "wan22-i2v": _wan22_i2v,
+    "wan22-ti2v": _wan22_ti2v,
+    "wan22-ti2v-i2v": _wan22_ti2v_i2v,
+    "hunyuan-video15": _hunyuan_video15,
+    "hunyuan-video15-i2v": _hunyuan_video15_i2v,
 }
 
 #: The families :func:`tiny_pipeline` builds, in a stable order (use it to parametrize tests):
@@ -74,8 +90,23 @@ DEFAULT_SIZES: dict[str, dict[str, int]] = {
     "sdxl": dict(height=32, width=32),
     "sd3": dict(height=32, width=32),
     "flux": dict(height=32, width=32),
+    # Qwen-Image's VAE keeps the real 8x factor: 64 px is an 8x8 latent, 16 tokens after 2x2 packing.
+    "qwen-image": dict(height=64, width=64),
+    "qwen-image-edit": dict(height=64, width=64),
+    "flux2": dict(height=32, width=32),
+    "flux2-klein": dict(height=32, width=32),
+    "z-image": dict(height=32, width=32),
+    "flux-kontext": dict(height=32, width=32),
     "wan-t2v": dict(height=32, width=32, num_frames=5),
     "wan-i2v": dict(height=32, width=32, num_frames=5),
+    "wan22": dict(height=32, width=32, num_frames=5),
+    "wan22-i2v": dict(height=32, width=32, num_frames=5),
+    # The Wan 2.2 VAE compresses 16x and the transformer patches 2x2: 64 px is a 4x4 latent, 2x2 tokens.
+    "wan22-ti2v": dict(height=64, width=64, num_frames=5),
+    "wan22-ti2v-i2v": dict(height=64, width=64, num_frames=5),
+    # HunyuanVideo 1.5's VAE keeps the real 16x factor (patch 1): 32 px is a 2x2 latent per frame.
+    "hunyuan-video15": dict(height=32, width=32, num_frames=5),
+    "hunyuan-video15-i2v": dict(height=32, width=32, num_frames=5),
 }
 assert tuple(DEFAULT_SIZES) == FAMILIES, "DEFAULT_SIZES needs an entry per family, in _SPECS' order"
 

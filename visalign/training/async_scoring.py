@@ -36,13 +36,9 @@ bit-identical to a trainer without this module.
   ``ConfigError``. The reward must not be used from another thread at the same time (the loop's own
   uses are drained; a user callback that scores runs while the next rollout may be scored).
 
-The option belongs to :class:`AsyncRolloutOptions`; a config with that field turns the pipeline on::
+The option belongs to :class:`AsyncRolloutOptions`, which every online trainer's config inherits::
 
-    @dataclass
-    class PipelinedGRPOConfig(AsyncRolloutOptions, va.GRPOConfig):
-        pass
-
-    va.GRPOTrainer(policy, reward, prompts, PipelinedGRPOConfig(rollout_ahead=True, ...)).train()
+    va.GRPOTrainer(policy, reward, prompts, va.GRPOConfig(rollout_ahead=True, ...)).train()
 """
 
 from __future__ import annotations
@@ -73,8 +69,9 @@ class AsyncRolloutOptions(ConfigBase):
 
 
 def drains_after(config, step: int) -> bool:
-    """Whether the pipeline must be empty after iteration ``step`` (a checkpoint, samples or the true metric
-    follow it, or it is the last), so that nothing is sampled ahead for ``step + 1``."""
+    """Whether the pipeline must be empty after iteration ``step``: a checkpoint, samples or the true metric
+    follow it, or it is the last. Then nothing is sampled ahead for ``step + 1``.
+    """
     done = step + 1
     if done >= config.max_steps:
         return True
@@ -110,7 +107,7 @@ class RolloutPipeline:
 
     # -- the stage -------------------------------------------------------------------------------
     def take(self, step: int, policy_context=None):
-        """Rollout ``step`` as ``(records, traj)``, its scoring submitted; samples ``step + 1`` ahead unless draining."""
+        """Rollout ``step`` as ``(records, traj)``, its scoring submitted; samples ``step + 1`` unless draining."""
         trainer = self.trainer
         if policy_context is not None:
             raise ConfigError(
@@ -135,16 +132,12 @@ class RolloutPipeline:
 
     def result(self, step: int):
         """``(result, reason)`` for rollout ``step``: waits for its rewards; None and a reason when any rank failed."""
-        acc = self.trainer.accelerator
         result, reason = None, ""
         try:
             result = self._pending.pop(step).result()
         except RewardError as exc:
             reason = str(exc)
-        bad = torch.tensor([0.0 if result is not None else 1.0], device=acc.device)
-        if float(acc.gather(bad).sum()) > 0:
-            return None, reason or "another rank's reward failed"
-        return result.to(acc.device), ""
+        return self.trainer.agree_on_skip(result, reason)
 
     def discard(self) -> None:
         """Drops the rollout sampled ahead and waits for any scoring still running."""
@@ -171,13 +164,6 @@ class RolloutPipeline:
         self._pending[step] = self._executor.submit(self._score, step, traj.images, list(traj.prompts), group)
 
     def _score(self, step: int, images: torch.Tensor, prompts: list[str], records: list[dict]):
-        """What :meth:`Trainer.score` does, for an explicit ``step`` (the main loop may be a step ahead by now)."""
-        from visalign.rewards import call_reward
-
-        conditioning = {"generator": torch.Generator().manual_seed(self.trainer.step_seed(step, 4))}
-        for key in records[0] if records else ():
-            if key != "prompt":
-                conditioning[key] = [r.get(key) for r in records]
+        """:meth:`Trainer.score` for an explicit ``step`` (the main loop may be a step ahead by now)."""
         with torch.no_grad():  # grad mode is per thread
-            return call_reward(self.trainer.reward, images, prompts, **conditioning)
-
+            return self.trainer.score(images, prompts, records, step=step)

@@ -19,6 +19,7 @@ from typing import Literal
 
 from visalign.config import ConfigBase, config_field, load_yaml, override_default, parse_overrides
 from visalign.sampling.options import SamplingOptions, sampling_field
+from visalign.training.async_scoring import AsyncRolloutOptions
 
 __all__ = ["AdvantageOptions", "ConfigBase", "LoopOptions", "RolloutConfig", "TRACKERS", "TrainConfig", "config_field", "load_yaml",
            "override_default", "parse_overrides", "sampling_field"]
@@ -54,6 +55,9 @@ class LoopOptions(ConfigBase):
         "no", "Autocast dtype of the forward pass: no (fp32), fp16 (trainable weights kept in fp32) or bf16.")
     gradient_checkpointing: bool = config_field(
         False, "Recompute the denoiser's activations in backward to save memory.")
+    attention_backend: Literal["sdpa", "native", "xformers", "flash", "sage"] = config_field(
+        "sdpa", "Attention kernel of the denoiser, through diffusers' dispatcher: sdpa (PyTorch; native is the same), "
+        "xformers, flash (flash-attn 2) or sage (SageAttention); the last three need their package (extras).")
     # LoRA and EMA
     use_lora: bool = config_field(
         True, "Train LoRA adapters on the denoiser; false fine-tunes all of its weights.")
@@ -187,7 +191,7 @@ class AdvantageOptions(ConfigBase):
 
 
 @dataclass
-class RolloutConfig(TrainConfig):
+class RolloutConfig(AsyncRolloutOptions, TrainConfig):
     """Options of online trainers: the loop's, the sampling options, and groups of samples per prompt.
 
     One iteration samples ``group_size`` samples for each of ``prompts_per_step`` prompts per rank

@@ -91,7 +91,8 @@ class LaggedWeights:
         if self.tensors is None:
             return 0.0
         with torch.no_grad():
-            total = sum(float((t.float() - p.detach().float()).pow(2).sum()) for t, p in zip(self.tensors, self.parameters))
+            pairs = zip(self.tensors, self.parameters)
+            total = sum(float((t.float() - p.detach().float()).pow(2).sum()) for t, p in pairs)
             count = sum(p.numel() for p in self.parameters)
         return total / max(count, 1)
 

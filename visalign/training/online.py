@@ -134,7 +134,7 @@ class OnlineTrainer(Trainer):
         cfg, acc = self.config, self.accelerator
         start = time.perf_counter()
         # rollout_ahead: step + 1 is sampled while step is scored in a thread (training/async_scoring.py)
-        pipeline = RolloutPipeline.of(self) if getattr(cfg, "rollout_ahead", False) else None
+        pipeline = RolloutPipeline.of(self) if cfg.rollout_ahead else None
         if pipeline is None:
             records = self.next_records()
             traj = self.rollout(step, records, policy_context)

@@ -251,13 +251,18 @@ class Trainer:
         return {**cfg.sample_kwargs(step, cfg.seed), "guidance_scale": self.guidance_scale(),
                 "height": cfg.height, "width": cfg.width, "num_frames": cfg.num_frames}
 
-    def score(self, images: torch.Tensor, prompts: list[str], records: list[dict] | None = None):
-        """Scores with the records' extra columns as conditioning; returns a :class:`~visalign.rewards.RewardResult`."""
+    def score(self, images: torch.Tensor, prompts: list[str], records: list[dict] | None = None,
+              step: int | None = None):
+        """Scores with the records' extra columns as conditioning; returns a :class:`~visalign.rewards.RewardResult`.
+
+        ``step`` (default: the current iteration) seeds the generator handed to rewards that draw at
+        random (e.g. TSN frame sampling in SegmentalVideoReward), so that resumed runs, and
+        rollouts scored ahead in another thread, score exactly as uninterrupted ones.
+        """
         from visalign.rewards import call_reward
 
-        # A step-seeded generator for rewards that draw at random (e.g. TSN frame sampling in
-        # SegmentalVideoReward), so that resumed runs score exactly as uninterrupted ones.
-        conditioning = {"generator": torch.Generator().manual_seed(self.step_seed(self.state.step, 4))}
+        step = self.state.step if step is None else step
+        conditioning = {"generator": torch.Generator().manual_seed(self.step_seed(step, 4))}
         if records:
             for key in records[0]:
                 if key != "prompt":
@@ -278,6 +283,10 @@ class Trainer:
                 result = self.score(images, prompts, records)
         except RewardError as exc:
             reason = str(exc)
+        return self.agree_on_skip(result, reason)
+
+    def agree_on_skip(self, result, reason: str = ""):
+        """``(result, "")`` when every rank has rewards, else ``(None, reason)`` on all ranks (a collective)."""
         bad = torch.tensor([0.0 if result is not None else 1.0], device=self.accelerator.device)
         if float(self.accelerator.gather(bad).sum()) > 0:
             return None, reason or "another rank's reward failed"
