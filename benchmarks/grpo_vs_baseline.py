@@ -51,8 +51,8 @@ def settings(args) -> dict:
                 num_frames=frames, gradient_checkpointing=args.checkpointing)
 
 
-def make_loops(args, out_dir: str):
-    """``(visalign trainer, baseline loop, expected counts)`` at equal settings."""
+def make_loops(args, out_dir: str, policies=None):
+    """``(visalign trainer, baseline loop, expected counts)`` at equal settings; ``policies``: two prebuilt ones."""
     import visalign as va
     from benchmarks.baselines.dancegrpo_loop import BaselineConfig, DanceGRPOLoop
 
@@ -61,8 +61,9 @@ def make_loops(args, out_dir: str):
     config = va.GRPOConfig(**common, sampler="sde", advantage_std="group", kl_beta=0.0, max_steps=10**6,
                            micro_batch_size=args.micro_batch, mixed_precision=mixed, output_dir=out_dir,
                            trackers=["jsonl"], updates_per_rollout=1, seed=0)
-    trainer = va.GRPOTrainer(build_policy(args, seed=0), brightness, prompts, config)
-    baseline = DanceGRPOLoop(build_policy(args, seed=0), brightness, prompts, BaselineConfig(**common))
+    ours, theirs = policies or (build_policy(args, seed=0), build_policy(args, seed=0))
+    trainer = va.GRPOTrainer(ours, brightness, prompts, config)
+    baseline = DanceGRPOLoop(theirs, brightness, prompts, BaselineConfig(**common, mixed_precision=mixed))
     samples = args.prompts * args.group_size
     k = max(1, round(args.fraction * (args.steps - 1)))
     return trainer, baseline, {"samples": samples, "trained_transitions": samples * k, "optimizer_steps": 1}
@@ -73,23 +74,37 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def compare(args) -> dict:
-    """Runs both loops alternately; returns their median iteration times, phases and the ratio."""
+def _reset_peak(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak(device: str) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+
+
+def compare(args, policies=None) -> dict:
+    """Runs both loops alternately; returns their median iteration times, phases, GPU peaks and the ratio."""
     with tempfile.TemporaryDirectory() as out:
-        trainer, baseline, expected = make_loops(args, out)
+        trainer, baseline, expected = make_loops(args, out, policies)
         times = {"visalign": [], "baseline": []}
         phases = {"visalign": [], "baseline": []}
+        peaks = {"visalign": 0.0, "baseline": 0.0}
         for it in range(args.iterations):
-            _sync(args.device)
+            _reset_peak(args.device)
             start = time.perf_counter()
             trainer._seed_step(it)
             ours = trainer.train_step(it)
             _sync(args.device)
             times["visalign"].append(time.perf_counter() - start)
+            peaks["visalign"] = max(peaks["visalign"], _peak(args.device) or 0.0)
+            _reset_peak(args.device)
             start = time.perf_counter()
             theirs = baseline.iteration(it)
             _sync(args.device)
             times["baseline"].append(time.perf_counter() - start)
+            peaks["baseline"] = max(peaks["baseline"], _peak(args.device) or 0.0)
             if it:
                 phases["visalign"].append({k: ours.get(k, 0.0) for k in ("time_sampling", "time_reward", "time_training")})
                 phases["baseline"].append({k: theirs[k] for k in ("time_sampling", "time_reward", "time_training")})
@@ -103,7 +118,7 @@ def compare(args) -> dict:
             "size": args.size, "device": args.device, "dtype": args.dtype, "visalign_s": med["visalign"],
             "baseline_s": med["baseline"], "visalign_it_per_s": 1 / med["visalign"],
             "baseline_it_per_s": 1 / med["baseline"], "ratio": med["baseline"] / med["visalign"],
-            "phases": mean_phase, "counts": counts, "first_step_ratio_error": theirs["first_step_ratio_error"]}
+            "phases": mean_phase, "counts": counts, "peak_gib": peaks if args.device.startswith("cuda") else None, "first_step_ratio_error": theirs["first_step_ratio_error"]}
 
 
 def parser() -> argparse.ArgumentParser:

@@ -110,6 +110,12 @@ def _one_reward(spec: Any):
         return ToyEvaluatorReward(**spec)
     if kind == "ocr":
         return rewards.OCRReward(**spec)
+    if kind == "edit":  # instruction editing: VLM yes-token + preservation (visalign/rewards/edit.py)
+        return rewards.EditReward(**spec)
+    if kind == "toy_edit":  # the toy world's exact edit check (visalign/toy/edit.py)
+        from visalign.toy.edit import ToyEditReward
+
+        return ToyEditReward(**spec)
     if kind == "remote":
         if "url" not in spec:
             raise ConfigError("Reward type 'remote' needs a url, e.g. {type: remote, url: 'http://127.0.0.1:8765'} "
@@ -123,7 +129,7 @@ def _one_reward(spec: Any):
     return getattr(rewards, kind)(**spec)
 
 
-BUILTIN_REWARDS = ("brightness", "toy_clip", "toy_evaluator", "ocr", "remote")
+BUILTIN_REWARDS = ("brightness", "toy_clip", "toy_evaluator", "ocr", "remote", "edit", "toy_edit")
 
 
 def reward_types(spec: Any) -> list[str]:

@@ -49,6 +49,7 @@ class BaselineConfig:
     max_grad_norm: float | None = 1.0
     lora_rank: int = 8
     gradient_checkpointing: bool = False
+    mixed_precision: str = "no"  # "bf16": autocast the forwards, as accelerate does for the trainer
     height: int | None = None
     width: int | None = None
     num_frames: int | None = None
@@ -80,6 +81,10 @@ class DanceGRPOLoop:
         self.sigmas = self.schedule.sigmas.to(policy.device)
         self.cursor = 0
 
+    def _autocast(self):
+        device = self.policy.device.type
+        return torch.autocast(device, dtype=torch.bfloat16, enabled=self.config.mixed_precision == "bf16")
+
     # ------------------------------------------------------------------ one transition
     def _transition(self, x, i, v):
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
@@ -100,7 +105,8 @@ class DanceGRPOLoop:
         x = policy.prepare_latents(1, self.geometry, generator)
         states, log_probs = [x], []
         for i in range(self.config.num_steps):
-            v = policy.predict(x, self.schedule.timesteps[i].to(x.device), cond)
+            with self._autocast():
+                v = policy.predict(x, self.schedule.timesteps[i].to(x.device), cond)
             mean, std = self._transition(x, i, v)
             if std is None:
                 x = mean
@@ -160,7 +166,8 @@ class DanceGRPOLoop:
             chosen = sorted(torch.randperm(len(candidates), generator=chooser)[:k].tolist())
             for j, i in enumerate(chosen):
                 x, x_next = sample["states"][i:i + 1], sample["states"][i + 1:i + 2]
-                v = policy.predict(x, self.schedule.timesteps[i].to(device), sample["cond"])
+                with self._autocast():
+                    v = policy.predict(x, self.schedule.timesteps[i].to(device), sample["cond"])
                 mean, std = self._transition(x, i, v)
                 log_prob = S.gaussian_log_prob(x_next, mean, std)
                 ratio = torch.exp(log_prob - sample["log_probs"][i])

@@ -28,8 +28,8 @@ def ratios(delta, z, s, reduce="mean"):
     std = torch.full((n, 1), float(s))
     new = S.gaussian_log_prob(x_next, old_mean + delta, std, reduce).view(n, 1)
     old = S.gaussian_log_prob(x_next, old_mean, std, reduce).view(n, 1)
-    guard = guard_log_ratio(new, old, (old_mean + delta).unsqueeze(1), old_mean.unsqueeze(1), torch.full((n, 1), float(s)),
-                            reduce)
+    guard = guard_log_ratio(new, old, (old_mean + delta).unsqueeze(1), old_mean.unsqueeze(1),
+                            torch.full((n, 1), float(s)), reduce)
     return (new - old).squeeze(1), guard.squeeze(1)
 
 
@@ -161,5 +161,6 @@ def test_guard_needs_a_flow_model(tmp_path):
 def test_guard_recipe():
     _, _, cfg = parse_recipe(os.path.join(ROOT, "configs", "sd35m_grpo_guard.yaml"))
     assert (cfg.ratio, cfg.sampler, cfg.noise, cfg.eta, cfg.num_steps) == ("guard", "sde", "flow", 0.7, 10)
-    assert (cfg.guidance_scale, cfg.cfg_in_training, cfg.timestep_fraction, cfg.advantage_std) == (4.5, True, 1.0, "group")
+    assert (cfg.guidance_scale, cfg.cfg_in_training, cfg.timestep_fraction, cfg.advantage_std) == \
+        (4.5, True, 1.0, "group")
     assert (cfg.kl_beta, cfg.learning_rate, cfg.clip_range) == (0.0, 1e-4, 4e-6)

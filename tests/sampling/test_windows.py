@@ -48,8 +48,8 @@ def test_only_the_window_carries_log_probs(sd3, sampler):
     ode = _sample(sd3, sampler="ode")
     for iteration in range(4):
         start, end = options.sde_window_at(iteration, seed=0)
-        traj = va.sample(sd3, PROMPTS, **options.sample_kwargs(iteration, 0), generator=torch.Generator().manual_seed(0),
-                         **SIZE)
+        traj = va.sample(sd3, PROMPTS, **options.sample_kwargs(iteration, 0),
+                         generator=torch.Generator().manual_seed(0), **SIZE)
         inside = [start <= i < end for i in range(6)]
         assert traj.sde_mask.tolist() == inside
         assert ((traj.log_probs != 0) == torch.tensor(inside)).all()  # exactly W log-probs per sample
@@ -83,7 +83,8 @@ def test_random_start_is_uniform_on_the_range():
     assert {shifted.sde_window_at(i, seed=0)[0] for i in range(200)} == {3, 4, 5, 6}
     # one draw per iteration from (seed, iteration) only: the same on every rank and on a resumed run
     assert options.sde_window_at(17, seed=3) == options.sde_window_at(17, seed=3)
-    assert [options.sde_window_at(i, seed=3) for i in range(30)] != [options.sde_window_at(i, seed=4) for i in range(30)]
+    assert [options.sde_window_at(i, seed=3) for i in range(30)] != \
+        [options.sde_window_at(i, seed=4) for i in range(30)]
 
 
 def test_a_range_confines_fixed_and_sliding_windows():
@@ -128,13 +129,15 @@ def test_range_reads_from_yaml_and_overrides():
 # ---------------------------------------------------------------------------- recipes
 def test_flow_grpo_fast_recipes():
     _, _, sd3 = parse_recipe(os.path.join(ROOT, "configs", "sd35m_grpo_fast.yaml"))
-    assert (sd3.num_steps, sd3.sampler, sd3.eta, sd3.sde_window_size, sd3.sde_window_range) == (10, "cps", 0.8, 3, (0, 5))
+    assert (sd3.num_steps, sd3.sampler, sd3.eta, sd3.sde_window_size, sd3.sde_window_range) == \
+        (10, "cps", 0.8, 3, (0, 5))
     assert (sd3.guidance_scale, sd3.cfg_in_training, sd3.kl_beta, sd3.group_size, sd3.updates_per_rollout) == \
         (1.0, False, 0.0, 24, 2)
     assert sd3.learning_rate == 3e-4 and sd3.advantage_std == "global" and not sd3.same_noise_in_group
     assert {sd3.sde_window_at(i, sd3.seed)[0] for i in range(100)} == {0, 1, 2}
     _, _, flux = parse_recipe(os.path.join(ROOT, "configs", "flux_grpo_fast.yaml"))
-    assert (flux.num_steps, flux.sampler, flux.eta, flux.guidance_scale, flux.mixed_precision) == (6, "cps", 0.8, 3.5, "bf16")
+    assert (flux.num_steps, flux.sampler, flux.eta, flux.guidance_scale, flux.mixed_precision) == \
+        (6, "cps", 0.8, 3.5, "bf16")
     # FLUX's defaults leave one position: the window is always steps 0-2
     assert {flux.sde_window_at(i, flux.seed) for i in range(100)} == {(0, 3)}
 
@@ -162,3 +165,14 @@ def test_grpo_trains_exactly_the_window_steps(tmp_path, monkeypatch):
     # x_T differs within a group (same_noise_in_group is off by default)
     traj = trainer.rollout(0, [{"prompt": PROMPTS[0]}])
     assert not torch.equal(traj.latents[0, 0], traj.latents[1, 0])
+
+
+def test_grpo_refuses_a_window_on_the_last_step_alone():
+    """A window of only the last step has no log-prob to train: refused up front, not at a random iteration."""
+    with pytest.raises(ConfigError, match="last step"):
+        va.GRPOConfig(num_steps=6, sde_window_size=1, sde_window_mode="random")
+    with pytest.raises(ConfigError, match="last step"):
+        va.GRPOConfig(num_steps=6, sde_window_size=2, sde_window_mode="mixgrpo", sde_window_range=(0, 6))
+    assert va.GRPOConfig(num_steps=6, sde_window_size=1, sde_window_mode="random",
+                         sde_window_range=(0, 5)).sde_window_last_start() == 4
+    assert va.GRPOConfig(num_steps=6, sde_window_size=2, sde_window_mode="mixgrpo").sde_window_last_start() == 4

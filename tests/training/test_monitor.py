@@ -8,8 +8,14 @@ import pytest
 import visalign as va
 from visalign.errors import ConfigError
 from visalign.testing import brightness, tiny_pipeline
-from visalign.training.monitor import (RewardHackingWarning, builtin_true_metric, hacking_alert, history_from_log,
-                                       resolve_true_metric, trend)
+from visalign.training.monitor import (
+    RewardHackingWarning,
+    builtin_true_metric,
+    hacking_alert,
+    history_from_log,
+    resolve_true_metric,
+    trend,
+)
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
 

@@ -61,7 +61,7 @@ class DPOTrainer(OnlineTrainer):
 
     config_class = DPOConfig
 
-    def __init__(self, policy, reward=None, prompts=None, config: DPOConfig | None = None, accelerator=None):
+    def __init__(self, policy, reward=None, prompts=None, config: DPOConfig | None = None, accelerator=None, **kwargs):
         from visalign.pipelines import wrap
         from visalign.training.prompts import PromptSource
 
@@ -78,7 +78,7 @@ class DPOTrainer(OnlineTrainer):
                 raise ConfigError("Offline DPO needs a pairs file: CSV/JSONL with prompt, chosen and rejected columns.")
             prompts = PromptSource.from_any(prompts)
             check_pairs(prompts, cfg.chosen_column, cfg.rejected_column)
-        super().__init__(policy, reward, prompts, cfg, accelerator)
+        super().__init__(policy, reward, prompts, cfg, accelerator, **kwargs)
         self.snapshot = None
         if cfg.ref_refresh_every:
             self.snapshot = ReferenceSnapshot(self.trainable_parameters)

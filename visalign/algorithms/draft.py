@@ -116,7 +116,8 @@ class DRaFTTrainer(Trainer):
 
     config_class = DRaFTConfig
 
-    def __init__(self, policy, reward=None, prompts=None, config: DRaFTConfig | None = None, accelerator=None):
+    def __init__(self, policy, reward=None, prompts=None, config: DRaFTConfig | None = None, accelerator=None,
+                 **kwargs):
         from visalign.rewards import is_differentiable, reward_name
 
         if reward is None:
@@ -126,7 +127,7 @@ class DRaFTTrainer(Trainer):
                 f"DRaFT backpropagates the reward into the model, but the reward '{reward_name(reward)}' is not "
                 f"differentiable (its .differentiable is False). Use a differentiable reward (CLIPScore, PickScore, "
                 f"Aesthetic, HPSv2, a YesTokenReward on torch pixels), or train with GRPO/PRDP, which need only scores.")
-        super().__init__(policy, reward, prompts, config, accelerator)
+        super().__init__(policy, reward, prompts, config, accelerator, **kwargs)
 
     def batch_arithmetic(self) -> list[str]:
         cfg = self.config

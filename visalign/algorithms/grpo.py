@@ -30,8 +30,14 @@ from typing import Literal
 import torch
 
 from visalign.errors import ConfigError
-from visalign.losses.grpo import (flow_grpo_kl, group_advantages, grpo_guard_loss, grpo_loss, guard_log_ratio,
-                                  select_train_steps)
+from visalign.losses.grpo import (
+    flow_grpo_kl,
+    group_advantages,
+    grpo_guard_loss,
+    grpo_loss,
+    guard_log_ratio,
+    select_train_steps,
+)
 from visalign.sampling import log_prob
 from visalign.sampling.options import sampling_field
 from visalign.steps import gaussian_kl
@@ -78,6 +84,11 @@ class GRPOConfig(AdvantageOptions, RolloutConfig):
         c(0 < self.timestep_fraction <= 1, "timestep_fraction", "in (0, 1]")
         c(self.clip_range > 0, "clip_range", "> 0")
         c(self.kl_beta >= 0, "kl_beta", ">= 0", "0 disables the KL term.")
+        last = self.sde_window_last_start()
+        c(last is None or last < self.num_steps - 1, "sde_window_size",
+          f"a window that never sits on the last step alone (here one starts at step {last})",
+          f"The last step is always the ODE, so that window has nothing to train: keep windows within "
+          f"sde_window_range=[0, {self.num_steps - 1}].")
 
 
 # ---------------------------------------------------------------------------- trainer

@@ -89,8 +89,9 @@ class PRDPTrainer(OnlineTrainer):
 
     config_class = PRDPConfig
 
-    def __init__(self, policy, reward=None, prompts=None, config: PRDPConfig | None = None, accelerator=None):
-        super().__init__(policy, reward, prompts, config, accelerator)
+    def __init__(self, policy, reward=None, prompts=None, config: PRDPConfig | None = None, accelerator=None,
+                 **kwargs):
+        super().__init__(policy, reward, prompts, config, accelerator, **kwargs)
         if self.reward is None:
             raise ConfigError("PRDPTrainer needs a reward: pass a visalign Reward or a callable (images, prompts) -> Tensor[B].")
 

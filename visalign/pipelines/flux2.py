@@ -50,8 +50,10 @@ class Flux2Policy(FlowPolicy):
     default_guidance_scale = 4.0
     cfg_batched = False
     embedded_guidance = True
+    # The double-stream attention projections, and the single-stream blocks' fused QKV+MLP input
+    # projection, so that the LoRA reaches the single-stream blocks (most of FLUX.2's layers).
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
-                            "to_add_out")
+                            "to_add_out", "to_qkv_mlp_proj")
     stock_text_layers: tuple[int, ...] = (10, 20, 30)
 
     def __init__(self, pipe, max_sequence_length: int = 512, text_encoder_out_layers: tuple[int, ...] | None = None):

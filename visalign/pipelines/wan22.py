@@ -18,12 +18,14 @@ the adapter by variant (:func:`visalign.pipelines.wan.wan_variant`).
   high-noise expert's, so one set of weights is trained and exported twice). Choose with
   ``va.wrap(pipe, expert_lora="shared")``.
 - ``policy.save_lora(folder)`` writes ``folder/pytorch_lora_weights.safetensors`` (``transformer``) and
-  ``folder/transformer_2/pytorch_lora_weights.safetensors``. A stock pipeline loads them with::
+  ``folder/pytorch_lora_weights_transformer_2.safetensors``. A stock pipeline loads them with::
 
       pipe.load_lora_weights(folder)
-      pipe.load_lora_weights(folder, subfolder="transformer_2", load_into_transformer_2=True)
+      pipe.load_lora_weights(folder, weight_name="pytorch_lora_weights_transformer_2.safetensors",
+                             load_into_transformer_2=True)
 
   and ``policy.load_lora(folder)`` does both (and refuses a folder that holds one expert's LoRA only).
+  (A ``transformer_2/`` subfolder would not do: diffusers reads a top-level file of the same name first.)
 
 **TI2V-5B** (``expand_timesteps=True``: one transformer, the Wan 2.2 VAE with 16x spatial
 compression and 48 channels, ``Wan-AI/Wan2.2-TI2V-5B-Diffusers``):
@@ -52,6 +54,8 @@ from visalign.pipelines.registry import register_adapter
 from visalign.pipelines.wan import WanI2VPolicy, WanT2VPolicy, _WanPolicy
 
 EXPERT_LORA = ("per_expert", "shared")
+#: The file of the low-noise expert's LoRA, beside ``pytorch_lora_weights.safetensors`` (the high-noise one's).
+TRANSFORMER_2_WEIGHT_NAME = "pytorch_lora_weights_transformer_2.safetensors"
 
 
 @dataclass
@@ -228,23 +232,22 @@ class _TwoExperts:
     def _write_lora(self, save_directory, name, state, metadata) -> None:
         # Stock loads the second expert's LoRA from "transformer."-prefixed keys with
         # load_into_transformer_2=True, so each expert gets its own file under the same prefix.
-        folder = save_directory if name == "transformer" else os.path.join(save_directory, name)
-        type(self.pipe).save_lora_weights(folder, transformer_lora_layers=state,
+        weight_name = None if name == "transformer" else TRANSFORMER_2_WEIGHT_NAME
+        type(self.pipe).save_lora_weights(save_directory, transformer_lora_layers=state, weight_name=weight_name,
                                           transformer_lora_adapter_metadata=metadata, safe_serialization=True)
 
     def load_lora(self, path: str, adapter_name: str | None = None) -> None:
         """Loads a two-expert LoRA written by :meth:`save_lora` into both experts."""
-        second = os.path.join(path, "transformer_2")
-        if os.path.isdir(path) and not (os.path.isdir(second) and any(f.endswith(".safetensors") for f in os.listdir(second))):
+        if os.path.isdir(path) and not os.path.exists(os.path.join(path, TRANSFORMER_2_WEIGHT_NAME)):
             raise ConfigError(
-                f"{path} holds a LoRA for one expert only (no transformer_2/ subfolder with weights), but "
-                f"{self.family} has two experts and both are needed. Pass a folder written by "
-                f"policy.save_lora() or trainer.save_lora(); to put a single-expert LoRA into one expert on "
-                f"purpose, call policy.pipe.load_lora_weights(path) (high-noise expert) or "
+                f"{path} holds a LoRA for one expert only (no {TRANSFORMER_2_WEIGHT_NAME}), but {self.family} "
+                f"has two experts and both are needed. Pass a folder written by policy.save_lora() or "
+                f"trainer.save_lora(); to put a single-expert LoRA into one expert on purpose, call "
+                f"policy.pipe.load_lora_weights(path) (high-noise expert) or "
                 f"policy.pipe.load_lora_weights(path, load_into_transformer_2=True) (low-noise expert)."
             )
         self.pipe.load_lora_weights(path, adapter_name=adapter_name)
-        self.pipe.load_lora_weights(path, subfolder="transformer_2", adapter_name=adapter_name,
+        self.pipe.load_lora_weights(path, weight_name=TRANSFORMER_2_WEIGHT_NAME, adapter_name=adapter_name,
                                     load_into_transformer_2=True)
 
 

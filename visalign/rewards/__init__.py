@@ -17,10 +17,15 @@ reward                     what it scores                                      d
 :class:`PickScore`         preference CLIP-H (Kirstain et al. 2305.01569)      yes
 :class:`Aesthetic`         LAION aesthetic MLP on CLIP ViT-L/14                yes
 :class:`HPSv2`             HPS v2/v2.1 open_clip (Wu et al. 2306.09341)        yes (openclip extra)
+:class:`ImageReward`       BLIP + MLP preference (Xu et al. 2304.05977)        yes
+:class:`HPSv3`             Qwen2-VL reward-token head (Ma et al. 2508.03789)   yes
+:class:`VideoAlignReward`  Qwen2-VL VQ+MQ+TA heads (Liu et al. 2501.13918)     yes
 :class:`YesTokenReward`    VLM P("yes") (RewardDance 2509.08826, VQAScore)     optional
 :class:`SegmentalVideoReward`  image reward on sampled frames (InstructVideo)  as its image reward
 :class:`MultiHeadVideoReward`  multi-head video models (VideoAlign 2501.13918)  optional
 :class:`OCRReward`         quoted prompt text read back by OCR (Flow-GRPO)     no (ocr extra)
+:class:`GenEvalReward`     GenEval rules on detections (OWLv2, G-DINO, toy)    no
+:class:`UnifiedReward`     VLM judge verdict, local or chat endpoint           no
 :class:`RemoteReward`      a reward served by ``visalign serve-reward``        no
 :class:`Combined`          weighted sum, optional running normalisation        when all parts are
 =========================  ==================================================  ==================
@@ -42,6 +47,12 @@ from visalign.rewards.result import RewardResult
 from visalign.rewards.video import (MultiHeadVideoReward, SegmentalVideoReward, VideoReward,
                                     attenuation_weights, segment_indices)
 from visalign.rewards.vlm import YesTokenReward, answer_token_ids
+from visalign.rewards.image_reward import ImageReward
+from visalign.rewards.hpsv3 import HPSv3
+from visalign.rewards.video_align import VideoAlignReward
+from visalign.rewards.edit import EditReward
+from visalign.rewards.geneval import GenEvalReward
+from visalign.rewards.unified import UnifiedReward
 
 __all__ = [
     "Reward", "RewardResult", "FunctionReward", "as_reward", "call_reward", "reward_name",
@@ -51,10 +62,13 @@ __all__ = [
     "CLIPScore", "PickScore", "CLIPEmbedder",
     "Aesthetic", "AestheticMLP", "AESTHETIC_URL",
     "HPSv2",
-    "YesTokenReward", "answer_token_ids",
+    "ImageReward", "HPSv3", "VideoAlignReward",
+    "YesTokenReward", "answer_token_ids", "EditReward",
     "VideoReward", "SegmentalVideoReward", "MultiHeadVideoReward", "segment_indices",
     "attenuation_weights",
     "Combined", "RunningNorm",
     "OCRReward",
     "RemoteReward",
+    "GenEvalReward",
+    "UnifiedReward",
 ]

@@ -108,6 +108,22 @@ class SamplingOptions(ConfigBase):
         """These options as a plain :class:`SamplingOptions` (a trainer config keeps its other keys)."""
         return SamplingOptions(**{k: getattr(self, k) for k in self.sampling_field_names()})
 
+    def sde_window_bounds(self) -> tuple[int, int]:
+        """The range [lo, hi) the SDE window stays within: ``sde_window_range`` or its default."""
+        if self.sde_window_range is not None:
+            return tuple(self.sde_window_range)
+        size = self.sde_window_size or 1
+        return 0, self.num_steps - (1 if self.sde_window_mode == "mixgrpo" and self.num_steps > size else 0)
+
+    def sde_window_last_start(self) -> int | None:
+        """The latest step any window of the schedule starts at (None without a window)."""
+        if self.sde_window_size is None:
+            return None
+        lo, hi = self.sde_window_bounds()
+        if self.sde_window_mode == "fixed":
+            return min(max(self.sde_window_start, lo), hi - self.sde_window_size)
+        return hi - 1 if self.sde_window_mode == "mixgrpo" else hi - self.sde_window_size
+
     def sde_window_at(self, iteration: int, seed: int = 0) -> tuple[int, int] | None:
         """The SDE window ``(start, end)`` of training iteration ``iteration`` (None: every step).
 
@@ -125,10 +141,7 @@ class SamplingOptions(ConfigBase):
         if self.sde_window_size is None:
             return None
         size, mode = self.sde_window_size, self.sde_window_mode
-        if self.sde_window_range is not None:
-            lo, hi = self.sde_window_range
-        else:
-            lo, hi = 0, self.num_steps - (1 if mode == "mixgrpo" and self.num_steps > size else 0)
+        lo, hi = self.sde_window_bounds()
         first = min(max(self.sde_window_start, lo), hi - size)
         shifts = iteration // self.sde_window_shift_every
         if mode == "fixed":

@@ -74,6 +74,8 @@ class SamplerSpec:
             return "ode"
         if self.num_steps is not None and step == self.num_steps - 1:
             return "ode"
+        if self.eta == 0:  # zero noise is the ODE, bit for bit (CPS's x̂0/x̂1 form only equals it up to rounding)
+            return "ode"
         return self.sampler
 
 

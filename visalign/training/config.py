@@ -91,7 +91,8 @@ class LoopOptions(ConfigBase):
         0, "Every N steps (and at the last), sample fixed prompts with the ODE and log the true metric beside the "
         "reward (true/<name>, true/reward); 0 disables.")
     true_metric_prompts: list[str] | None = config_field(
-        None, "Prompts the true metric is evaluated on; None takes true_metric_num_prompts evenly spaced training prompts.")
+        None, "Prompts the true metric is evaluated on; None takes true_metric_num_prompts evenly spaced training "
+        "prompts.")
     true_metric_num_prompts: int = config_field(
         16, "How many training prompts the true metric is evaluated on when true_metric_prompts is None.")
     hacking_window: int = config_field(

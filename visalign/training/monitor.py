@@ -85,12 +85,14 @@ def hacking_message(name: str, reward_history: Sequence[float], true_history: Se
     rewards, trues = reward_history[-window:], true_history[-window:]
     return (f"Possible reward hacking at step {step}: over the last {window} evaluations the reward rose "
             f"({rewards[0]:.4g} → {rewards[-1]:.4g}) while the true metric '{name}' fell ({trues[0]:.4g} → "
-            f"{trues[-1]:.4g}). Inspect the samples; consider a KL term, a lower learning rate or an earlier checkpoint.")
+            f"{trues[-1]:.4g}). Inspect the samples; consider a KL term, a lower learning rate or an earlier "
+            "checkpoint.")
 
 
 def builtin_true_metric(name: str) -> Callable:
     """A built-in true metric by name: ``toy_evaluator`` is the toy world's exact evaluator, scoring 1
-    for a sample with every attribute of its caption right and 0 otherwise (its mean is ``all_correct``)."""
+    for a sample with every attribute of its caption right and 0 otherwise (its mean is ``all_correct``).
+    """
     if name == "toy_evaluator":
         from visalign.toy import ToyEvaluatorReward
 
@@ -101,7 +103,8 @@ def builtin_true_metric(name: str) -> Callable:
 def resolve_true_metric(metric: Callable | None, config) -> Callable | None:
     """The trainer's true metric: the given callable, else the config's built-in one (``true_metric``), else None."""
     if metric is not None and not callable(metric):
-        raise ConfigError(f"true_metric must be a callable (images, prompts) -> Tensor[B]; got {type(metric).__name__}.")
+        raise ConfigError(
+            f"true_metric must be a callable (images, prompts) -> Tensor[B]; got {type(metric).__name__}.")
     if metric is None and getattr(config, "true_metric", None):
         metric = builtin_true_metric(config.true_metric)
     return metric
@@ -113,7 +116,8 @@ def check_true_metric(metric: Callable | None, config, has_prompts: bool) -> Non
         return
     if metric is None:
         raise ConfigError(f"true_metric_every={config.true_metric_every} needs a true metric: call "
-                          f"trainer.set_true_metric(fn), pass true_metric=fn, or set true_metric to one of {TRUE_METRICS}.")
+                          f"trainer.set_true_metric(fn), pass true_metric=fn, or set true_metric to one of "
+                          f"{TRUE_METRICS}.")
     if not has_prompts and not config.true_metric_prompts:
         raise ConfigError("true_metric_every needs prompts to evaluate on: set true_metric_prompts or give the "
                           "trainer prompts.")

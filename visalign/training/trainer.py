@@ -130,7 +130,6 @@ class Trainer:
         for name, module in policy.pipe.components.items():
             if isinstance(module, torch.nn.Module):
                 module.requires_grad_(False)
-        denoiser = policy.denoiser
         self.reference_model = None
         if cfg.use_lora:
             # LoRA's A matrices are drawn from the global RNG: seed it so that every rank and every
@@ -139,7 +138,10 @@ class Trainer:
                 torch.manual_seed(cfg.seed)
                 policy.add_lora(rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules,
                                 dropout=cfg.lora_dropout)
-        else:
+        # What is trained: the denoiser, or one module holding every trained network (both Wan 2.2
+        # experts); LoRA goes on each of policy.trainable_denoisers().
+        denoiser = policy.training_module()
+        if not cfg.use_lora:
             denoiser.requires_grad_(True)
         # Trainable weights live in fp32 even when the model runs in bf16/fp16.
         for p in denoiser.parameters():
@@ -171,7 +173,7 @@ class Trainer:
         scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                   num_training_steps=cfg.max_steps * self.optimizer_steps_per_iteration())
         self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
-            self.policy.denoiser, optimizer, scheduler)
+            self.policy.training_module(), optimizer, scheduler)
         self.policy.set_runner(self.model)
         self.ema = None
         if cfg.ema_decay is not None:
@@ -442,8 +444,13 @@ class Trainer:
         from visalign.rewards import call_reward
         from visalign.rewards.base import reward_name
         from visalign.sampling import sample
-        from visalign.training.monitor import (RewardHackingWarning, check_true_metric, hacking_alert, hacking_message,
-                                               history_from_log)
+        from visalign.training.monitor import (
+            RewardHackingWarning,
+            check_true_metric,
+            hacking_alert,
+            hacking_message,
+            history_from_log,
+        )
 
         cfg, metric = self.config, self.true_metric
         check_true_metric(metric, cfg, self.prompt_source is not None)
@@ -503,7 +510,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ exports
     def save_lora(self, save_directory: str, use_ema: bool = True) -> None:
-        """Saves the LoRA in diffusers format: ``pipe.load_lora_weights(save_directory)`` loads it."""
+        """Saves the LoRA in diffusers format: ``pipe.load_lora_weights(save_directory)`` loads it.
+
+        Every trained network is exported (both Wan 2.2 experts: the second as
+        ``pytorch_lora_weights_transformer_2.safetensors``); ``policy.load_lora(save_directory)`` loads any family's export.
+        """
         self.accelerator.wait_for_everyone()
         if self.is_main_process:
             with self.ema_weights() if use_ema else contextlib.nullcontext():
