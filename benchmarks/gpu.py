@@ -238,6 +238,14 @@ def plan_case(name: str, use_lora: bool, args) -> dict:
     import visalign as va
     from visalign.plan import make_plan
 
+    if not _cuda(args):  # import and warm up everything a run touches, so the baseline RSS holds it
+        from visalign.testing import tiny_pipeline
+
+        with tempfile.TemporaryDirectory() as out:
+            warm = va.GRPOConfig(output_dir=out, group_size=2, num_steps=2, max_steps=1, trackers=["jsonl"])
+            va.GRPOTrainer(tiny_pipeline(ARCHITECTURES[name]), brightness, ["a"], warm).train()
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     base = _rss_bytes("VmRSS") if not _cuda(args) else 0
     pipe, policy = build(name, args)
     w = _workload(name, policy, args, use_lora, args.micro_batch)
@@ -275,7 +283,7 @@ def plan_case(name: str, use_lora: bool, args) -> dict:
 
 def bench_plan(name: str, args) -> list[dict]:
     cases = []
-    for use_lora in (True, False):
+    for use_lora in [kind == "lora" for kind in args.plan_cases]:
         if _cuda(args):
             cases.append(plan_case(name, use_lora, args))
             _reset(args)
@@ -370,6 +378,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=3, help="GRPO iterations per loop, first a warm-up (default: 3)")
     p.add_argument("--algorithm-iterations", type=int, default=2)
     p.add_argument("--plan-iterations", type=int, default=1)
+    p.add_argument("--plan-cases", nargs="+", default=["lora", "full"], choices=["lora", "full"],
+                   help="plan-vs-measured cases: a LoRA and a full fine-tuning GRPO iteration (default: both)")
     p.add_argument("--json", default="gpu_results.json", help="where to write the results (default: gpu_results.json)")
     p.add_argument("--plan-case", default=None, help=argparse.SUPPRESS)
     return p

@@ -8,7 +8,8 @@
 Tiny mode builds the offline models of ``visalign.testing.rewards``. ``--real`` builds real-size
 architectures from their published configs with random weights (nothing is downloaded): CLIP
 ViT-L/14 (CLIPScore, Aesthetic), CLIP ViT-H/14 (PickScore) and a 2B LLaVA-style VLM (CLIP-L/336
-tower + a 28-layer, 2048-wide Llama) for the yes-token reward. It is meant for a GPU. OCRReward
+tower + a 28-layer, 2048-wide Llama) for the yes-token reward, BLIP ViT-L/16 + BERT-base
+(ImageReward), Qwen2-VL-7B (HPSv3) and Qwen2-VL-2B (VideoAlignReward). It is meant for a GPU. OCRReward
 runs rapidocr's bundled PP-OCR models (real weights, the ``ocr`` extra) on the CPU in both modes.
 
 For each reward it times the forward pass under ``torch.no_grad()`` and, for differentiable
@@ -67,7 +68,27 @@ def tiny_rewards() -> dict:
         out["OCRReward (PP-OCR in rapidocr, CPU)"] = R.OCRReward()
     except ImportError as exc:
         print(f"(OCRReward skipped: {str(exc).splitlines()[0][:100]}...)")
+    out.update(_tiny_blip_qwen_rewards())
+    out.update(_tiny_geneval_unified_rewards())
     return out
+
+
+def _tiny_blip_qwen_rewards() -> dict:
+    """ImageReward (tiny BLIP), HPSv3 and VideoAlign (a tiny Qwen2-VL, 56x56 px per image/frame)."""
+    import visalign.rewards as R
+    from visalign.rewards.image_reward import tiny_image_reward
+    from visalign.rewards.qwen_reward_head import tiny_qwen2vl
+
+    blip, btok = tiny_image_reward()
+    qwen, qtok = tiny_qwen2vl()
+    qwen2, qtok2 = tiny_qwen2vl()
+    return {
+        "ImageReward (tiny BLIP)": R.ImageReward(model=blip, tokenizer=btok),
+        "HPSv3 (tiny Qwen2-VL, 56x56)": R.HPSv3(model=qwen, tokenizer=qtok, pixels=56 * 56),
+        "VideoAlignReward (tiny Qwen2-VL, 4 of 8 frames)": R.VideoAlignReward(
+            model=qwen2, tokenizer=qtok2, min_pixels=56 * 56, max_pixels=56 * 56, video_fps=8.0,
+            normalization={}),
+    }
 
 
 def real_rewards(dtype: torch.dtype, vlm_layers: int = 28) -> dict:
@@ -126,6 +147,172 @@ def real_rewards(dtype: torch.dtype, vlm_layers: int = 28) -> dict:
         f"YesTokenReward ({'2B' if vlm_layers == 28 else f'{vlm_layers}-layer'} LLaVA-style)":
             yes_token,
         "OCRReward (PP-OCR in rapidocr, the real models, CPU)": lambda: R.OCRReward(),
+        **_real_blip_qwen_rewards(dtype, vlm_layers),
+        **_real_geneval_unified_rewards(dtype, vlm_layers),
+    }
+
+
+def _real_blip_qwen_rewards(dtype: torch.dtype, layers: int = 28) -> dict:
+    """ImageReward (BLIP ViT-L/16 + BERT-base), HPSv3 (Qwen2-VL-7B) and VideoAlign (Qwen2-VL-2B)
+    at real size with random weights (built on the GPU when there is one); ``layers`` text layers
+    for the two Qwen2-VLs (28 = the released models). The tokenizers are the tiny offline ones
+    (their ids fit the real vocabularies); HPSv3 sees 200704-pixel images, VideoAlign frames of at
+    most 200704 pixels sampled at 2 fps from clips taken as 16 fps."""
+    import visalign.rewards as R
+    from visalign.rewards.image_reward import ImageRewardModel, tiny_image_reward
+    from visalign.rewards.qwen_reward_head import tiny_qwen2vl
+
+    where = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+    def image_reward():
+        with where:
+            model = ImageRewardModel.from_configs().to(dtype)
+        return R.ImageReward(model=model, tokenizer=tiny_image_reward()[1], batch_size=None)
+
+    def qwen(hidden, inter, heads, kv, vocab):
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+        _, tok = tiny_qwen2vl()
+        cfg = Qwen2VLConfig(
+            text_config=dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                             num_hidden_layers=layers, num_attention_heads=heads,
+                             num_key_value_heads=kv, rope_parameters={
+                                 "rope_type": "default", "rope_theta": 1000000.0,
+                                 "mrope_section": [16, 24, 24]},
+                             pad_token_id=tok.pad_token_id),
+            vision_config=dict(depth=32, embed_dim=1280, hidden_size=hidden, num_heads=16),
+            image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+            video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+            vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+            vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))
+        with where:
+            model = Qwen2VLForConditionalGeneration(cfg).model.to(dtype).eval()
+        return model, tok
+
+    def hpsv3():
+        model, tok = qwen(3584, 18944, 28, 4, 152064)
+        return R.HPSv3(model=model, tokenizer=tok, batch_size=None)
+
+    def videoalign():
+        model, tok = qwen(1536, 8960, 12, 2, 151936)
+        return R.VideoAlignReward(model=model, tokenizer=tok, normalization={}, batch_size=None)
+
+    n = "" if layers == 28 else f", {layers} text layers"
+    return {
+        "ImageReward (BLIP ViT-L/16 + BERT-base)": image_reward,
+        f"HPSv3 (Qwen2-VL-7B{n}, 448x448)": hpsv3,
+        f"VideoAlignReward (Qwen2-VL-2B{n})": videoalign,
+    }
+
+
+def _geneval_prompts(reward, batch: int) -> list[str]:
+    """Presence, counting, colour, position and two-object prompts, cycled (toy shapes or COCO classes)."""
+    a, b = ("circle", "square") if reward.classes and "circle" in reward.classes else ("cat", "dog")
+    forms = [f"a photo of a {a}", f"a photo of two {a}s", f"a photo of a red {a}", f"a photo of a {a} left of a {b}",
+             f"a photo of a {a} and a {b}"]  # fmt: skip
+    return [forms[i % len(forms)] for i in range(batch)]
+
+
+def _tiny_geneval_unified_rewards() -> dict:
+    """GenEvalReward (toy evaluator, tiny OWLv2 / Grounding DINO with a tiny CLIP for colours) and
+    UnifiedReward (tiny LLaVA generating 16 tokens; an endpoint client against a canned local server)."""
+    import logging
+
+    import visalign.rewards as R
+    from visalign.rewards.detectors import GroundingDinoDetector, OwlV2Detector, tiny_grounding_dino, tiny_owl
+    from visalign.testing import rewards as T
+
+    logging.getLogger("visalign.rewards.unified").setLevel(logging.ERROR)  # random text: no parse warnings
+    clip, proc = T.tiny_clip()
+    out = {"GenEvalReward (toy evaluator as detector)": R.GenEvalReward("toy")}
+    try:
+        owl = OwlV2Detector(*tiny_owl(), min_score=0.0)
+        out["GenEvalReward (tiny OWLv2 + tiny CLIP colours)"] = R.GenEvalReward(
+            owl, clip=clip, clip_processor=proc, rules={"threshold": 0.0, "counting_threshold": 0.0})
+    except ImportError as exc:
+        print(f"(GenEvalReward with OWLv2 skipped: {str(exc).splitlines()[0][:100]}...)")
+    out["GenEvalReward (tiny Grounding DINO + tiny CLIP colours)"] = R.GenEvalReward(
+        GroundingDinoDetector(*tiny_grounding_dino(), min_score=0.0), clip=clip, clip_processor=proc,
+        rules={"threshold": 0.0, "counting_threshold": 0.0})
+    vlm, vproc = T.tiny_vlm()
+    out["UnifiedReward (tiny LLaVA, 16 new tokens)"] = R.UnifiedReward(
+        vlm, vproc, max_new_tokens=16, on_unparseable="zero")
+    out["UnifiedReward (endpoint client, canned 127.0.0.1 server)"] = R.UnifiedReward(
+        "judge", base_url=_canned_chat_server(), api_key="bench")
+    return out
+
+
+def _canned_chat_server() -> str:
+    """An OpenAI-style /v1/chat/completions on 127.0.0.1 answering "Final Score: 4" (a daemon thread)."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps({"choices": [{"message": {"role": "assistant", "content": "Final Score: 4"}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}/v1"
+
+
+def _real_geneval_unified_rewards(dtype: torch.dtype, layers: int = 28) -> dict:
+    """GenEvalReward with OWLv2 B/16 at 960 px or Grounding DINO (Swin-T, BERT-base, 900 queries), both
+    with CLIP ViT-L/14 colours and thresholds at 0 (every clause runs its checks), and UnifiedReward on
+    the 2B LLaVA-style VLM of the yes-token entry generating 64 tokens; random weights, tiny tokenizers."""
+    import logging
+
+    from transformers import (
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoImageProcessorPil,
+        Owlv2Config,
+        Owlv2ForObjectDetection,
+        Owlv2ImageProcessorPil,
+    )
+
+    import visalign.rewards as R
+    from visalign.rewards.detectors import GroundingDinoDetector, OwlV2Detector, tiny_grounding_dino
+    from visalign.rewards.geneval import CLIPColorClassifier
+    from visalign.testing import rewards as T
+
+    logging.getLogger("visalign.rewards.unified").setLevel(logging.ERROR)
+    zero = {"threshold": 0.0, "counting_threshold": 0.0}
+
+    def colours():  # CLIP ViT-L/14 of the CLIPScore entry
+        return CLIPColorClassifier(real_rewards(dtype, layers)["CLIPScore (CLIP-L/14)"]().clip)
+
+    def owlv2():
+        tok = T.tiny_clip_tokenizer(model_max_length=16)
+        cfg = Owlv2Config(vision_config=dict(image_size=960, patch_size=16))
+        model = Owlv2ForObjectDetection(cfg).to(dtype).eval()
+        processor = type("P", (), {"image_processor": Owlv2ImageProcessorPil(), "tokenizer": tok})()
+        return R.GenEvalReward(OwlV2Detector(model, processor, min_score=0.0), clip=colours(), rules=zero)
+
+    def grounding_dino():
+        model = GroundingDinoForObjectDetection(GroundingDinoConfig()).to(dtype).eval()
+        processor = type("P", (), {"image_processor": GroundingDinoImageProcessorPil(),
+                                   "tokenizer": tiny_grounding_dino()[1].tokenizer})()  # fmt: skip
+        return R.GenEvalReward(GroundingDinoDetector(model, processor, min_score=0.0), clip=colours(), rules=zero)
+
+    def unified():
+        judge = next(v for k, v in real_rewards(dtype, layers).items() if k.startswith("YesTokenReward"))()
+        return R.UnifiedReward(judge.model, judge.processor, max_new_tokens=64, on_unparseable="zero", batch_size=None)
+
+    return {
+        "GenEvalReward (OWLv2 B/16 960 px + CLIP-L/14 colours)": owlv2,
+        "GenEvalReward (Grounding DINO Swin-T + CLIP-L/14 colours)": grounding_dino,
+        "UnifiedReward (2B LLaVA-style, 64 new tokens)": unified,
     }
 
 
@@ -139,6 +326,8 @@ def bench_one(reward, args, device: torch.device, g: torch.Generator) -> tuple[s
     prompts = [f"a photo of a red cat number {i}" for i in range(args.batch)]
     if isinstance(reward, OCRReward):  # the OCR reward reads the quoted text
         prompts = [f'a red cat holding a sign that says "cat {i}"' for i in range(args.batch)]
+    if getattr(reward, "name", "") == "geneval":  # GenEval-form prompts in the reward's vocabulary
+        prompts = _geneval_prompts(reward, args.batch)
     reward.place(device)
 
     def fwd():

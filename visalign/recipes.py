@@ -12,7 +12,8 @@ A recipe is the algorithm's config plus four keys the config does not hold::
 
 ``visalign train recipe.yaml key=value ...`` overrides any of them (``model=...`` and
 ``prompts=...`` too). Reward ``type`` is a class of :mod:`visalign.rewards` (its other keys are
-passed to it), or ``toy_clip`` / ``toy_evaluator`` / ``brightness`` / ``ocr`` / ``remote`` (with ``url``).
+passed to it), or ``toy_clip`` / ``toy_evaluator`` / ``brightness`` / ``ocr`` / ``remote`` (with ``url``) /
+``geneval`` (``detector: owlv2|grounding_dino|toy``, ``model``) / ``unified_reward``.
 """
 
 from __future__ import annotations
@@ -116,6 +117,17 @@ def _one_reward(spec: Any):
         from visalign.toy.edit import ToyEditReward
 
         return ToyEditReward(**spec)
+    if kind == "geneval":  # GenEval rules on detections: {detector: owlv2|grounding_dino|toy, model: ...}
+        return rewards.GenEvalReward(spec.pop("detector", "owlv2"), **spec)
+    if kind == "unified_reward":  # a VLM judge: {model, processor} or {base_url, model, api_key_env}
+        return rewards.UnifiedReward(**spec)
+    if kind in ("image_reward", "hpsv3", "videoalign"):  # visalign/rewards/{image_reward,hpsv3,video_align}.py
+        import torch
+
+        if isinstance(spec.get("torch_dtype"), str):
+            spec["torch_dtype"] = getattr(torch, spec["torch_dtype"])
+        cls = {"image_reward": "ImageReward", "hpsv3": "HPSv3", "videoalign": "VideoAlignReward"}[kind]
+        return getattr(rewards, cls)(**spec)
     if kind == "remote":
         if "url" not in spec:
             raise ConfigError("Reward type 'remote' needs a url, e.g. {type: remote, url: 'http://127.0.0.1:8765'} "
@@ -129,7 +141,8 @@ def _one_reward(spec: Any):
     return getattr(rewards, kind)(**spec)
 
 
-BUILTIN_REWARDS = ("brightness", "toy_clip", "toy_evaluator", "ocr", "remote", "edit", "toy_edit")
+BUILTIN_REWARDS = ("brightness", "toy_clip", "toy_evaluator", "ocr", "remote", "edit", "toy_edit",
+                   "geneval", "unified_reward", "image_reward", "hpsv3", "videoalign")
 
 
 def reward_types(spec: Any) -> list[str]:

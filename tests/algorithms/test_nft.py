@@ -261,6 +261,8 @@ def test_config_errors(tmp_path):
         make_config(tmp_path, advantage_clip=None)
     with pytest.raises(ConfigError, match="group_size"):
         make_config(tmp_path, group_size=1)
+    with pytest.raises(ConfigError, match="rollout_ahead"):
+        make_config(tmp_path, rollout_ahead=True)  # the look-ahead sampler would not use the old policy
     with pytest.raises(ConfigError, match="rectified-flow"):
         va.NFTTrainer(tiny_pipeline("sd"), brightness, PROMPTS, make_config(tmp_path))
 
@@ -272,8 +274,8 @@ def test_constant_reward_warns_then_stops(tmp_path):
             pytest.raises(RewardError, match="the reward is constant within every group; nothing to learn: "
                                              "check the reward or raise group_size"):
         va.NFTTrainer(tiny_pipeline("sd3"), constant, PROMPTS, cfg).train()
-    rows = rows_of(tmp_path)  # the iteration that stops the run raises before it is logged
-    assert len(rows) == 1 and rows[0]["skipped"] == 1.0 and rows[0]["zero_std_ratio"] == 1.0
+    rows = rows_of(tmp_path)  # the iteration that stops the run is logged before it raises
+    assert len(rows) == 2 and all(r["skipped"] == 1.0 and r["zero_std_ratio"] == 1.0 for r in rows)
     assert os.path.isdir(tmp_path / "run" / "checkpoints")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

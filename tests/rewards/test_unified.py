@@ -53,7 +53,10 @@ def test_pointwise_v2_parser_reads_the_three_sub_scores():
     answer = "Alignment Score (1-5): 4\nCoherence Score (1-5): 3.5\nStyle Score (1-5): 2"
     assert parse_pointwise_v2(answer) == {"alignment": 4.0, "coherence": 3.5, "style": 2.0}
     assert parse_pointwise_v2("alignment score: 5, coherence score: 5, **Style Score:** 1")["style"] == 1.0
-    for bad in ("Alignment Score (1-5): 4\nCoherence Score (1-5): 3", "Alignment Score: 7 Coherence Score: 3 Style Score: 2"):
+    for bad in (
+        "Alignment Score (1-5): 4\nCoherence Score (1-5): 3",
+        "Alignment Score: 7 Coherence Score: 3 Style Score: 2",
+    ):
         with pytest.raises(UnparseableAnswerError, match="Style Score|Alignment Score"):
             parse_pointwise_v2(bad)
 
@@ -202,8 +205,12 @@ def test_pairwise_sends_the_candidate_then_the_reference_and_maps_verdicts(serve
     body = next(b for _, b in server.requests if caption_of(b) == "a")
     first, second, text = body["messages"][0]["content"]
     assert first["type"] == second["type"] == "image_url" and "Image 1 is better" in text["text"]
-    assert np.array_equal(decode_png(first["image_url"]["url"]), (images[0] * 255).round().byte().permute(1, 2, 0).numpy())
-    assert np.array_equal(decode_png(second["image_url"]["url"]), (refs[0] * 255).round().byte().permute(1, 2, 0).numpy())
+    assert np.array_equal(
+        decode_png(first["image_url"]["url"]), (images[0] * 255).round().byte().permute(1, 2, 0).numpy()
+    )
+    assert np.array_equal(
+        decode_png(second["image_url"]["url"]), (refs[0] * 255).round().byte().permute(1, 2, 0).numpy()
+    )
     with pytest.raises(InvalidInputError, match="reference_images"):
         reward(images, ["a", "b", "c"])
 
@@ -294,9 +301,7 @@ def test_recipe_name_builds_the_endpoint_reward(server, key):
     from visalign.recipes import build_reward
 
     server.answers["a cat"] = "Final Score: 5"
-    reward = build_reward(
-        {"type": "unified_reward", "base_url": server.base_url, "model": "m", "api_key_env": KEY_ENV}
-    )
+    reward = build_reward({"type": "unified_reward", "base_url": server.base_url, "model": "m", "api_key_env": KEY_ENV})
     assert isinstance(reward, UnifiedReward) and reward(rand_images(1), ["a cat"]).tolist() == [1.0]
 
 

@@ -88,5 +88,5 @@ class ForwardProcessTrainer(OnlineTrainer):
         return list(index.split(self.config.micro_batch_size or max(1, index.numel())))
 
     def iteration_optimizer_steps(self, step: int) -> int:
-        """s after iteration ``step``: the optimizer steps taken so far (iterations × updates_per_rollout)."""
-        return (step + 1) * self.config.updates_per_rollout
+        """s after iteration ``step``'s updates: the optimizer steps taken so far (checkpointed; skips don't count)."""
+        return self.state.optimizer_steps

@@ -47,6 +47,8 @@ class NFTConfig(AdvantageOptions, RolloutConfig):
         super().validate()
         c = self._check
         c(self.group_size >= 2, "group_size", ">= 2", "Advantages compare the samples of a prompt's group.")
+        c(not getattr(self, "rollout_ahead", False), "rollout_ahead", "False",
+          "NFT samples each rollout from the old policy, which the look-ahead sampler does not use.")
         c(self.advantage_clip is not None, "advantage_clip", "> 0 (not None)",
           "NFT maps advantages to r = A/advantage_clip/2 + 1/2 and scales its loss by it; the official value is 5.")
         c(self.beta > 0, "beta", "> 0", "The official value is 1.0 (0.1 for OCR); the loss divides by beta.")

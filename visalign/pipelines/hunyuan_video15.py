@@ -27,7 +27,7 @@ same file the other families write (``pytorch_lora_weights.safetensors``, keys `
 adapter config as metadata), which the transformer itself loads::
 
     pipe = HunyuanVideo15Pipeline.from_pretrained("hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v")
-    pipe.transformer.load_lora_adapter("runs/hunyuan15_grpo/lora", adapter_name="default")
+    pipe.transformer.load_lora_adapter("runs/hunyuan15_grpo/lora", weight_name="pytorch_lora_weights.safetensors")
 
 ``policy.load_lora(folder)`` does the same.
 """
@@ -182,8 +182,9 @@ class HunyuanVideo15Policy(FlowPolicy):
                                          safe_serialization=True)
 
     def load_lora(self, path: str, adapter_name: str | None = None) -> None:
-        """``pipe.transformer.load_lora_adapter(path)``: diffusers has no pipeline LoRA loader for this family."""
-        self.denoiser.load_lora_adapter(path, prefix="transformer", adapter_name=adapter_name)
+        """``pipe.transformer.load_lora_adapter(path, weight_name=...)``: diffusers has no pipeline LoRA loader
+        for this family. ``path``: a folder written by :meth:`save_lora`, a ``.safetensors`` file or a hub id."""
+        self.denoiser.load_lora_adapter(path, prefix="transformer", use_safetensors=True, adapter_name=adapter_name)
 
 
 @register_adapter

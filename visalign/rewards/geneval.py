@@ -135,8 +135,8 @@ class GenEvalReward(Reward):
         processor: the detector's processor, when ``model`` is a built model.
         clip: the colour classifier: a :class:`CLIPColorClassifier`, a CLIP hub id / folder / built
             ``CLIPModel`` (with ``clip_processor``), ``None`` for none (then prompts with a colour
-            need a detector that reports colours), or ``"auto"`` (default): GenEval's CLIP ViT-L/14
-            for the transformers detectors, none for the toy detector (which reports colours).
+            need a detector that reports colours), or ``"auto"`` (default): none for the toy detector
+            (it reports colours), GenEval's CLIP ViT-L/14 for any other (loaded when the reward is built).
         clip_processor: the CLIP processor when ``clip`` is a built model.
         partial: score partial credit instead of GenEval's 0/1 (default False).
         rules: the thresholds (default :class:`GenEvalRules`: GenEval's).

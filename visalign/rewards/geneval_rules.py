@@ -343,7 +343,7 @@ def parse_prompt(
         raise InvalidInputError(f"a GenEval prompt must be a str; got {type(text).__name__}.")
     clean = " ".join(text.strip().lower().rstrip(".").split())
     for prefix in _PREFIXES:
-        if clean.startswith(prefix):
+        if clean.startswith(prefix) or clean == prefix.strip():
             clean = clean[len(prefix) :]
             break
     if not clean:

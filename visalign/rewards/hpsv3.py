@@ -23,8 +23,13 @@ from torch import nn
 from visalign.errors import ConfigError
 from visalign.rewards.base import Reward, freeze
 from visalign.rewards.loading import load_state_dict
-from visalign.rewards.qwen_reward_head import (QwenInputBuilder, QwenRewardHeadModel, add_reward_tokens,
-                                               empty_backbone, load_tokenizer)
+from visalign.rewards.qwen_reward_head import (
+    QwenInputBuilder,
+    QwenRewardHeadModel,
+    add_reward_tokens,
+    empty_backbone,
+    load_tokenizer,
+)
 
 __all__ = ["HPSv3", "HPSV3_REPO", "HPSV3_FILE", "HPSV3_BASE", "HPSV3_INSTRUCTION",
            "HPSV3_SUFFIX", "hpsv3_head"]
@@ -74,7 +79,8 @@ HPSV3_SUFFIX = "\nPlease provide the overall ratings of this image: <|Reward|>\n
 
 def hpsv3_head(hidden_size: int, dropout: float = 0.05) -> nn.Sequential:
     """HPSv3's head: ``Linear(h, 1024) ReLU Dropout Linear(1024, 16) ReLU Linear(16, 2)`` (keys
-    ``rm_head.{0,3,5}.*`` in the checkpoint), outputs (mu, sigma)."""
+    ``rm_head.{0,3,5}.*`` in the checkpoint), outputs (mu, sigma).
+    """
     return nn.Sequential(nn.Linear(hidden_size, 1024), nn.ReLU(), nn.Dropout(dropout),
                          nn.Linear(1024, 16), nn.ReLU(), nn.Linear(16, 2))
 

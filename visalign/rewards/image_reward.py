@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -111,7 +112,8 @@ def _inverse_key(name: str) -> str:
 def blip_reward_configs(**overrides) -> tuple[Any, Any]:
     """(BlipVisionConfig, BlipTextConfig) of the released model: ViT-L/16 at 224 (24 layers, width
     1024, 16 heads, LayerNorm eps 1e-6) and BERT-base (12 layers, width 768, vocab 30524) with
-    cross-attention to 1024-wide image tokens. ``overrides`` = ``vision={...}``, ``text={...}``."""
+    cross-attention to 1024-wide image tokens. ``overrides`` = ``vision={...}``, ``text={...}``.
+    """
     from transformers import BlipTextConfig, BlipVisionConfig
 
     vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
@@ -153,9 +155,10 @@ class ImageRewardModel(nn.Module):
 
     @classmethod
     def from_configs(cls, vision_config: Any = None, text_config: Any = None, *,
-                     empty: bool = False) -> "ImageRewardModel":
+                     empty: bool = False) -> ImageRewardModel:
         """Builds the model from BLIP configs (default: the released sizes), randomly initialised,
-        or with parameters on the meta device when ``empty`` (to be filled by a strict load)."""
+        or with parameters on the meta device when ``empty`` (to be filled by a strict load).
+        """
         from transformers import BlipTextModel, BlipVisionModel
 
         if vision_config is None or text_config is None:
@@ -177,7 +180,8 @@ class ImageRewardModel(nn.Module):
     def features(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
                  attention_mask: torch.Tensor) -> torch.Tensor:
         """The text encoder's first-token hidden state, (B, text width), with cross-attention to
-        the image tokens of ``pixel_values`` (already preprocessed)."""
+        the image tokens of ``pixel_values`` (already preprocessed).
+        """
         image_embeds = self.vision(pixel_values=pixel_values).last_hidden_state
         image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
         out = self.text(input_ids=input_ids, attention_mask=attention_mask,
@@ -334,7 +338,8 @@ class ImageReward(Reward):
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """[0, 1] images (B, 3, H, W) -> normalised pixels at the model's size, differentiably:
-        shorter side to 224 (bicubic, antialiased), centre crop, CLIP mean/std."""
+        shorter side to 224 (bicubic, antialiased), centre crop, CLIP mean/std.
+        """
         size = self.model.image_size
         x = resize_shortest_side(images.float(), size, mode="bicubic", antialias=True)
         x = _crop_center(x, size)
@@ -357,7 +362,8 @@ class ImageReward(Reward):
 
 def _configs_for(state_dict: Mapping[str, torch.Tensor]) -> tuple[Any, Any]:
     """The BLIP configs of the released architecture, with the vocabulary and depths the
-    checkpoint implies (so that a mismatch shows as named keys, not as a size error)."""
+    checkpoint implies (so that a mismatch shows as named keys, not as a size error).
+    """
     vision_layers = {int(m.group(1)) for k in state_dict
                      if (m := re.match(r"blip\.visual_encoder\.blocks\.(\d+)\.", k))}
     text_layers = {int(m.group(1)) for k in state_dict

@@ -30,7 +30,8 @@ import inspect
 import math
 import os
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -326,7 +327,8 @@ class QwenRewardHeadModel(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       **vision: Any) -> torch.Tensor:
         """The backbone's last hidden states (B, L, hidden) for token ids plus pixel inputs
-        (``pixel_values`` + ``image_grid_thw`` and/or ``pixel_values_videos`` + ``video_grid_thw``)."""
+        (``pixel_values`` + ``image_grid_thw`` and/or ``pixel_values_videos`` + ``video_grid_thw``).
+        """
         kwargs = {k: v for k, v in vision.items() if v is not None}
         for key in ("pixel_values", "pixel_values_videos"):
             if key in kwargs:
@@ -374,7 +376,8 @@ class QwenRewardHeadModel(nn.Module):
                               ) -> dict[str, torch.Tensor]:
         """This model's weights in the upstream naming: ``model.*``/``visual.*`` (``legacy``, as
         the released checkpoints) or ``model.language_model.*``/``model.visual.*``, plus
-        ``<head_prefix>.*`` (and ``lm_head.weight`` when given)."""
+        ``<head_prefix>.*`` (and ``lm_head.weight`` when given).
+        """
         sd = {"model." + k: v for k, v in self.backbone.state_dict().items()}
         sd.update({f"{self.head_prefix}.{k}": v for k, v in self.head.state_dict().items()})
         if lm_head is not None:
@@ -384,7 +387,8 @@ class QwenRewardHeadModel(nn.Module):
     def _split(self, state_dict: Mapping[str, torch.Tensor]
                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[str]]:
         """(backbone tensors, head tensors, unknown keys) of a full or partial upstream state dict
-        (any layout, with or without PEFT's prefix); ``lm_head.*`` is dropped."""
+        (any layout, with or without PEFT's prefix); ``lm_head.*`` is dropped.
+        """
         backbone, head, unknown = {}, {}, []
         for key, value in remap_qwen2vl_keys(state_dict).items():
             key = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
@@ -574,7 +578,8 @@ class QwenInputBuilder:
     # -- pixels ---------------------------------------------------------------------------------
     def pixels(self, frames: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """(T, 3, H, W) [0, 1] frames -> (patches, grid): resized to :func:`smart_resize`'s size
-        (bicubic, antialiased), normalised, patchified. Differentiable."""
+        (bicubic, antialiased), normalised, patchified. Differentiable.
+        """
         h, w = smart_resize(frames.shape[-2], frames.shape[-1], self.factor, self.min_pixels,
                             self.max_pixels)
         x = resize(frames.float(), (h, w), mode="bicubic", antialias=True)
@@ -610,7 +615,8 @@ class QwenInputBuilder:
 # ----------------------------------------------------------------------------- loading helpers
 def add_reward_tokens(tokenizer: Any, tokens: Sequence[str]) -> list[int]:
     """Adds the reward tokens as special tokens (when absent) and returns their ids, as upstream
-    does with ``add_special_tokens({"additional_special_tokens": tokens})``."""
+    does with ``add_special_tokens({"additional_special_tokens": tokens})``.
+    """
     vocab = tokenizer.get_vocab()
     new = [t for t in tokens if t not in vocab]
     if new:
@@ -631,14 +637,13 @@ def load_tokenizer(source: Any) -> Any:
 
 def empty_backbone(config: Any, vocab_size: int | None = None) -> nn.Module:
     """A ``Qwen2VLModel`` of ``config`` with parameters on the meta device (no random init), to be
-    filled by a strict :meth:`QwenRewardHeadModel.load_checkpoint`."""
+    filled by a strict :meth:`QwenRewardHeadModel.load_checkpoint`.
+    """
     from accelerate import init_empty_weights
     from transformers import Qwen2VLModel
 
     if vocab_size is not None:
-        text = getattr(config, "text_config", config)
-        text.vocab_size = int(vocab_size)
-        config.vocab_size = int(vocab_size) if hasattr(config, "vocab_size") else None
+        getattr(config, "text_config", config).vocab_size = int(vocab_size)
     with init_empty_weights():
         return Qwen2VLModel(config)
 

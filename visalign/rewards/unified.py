@@ -117,7 +117,7 @@ def _unparseable(mode: str, answer: str) -> UnparseableAnswerError:
     )
 
 
-_FINAL_RE = re.compile(r"final\s+score\s*\**\s*[:：]\s*\**\s*([1-5](?:\.\d+)?)", re.IGNORECASE)
+_FINAL_RE = re.compile(r"final\s+score\s*\**\s*[:：]\s*\**\s*([1-5](?:\.\d+)?)(?![\d.]*\d)", re.IGNORECASE)
 _V2_RE = {
     part: re.compile(part + r"\s+score\s*(?:\(\s*1\s*-\s*5\s*\))?\s*\**\s*[:：]\s*\**\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
     for part in V2_PARTS

@@ -23,7 +23,8 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,8 +32,13 @@ from torch import nn
 from visalign.errors import CheckpointError, ConfigError
 from visalign.rewards.base import freeze
 from visalign.rewards.loading import from_pretrained, load_state_dict
-from visalign.rewards.qwen_reward_head import (QwenInputBuilder, QwenRewardHeadModel, add_reward_tokens,
-                                               load_tokenizer, sample_frame_indices)
+from visalign.rewards.qwen_reward_head import (
+    QwenInputBuilder,
+    QwenRewardHeadModel,
+    add_reward_tokens,
+    load_tokenizer,
+    sample_frame_indices,
+)
 from visalign.rewards.video import MultiHeadVideoReward
 
 __all__ = ["VideoAlignReward", "VideoAlignHeads", "VIDEOALIGN_REPO", "VIDEOALIGN_BASE",

@@ -45,12 +45,17 @@ class TrainState:
 
     step: int = 0
     bad_steps: int = 0
+    optimizer_steps: int = 0  # taken so far (an iteration may take several, or none when skipped)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "bad_steps": self.bad_steps}
+        return {"step": self.step, "bad_steps": self.bad_steps, "optimizer_steps": self.optimizer_steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.bad_steps = int(state["step"]), int(state["bad_steps"])
+        # checkpoints written before the counter existed: every iteration took its steps
+        self.optimizer_steps = int(state.get("optimizer_steps", self.step * self.optimizer_steps_per_iteration))
+
+    optimizer_steps_per_iteration: int = 1
 
 
 class Trainer:
@@ -84,6 +89,7 @@ class Trainer:
         self.reward = reward
         self.prompt_source = PromptSource.from_any(prompts) if prompts is not None else None
         self.state = TrainState()
+        self.state.optimizer_steps_per_iteration = self.optimizer_steps_per_iteration()
         self.callbacks = []
         from visalign.training.monitor import resolve_true_metric
 
@@ -316,6 +322,7 @@ class Trainer:
         if self.config.max_grad_norm is not None:
             grad_norm = self.accelerator.clip_grad_norm_(self.trainable_parameters, self.config.max_grad_norm)
         self.optimizer.step()
+        self.state.optimizer_steps += 1
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
@@ -353,10 +360,13 @@ class Trainer:
             metrics = self.train_step(step)
             metrics["time_step"] = time.perf_counter() - start
             self.state.step += 1
-            self._track_bad_steps(metrics)
-            metrics.update(self.evaluate_true_metric(self.state.step))
-            if step % cfg.log_every == 0 or self.state.step == cfg.max_steps:
+            stop = self._track_bad_steps(metrics)
+            if stop is None:
+                metrics.update(self.evaluate_true_metric(self.state.step))
+            if stop is not None or step % cfg.log_every == 0 or self.state.step == cfg.max_steps:
                 self.logger.log(metrics, step=self.state.step)
+            if stop is not None:
+                raise stop
             if cfg.sample_every and self.state.step % cfg.sample_every == 0:
                 self.save_samples(self.state.step)
             if cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
@@ -382,18 +392,19 @@ class Trainer:
 
         random.seed(seed)
 
-    def _track_bad_steps(self, metrics: dict) -> None:
+    def _track_bad_steps(self, metrics: dict) -> RewardError | None:
+        """Counts consecutive skipped iterations; the error to stop with (after a checkpoint) when too many."""
         if not metrics.get("skipped"):
             self.state.bad_steps = 0
-            return
+            return None
         self.state.bad_steps += 1
-        if self.state.bad_steps >= self.config.max_bad_steps:
-            path = self.save_checkpoint()
-            raise RewardError(
-                f"{self.state.bad_steps} steps in a row were skipped because the reward returned "
-                f"a wrong shape or non-finite values ({metrics.get('skip_reason', 'see the log')}). "
-                f"Stopped and saved a checkpoint at {path}; fix the reward and resume with resume='latest'."
-            )
+        if self.state.bad_steps < self.config.max_bad_steps:
+            return None
+        path = self.save_checkpoint()
+        return RewardError(
+            f"{self.state.bad_steps} iterations in a row were skipped: {metrics.get('skip_reason', 'see the log')}. "
+            f"Stopped and saved a checkpoint at {path}; fix the cause and resume with resume='latest'."
+        )
 
     def save_checkpoint(self) -> str:
         return save_checkpoint(self.accelerator, self.config.output_dir, self.state.step, self.config.keep_last)
