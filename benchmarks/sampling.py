@@ -2,6 +2,7 @@
 
     python benchmarks/sampling.py                       # every tiny family, CPU
     python benchmarks/sampling.py --families sd3 flux --repeats 9 --steps 20
+    python benchmarks/sampling.py --families qwen-image flux2 flux2-klein z-image flux-kontext --threads 1
 
 For each family it times the stock ``pipe(...)`` and ``va.sample(..., sampler="ode")`` (the same
 computation: same latents, steps, CFG, decode) and ``sampler="sde"`` (adds log-prob bookkeeping),
@@ -27,6 +28,28 @@ def _time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _stock_equivalent(family: str, images, size: dict, batch: int) -> tuple[dict, float]:
+    """The stock call's extra keywords and guidance that compute what ``va.sample(guidance_scale=4)`` does
+    (the same translation as tests/conftest.py's ``stock_call``; each adapter's docstring says why)."""
+    extra, guidance = {}, 4.0
+    if images is not None:
+        if family in ("qwen-image-edit", "flux-kontext"):
+            from visalign.pipelines.qwen_image_edit import to_pil
+
+            pil = to_pil(images[:1])[0]
+            # stock takes one source per prompt as a list (one image is repeated by Kontext only)
+            extra["image"] = [pil] * batch if family == "qwen-image-edit" else pil
+        else:
+            extra["image"] = images[0]
+    if family in ("qwen-image", "qwen-image-edit"):  # true CFG against " "
+        extra["negative_prompt"] = [" "] * batch
+    elif family == "z-image":  # Z-Image's guidance w is visalign's w + 1
+        guidance = 3.0
+    elif family == "flux-kontext":  # exactly the requested size, the source at its own size
+        extra.update(max_area=size["height"] * size["width"], _auto_resize=False)
+    return extra, guidance
+
+
 def bench_family(family: str, steps: int, batch: int, repeats: int) -> dict:
     import visalign as va
     from visalign.testing import tiny_pipeline
@@ -34,15 +57,16 @@ def bench_family(family: str, steps: int, batch: int, repeats: int) -> dict:
 
     pipe = tiny_pipeline(family)
     pipe.set_progress_bar_config(disable=True)
-    policy = va.wrap(pipe)
+    # Qwen-Image-Edit's stock call encodes the source at ~1 MP; visalign's default is the output's area.
+    policy = va.wrap(pipe, **({"source_area": 1024 * 1024} if family == "qwen-image-edit" else {}))
     size = {k: v for k, v in DEFAULT_SIZES[family].items() if v is not None}
     prompts = [f"prompt {i}" for i in range(batch)]
     images = torch.rand(batch, 3, size["height"], size["width"]) if policy.needs_image else None
-    stock_extra = {"image": images[0]} if images is not None else {}
+    stock_extra, stock_guidance = _stock_equivalent(family, images, size, batch)
 
     def stock():
         with torch.no_grad():
-            pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=4.0, output_type="pt",
+            pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=stock_guidance, output_type="pt",
                  generator=torch.Generator().manual_seed(0), **size, **stock_extra)
 
     def ours(sampler):
@@ -62,7 +86,9 @@ def bench_family(family: str, steps: int, batch: int, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--families", nargs="+", default=["sd", "sdxl", "sd3", "flux", "wan-t2v", "wan-i2v"])
+    parser.add_argument("--families", nargs="+", default=["sd", "sdxl", "sd3", "flux", "wan-t2v", "wan-i2v",
+                                                          "qwen-image", "qwen-image-edit", "flux2", "flux2-klein",
+                                                          "z-image", "flux-kontext"])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=7)
@@ -73,10 +99,10 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, steps {args.steps}, batch {args.batch}, "
           f"CFG 4, median of {args.repeats}")
-    print(f"{'family':10s} {'stock s':>9s} {'ode s':>9s} {'sde s':>9s} {'ode/stock':>10s} {'sde/stock':>10s}")
+    print(f"{'family':16s} {'stock s':>9s} {'ode s':>9s} {'sde s':>9s} {'ode/stock':>10s} {'sde/stock':>10s}")
     for family in args.families:
         r = bench_family(family, args.steps, args.batch, args.repeats)
-        print(f"{family:10s} {r['stock']:9.4f} {r['ode']:9.4f} {r['sde']:9.4f} {r['ode_ratio']:10.3f} {r['sde_ratio']:10.3f}")
+        print(f"{family:16s} {r['stock']:9.4f} {r['ode']:9.4f} {r['sde']:9.4f} {r['ode_ratio']:10.3f} {r['sde_ratio']:10.3f}")
 
 
 if __name__ == "__main__":

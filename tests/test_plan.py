@@ -74,7 +74,7 @@ def test_measure_on_meta_scales_linearly_with_depth_and_counts_backward():
     assert m2["flops_forward"] - m1["flops_forward"] == m3["flops_forward"] - m2["flops_forward"] > 0
     # LoRA: input gradients only (none into the embedders, whose inputs need none), so a bit under 2x a forward
     assert 1.5 * m1["flops_forward"] < m1["flops_train"] <= 2.05 * m1["flops_forward"]
-    assert m1["act_train_ckpt"] < m1["act_train"] and m2["act_train"] > m1["act_train"]
+    assert m3["act_train_ckpt"] < m3["act_train"] and m2["act_train"] > m1["act_train"]  # (one block: no saving)
     assert m1["trainable"] < 10**6 < m1["params"]
     full = measure(dataclasses.replace(w, use_lora=False), depth=1)
     assert 2.5 * full["flops_forward"] < full["flops_train"] <= 3.05 * full["flops_forward"]  # + weight gradients

@@ -102,7 +102,8 @@ def workload_from_recipe(path: str, overrides=(), architecture: str | None = Non
     h, w, f = _DEFAULT_SIZE[family]
     get = lambda key, default=None: getattr(cfg, key, default)  # noqa: E731
     dtype = str(raw.get("torch_dtype") or "float32")
-    cfg_mult = 2 if family != "flux" and (get("guidance_scale") or 1) > 1 and get("cfg_in_training", True) else 1
+    guidance = get("guidance_scale")  # None: the family's default, which is > 1 for SD3 and Wan
+    cfg_mult = 2 if family != "flux" and (guidance is None or guidance > 1) and get("cfg_in_training", True) else 1
     rollout = get("prompts_per_step", 1) * get("group_size", 1)
     steps = get("num_steps", 10)
     candidates = get("sde_window_size") or steps - 1

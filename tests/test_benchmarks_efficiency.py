@@ -1,0 +1,72 @@
+"""Smoke test of benchmarks/efficiency.py: one short run on the toy model, its JSONL rows and the summary."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("efficiency_bench", os.path.join(ROOT, "benchmarks", "efficiency.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_recipes_and_sample_counts():
+    from visalign.recipes import parse_recipe
+
+    eff = _load()
+    expected = {"grpo": 32, "grpo_fast": 32, "grpo_guard": 32, "dpo": 32, "prdp": 64, "draft": 8, "nft": 32, "awm": 32}
+    for algorithm in eff.ALGORITHMS:
+        path, _ = eff.recipe_for(algorithm)
+        _, _, config = parse_recipe(path, eff.run_overrides(algorithm, 3, 1, "unused"))
+        assert eff.samples_per_iteration(algorithm, config) == expected[algorithm], algorithm
+        assert config.seed == 3 and config.true_metric_every == 0 and config.checkpoint_every == 0
+    _, _, fast = parse_recipe(*[eff.recipe_for("grpo_fast")[0], eff.run_overrides("grpo_fast", 0, 1, "unused")])
+    assert fast.sde_window_size == 3 and fast.sde_window_mode == "random" and tuple(fast.sde_window_range) == (0, 5)
+    _, _, guard = parse_recipe(eff.recipe_for("grpo_guard")[0], eff.run_overrides("grpo_guard", 0, 1, "unused"))
+    assert guard.ratio == "guard"
+
+
+# Two DiffusionNFT iterations (64 samples) and three small evaluations: about 70 s on the shared 2-core
+# sandbox at load average 8 (31 s per iteration), so over the ~60 s a fast test may take.
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_one_run_rows_resume_and_summary(tmp_path, capsys):
+    eff = _load()
+    out = str(tmp_path / "eff.jsonl")
+    rows = eff.run_one("nft", 0, [32, 64], eval_captions=4, out=out, threads=1, with_base=True)
+    written = [json.loads(line) for line in open(out)]
+    assert written == rows
+    assert [(r["algorithm"], r["budget"]) for r in rows] == [("base", 0), ("nft", 32), ("nft", 64)]
+    for r in rows[1:]:
+        assert r["samples"] == r["budget"] and r["iterations"] == r["budget"] // 32
+        assert 0.0 <= r["all_correct"] <= 1.0 and set(r["accuracy"]) == {"color", "shape", "position"}
+        assert r["reward"] > 0 and r["train_wall_s"] > 0 and r["peak_rss_mib"] > 100
+        assert r["eval_captions"] == 4 and r["seed"] == 0
+    assert rows[2]["train_wall_s"] > rows[1]["train_wall_s"]
+    # The finished run is skipped by the queue (no subprocess is started).
+    eff.main(["--algorithms", "nft", "--seeds", "0", "--budgets", "32", "64", "--eval-captions", "4", "--out", out])
+    assert "skip: nft seed 0 (complete" in capsys.readouterr().out
+    assert len(open(out).readlines()) == 3
+    # Summary: a second, fake seed gives a mean ± sd.
+    eff.append_row(out, {**rows[2], "seed": 1, "all_correct": rows[2]["all_correct"] + 0.5})
+    plot_path = str(tmp_path / "eff.png")
+    eff.main(["--summarize", "--out", out, "--eval-captions", "4", "--plot", plot_path])
+    table = capsys.readouterr().out
+    assert "| base (`toy:t2i`) | 0 |" in table
+    assert "| DiffusionNFT | 32 | 1 (0) |" in table
+    line64 = next(line for line in table.splitlines() if line.startswith("| DiffusionNFT | 64 |"))
+    assert "2 (0,1)" in line64 and "±" in line64
+    assert os.path.getsize(plot_path) > 1000
+
+
+@pytest.mark.parametrize("budgets", [["0"], ["-5"]])
+def test_bad_budgets(budgets, tmp_path):
+    eff = _load()
+    with pytest.raises(SystemExit):
+        eff.main(["--budgets", *budgets, "--out", str(tmp_path / "x.jsonl")])
