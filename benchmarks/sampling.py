@@ -3,6 +3,8 @@
     python benchmarks/sampling.py                       # every tiny family, CPU
     python benchmarks/sampling.py --families sd3 flux --repeats 9 --steps 20
     python benchmarks/sampling.py --families qwen-image flux2 flux2-klein z-image flux-kontext --threads 1
+    python benchmarks/sampling.py --families wan22 wan22-i2v wan22-ti2v wan22-ti2v-i2v hunyuan-video15 \
+        hunyuan-video15-i2v --threads 1
 
 For each family it times the stock ``pipe(...)`` and ``va.sample(..., sampler="ode")`` (the same
 computation: same latents, steps, CFG, decode) and ``sampler="sde"`` (adds log-prob bookkeeping),
@@ -28,10 +30,17 @@ def _time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _stock_equivalent(family: str, images, size: dict, batch: int) -> tuple[dict, float]:
+def _stock_equivalent(family: str, images, size: dict, batch: int) -> tuple[dict, float | None]:
     """The stock call's extra keywords and guidance that compute what ``va.sample(guidance_scale=4)`` does
-    (the same translation as tests/conftest.py's ``stock_call``; each adapter's docstring says why)."""
+    (the same translation as tests/conftest.py's ``stock_call``; each adapter's docstring says why).
+    A guidance of None means: stock takes none (HunyuanVideo 1.5's CFG is its guider, set in bench_family)."""
     extra, guidance = {}, 4.0
+    if family.startswith("hunyuan-video15"):  # CFG from the guider; I2V takes a PIL image and no size
+        if images is not None:
+            from PIL import Image
+
+            extra["image"] = Image.fromarray((images[0].permute(1, 2, 0) * 255).round().byte().numpy())
+        return extra, None
     if images is not None:
         if family in ("qwen-image-edit", "flux-kontext"):
             from visalign.pipelines.qwen_image_edit import to_pil
@@ -64,10 +73,18 @@ def bench_family(family: str, steps: int, batch: int, repeats: int) -> dict:
     images = torch.rand(batch, 3, size["height"], size["width"]) if policy.needs_image else None
     stock_extra, stock_guidance = _stock_equivalent(family, images, size, batch)
 
+    stock_size = dict(size)
+    if stock_guidance is None:  # HunyuanVideo 1.5: CFG 4 through the guider; I2V sizes the video from the image
+        pipe.guider = pipe.guider.new(guidance_scale=4.0)
+        stock_extra = {**stock_extra, **({"num_frames": size["num_frames"]} if "image" in stock_extra else {})}
+        stock_size = {} if "image" in stock_extra else size
+    else:
+        stock_extra = {**stock_extra, "guidance_scale": stock_guidance}
+
     def stock():
         with torch.no_grad():
-            pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=stock_guidance, output_type="pt",
-                 generator=torch.Generator().manual_seed(0), **size, **stock_extra)
+            pipe(prompt=list(prompts), num_inference_steps=steps, output_type="pt",
+                 generator=torch.Generator().manual_seed(0), **stock_size, **stock_extra)
 
     def ours(sampler):
         return lambda: va.sample(policy, prompts, num_steps=steps, guidance_scale=4.0, sampler=sampler, images=images,

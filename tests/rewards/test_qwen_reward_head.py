@@ -17,15 +17,9 @@ from visalign.errors import CheckpointError, InvalidInputError
 from visalign.rewards import HPSv3, SegmentalVideoReward, VideoAlignReward, call_reward
 from visalign.rewards.hpsv3 import HPSV3_INSTRUCTION, HPSV3_SUFFIX
 from visalign.rewards.preprocess import CLIP_MEAN, CLIP_STD, normalize
-from visalign.rewards.qwen_reward_head import (
-    QwenRewardHeadModel,
-    patchify,
-    remap_qwen2vl_keys,
-    sample_frame_indices,
-    smart_resize,
-    tiny_qwen2vl,
-    to_legacy_qwen2vl_keys,
-)
+from visalign.rewards.qwen_checkpoint import remap_qwen2vl_keys, to_legacy_qwen2vl_keys
+from visalign.rewards.qwen_inputs import patchify, sample_frame_indices, smart_resize
+from visalign.rewards.qwen_reward_head import QwenRewardHeadModel, tiny_qwen2vl
 from visalign.rewards.video_align import VIDEOALIGN_PROMPT, VIDEOALIGN_TOKENS
 
 PIX = 56 * 56  # tiny: every image becomes 56 x 56 = a 4 x 4 patch grid, 4 merged tokens

@@ -23,13 +23,8 @@ from torch import nn
 from visalign.errors import ConfigError
 from visalign.rewards.base import Reward, freeze
 from visalign.rewards.loading import load_state_dict
-from visalign.rewards.qwen_reward_head import (
-    QwenInputBuilder,
-    QwenRewardHeadModel,
-    add_reward_tokens,
-    empty_backbone,
-    load_tokenizer,
-)
+from visalign.rewards.qwen_inputs import QwenInputBuilder, add_reward_tokens, load_tokenizer
+from visalign.rewards.qwen_reward_head import QwenRewardHeadModel, empty_backbone
 
 __all__ = ["HPSv3", "HPSV3_REPO", "HPSV3_FILE", "HPSV3_BASE", "HPSV3_INSTRUCTION",
            "HPSV3_SUFFIX", "hpsv3_head"]

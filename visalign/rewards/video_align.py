@@ -32,13 +32,8 @@ from torch import nn
 from visalign.errors import CheckpointError, ConfigError
 from visalign.rewards.base import freeze
 from visalign.rewards.loading import from_pretrained, load_state_dict
-from visalign.rewards.qwen_reward_head import (
-    QwenInputBuilder,
-    QwenRewardHeadModel,
-    add_reward_tokens,
-    load_tokenizer,
-    sample_frame_indices,
-)
+from visalign.rewards.qwen_inputs import QwenInputBuilder, add_reward_tokens, load_tokenizer, sample_frame_indices
+from visalign.rewards.qwen_reward_head import QwenRewardHeadModel
 from visalign.rewards.video import MultiHeadVideoReward
 
 __all__ = ["VideoAlignReward", "VideoAlignHeads", "VIDEOALIGN_REPO", "VIDEOALIGN_BASE",
