@@ -9,8 +9,10 @@ Tiny mode builds the offline models of ``visalign.testing.rewards``. ``--real`` 
 architectures from their published configs with random weights (nothing is downloaded): CLIP
 ViT-L/14 (CLIPScore, Aesthetic), CLIP ViT-H/14 (PickScore) and a 2B LLaVA-style VLM (CLIP-L/336
 tower + a 28-layer, 2048-wide Llama) for the yes-token reward, BLIP ViT-L/16 + BERT-base
-(ImageReward), Qwen2-VL-7B (HPSv3) and Qwen2-VL-2B (VideoAlignReward). It is meant for a GPU. OCRReward
-runs rapidocr's bundled PP-OCR models (real weights, the ``ocr`` extra) on the CPU in both modes.
+(ImageReward), Qwen2-VL-7B (HPSv3) and Qwen2-VL-2B (VideoAlignReward), OWLv2 B/16 and
+Grounding DINO (GenEvalReward, CLIP-L/14 colours) and the 2B VLM as a UnifiedReward judge. It is
+meant for a GPU. OCRReward runs rapidocr's bundled PP-OCR models (real weights, the ``ocr`` extra) on
+the CPU in both modes.
 
 For each reward it times the forward pass under ``torch.no_grad()`` and, for differentiable
 rewards, forward + backward to the pixels, and prints the median over ``--repeats`` runs (after
@@ -228,17 +230,23 @@ def _tiny_geneval_unified_rewards() -> dict:
     try:
         owl = OwlV2Detector(*tiny_owl(), min_score=0.0)
         out["GenEvalReward (tiny OWLv2 + tiny CLIP colours)"] = R.GenEvalReward(
-            owl, clip=clip, clip_processor=proc, rules={"threshold": 0.0, "counting_threshold": 0.0})
+            owl, clip=clip, clip_processor=proc, rules={"threshold": 0.0, "counting_threshold": 0.0}
+        )
     except ImportError as exc:
         print(f"(GenEvalReward with OWLv2 skipped: {str(exc).splitlines()[0][:100]}...)")
     out["GenEvalReward (tiny Grounding DINO + tiny CLIP colours)"] = R.GenEvalReward(
-        GroundingDinoDetector(*tiny_grounding_dino(), min_score=0.0), clip=clip, clip_processor=proc,
-        rules={"threshold": 0.0, "counting_threshold": 0.0})
+        GroundingDinoDetector(*tiny_grounding_dino(), min_score=0.0),
+        clip=clip,
+        clip_processor=proc,
+        rules={"threshold": 0.0, "counting_threshold": 0.0},
+    )
     vlm, vproc = T.tiny_vlm()
     out["UnifiedReward (tiny LLaVA, 16 new tokens)"] = R.UnifiedReward(
-        vlm, vproc, max_new_tokens=16, on_unparseable="zero")
+        vlm, vproc, max_new_tokens=16, on_unparseable="zero"
+    )
     out["UnifiedReward (endpoint client, canned 127.0.0.1 server)"] = R.UnifiedReward(
-        "judge", base_url=_canned_chat_server(), api_key="bench")
+        "judge", base_url=_canned_chat_server(), api_key="bench"
+    )
     return out
 
 

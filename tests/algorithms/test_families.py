@@ -19,6 +19,7 @@ from visalign.testing import brightness, tiny_pipeline
 from tests.conftest import EDIT_FAMILIES, I2V_FAMILIES, size_kwargs
 
 FAMILY_LIST = ["qwen-image", "qwen-image-edit", "flux2", "flux2-klein", "z-image", "flux-kontext"]
+FAMILY_LIST += ["wan22", "wan22-i2v", "wan22-ti2v", "wan22-ti2v-i2v", "hunyuan-video15", "hunyuan-video15-i2v"]
 # Per-family config overrides (none needed so far).
 FAMILY_OPTIONS: dict[str, dict] = {}
 ALGORITHMS = ["grpo", "draft", "nft"]
