@@ -221,7 +221,8 @@ def _tiny_geneval_unified_rewards() -> dict:
     import logging
 
     import visalign.rewards as R
-    from visalign.rewards.detectors import GroundingDinoDetector, OwlV2Detector, tiny_grounding_dino, tiny_owl
+    from visalign.rewards.detectors import GroundingDinoDetector, OwlV2Detector
+    from visalign.rewards.tiny_detectors import tiny_grounding_dino, tiny_owl
     from visalign.testing import rewards as T
 
     logging.getLogger("visalign.rewards.unified").setLevel(logging.ERROR)  # random text: no parse warnings
@@ -290,8 +291,9 @@ def _real_geneval_unified_rewards(dtype: torch.dtype, layers: int = 28) -> dict:
     )
 
     import visalign.rewards as R
-    from visalign.rewards.detectors import GroundingDinoDetector, OwlV2Detector, tiny_grounding_dino
+    from visalign.rewards.detectors import GroundingDinoDetector, OwlV2Detector
     from visalign.rewards.geneval import CLIPColorClassifier
+    from visalign.rewards.tiny_detectors import tiny_grounding_dino
     from visalign.testing import rewards as T
 
     logging.getLogger("visalign.rewards.unified").setLevel(logging.ERROR)

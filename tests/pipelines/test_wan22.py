@@ -36,9 +36,9 @@ def _stock_image(family):
 
 
 # ---------------------------------------------------------------------------- dispatch
-@pytest.mark.parametrize("family, adapter", [("wan-t2v", "WanT2VPolicy"), ("wan-i2v", "WanI2VPolicy"),
-                                             ("wan22", "Wan22Policy"), ("wan22-i2v", "Wan22I2VPolicy"),
-                                             ("wan22-ti2v", "Wan22TI2VPolicy"), ("wan22-ti2v-i2v", "Wan22TI2VI2VPolicy")])
+@pytest.mark.parametrize("family, adapter", [
+    ("wan-t2v", "WanT2VPolicy"), ("wan-i2v", "WanI2VPolicy"), ("wan22", "Wan22Policy"), ("wan22-i2v", "Wan22I2VPolicy"),
+    ("wan22-ti2v", "Wan22TI2VPolicy"), ("wan22-ti2v-i2v", "Wan22TI2VI2VPolicy")])
 def test_one_pipeline_class_several_adapters(tiny_policies, family, adapter):
     policy = tiny_policies(family)
     assert type(policy).__name__ == adapter and policy.family == family
@@ -126,8 +126,10 @@ def test_a_batch_of_both_experts_is_routed_row_by_row(tiny_policies):
     go to their own expert and give what each step alone gives (with per-row CFG scales)."""
     policy = tiny_policies("wan22")
     calls = []
-    hooks = [module.register_forward_pre_hook(lambda m, a, k, name=name: calls.append((name, k["hidden_states"].shape[0])),
-                                              with_kwargs=True)
+    def record(name):
+        return lambda module, args, kwargs: calls.append((name, kwargs["hidden_states"].shape[0]))
+
+    hooks = [module.register_forward_pre_hook(record(name), with_kwargs=True)
              for name, module in policy.trainable_denoisers().items()]
     try:
         traj = va.sample(policy, PROMPTS, num_steps=4, sampler="sde", guidance_scale=3.0, guidance_scale_2=1.5,
@@ -336,7 +338,8 @@ def test_one_expert_lora_is_refused_where_both_are_needed(tmp_path):
     other.pipe.transformer.add_adapter(LoraConfig(r=4, target_modules=["to_q"]))
     from peft.utils import get_peft_model_state_dict
 
-    type(other.pipe).save_lora_weights(str(single), transformer_lora_layers=get_peft_model_state_dict(other.pipe.transformer))
+    state = get_peft_model_state_dict(other.pipe.transformer)
+    type(other.pipe).save_lora_weights(str(single), transformer_lora_layers=state)
     with pytest.raises(ConfigError, match="one expert only.*load_into_transformer_2=True"):
         va.wrap(tiny_pipeline("wan22")).load_lora(str(single))
 

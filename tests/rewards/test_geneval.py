@@ -7,26 +7,13 @@ import torch
 
 from visalign.errors import ConfigError, InvalidInputError
 from visalign.rewards import GenEvalReward, call_reward
-from visalign.rewards.detectors import (
-    DetectedObject,
-    GroundingDinoDetector,
-    OwlV2Detector,
-    ToyDetector,
-    batched_nms,
-    box_iou_matrix,
-    nms,
-    tiny_grounding_dino,
-    tiny_owl,
-)
+from visalign.rewards.detection import DetectedObject, batched_nms, box_iou_matrix, nms
+from visalign.rewards.detectors import GroundingDinoDetector, OwlV2Detector
 from visalign.rewards.geneval import CLIPColorClassifier
-from visalign.rewards.geneval_rules import (
-    GENEVAL_COLORS,
-    GenEvalRules,
-    GenEvalSpec,
-    evaluate,
-    parse_prompt,
-    relative_position,
-)
+from visalign.rewards.geneval_rules import GenEvalRules, evaluate, relative_position
+from visalign.rewards.geneval_spec import GENEVAL_COLORS, GenEvalSpec, parse_prompt
+from visalign.rewards.tiny_detectors import tiny_grounding_dino, tiny_owl
+from visalign.rewards.toy_detector import ToyDetector
 from visalign.toy import COLORS, Scene, Sprite, render_batch
 
 

@@ -16,13 +16,8 @@ from PIL import Image
 from tests.rewards._util import rand_images
 from visalign.errors import ConfigError, InvalidInputError, RewardError, RewardUnavailableError
 from visalign.rewards import UnifiedReward, call_reward
-from visalign.rewards.unified import (
-    ChatEndpointJudge,
-    UnparseableAnswerError,
-    parse_pairwise,
-    parse_pointwise,
-    parse_pointwise_v2,
-)
+from visalign.rewards.unified_endpoint import ChatEndpointJudge
+from visalign.rewards.unified_text import UnparseableAnswerError, parse_pairwise, parse_pointwise, parse_pointwise_v2
 
 KEY_ENV = "VISALIGN_TEST_JUDGE_KEY"
 

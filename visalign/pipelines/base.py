@@ -119,7 +119,10 @@ class Policy:
         return module(*args, **kwargs)
 
     def set_runner(self, module: torch.nn.Module | None) -> None:
-        """Routes denoiser calls through ``module`` (a wrapper of :meth:`training_module`, e.g. DDP); None restores the plain one."""
+        """Routes denoiser calls through ``module`` (a wrapper of :meth:`training_module`, e.g. DDP).
+
+        None restores the plain one.
+        """
         self._runner = module
 
     _scheduler_cache: tuple | None = None
@@ -388,7 +391,8 @@ class Policy:
         holders = {n: d for n, d in self.trainable_denoisers().items()
                    if adapter_name in (getattr(d, "peft_config", None) or {})}
         if not holders:
-            names = sorted({a for d in self.trainable_denoisers().values() for a in (getattr(d, "peft_config", None) or {})})
+            names = sorted({name for d in self.trainable_denoisers().values()
+                            for name in (getattr(d, "peft_config", None) or {})})
             raise ConfigError(
                 f"remove_lora({adapter_name!r}): the policy has no adapter of that name "
                 f"(adapters: {names or 'none'}). Call policy.add_lora() to attach one."
@@ -423,8 +427,10 @@ class Policy:
                 denoiser.enable_adapters()
 
     def lora_state_dict(self, adapter_name: str = "default", denoiser: str | None = None) -> dict[str, torch.Tensor]:
-        """The adapter's weights of one denoiser (default: :attr:`denoiser_name`), with the keys the
-        pipeline's ``save_lora_weights`` expects."""
+        """The adapter's weights of one denoiser (default: :attr:`denoiser_name`).
+
+        The keys are those the pipeline's ``save_lora_weights`` expects.
+        """
         from peft.utils import get_peft_model_state_dict
 
         module = self.trainable_denoisers()[denoiser or self.denoiser_name]

@@ -182,8 +182,10 @@ class HunyuanVideo15Policy(FlowPolicy):
                                          safe_serialization=True)
 
     def load_lora(self, path: str, adapter_name: str | None = None) -> None:
-        """``pipe.transformer.load_lora_adapter(path, weight_name=...)``: diffusers has no pipeline LoRA loader
-        for this family. ``path``: a folder written by :meth:`save_lora`, a ``.safetensors`` file or a hub id."""
+        """``pipe.transformer.load_lora_adapter(path, ...)``: diffusers has no pipeline LoRA loader here.
+
+        ``path``: a folder written by :meth:`save_lora`, a ``.safetensors`` file or a hub id.
+        """
         self.denoiser.load_lora_adapter(path, prefix="transformer", use_safetensors=True, adapter_name=adapter_name)
 
 
@@ -205,7 +207,8 @@ class HunyuanVideo15I2VPolicy(HunyuanVideo15Policy):
             )
         for part in ("image_encoder", "feature_extractor"):
             if getattr(self.pipe, part, None) is None:
-                raise InvalidInputError(f"This {name} has no '{part}'; image-to-video needs it. Load the full pipeline.")
+                raise InvalidInputError(
+                    f"This {name} has no '{part}'; image-to-video needs it. Load the full pipeline.")
 
     def encode_prompt(self, prompts, negative_prompts=None, guidance_scale=None, images=None,
                       geometry=None, **kwargs) -> Conditioning:
@@ -224,18 +227,19 @@ class HunyuanVideo15I2VPolicy(HunyuanVideo15Policy):
 
     @staticmethod
     def _fit(images: torch.Tensor, geometry: Geometry) -> torch.Tensor:
-        """Scales and centre-crops images to the output size, as stock's ``resize_mode="crop"`` (identity at that size)."""
+        """Scales and centre-crops images to the output size, as stock's ``resize_mode="crop"`` (no-op at it)."""
         height, width = images.shape[-2:]
         if (height, width) == (geometry.height, geometry.width):
             return images
         scale = max(geometry.height / height, geometry.width / width)
         size = (max(geometry.height, round(height * scale)), max(geometry.width, round(width * scale)))
-        images = torch.nn.functional.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+        images = torch.nn.functional.interpolate(images, size=size, mode="bilinear", antialias=True,
+                                                 align_corners=False)
         top, left = (size[0] - geometry.height) // 2, (size[1] - geometry.width) // 2
         return images[..., top:top + geometry.height, left:left + geometry.width].clamp(0, 1)
 
     def image_latent(self, images: torch.Tensor, geometry: Geometry) -> torch.Tensor:
-        """The first frame's VAE latent (B, C, 1, h, w), the mode × ``scaling_factor``, as stock's ``_get_image_latents``."""
+        """The first frame's VAE latent (B, C, 1, h, w): the mode × ``scaling_factor``, as stock's."""
         pixels = self.pipe.video_processor.preprocess(images, height=geometry.height, width=geometry.width)
         return self._encode_video(pixels.to(self.vae.device).unsqueeze(2)).to(self.device)
 

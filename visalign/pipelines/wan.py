@@ -23,9 +23,11 @@ from visalign.pipelines.registry import register_adapter
 
 
 def wan_variant(pipe) -> str:
-    """Which Wan a ``WanPipeline``/``WanImageToVideoPipeline`` is: ``"ti2v"`` (Wan 2.2 TI2V-5B,
-    ``expand_timesteps``), ``"experts"`` (Wan 2.2 A14B: ``transformer_2`` or ``boundary_ratio``) or
-    ``"single"`` (Wan 2.1: one transformer)."""
+    """Which Wan a ``WanPipeline``/``WanImageToVideoPipeline`` is.
+
+    ``"ti2v"`` (Wan 2.2 TI2V-5B, ``expand_timesteps``), ``"experts"`` (Wan 2.2 A14B: ``transformer_2``
+    or ``boundary_ratio``) or ``"single"`` (Wan 2.1: one transformer).
+    """
     config = getattr(pipe, "config", None) or {}
     if config.get("expand_timesteps"):
         return "ti2v"

@@ -118,7 +118,8 @@ class ExpertRouter(torch.nn.Module):
         high = self.experts(timestep)
         batch = hidden_states.shape[0]
         if bool(high.all()) or not bool(high.any()):
-            expert, idle = (self.transformer, self.transformer_2) if bool(high[0]) else (self.transformer_2, self.transformer)
+            experts = (self.transformer, self.transformer_2)
+            expert, idle = experts if bool(high[0]) else experts[::-1]
             out = expert(hidden_states=hidden_states, timestep=timestep, return_dict=False, **kwargs)[0]
             return (self._tie_idle(out, idle),)
         rows_high, rows_low = torch.nonzero(high).flatten(), torch.nonzero(~high).flatten()
@@ -187,8 +188,9 @@ class _TwoExperts:
 
     def training_module(self) -> ExpertRouter:
         pipe, router = self.pipe, self._router
-        if router is None or router.transformer is not pipe.transformer or router.transformer_2 is not pipe.transformer_2 \
-                or router.boundary != self.boundary_timestep:
+        stale = router is None or router.transformer is not pipe.transformer or \
+            router.transformer_2 is not pipe.transformer_2 or router.boundary != self.boundary_timestep
+        if stale:
             router = self._router = ExpertRouter(pipe.transformer, pipe.transformer_2, self.boundary_timestep)
         return router
 

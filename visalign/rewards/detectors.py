@@ -1,34 +1,46 @@
-"""Object detectors for :class:`~visalign.rewards.GenEvalReward`: one interface, three implementations.
+"""The transformers detectors for :class:`~visalign.rewards.GenEvalReward`: OWLv2 / OWL-ViT and Grounding DINO.
 
-A detector takes images and, per image, the class names to look for, and returns per image a
-list of :class:`~visalign.rewards.geneval_rules.DetectedObject` ``(label, box xyxy in pixels, score,
-colour or None)``::
+Both follow :class:`~visalign.rewards.detection.Detector`: images and, per image, the class names to
+look for in; per image a list of :class:`~visalign.rewards.detection.DetectedObject` out::
 
     detector(images, [["cat", "dog"], ["car"]])   # -> [[DetectedObject(...), ...], [...]]
 
 - :class:`OwlV2Detector`: OWLv2 (or OWL-ViT v1) from transformers, text queries = the classes;
-- :class:`GroundingDinoDetector`: Grounding DINO from transformers, one ``"cat . dog ."`` text per image;
-- :class:`ToyDetector`: the toy world's exact evaluator (:func:`visalign.toy.detect`), which also
-  reports each object's colour, so GenEval's rules can be checked end to end on toy renders.
+- :class:`GroundingDinoDetector`: Grounding DINO from transformers, one ``"cat . dog ."`` text per image.
 
-Both transformers detectors use the PIL image processors (no torchvision; OWLv2's needs scipy, the
-``geneval`` extra), keep boxes scoring at least ``min_score`` and run a per-class non-maximum
-suppression written here in torch (:func:`nms`), since ``torchvision.ops`` is not available.
+Both use the PIL image processors (no torchvision; OWLv2's needs scipy, the ``geneval`` extra),
+keep boxes scoring at least ``min_score`` and run the per-class non-maximum suppression of
+:mod:`visalign.rewards.detection`.
+
+The other detector names live next door and are importable from here too: the interface and the
+box arithmetic (:mod:`visalign.rewards.detection`), the toy world's evaluator :class:`ToyDetector`
+(:mod:`visalign.rewards.toy_detector`) and the tiny random models for tests and benchmarks
+(:func:`tiny_owl`, :func:`tiny_grounding_dino` in :mod:`visalign.rewards.tiny_detectors`).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from torch import nn
 
 from visalign.errors import ConfigError, InvalidInputError, require
 from visalign.rewards.base import freeze
-from visalign.rewards.geneval_rules import DetectedObject
+from visalign.rewards.detection import (
+    DetectedObject,
+    Detector,
+    batched_nms,
+    box_iou_matrix,
+    check_queries,
+    cxcywh_to_xyxy,
+    nms,
+)
 from visalign.rewards.loading import from_pretrained
+from visalign.rewards.tiny_detectors import tiny_grounding_dino, tiny_owl
+from visalign.rewards.toy_detector import ToyDetector
 
 __all__ = [
     "Detector",
@@ -45,79 +57,12 @@ __all__ = [
 ]
 
 
-@runtime_checkable
-class Detector(Protocol):
-    """What :class:`~visalign.rewards.GenEvalReward` needs from a detector.
-
-    ``detector(images, queries)``: ``images`` (B, 3, H, W) floats in [0, 1], ``queries`` B lists of
-    class names; returns B lists of :class:`DetectedObject` whose ``label`` is one of that image's
-    queries and whose ``box`` is in pixels of the image (x0, y0, x1, y1).
-    """
-
-    def __call__(self, images: torch.Tensor, queries: Sequence[Sequence[str]]) -> list[list[DetectedObject]]: ...
-
-
-# ----------------------------------------------------------------------------- boxes
-def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
-    """(…, 4) centre-size boxes to corner boxes."""
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
-
-
-def box_iou_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IoU of every box of ``a`` (N, 4) with every box of ``b`` (M, 4), xyxy: (N, M)."""
-    area_a = (a[:, 2] - a[:, 0]).clamp_min(0) * (a[:, 3] - a[:, 1]).clamp_min(0)
-    area_b = (b[:, 2] - b[:, 0]).clamp_min(0) * (b[:, 3] - b[:, 1]).clamp_min(0)
-    lo = torch.maximum(a[:, None, :2], b[None, :, :2])
-    hi = torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = (hi - lo).clamp_min(0).prod(-1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return torch.where(union > 0, inter / union.clamp_min(1e-12), torch.zeros_like(inter))
-
-
-def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
-    """Greedy non-maximum suppression: the indices kept, highest score first.
-
-    A box is dropped when its IoU with a kept, higher-scoring box exceeds ``iou_threshold`` (the
-    convention of ``torchvision.ops.nms``; ties in score keep the lower index first).
-    """
-    if boxes.numel() == 0:
-        return torch.zeros(0, dtype=torch.long, device=boxes.device)
-    order = torch.sort(scores, descending=True, stable=True).indices
-    iou = box_iou_matrix(boxes[order].float(), boxes[order].float())
-    n = order.numel()
-    suppressed = torch.zeros(n, dtype=torch.bool, device=boxes.device)
-    keep = []
-    for i in range(n):
-        if bool(suppressed[i]):
-            continue
-        keep.append(i)
-        suppressed |= iou[i] > iou_threshold
-    return order[torch.tensor(keep, dtype=torch.long, device=boxes.device)]
-
-
-def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou_threshold: float) -> torch.Tensor:
-    """:func:`nms` within each label (boxes of different labels never suppress each other)."""
-    if boxes.numel() == 0:
-        return torch.zeros(0, dtype=torch.long, device=boxes.device)
-    # Shift each label's boxes to a region of their own, then one NMS does them all.
-    span = (boxes.max() - boxes.min()).abs() + 1
-    shifted = boxes + (labels.to(boxes.dtype) * span)[:, None]
-    return nms(shifted, scores, iou_threshold)
-
-
 def _uint8_images(images: torch.Tensor) -> list[torch.Tensor]:
     """(B, 3, H, W) floats in [0, 1] -> B uint8 CHW CPU tensors (what the PIL processors take)."""
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise InvalidInputError(f"a detector takes images shaped (B, 3, H, W) in [0, 1]; got {shape}.")
     return list((images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu())
-
-
-def _check_queries(queries: Sequence[Sequence[str]], batch: int) -> list[list[str]]:
-    if len(queries) != batch or any(isinstance(q, str) for q in queries):
-        raise InvalidInputError(f"a detector takes one list of class names per image ({batch}); got {queries!r}.")
-    return [list(dict.fromkeys(str(c) for c in q)) for q in queries]
 
 
 def _collect(
@@ -249,7 +194,7 @@ class OwlV2Detector(_TransformersDetector):
     @torch.no_grad()
     def forward(self, images: torch.Tensor, queries: Sequence[Sequence[str]]) -> list[list[DetectedObject]]:
         pil = _uint8_images(images)
-        queries = _check_queries(queries, len(pil))
+        queries = check_queries(queries, len(pil))
         width = max(1, max(len(q) for q in queries))
         texts = [self.query_template.format(c) for q in queries for c in q + [""] * (width - len(q))]
         texts = [t if t.strip() else " " for t in texts]
@@ -333,7 +278,7 @@ class GroundingDinoDetector(_TransformersDetector):
     @torch.no_grad()
     def forward(self, images: torch.Tensor, queries: Sequence[Sequence[str]]) -> list[list[DetectedObject]]:
         pil = _uint8_images(images)
-        queries = _check_queries(queries, len(pil))
+        queries = check_queries(queries, len(pil))
         texts, spans = zip(*(self._text(q or ["object"]) for q in queries))
         enc = self.tokenizer(list(texts), padding=True, return_offsets_mapping=True, return_tensors="pt")
         offsets = enc.pop("offset_mapping")
@@ -378,128 +323,3 @@ class GroundingDinoDetector(_TransformersDetector):
             )
             results.append(_collect(b, scores, labels, q, self.min_score, self.nms_iou))
         return results
-
-
-class ToyDetector(nn.Module):
-    """The toy world's exact evaluator as a detector: every object it reads, with score 1.
-
-    :func:`visalign.toy.detect` (up to two objects, split by hue) gives each object's shape (the
-    label: ``circle``, ``square`` or ``triangle``), colour and soft coverage; the box is the bounding
-    box of the shape template the evaluator fitted (its area and centroid give the template's
-    half-extent and centre). Objects whose shape is not among an image's queries are dropped.
-
-    Args:
-        report_colors: put the evaluator's colour in each detection (default True); with False the
-            reward classifies colours with CLIP on the box crops instead.
-    """
-
-    def __init__(self, report_colors: bool = True):
-        super().__init__()
-        self.report_colors = bool(report_colors)
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor, queries: Sequence[Sequence[str]]) -> list[list[DetectedObject]]:
-        import math
-
-        from visalign.toy import detect
-        from visalign.toy.readout import _CENTROID_DROP, _UNIT_AREA
-
-        queries = _check_queries(queries, images.shape[0])
-        h, w = images.shape[-2:]
-        out = []
-        for dets, q in zip(detect(images.detach().float().cpu(), num_objects=2), queries):
-            found = []
-            for d in dets:
-                if not d.found or d.shape not in q:
-                    continue
-                # The fitted template: half-extent r from its area, box centre above the area centroid
-                # by the shape's centroid drop (a triangle's centroid sits r/3 below its box centre).
-                r = math.sqrt(max(d.area, 0.0) * h * w / _UNIT_AREA[d.shape])
-                cx, cy = d.centroid[0] * w, d.centroid[1] * h - _CENTROID_DROP[d.shape] * r
-                color = d.color if self.report_colors else None
-                found.append(DetectedObject(d.shape, (cx - r, cy - r, cx + r, cy + r), 1.0, color))
-            out.append(found)
-        return out
-
-
-# ----------------------------------------------------------------------------- tiny models (tests, benchmarks)
-def tiny_owl(v2: bool = True, seed: int = 0):
-    """A tiny random OWLv2 (or OWL-ViT v1 with ``v2=False``) at 32 px and its processor, offline.
-
-    1-layer towers, width 32, 8-px patches (16 boxes per image), the tiny word-level CLIP tokenizer
-    of :mod:`visalign.testing.rewards`. OWLv2's PIL image processor needs scipy.
-
-    Returns:
-        `(model, processor)`, the model in eval mode.
-    """
-    from transformers import (
-        Owlv2Config,
-        Owlv2ForObjectDetection,
-        Owlv2ImageProcessorPil,
-        Owlv2Processor,
-        OwlViTConfig,
-        OwlViTForObjectDetection,
-        OwlViTImageProcessorPil,
-        OwlViTProcessor,
-    )
-
-    from visalign.testing.rewards import tiny_clip_tokenizer
-
-    tok = tiny_clip_tokenizer(model_max_length=16)
-    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                max_position_embeddings=16, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id)  # fmt: skip
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
-                  patch_size=8)  # fmt: skip
-    torch.manual_seed(seed)
-    size = {"height": 32, "width": 32}
-    if v2:
-        model = Owlv2ForObjectDetection(Owlv2Config(text_config=text, vision_config=vision, projection_dim=32))
-        return model.eval(), Owlv2Processor(image_processor=Owlv2ImageProcessorPil(size=size), tokenizer=tok)
-    model = OwlViTForObjectDetection(OwlViTConfig(text_config=text, vision_config=vision, projection_dim=32))
-    processor = OwlViTProcessor(image_processor=OwlViTImageProcessorPil(size=size, crop_size=size), tokenizer=tok)
-    return model.eval(), processor
-
-
-#: The words of :func:`tiny_grounding_dino`'s word-level tokenizer (any other word is [UNK]).
-TINY_GDINO_WORDS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", ".", "cat", "dog", "hot", "car", "person", "circle", "square")
-
-
-def tiny_grounding_dino(seed: int = 0):
-    """A tiny random Grounding DINO (Swin 2 stages of 1 block, 1-layer BERT, 1 encoder and 2 decoder
-    layers, 20 queries) with a word-level fast tokenizer and the PIL image processor at 64-96 px.
-
-    Returns:
-        `(model, processor)`, the model in eval mode.
-    """
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from tokenizers.processors import TemplateProcessing
-    from transformers import (
-        BertConfig,
-        GroundingDinoConfig,
-        GroundingDinoForObjectDetection,
-        GroundingDinoImageProcessorPil,
-        GroundingDinoProcessor,
-        PreTrainedTokenizerFast,
-        SwinConfig,
-    )
-
-    words = TINY_GDINO_WORDS
-    word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    word_level.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    word_level.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token="[PAD]", unk_token="[UNK]",
-                                  cls_token="[CLS]", sep_token="[SEP]")  # fmt: skip
-    config = GroundingDinoConfig(
-        backbone_config=SwinConfig(embed_dim=16, depths=[1, 1], num_heads=[1, 1], window_size=4, image_size=64,
-                                   out_features=["stage1", "stage2"]),
-        text_config=BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=64, max_position_embeddings=64),
-        d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
-        encoder_attention_heads=2, decoder_attention_heads=2, num_queries=20, num_feature_levels=2,
-        encoder_n_points=2, decoder_n_points=2, max_text_len=32, use_timm_backbone=False,
-        use_pretrained_backbone=False,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    image_processor = GroundingDinoImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 96})
-    return GroundingDinoForObjectDetection(config).eval(), GroundingDinoProcessor(image_processor, tok)

@@ -28,17 +28,11 @@ from torch import nn
 from visalign.errors import ConfigError, InvalidInputError
 from visalign.rewards.base import Reward
 from visalign.rewards.clip import CLIPEmbedder, _features
-from visalign.rewards.detectors import Detector, GroundingDinoDetector, OwlV2Detector, ToyDetector
-from visalign.rewards.geneval_rules import (
-    GENEVAL_CLASSES,
-    GENEVAL_COLORS,
-    DetectedObject,
-    GenEvalResult,
-    GenEvalRules,
-    GenEvalSpec,
-    evaluate,
-    parse_prompt,
-)
+from visalign.rewards.detection import DetectedObject, Detector
+from visalign.rewards.detectors import GroundingDinoDetector, OwlV2Detector
+from visalign.rewards.geneval_rules import GenEvalResult, GenEvalRules, evaluate
+from visalign.rewards.geneval_spec import GENEVAL_CLASSES, GENEVAL_COLORS, GenEvalSpec, parse_prompt
+from visalign.rewards.toy_detector import ToyDetector
 
 __all__ = ["GenEvalReward", "CLIPColorClassifier", "COLOR_TEMPLATES", "DEFAULT_CLIP"]
 

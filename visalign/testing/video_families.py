@@ -136,7 +136,8 @@ def _wan22() -> tuple[type, dict[str, Any]]:
 
 def _wan22_i2v() -> tuple[type, dict[str, Any]]:
     """Wan 2.2 A14B I2V: two 36-channel experts without CLIP image tokens (``image_dim`` None, as the
-    real I2V-A14B) and boundary_ratio 0.8 (the real one is 0.9), so each expert runs two of 4 steps."""
+    real I2V-A14B) and boundary_ratio 0.8 (the real one is 0.9), so each expert runs two of 4 steps.
+    """
     transformer = _wan_transformer_config(in_channels=36)
     return WanImageToVideoPipeline, {
         **_wan_shared(),
