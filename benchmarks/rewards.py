@@ -222,7 +222,7 @@ def _tiny_geneval_unified_rewards() -> dict:
 
     import visalign.rewards as R
     from visalign.rewards.detectors import GroundingDinoDetector, OwlV2Detector
-    from visalign.rewards.tiny_detectors import tiny_grounding_dino, tiny_owl
+    from visalign.testing.detectors import tiny_grounding_dino, tiny_owl
     from visalign.testing import rewards as T
 
     logging.getLogger("visalign.rewards.unified").setLevel(logging.ERROR)  # random text: no parse warnings
@@ -293,7 +293,7 @@ def _real_geneval_unified_rewards(dtype: torch.dtype, layers: int = 28) -> dict:
     import visalign.rewards as R
     from visalign.rewards.detectors import GroundingDinoDetector, OwlV2Detector
     from visalign.rewards.geneval import CLIPColorClassifier
-    from visalign.rewards.tiny_detectors import tiny_grounding_dino
+    from visalign.testing.detectors import tiny_grounding_dino
     from visalign.testing import rewards as T
 
     logging.getLogger("visalign.rewards.unified").setLevel(logging.ERROR)

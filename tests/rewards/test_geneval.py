@@ -12,9 +12,9 @@ from visalign.rewards.detectors import GroundingDinoDetector, OwlV2Detector
 from visalign.rewards.geneval import CLIPColorClassifier
 from visalign.rewards.geneval_rules import GenEvalRules, evaluate, relative_position
 from visalign.rewards.geneval_spec import GENEVAL_COLORS, GenEvalSpec, parse_prompt
-from visalign.rewards.tiny_detectors import tiny_grounding_dino, tiny_owl
-from visalign.rewards.toy_detector import ToyDetector
+from visalign.testing.detectors import tiny_grounding_dino, tiny_owl
 from visalign.toy import COLORS, Scene, Sprite, render_batch
+from visalign.toy.geneval_detector import ToyDetector
 
 
 def obj(label, box=(0, 0, 10, 10), score=0.95, color=None):

@@ -39,20 +39,25 @@ from visalign.rewards.base import FunctionReward, Reward, as_reward, call_reward
 from visalign.rewards.checks import check_images, check_prompts, check_scores
 from visalign.rewards.clip import CLIPEmbedder, CLIPScore, PickScore
 from visalign.rewards.combine import Combined, RunningNorm
+from visalign.rewards.edit import EditReward
+from visalign.rewards.geneval import GenEvalReward
 from visalign.rewards.hps import HPSv2
+from visalign.rewards.hpsv3 import HPSv3
+from visalign.rewards.image_reward import ImageReward
 from visalign.rewards.ocr import OCRReward
 from visalign.rewards.preprocess import CLIP_MEAN, CLIP_STD, ImageTransform
 from visalign.rewards.remote import RemoteReward
 from visalign.rewards.result import RewardResult
-from visalign.rewards.video import (MultiHeadVideoReward, SegmentalVideoReward, VideoReward,
-                                    attenuation_weights, segment_indices)
-from visalign.rewards.vlm import YesTokenReward, answer_token_ids
-from visalign.rewards.image_reward import ImageReward
-from visalign.rewards.hpsv3 import HPSv3
-from visalign.rewards.video_align import VideoAlignReward
-from visalign.rewards.edit import EditReward
-from visalign.rewards.geneval import GenEvalReward
 from visalign.rewards.unified import UnifiedReward
+from visalign.rewards.video import (
+                                    MultiHeadVideoReward,
+                                    SegmentalVideoReward,
+                                    VideoReward,
+                                    attenuation_weights,
+                                    segment_indices,
+)
+from visalign.rewards.video_align import VideoAlignReward
+from visalign.rewards.vlm import YesTokenReward, answer_token_ids
 
 __all__ = [
     "Reward", "RewardResult", "FunctionReward", "as_reward", "call_reward", "reward_name",

@@ -6,7 +6,7 @@ list of :class:`DetectedObject` ``(label, box xyxy in pixels, score, colour or N
     detector(images, [["cat", "dog"], ["car"]])   # -> [[DetectedObject(...), ...], [...]]
 
 The implementations are elsewhere: OWLv2 / OWL-ViT and Grounding DINO from transformers in
-:mod:`visalign.rewards.detectors`, the toy world's evaluator in :mod:`visalign.rewards.toy_detector`.
+:mod:`visalign.rewards.detectors`, the toy world's evaluator in :mod:`visalign.toy.geneval_detector`.
 This module holds what they have in common: :func:`check_queries` (the per-image class lists),
 :func:`cxcywh_to_xyxy`, :func:`box_iou_matrix` and a per-class non-maximum suppression
 (:func:`nms`, :func:`batched_nms`) written here in torch, since ``torchvision.ops`` is not available.
@@ -56,6 +56,11 @@ class Detector(Protocol):
     ``detector(images, queries)``: ``images`` (B, 3, H, W) floats in [0, 1], ``queries`` B lists of
     class names; returns B lists of :class:`DetectedObject` whose ``label`` is one of that image's
     queries and whose ``box`` is in pixels of the image (x0, y0, x1, y1).
+
+    Optional attributes: ``vocabulary``, the class names it can read (prompts are parsed with
+    them; default GenEval's 80 classes), ``report_colors``, True when detections carry a colour
+    (then no CLIP colour classifier is built), and ``color_model``, the CLIP that classifies
+    colours otherwise (default CLIP ViT-L/14; None: none unless the reward is given one).
     """
 
     def __call__(self, images: torch.Tensor, queries: Sequence[Sequence[str]]) -> list[list[DetectedObject]]: ...

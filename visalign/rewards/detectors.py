@@ -13,9 +13,9 @@ keep boxes scoring at least ``min_score`` and run the per-class non-maximum supp
 :mod:`visalign.rewards.detection`.
 
 The other detector names live next door and are importable from here too: the interface and the
-box arithmetic (:mod:`visalign.rewards.detection`), the toy world's evaluator :class:`ToyDetector`
-(:mod:`visalign.rewards.toy_detector`) and the tiny random models for tests and benchmarks
-(:func:`tiny_owl`, :func:`tiny_grounding_dino` in :mod:`visalign.rewards.tiny_detectors`).
+box arithmetic (:mod:`visalign.rewards.detection`), the toy world's evaluator
+(:class:`visalign.toy.geneval_detector.ToyDetector`) and the tiny random models for tests and
+benchmarks (:mod:`visalign.testing.detectors`).
 """
 
 from __future__ import annotations
@@ -39,21 +39,16 @@ from visalign.rewards.detection import (
     nms,
 )
 from visalign.rewards.loading import from_pretrained
-from visalign.rewards.tiny_detectors import tiny_grounding_dino, tiny_owl
-from visalign.rewards.toy_detector import ToyDetector
 
 __all__ = [
     "Detector",
     "DetectedObject",
     "OwlV2Detector",
     "GroundingDinoDetector",
-    "ToyDetector",
     "box_iou_matrix",
     "nms",
     "batched_nms",
     "cxcywh_to_xyxy",
-    "tiny_owl",
-    "tiny_grounding_dino",
 ]
 
 

@@ -18,6 +18,7 @@ starting point to re-tune (``rules=GenEvalRules(threshold=..., counting_threshol
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -32,7 +33,6 @@ from visalign.rewards.detection import DetectedObject, Detector
 from visalign.rewards.detectors import GroundingDinoDetector, OwlV2Detector
 from visalign.rewards.geneval_rules import GenEvalResult, GenEvalRules, evaluate
 from visalign.rewards.geneval_spec import GENEVAL_CLASSES, GENEVAL_COLORS, GenEvalSpec, parse_prompt
-from visalign.rewards.toy_detector import ToyDetector
 
 __all__ = ["GenEvalReward", "CLIPColorClassifier", "COLOR_TEMPLATES", "DEFAULT_CLIP"]
 
@@ -169,10 +169,10 @@ class GenEvalReward(Reward):
         super().__init__(name=name, differentiable=False, batch_size=batch_size)
         if isinstance(torch_dtype, str):
             torch_dtype = getattr(torch, torch_dtype)
-        kind = detector if isinstance(detector, str) else None
         self.detector = self._build_detector(detector, model, processor, dict(detector_kwargs or {}), torch_dtype)
         if clip == "auto":
-            clip = None if kind == "toy" or isinstance(self.detector, ToyDetector) else DEFAULT_CLIP
+            reads_colors = getattr(self.detector, "report_colors", False)
+            clip = None if reads_colors else getattr(self.detector, "color_model", DEFAULT_CLIP)
         if clip is None or isinstance(clip, CLIPColorClassifier):
             self.color_classifier = clip
         else:
@@ -181,12 +181,7 @@ class GenEvalReward(Reward):
             rules = GenEvalRules(**rules)
         self.rules = rules or GenEvalRules()
         if classes == "auto":
-            if isinstance(self.detector, ToyDetector):
-                from visalign.toy.world import SHAPES
-
-                classes = SHAPES
-            else:
-                classes = GENEVAL_CLASSES
+            classes = getattr(self.detector, "vocabulary", None) or GENEVAL_CLASSES
         self.classes = None if classes is None else tuple(classes)
         self.colors = tuple(colors)
         self.partial = bool(partial)
@@ -199,10 +194,10 @@ class GenEvalReward(Reward):
             if model is not None or processor is not None or kwargs:
                 raise ConfigError("model=, processor= and detector_kwargs= are for the named detectors only.")
             return detector
-        if detector == "toy":
+        if detector == "toy":  # the toy world's exact evaluator (visalign.toy.geneval_detector), found by name
             if model is not None or processor is not None:
                 raise ConfigError("the toy detector has no model: drop model= and processor=.")
-            return ToyDetector(**kwargs)
+            return importlib.import_module("visalign.toy.geneval_detector").ToyDetector(**kwargs)
         if detector in ("owlv2", "owlvit"):
             return OwlV2Detector(model or OwlV2Detector.default_model, processor, torch_dtype=torch_dtype, **kwargs)
         if detector in ("grounding_dino", "grounding-dino", "groundingdino"):

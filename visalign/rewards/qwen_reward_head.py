@@ -34,8 +34,13 @@ import torch
 from torch import nn
 
 from visalign.errors import CheckpointError, ConfigError, InvalidInputError
-from visalign.rewards.qwen_checkpoint import (_PEFT_PREFIX, _is_lora_key, merge_lora, remap_qwen2vl_keys,
-                                              to_legacy_qwen2vl_keys)
+from visalign.rewards.qwen_checkpoint import (
+    _PEFT_PREFIX,
+    _is_lora_key,
+    merge_lora,
+    remap_qwen2vl_keys,
+    to_legacy_qwen2vl_keys,
+)
 
 __all__ = ["QwenRewardHeadModel", "TINY_QWEN2VL_CHAT_TEMPLATE", "empty_backbone", "tiny_qwen2vl"]
 

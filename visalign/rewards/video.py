@@ -24,8 +24,15 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from visalign.errors import ConfigError, InvalidInputError, RewardError
-from visalign.rewards.base import (Reward, _accepted_kwargs, as_reward, call_reward, freeze,
-                                   is_differentiable, reward_name)
+from visalign.rewards.base import (
+    Reward,
+    _accepted_kwargs,
+    as_reward,
+    call_reward,
+    freeze,
+    is_differentiable,
+    reward_name,
+)
 from visalign.rewards.result import RewardResult
 
 __all__ = ["segment_indices", "attenuation_weights", "VideoReward", "SegmentalVideoReward",

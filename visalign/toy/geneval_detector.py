@@ -1,7 +1,7 @@
 """The toy world's exact evaluator as a GenEval detector: :class:`ToyDetector`.
 
 It follows :class:`~visalign.rewards.detection.Detector`, so GenEval's rules can be checked end to
-end on toy renders (``GenEvalReward("toy")``) without a detection model.
+end on toy renders (``GenEvalReward("toy")``, which looks it up by name) without a detection model.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from visalign.rewards.detection import DetectedObject, check_queries
+from visalign.toy.world import SHAPES
 
 __all__ = ["ToyDetector"]
 
@@ -29,6 +30,9 @@ class ToyDetector(nn.Module):
             reward classifies colours with CLIP on the box crops instead.
     """
 
+    vocabulary = SHAPES  # the class names it can read; GenEvalReward parses prompts with them
+    color_model = None  # no default CLIP for toy scenes: pass clip= (e.g. the toy CLIP) with report_colors=False
+
     def __init__(self, report_colors: bool = True):
         super().__init__()
         self.report_colors = bool(report_colors)
@@ -37,7 +41,7 @@ class ToyDetector(nn.Module):
     def forward(self, images: torch.Tensor, queries: Sequence[Sequence[str]]) -> list[list[DetectedObject]]:
         import math
 
-        from visalign.toy import detect
+        from visalign.toy.detection import detect
         from visalign.toy.readout import _CENTROID_DROP, _UNIT_AREA
 
         queries = check_queries(queries, images.shape[0])
