@@ -231,8 +231,29 @@ def _rss_bytes(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+def _allocator_peaks(prof, marker: str) -> tuple[int, int]:
+    """``(allocated when ``marker`` starts, peak allocated during it)`` from the profiler's memory events:
+    every allocation and free through PyTorch's CPU allocator, summed in time order from the profile's start."""
+    events = prof.profiler.kineto_results.events()
+    window = next(e for e in events if e.name() == marker)
+    running, at_start, peak = 0, None, 0
+    for e in sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns()):
+        if at_start is None and e.start_ns() >= window.start_ns():
+            at_start = peak = running
+        running += e.nbytes()
+        if window.start_ns() <= e.start_ns() <= window.end_ns():
+            peak = max(peak, running)
+    return at_start or running, peak
+
+
 def plan_case(name: str, use_lora: bool, args) -> dict:
-    """One plan-vs-measured case in this process (a fresh one on CPU); returns predicted and measured peaks."""
+    """One plan-vs-measured case in this process (a fresh one on CPU); returns predicted and measured peaks.
+
+    On CPU the measured peak is what PyTorch's CPU allocator held (the counterpart of
+    ``torch.cuda.max_memory_allocated``, from ``torch.profiler``'s memory events; the whole case is profiled,
+    so the weights count), and, beside it, the process's peak RSS above its RSS after imports.
+    """
+    import contextlib
     import ctypes
 
     import visalign as va
@@ -247,38 +268,48 @@ def plan_case(name: str, use_lora: bool, args) -> dict:
         gc.collect()
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     base = _rss_bytes("VmRSS") if not _cuda(args) else 0
-    pipe, policy = build(name, args)
-    w = _workload(name, policy, args, use_lora, args.micro_batch)
-    plan = make_plan(w, gpus=1, strategies=("ddp",), depth=args.depth)
-    predicted = plan.rows["ddp"]["PEAK per GPU"]
-    if _cuda(args) and predicted > 0.9 * torch.cuda.get_device_properties(0).total_memory:
-        return {"predicted_gib": predicted / 2**30, "measured_gib": None, "skipped": "the plan says it does not fit"}
-    with tempfile.TemporaryDirectory() as out:
-        config = va.GRPOConfig(num_steps=args.steps, group_size=args.group_size, prompts_per_step=args.prompts,
-                               timestep_fraction=args.fraction, micro_batch_size=args.micro_batch, use_lora=use_lora,
-                               lora_rank=args.lora_rank, height=args.size, width=args.size, output_dir=out,
-                               gradient_checkpointing=args.checkpointing, mixed_precision=_mixed(args),
-                               guidance_scale=policy.default_guidance_scale, trackers=["jsonl"], max_steps=10**6)
-        trainer = va.GRPOTrainer(policy, brightness, [f"prompt {i}" for i in range(8)], config)
-        if _cuda(args):
-            _reset(args)
-        else:
-            gc.collect()
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # the peak RSS restarts from the current RSS
-        setup = _rss_bytes("VmRSS") - base if not _cuda(args) else torch.cuda.memory_allocated()
-        for it in range(args.plan_iterations):
-            trainer._seed_step(it)
-            trainer.train_step(it)
-        measured = torch.cuda.max_memory_allocated() if _cuda(args) else _rss_bytes("VmHWM") - base
+    profiler = contextlib.nullcontext() if _cuda(args) else torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+    with profiler as prof:
+        pipe, policy = build(name, args)
+        w = _workload(name, policy, args, use_lora, args.micro_batch)
+        plan = make_plan(w, gpus=1, strategies=("ddp",), depth=args.depth)
+        predicted = plan.rows["ddp"]["PEAK per GPU"]
+        if _cuda(args) and predicted > 0.9 * torch.cuda.get_device_properties(0).total_memory:
+            return {"lora": use_lora, "predicted_gib": predicted / 2**30, "measured_gib": None,
+                    "skipped": "the plan says it does not fit"}
+        with tempfile.TemporaryDirectory() as out:
+            config = va.GRPOConfig(num_steps=args.steps, group_size=args.group_size, prompts_per_step=args.prompts,
+                                   timestep_fraction=args.fraction, micro_batch_size=args.micro_batch,
+                                   use_lora=use_lora, lora_rank=args.lora_rank, height=args.size, width=args.size,
+                                   output_dir=out, gradient_checkpointing=args.checkpointing,
+                                   mixed_precision=_mixed(args), guidance_scale=policy.default_guidance_scale,
+                                   trackers=["jsonl"], max_steps=10**6)
+            trainer = va.GRPOTrainer(policy, brightness, [f"prompt {i}" for i in range(8)], config)
+            if _cuda(args):
+                _reset(args)
+            else:
+                gc.collect()
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # the peak RSS restarts from the current RSS
+            with torch.profiler.record_function("plan_case_iterations"):
+                for it in range(args.plan_iterations):
+                    trainer._seed_step(it)
+                    trainer.train_step(it)
+            rss = _rss_bytes("VmHWM") - base if not _cuda(args) else None
+    if _cuda(args):
+        measured, setup = torch.cuda.max_memory_allocated(), None
+    else:
+        setup, measured = _allocator_peaks(prof, "plan_case_iterations")
     rows = plan.rows["ddp"]
+    phases = {"rollout": "rollout: peak above static", "train": "train: peak above static",
+              "optimizer step": "optimizer step: temporaries"}
     return {"lora": use_lora, "predicted_gib": predicted / 2**30, "measured_gib": measured / 2**30,
-            "error": predicted / measured - 1, "setup_measured_gib": setup / 2**30,
+            "error": predicted / measured - 1, "rss_gib": rss / 2**30 if rss else None,
+            "rss_error": predicted / rss - 1 if rss else None, "allocated_before_gib": setup / 2**30 if setup else None,
             "static_predicted_gib": rows["static"] / 2**30,
-            "phase": max(("rollout", "train", "optimizer step"), key=lambda p: rows[
-                {"rollout": "rollout: peak above static", "train": "train: peak above static",
-                 "optimizer step": "optimizer step: temporaries"}[p]])}
+            "phase": max(phases, key=lambda p: rows[phases[p]])}
 
 
 def bench_plan(name: str, args) -> list[dict]:
@@ -349,9 +380,10 @@ def print_algorithms(name, rows):
 
 def print_plan(name, cases):
     for c in cases:
+        rss = f"; peak RSS {_fmt(c.get('rss_gib'), '.2f')} GiB ({_fmt(c.get('rss_error'), '+.1%')})" if c.get("rss_gib") else ""
         print(f"\n[{name}] plan vs measured, {'LoRA' if c.get('lora') else 'full FT'}: predicted "
-              f"{_fmt(c.get('predicted_gib'), '.2f')} GiB, measured {_fmt(c.get('measured_gib'), '.2f')} GiB, error "
-              f"{_fmt(c.get('error'), '+.1%')} {c.get('skipped') or c.get('error_text') or ''}")
+              f"{_fmt(c.get('predicted_gib'), '.2f')} GiB, measured {_fmt(c.get('measured_gib'), '.2f')} GiB allocated, "
+              f"error {_fmt(c.get('error'), '+.1%')}{rss} {c.get('skipped') or c.get('error_text') or ''}")
 
 
 def parser() -> argparse.ArgumentParser:

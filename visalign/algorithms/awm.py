@@ -85,13 +85,10 @@ class AWMTrainer(ForwardProcessTrainer):
 
     def train_step(self, step: int) -> dict:
         cfg = self.config
-        rollout = self.collect(step)
-        if isinstance(rollout, dict):
-            return rollout
-        t_train = time.perf_counter()
-        advantages, metrics = self.advantages(rollout)
-        if advantages is None:
+        rollout, advantages, metrics = self.collect_with_advantages(step)
+        if rollout is None:
             return metrics
+        t_train = time.perf_counter()
         traj = rollout.traj
         adv = awm_advantages(advantages, cfg.advantage_clip)
         data = {"x0": traj.final_latents.float(), "adv": adv, "cond": self.training_conditioning(traj),

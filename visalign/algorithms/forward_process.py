@@ -48,6 +48,18 @@ class ForwardProcessTrainer(OnlineTrainer):
             raise ConfigError(f"{type(self).__name__} scores its rollouts: pass a reward.")
         super().__init__(policy, reward, prompts, config, accelerator)
 
+    def collect_with_advantages(self, step: int, policy_context=None):
+        """The rollout stage, then its advantages: ``(rollout, advantages, metrics)``.
+
+        ``rollout`` is None (and ``metrics`` the skip's) when the reward failed or was constant
+        within every group.
+        """
+        rollout = self.collect(step, policy_context=policy_context)
+        if isinstance(rollout, dict):
+            return None, None, rollout
+        advantages, metrics = self.advantages(rollout)
+        return (rollout if advantages is not None else None), advantages, metrics
+
     def advantages(self, rollout):
         """``(advantages (B,), metrics)``; advantages is None when the iteration is skipped (see the module doc)."""
         advantages, _, stats = self.compute_advantages(rollout)

@@ -75,13 +75,10 @@ class NFTTrainer(ForwardProcessTrainer):
 
     def train_step(self, step: int) -> dict:
         cfg = self.config
-        rollout = self.collect(step, policy_context=self.old.swapped())
-        if isinstance(rollout, dict):
-            return rollout
-        t_train = time.perf_counter()
-        advantages, metrics = self.advantages(rollout)
-        if advantages is None:
+        rollout, advantages, metrics = self.collect_with_advantages(step, policy_context=self.old.swapped())
+        if rollout is None:
             return metrics
+        t_train = time.perf_counter()
         traj = rollout.traj
         batch, levels = traj.batch_size, cfg.num_train_levels()
         gen = torch.Generator().manual_seed(self.step_seed(step, 2))

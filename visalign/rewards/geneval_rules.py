@@ -28,33 +28,11 @@ from dataclasses import dataclass, field
 from visalign.errors import InvalidInputError
 from visalign.rewards.detection import DetectedObject
 from visalign.rewards.geneval_spec import (
-    ACCEPTED_FORMS,
-    GENEVAL_CLASSES,
-    GENEVAL_COLORS,
-    RELATIONS,
-    TAGS,
     Clause,
     GenEvalSpec,
-    parse_prompt,
 )
 
-__all__ = [
-    "GENEVAL_COLORS",
-    "GENEVAL_CLASSES",
-    "RELATIONS",
-    "TAGS",
-    "ACCEPTED_FORMS",
-    "DetectedObject",
-    "Clause",
-    "GenEvalSpec",
-    "GenEvalRules",
-    "ClauseResult",
-    "GenEvalResult",
-    "parse_prompt",
-    "relative_position",
-    "box_iou",
-    "evaluate",
-]
+__all__ = ["ClauseResult", "GenEvalResult", "GenEvalRules", "box_iou", "evaluate", "relative_position"]
 
 
 # ----------------------------------------------------------------------------- geometry

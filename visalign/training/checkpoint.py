@@ -198,23 +198,15 @@ def _fsync_tree(path: str) -> None:
     """
     for dirpath, _, files in os.walk(path):
         for name in files:
-            try:
-                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.fsync(fd)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-    _fsync_dir(path)
+            _fsync_path(os.path.join(dirpath, name))
+    _fsync_path(path)
 
 
-def _fsync_dir(path: str) -> None:
+def _fsync_path(path: str) -> None:
+    """Flushes a file or folder to disk; quietly does nothing where the OS cannot (e.g. folders on Windows)."""
     try:
         fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open folders
+    except OSError:
         return
     try:
         os.fsync(fd)
@@ -248,7 +240,7 @@ def save_checkpoint(accelerator, output_dir: str, step: int, keep_last: int) -> 
             stale = f"{final}.old-{os.getpid()}"
             os.replace(final, stale)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        _fsync_path(root)
         if stale is not None:
             shutil.rmtree(stale, ignore_errors=True)
         for _, old in list_checkpoints(output_dir)[:-keep_last]:
