@@ -354,6 +354,9 @@ def plot(rows: list[dict], path: str, eval_captions: int | None = None) -> str:
     if agg["base"] is not None:
         ax.axhline(100 * agg["base"]["all_correct"], color="grey", linestyle="--", linewidth=1, label="base model")
     ax.set_xscale("log", base=2)
+    budgets = sorted({b for (_, b) in agg["groups"]})
+    ax.set_xticks(budgets, [str(b) for b in budgets])
+    ax.minorticks_off()
     ax.set_xlabel("generated training samples")
     ax.set_ylabel("evaluator all-correct (%)")
     n = (agg["base"] or next((g[0] for g in agg["groups"].values()), {})).get("eval_captions", "?")

@@ -133,10 +133,26 @@ def _workload(name: str, policy, args, use_lora: bool, micro_batch: int | None):
                     cfg, cfg, TINY_TEXT[family] + args.text_length, text, "cuda" if _cuda(args) else "cpu")
 
 
+_MEASURED: dict = {}
+
+
+def _measure(w, depth):
+    """``visalign.plan.measure`` once per distinct workload shape (it takes tens of seconds at full depth)."""
+    import dataclasses
+
+    from visalign.plan import measure
+
+    key = (depth, *(v for k, v in dataclasses.asdict(w).items() if k not in ("rollout_batch", "num_steps",
+                                                                             "trained_steps", "micro_batch")))
+    if key not in _MEASURED:
+        _MEASURED[key] = measure(w, depth=depth)
+    return dict(_MEASURED[key])
+
+
 def bench_grpo(name: str, pipe, policy, args) -> dict:
     import visalign as va
     from benchmarks import grpo_vs_baseline as gvb
-    from visalign.plan import measure, peak_bf16_flops
+    from visalign.plan import peak_bf16_flops
 
     family = ARCHITECTURES[name]
     gargs = SimpleNamespace(family={"sd3": "sd3", "flux": "flux"}[family], depth=args.depth, size=args.size,
@@ -150,7 +166,7 @@ def bench_grpo(name: str, pipe, policy, args) -> dict:
     del twin
     _cleanup(policy)
     w = _workload(name, policy, args, True, args.micro_batch)
-    measured = measure(w, depth=args.depth)
+    measured = _measure(w, args.depth)
     train_flops = w.rollout_batch * w.trained_steps * w.train_cfg * measured["flops_train"]
     rollout_flops = w.rollout_batch * args.steps * w.cfg * measured["flops_forward"]
     phases = result["phases"]["visalign"]
@@ -246,12 +262,13 @@ def _allocator_peaks(prof, marker: str) -> tuple[int, int]:
     return at_start or running, peak
 
 
-def plan_case(name: str, use_lora: bool, args) -> dict:
+def plan_case(name: str, use_lora: bool, args, method: str = "allocator") -> dict:
     """One plan-vs-measured case in this process (a fresh one on CPU); returns predicted and measured peaks.
 
-    On CPU the measured peak is what PyTorch's CPU allocator held (the counterpart of
-    ``torch.cuda.max_memory_allocated``, from ``torch.profiler``'s memory events; the whole case is profiled,
-    so the weights count), and, beside it, the process's peak RSS above its RSS after imports.
+    ``method="allocator"``: on a GPU ``torch.cuda.max_memory_allocated``; on CPU what PyTorch's CPU
+    allocator held at its peak, from ``torch.profiler``'s memory events (the whole case is profiled, so
+    the weights count). ``method="rss"`` (CPU): the process's peak RSS above its RSS after imports,
+    without the profiler, which would add its own buffers; RSS also holds what glibc and oneDNN keep.
     """
     import contextlib
     import ctypes
@@ -268,12 +285,12 @@ def plan_case(name: str, use_lora: bool, args) -> dict:
         gc.collect()
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     base = _rss_bytes("VmRSS") if not _cuda(args) else 0
-    profiler = contextlib.nullcontext() if _cuda(args) else torch.profiler.profile(
+    profiler = contextlib.nullcontext() if _cuda(args) or method == "rss" else torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
     with profiler as prof:
         pipe, policy = build(name, args)
         w = _workload(name, policy, args, use_lora, args.micro_batch)
-        plan = make_plan(w, gpus=1, strategies=("ddp",), depth=args.depth)
+        plan = make_plan(w, gpus=1, strategies=("ddp",), depth=args.depth, measured=_measure(w, args.depth))
         predicted = plan.rows["ddp"]["PEAK per GPU"]
         if _cuda(args) and predicted > 0.9 * torch.cuda.get_device_properties(0).total_memory:
             return {"lora": use_lora, "predicted_gib": predicted / 2**30, "measured_gib": None,
@@ -300,14 +317,16 @@ def plan_case(name: str, use_lora: bool, args) -> dict:
             rss = _rss_bytes("VmHWM") - base if not _cuda(args) else None
     if _cuda(args):
         measured, setup = torch.cuda.max_memory_allocated(), None
+    elif method == "rss":
+        measured, setup = rss, None
     else:
         setup, measured = _allocator_peaks(prof, "plan_case_iterations")
     rows = plan.rows["ddp"]
     phases = {"rollout": "rollout: peak above static", "train": "train: peak above static",
               "optimizer step": "optimizer step: temporaries"}
-    return {"lora": use_lora, "predicted_gib": predicted / 2**30, "measured_gib": measured / 2**30,
-            "error": predicted / measured - 1, "rss_gib": rss / 2**30 if rss else None,
-            "rss_error": predicted / rss - 1 if rss else None, "allocated_before_gib": setup / 2**30 if setup else None,
+    return {"lora": use_lora, "method": "cuda allocated" if _cuda(args) else method,
+            "predicted_gib": predicted / 2**30, "measured_gib": measured / 2**30, "error": predicted / measured - 1,
+            "allocated_before_gib": setup / 2**30 if setup else None,
             "static_predicted_gib": rows["static"] / 2**30,
             "phase": max(phases, key=lambda p: rows[phases[p]])}
 
@@ -324,12 +343,14 @@ def bench_plan(name: str, args) -> list[dict]:
                  "--fraction", args.fraction, "--lora-rank", args.lora_rank, "--micro-batch", args.micro_batch,
                  "--text-length", args.text_length, "--plan-iterations", args.plan_iterations,
                  *([] if args.checkpointing else ["--no-checkpointing"])]
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), *map(str, flags), "--plan-case",
-                              f"{name}:{'lora' if use_lora else 'full'}"], capture_output=True, text=True)
-        if out.returncode:
-            cases.append({"lora": use_lora, "error_text": out.stderr.strip().splitlines()[-1:]})
-        else:
-            cases.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        for method in args.plan_methods:
+            case = f"{name}:{'lora' if use_lora else 'full'}:{method}"
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), *map(str, flags), "--plan-case", case],
+                                 capture_output=True, text=True)
+            if out.returncode:
+                cases.append({"lora": use_lora, "method": method, "error_text": out.stderr.strip().splitlines()[-1:]})
+            else:
+                cases.append(json.loads(out.stdout.strip().splitlines()[-1]))
     return cases
 
 
@@ -380,10 +401,9 @@ def print_algorithms(name, rows):
 
 def print_plan(name, cases):
     for c in cases:
-        rss = f"; peak RSS {_fmt(c.get('rss_gib'), '.2f')} GiB ({_fmt(c.get('rss_error'), '+.1%')})" if c.get("rss_gib") else ""
-        print(f"\n[{name}] plan vs measured, {'LoRA' if c.get('lora') else 'full FT'}: predicted "
-              f"{_fmt(c.get('predicted_gib'), '.2f')} GiB, measured {_fmt(c.get('measured_gib'), '.2f')} GiB allocated, "
-              f"error {_fmt(c.get('error'), '+.1%')}{rss} {c.get('skipped') or c.get('error_text') or ''}")
+        print(f"\n[{name}] plan vs measured, {'LoRA' if c.get('lora') else 'full FT'}, {c.get('method')}: predicted "
+              f"{_fmt(c.get('predicted_gib'), '.2f')} GiB, measured {_fmt(c.get('measured_gib'), '.2f')} GiB, "
+              f"error {_fmt(c.get('error'), '+.1%')} {c.get('skipped') or c.get('error_text') or ''}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -409,7 +429,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed sampling repeats (default: 3)")
     p.add_argument("--iterations", type=int, default=3, help="GRPO iterations per loop, first a warm-up (default: 3)")
     p.add_argument("--algorithm-iterations", type=int, default=2)
-    p.add_argument("--plan-iterations", type=int, default=1)
+    p.add_argument("--plan-iterations", type=int, default=2, help="GRPO iterations measured per plan case "
+                   "(default: 2: from the second on, AdamW's moments exist throughout, as the plan assumes)")
+    p.add_argument("--plan-methods", nargs="+", default=["allocator", "rss"], choices=["allocator", "rss"],
+                   help="CPU measurements, each in its own process (default: both)")
     p.add_argument("--plan-cases", nargs="+", default=["lora", "full"], choices=["lora", "full"],
                    help="plan-vs-measured cases: a LoRA and a full fine-tuning GRPO iteration (default: both)")
     p.add_argument("--json", default="gpu_results.json", help="where to write the results (default: gpu_results.json)")
@@ -421,8 +444,8 @@ def main(argv=None) -> dict:
     args = parser().parse_args(argv)
     args.depth = args.depth or None
     if args.plan_case:
-        name, kind = args.plan_case.split(":")
-        print(json.dumps(plan_case(name, kind == "lora", args)))
+        name, kind, method = args.plan_case.split(":")
+        print(json.dumps(plan_case(name, kind == "lora", args, method)))
         return {}
     import diffusers
     import peft
@@ -433,11 +456,12 @@ def main(argv=None) -> dict:
             "settings": {k: v for k, v in vars(args).items() if k != "plan_case"}}
     print(f"visalign GPU benchmarks on {device}; torch {torch.__version__}, diffusers {diffusers.__version__}; "
           f"{args.size}px, {args.dtype}, depth {args.depth or 'full'}, LoRA r{args.lora_rank}, {args.steps} steps")
-    start = time.perf_counter()
-    results = {name: run_architecture(name, args) for name in args.architectures}
-    meta["seconds"] = time.perf_counter() - start
-    with open(args.json, "w") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=2, default=str)
+    start, results = time.perf_counter(), {}
+    for name in args.architectures:  # the JSON is rewritten after each architecture: a cut-off run keeps its part
+        results[name] = run_architecture(name, args)
+        meta["seconds"] = time.perf_counter() - start
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=2, default=str)
     print(f"\nwrote {args.json} ({meta['seconds']:.0f} s)")
     return results
 

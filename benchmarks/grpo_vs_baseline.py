@@ -106,8 +106,9 @@ def compare(args, policies=None) -> dict:
             times["baseline"].append(time.perf_counter() - start)
             peaks["baseline"] = max(peaks["baseline"], _peak(args.device) or 0.0)
             if it:
-                phases["visalign"].append({k: ours.get(k, 0.0) for k in ("time_sampling", "time_reward", "time_training")})
-                phases["baseline"].append({k: theirs[k] for k in ("time_sampling", "time_reward", "time_training")})
+                keys = ("time_sampling", "time_reward", "time_training")
+                phases["visalign"].append({k: ours.get(k, 0.0) for k in keys})
+                phases["baseline"].append({k: theirs[k] for k in keys})
         counts = {k: theirs[k] for k in expected}
         if counts != expected:
             raise AssertionError(f"the baseline did a different update: {counts} != visalign's {expected}")
@@ -118,7 +119,8 @@ def compare(args, policies=None) -> dict:
             "size": args.size, "device": args.device, "dtype": args.dtype, "visalign_s": med["visalign"],
             "baseline_s": med["baseline"], "visalign_it_per_s": 1 / med["visalign"],
             "baseline_it_per_s": 1 / med["baseline"], "ratio": med["baseline"] / med["visalign"],
-            "phases": mean_phase, "counts": counts, "peak_gib": peaks if args.device.startswith("cuda") else None, "first_step_ratio_error": theirs["first_step_ratio_error"]}
+            "phases": mean_phase, "counts": counts, "peak_gib": peaks if args.device.startswith("cuda") else None,
+            "first_step_ratio_error": theirs["first_step_ratio_error"]}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -152,9 +154,10 @@ def main(argv=None) -> dict:
     if args.guidance_scale is None:
         args.guidance_scale = {"sd3": 4.5, "flux": 3.5, "wan": 4.5}[args.family]
     result = compare(args)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"{result['architecture']} depth {args.depth or 'full'} at real width, {args.size}px, {args.dtype}, {device}, "
-          f"torch {torch.__version__}; {args.prompts} prompts x {args.group_size}, {args.steps} steps, "
+    cpu = f"CPU ({torch.get_num_threads()} threads)"
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu
+    print(f"{result['architecture']} depth {args.depth or 'full'} at real width, {args.size}px, {args.dtype}, "
+          f"{device}, torch {torch.__version__}; {args.prompts} prompts x {args.group_size}, {args.steps} steps, "
           f"{result['counts']['trained_transitions']} trained transitions, LoRA r{args.lora_rank}; "
           f"median of {args.iterations - 1} iterations after a warm-up")
     print(f"{'loop':10s} {'it/s':>8s} {'s/it':>8s} {'sampling':>9s} {'reward':>8s} {'training':>9s}")

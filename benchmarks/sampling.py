@@ -119,7 +119,8 @@ def main() -> None:
     print(f"{'family':16s} {'stock s':>9s} {'ode s':>9s} {'sde s':>9s} {'ode/stock':>10s} {'sde/stock':>10s}")
     for family in args.families:
         r = bench_family(family, args.steps, args.batch, args.repeats)
-        print(f"{family:16s} {r['stock']:9.4f} {r['ode']:9.4f} {r['sde']:9.4f} {r['ode_ratio']:10.3f} {r['sde_ratio']:10.3f}")
+        print(f"{family:16s} {r['stock']:9.4f} {r['ode']:9.4f} {r['sde']:9.4f} {r['ode_ratio']:10.3f} "
+              f"{r['sde_ratio']:10.3f}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,9 @@ recipe's ``torch_dtype``; a full-fine-tuning reference (``kl_beta > 0``) is a de
 accelerate wraps the model, so FSDP does not shard it; DDP keeps a second fp32 copy of the gradients
 in its buckets; FSDP is FSDP2 ``fully_shard`` per transformer block (all parameters sharded, the
 gathered block and the next one's prefetch unsharded); text encoders and the VAE stay on every GPU.
+The training micro-batch is GRPO's and PRDP's: every (sample, trained step) pair of the micro-batch in
+one forward, as visalign batches them; for DPO and DRaFT the figure is one forward per sample (DRaFT's
+backpropagation through the chain is measured in benchmarks/gpu.py's step table, not planned).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from visalign import architectures as arch
 from visalign.errors import ConfigError
@@ -107,20 +112,22 @@ def workload_from_recipe(path: str, overrides=(), architecture: str | None = Non
     rollout = get("prompts_per_step", 1) * get("group_size", 1)
     steps = get("num_steps", 10)
     candidates = get("sde_window_size") or steps - 1
-    fraction = 1.0 if algorithm == "prdp" else get("timestep_fraction", 1.0)
+    fraction = get("timestep_fraction", 1.0)
     trained = max(1, round(fraction * candidates)) if algorithm in ("grpo", "prdp") else 1
     per_update = max(1, rollout // get("updates_per_rollout", 1))
     mixed = get("mixed_precision", "no")
     return Workload(name, algorithm, dtype, {"no": dtype, "bf16": "bfloat16", "fp16": "float16"}[mixed],
-                    get("height") or h, get("width") or w, (get("num_frames") or f) if f else None, get("use_lora", True),
-                    get("lora_rank", 8), get("lora_target_modules"), get("gradient_checkpointing", False),
-                    get("ema_decay") is not None, get("kl_beta", 0.0) > 0, rollout, steps, trained,
+                    get("height") or h, get("width") or w, (get("num_frames") or f) if f else None,
+                    get("use_lora", True), get("lora_rank", 8), get("lora_target_modules"),
+                    get("gradient_checkpointing", False), get("ema_decay") is not None,
+                    get("kl_beta", 0.0) > 0 or algorithm == "dpo",
+                    rollout, steps, trained,
                     min(get("micro_batch_size") or per_update, per_update), cfg_mult,
                     1 if get("detach_uncond", False) else cfg_mult)
 
 
 # ------------------------------------------------------------------------------ measuring on meta
-class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+class _LiveBytes(TorchDispatchMode):
     """Tracks the bytes of every storage an op creates until its last tensor dies; keeps the peak."""
 
     def __init__(self, external=()):
@@ -130,7 +137,7 @@ class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
+        for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in self.external:
                 key = t.untyped_storage()._cdata
                 if key not in self.live:
@@ -208,10 +215,11 @@ def measure(w: Workload, depth: int | None = None) -> dict:
     family, dtype = record["family"], getattr(torch, w.compute_dtype)
     w.text_tokens = w.text_tokens or record["text_tokens"]
     model = arch.build(w.architecture, depth=depth, dtype=dtype)
+    blocks = [b for blocks in arch.block_lists(model) for b in blocks]
     out = {"params": sum(p.numel() for p in model.parameters()),
            "buffer_bytes": sum(b.numel() for b in model.buffers() if b.is_floating_point()) * _BYTES[w.dtype],
-           "blocks": arch.num_blocks(model), "block_classes": sorted({type(b).__name__ for bl in arch.block_lists(model) for b in bl}),
-           "block_params": max(sum(p.numel() for p in b.parameters()) for bl in arch.block_lists(model) for b in bl)}
+           "blocks": len(blocks), "block_classes": sorted({type(b).__name__ for b in blocks}),
+           "block_params": max(sum(p.numel() for p in b.parameters()) for b in blocks)}
     if w.use_lora:
         from peft import LoraConfig
 
@@ -247,7 +255,7 @@ def measure(w: Workload, depth: int | None = None) -> dict:
     out["text_params"] = w.text_encoder_params if w.text_encoder_params is not None else sum(
         arch.parameter_count(w.architecture, part) for part in record["text_encoders"])
     out["latent_numel"] = z.numel()  # FLUX's packing is a permutation of the same numbers
-    out["cond_numel"] = w.text_tokens * (4096 if family != "sd3" else record["denoiser"]["config"]["joint_attention_dim"])
+    out["cond_numel"] = w.text_tokens * record["denoiser"]["config"].get("joint_attention_dim", 4096)
     return out
 
 
@@ -324,8 +332,8 @@ def make_plan(w: Workload, gpus: int = 1, strategies=("ddp", "fsdp"), depth: int
         rows["train: activations, checkpointing"] = m["act_train_ckpt"] * train_samples
         rows["train: peak above static"] = states + cond + act + ref_pass + (autocast if ddp else 0)
         rows["optimizer step: temporaries"] = trainable * 4 / n if w.device == "cuda" else 8 * m["largest_trainable"]
-        rows["PEAK per GPU"] = rows["static"] + max(rows["rollout: peak above static"],
-                                                    rows["train: peak above static"], rows["optimizer step: temporaries"])
+        phases = ("rollout: peak above static", "train: peak above static", "optimizer step: temporaries")
+        rows["PEAK per GPU"] = rows["static"] + max(rows[p] for p in phases)
         plan.rows[strategy] = rows
     s = w.rollout_batch
     plan.flops = {"rollout": s * w.num_steps * w.cfg * m["flops_forward"] + s * m["flops_decode"],

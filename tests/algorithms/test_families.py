@@ -34,7 +34,8 @@ def prompt_source(tmp_path, family):
     rows = []
     for i, prompt in enumerate(PROMPTS):
         rng = np.random.RandomState(i)
-        Image.fromarray((rng.rand(size["height"], size["width"], 3) * 255).astype(np.uint8)).save(tmp_path / f"src{i}.png")
+        pixels = (rng.rand(size["height"], size["width"], 3) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"src{i}.png")
         rows.append({"prompt": prompt, "image": f"src{i}.png"})
     path = tmp_path / "prompts.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -63,3 +64,17 @@ def test_two_iterations(tmp_path, family, algorithm):
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["reward_mean"]) for r in rows if "loss" in r)
     assert any(not torch.equal(a, p) for a, p in zip(before, trainer.trainable_parameters))
+
+
+@pytest.mark.parametrize("family", FAMILY_LIST)
+def test_encode_decode_round_trip_is_differentiable(family):
+    """What DPO, NFT and DRaFT-LV use: decode is differentiable and encode lands in the sampler's layout."""
+    policy = va.wrap(tiny_pipeline(family))
+    geometry = policy.geometry(**size_kwargs(family))
+    latents = policy.prepare_latents(1, geometry, torch.Generator().manual_seed(0)).requires_grad_(True)
+    pixels = policy.decode(latents, geometry)
+    frames = (geometry.num_frames,) if policy.is_video else ()
+    assert pixels.shape == (1, *frames, 3, geometry.height, geometry.width) and 0 <= pixels.min() and pixels.max() <= 1
+    pixels.mean().backward()
+    assert latents.grad is not None and latents.grad.abs().sum() > 0
+    assert policy.encode(pixels.detach()).shape == latents.shape

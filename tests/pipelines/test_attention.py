@@ -46,8 +46,8 @@ def test_the_dispatcher_path_matches_stock_exactly(family):
     assert "DispatchJointAttnProcessor" not in {type(p).__name__ for p in policy.denoiser.attn_processors.values()}
 
 
-@pytest.mark.parametrize("backend,package,extra", [("xformers", "xformers", "xformers"), ("flash", "flash_attn", "flash"),
-                                                   ("sage", "sageattention", "sage")])
+@pytest.mark.parametrize("backend,package,extra", [("xformers", "xformers", "xformers"),
+                                                   ("flash", "flash_attn", "flash"), ("sage", "sageattention", "sage")])
 def test_a_backend_that_is_not_installed_names_its_extra(backend, package, extra):
     if importlib.util.find_spec(package) is not None:
         pytest.skip(f"{package} is installed here")

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 import visalign as va
+from tests.conftest import EDIT_FAMILIES, first_frames, size_kwargs
 from visalign.errors import ConfigError, InvalidInputError, UnsupportedPipelineError
 from visalign.testing import tiny_clip, tiny_pipeline, tiny_vlm
-from tests.conftest import EDIT_FAMILIES, PROMPTS, first_frames, size_kwargs
 
 INSTRUCTIONS = ["make the circle red", "make the square blue"]
 
@@ -77,7 +77,8 @@ def test_edit_policy_without_sources(tiny_policies, family):
     with pytest.raises(InvalidInputError, match="images="):
         va.sample(tiny_policies(family), INSTRUCTIONS, num_steps=2, **size_kwargs(family))
     with pytest.raises(InvalidInputError, match="images="):  # the adapter says so when called directly too
-        tiny_policies(family).encode_prompt(INSTRUCTIONS, geometry=tiny_policies(family).geometry(**size_kwargs(family)))
+        policy = tiny_policies(family)
+        policy.encode_prompt(INSTRUCTIONS, geometry=policy.geometry(**size_kwargs(family)))
 
 
 @pytest.mark.parametrize("family", EDIT_FAMILIES)

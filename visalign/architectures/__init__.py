@@ -36,7 +36,7 @@ ARCHITECTURES: tuple[str, ...] = tuple(sorted(f[:-5] for f in os.listdir(_HERE) 
 BLOCK_ATTRIBUTES = ("transformer_blocks", "single_transformer_blocks", "blocks")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load(name: str) -> str:
     with open(os.path.join(_HERE, f"{name}.json"), encoding="utf-8") as f:
         return f.read()
@@ -67,7 +67,8 @@ def resolve(model: str | None = None, architecture: str | None = None) -> str:
             return name
     known = ", ".join(f"{hub} ({name})" for hub, name in KNOWN_MODELS.items())
     raise ConfigError(f"No known architecture for model {model!r}. Known hub ids: {known}. For a fine-tune or a local "
-                      f"copy of one of them, add `architecture: NAME` to the recipe (NAME one of {', '.join(ARCHITECTURES)}).")
+                      f"copy of one of them, add `architecture: NAME` to the recipe (NAME one of "
+                      f"{', '.join(ARCHITECTURES)}).")
 
 
 def config(name: str, part: str = "denoiser", depth: int | None = None) -> dict:

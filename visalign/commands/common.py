@@ -19,7 +19,7 @@ def load_policy_for_cli(model: str, dtype: str | None = None, device: str | None
         if not os.path.exists(lora):
             raise InvalidInputError(f"--lora {lora} does not exist; pass a folder written by `visalign train` "
                                     "(OUTPUT_DIR/lora) or any diffusers LoRA.")
-        policy.pipe.load_lora_weights(lora)
+        policy.load_lora(lora)  # every expert's file, in the format the family exports
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return policy.to(device)
 

@@ -113,7 +113,8 @@ def _restore_stock(model: torch.nn.Module) -> None:
 
 def _use_dispatcher(model: torch.nn.Module, backend: str) -> list[str]:
     """Points every dispatcher processor of ``model`` at ``backend`` (a diffusers name); returns the
-    class names of processors that cannot use the dispatcher."""
+    class names of processors that cannot use the dispatcher.
+    """
     from diffusers.models.attention_dispatch import AttentionBackendName
     from diffusers.models.attention_processor import JointAttnProcessor2_0
 
@@ -147,7 +148,15 @@ def apply_attention_backend(policy, name: str | None) -> str:
         MissingDependencyError: the backend's package is not installed; the message names the extra.
     """
     backend = check_attention_backend(name)
-    model = getattr(policy, "denoiser", policy)
+    models = list(policy.trainable_denoisers().values()) if hasattr(policy, "trainable_denoisers") else [policy]
+    for model in models:  # both experts of a two-expert family
+        _apply_to_model(model, backend)
+    if models[0] is not policy:
+        policy.attention_backend = backend
+    return backend
+
+
+def _apply_to_model(model, backend: str) -> None:
     _restore_stock(model)
     if backend != "sdpa":
         unsupported = _use_dispatcher(model, ATTENTION_BACKENDS[backend])
@@ -160,6 +169,3 @@ def apply_attention_backend(policy, name: str | None) -> str:
             raise ConfigError(f"attention_backend={backend!r}: {type(model).__name__} uses attention processors "
                               f"({', '.join(unsupported)}) that do not go through diffusers' attention dispatcher; "
                               "on this model use 'sdpa' or 'xformers'.")
-    if model is not policy:
-        policy.attention_backend = backend
-    return backend

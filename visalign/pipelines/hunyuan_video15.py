@@ -21,6 +21,9 @@ What differs from the other video families, each as stock ``HunyuanVideo15Pipeli
 - **VAE:** ``latents / scaling_factor``. visalign decodes and encodes one sample at a time: the
   diffusers 0.42 VAE attention fails on batches larger than one (stock needs
   ``pipe.vae.enable_slicing()`` to decode a batch).
+- **dtype:** stock draws the initial noise and keeps the state in the transformer's dtype; visalign
+  draws float32 noise and keeps a float32 state, so the two agree in float32 (the stock guarantee)
+  and differ in bfloat16 from the first draw on.
 
 **LoRA.** diffusers 0.42 has no LoRA loader mixin for these pipelines, so :meth:`save_lora` writes the
 same file the other families write (``pytorch_lora_weights.safetensors``, keys ``transformer.…`` and the

@@ -132,7 +132,8 @@ class QwenImagePolicy(FlowPolicy):
         embeds, mask = self._encode_text(prompts, length, **kwargs)
         negative = negative_mask = None
         if scale > 1:
-            negatives = list(negative_prompts) if negative_prompts is not None else [self.negative_prompt] * len(prompts)
+            negatives = ([self.negative_prompt] * len(prompts) if negative_prompts is None
+                         else list(negative_prompts))
             negative, negative_mask = self._encode_text(negatives, length, **kwargs)
         longest = max(embeds.shape[1], 0 if negative is None else negative.shape[1])
         embeds, mask = pad_text(embeds, mask, longest)

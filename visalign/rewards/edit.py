@@ -30,7 +30,8 @@ Recipe name: ``reward: {edit: {type: EditReward, model: Qwen/Qwen2.5-VL-7B-Instr
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

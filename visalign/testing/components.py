@@ -18,6 +18,7 @@ from functools import lru_cache
 from typing import Any
 
 from diffusers import AutoencoderKL
+from transformers import ProcessorMixin, Qwen2VLProcessor  # noqa: F401  (ProcessorMixin: see QwenVLImageProcessor)
 
 from visalign.testing.tokenizers import tiny_clip_tokenizer, tiny_t5_tokenizer
 
@@ -362,27 +363,25 @@ def _qwen2vl_processor(**config):
     return QwenVLImageProcessor(image_processor=processor_cls(**config), tokenizer=tiny_llm_tokenizer("qwen"))
 
 
-def _qwen_vl_processor_class():
-    from transformers import Qwen2VLProcessor
+class QwenVLImageProcessor(Qwen2VLProcessor):
+    """``Qwen2VLProcessor`` without its video sub-processor.
 
-    class QwenVLImageProcessor(Qwen2VLProcessor):
-        """``Qwen2VLProcessor`` without its video sub-processor.
+    transformers' ``Qwen2VLVideoProcessor`` imports torchvision at module level, which the default
+    environment does not have (``ENVIRONMENT.md``); the edit pipelines pass images only. diffusers
+    saves it as a custom component of this module and finds its loader through the base classes
+    this module exposes (``ProcessorMixin``), so tiny edit pipelines survive ``save_pretrained`` /
+    ``from_pretrained``.
+    """
 
-        transformers' ``Qwen2VLVideoProcessor`` imports torchvision at module level, which the
-        default environment does not have (``ENVIRONMENT.md``); the edit pipelines pass images only.
-        """
-
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-    QwenVLImageProcessor.__module__ = __name__
-    return QwenVLImageProcessor
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
 
 def _qwen_image_vae(**config):
     """A tiny ``AutoencoderKLQwenImage``: the real 8x spatial factor and 16 channels with the real
     ``latents_mean``/``latents_std`` (its config defaults), 4 channels per level and no extra residual
-    blocks, so that stock Qwen-Image-Edit's 1 MP source encodes in about 2 s on one CPU thread."""
+    blocks, so that stock Qwen-Image-Edit's 1 MP source encodes in about 2 s on one CPU thread.
+    """
     from diffusers import AutoencoderKLQwenImage
 
     config = {"base_dim": 4, "z_dim": 16, "dim_mult": [1, 1, 1, 1], "num_res_blocks": 0,
@@ -408,5 +407,3 @@ def _flux2_vae(**config):
         vae.bn.running_var.copy_(0.5 + torch.rand_like(vae.bn.running_var))
     return vae
 
-
-QwenVLImageProcessor = _qwen_vl_processor_class()

@@ -35,8 +35,8 @@ from visalign.testing.components import (
     _latent16_vae,
     _mistral3_text_encoder,
     _qwen2vl_processor,
-    _qwen25_vl_text_encoder,
     _qwen3_text_encoder,
+    _qwen25_vl_text_encoder,
     _qwen_image_vae,
     _Recipe,
     _t5_text,
@@ -203,7 +203,8 @@ def _qwen_image_transformer(**config):
 
 def _qwen_image() -> tuple[type, dict[str, Any]]:
     """Qwen-Image: Qwen2.5-VL text encoder (last hidden state, 34 template tokens dropped), the
-    Wan-style 3D VAE (8x, per-channel latent mean/std), true CFG with a norm rescale."""
+    Wan-style 3D VAE (8x, per-channel latent mean/std), true CFG with a norm rescale.
+    """
     from diffusers import QwenImagePipeline
 
     return QwenImagePipeline, {
@@ -217,7 +218,8 @@ def _qwen_image() -> tuple[type, dict[str, Any]]:
 
 def _qwen_image_edit() -> tuple[type, dict[str, Any]]:
     """Qwen-Image-Edit: Qwen-Image plus the source image, seen by the VLM (``processor``) and
-    concatenated to the sequence as VAE latents."""
+    concatenated to the sequence as VAE latents.
+    """
     from diffusers import QwenImageEditPipeline
 
     _, parts = _qwen_image()
@@ -235,7 +237,8 @@ def _flux2_transformer(**config):
 
 def _flux2() -> tuple[type, dict[str, Any]]:
     """FLUX.2 [dev]: Mistral-3 text encoder (layers 10, 20, 30 stacked), 32-channel VAE with 2x2
-    patches normalised by its batch-norm statistics, embedded guidance."""
+    patches normalised by its batch-norm statistics, embedded guidance.
+    """
     from diffusers import Flux2Pipeline
 
     return Flux2Pipeline, {
@@ -249,7 +252,8 @@ def _flux2() -> tuple[type, dict[str, Any]]:
 
 def _flux2_klein() -> tuple[type, dict[str, Any]]:
     """FLUX.2 [klein] base: Qwen3 text encoder (layers 9, 18, 27 stacked, so 28 tiny layers), no
-    guidance embedding, CFG with the empty negative prompt as two forwards."""
+    guidance embedding, CFG with the empty negative prompt as two forwards.
+    """
     from diffusers import Flux2KleinPipeline
 
     return Flux2KleinPipeline, {
@@ -275,7 +279,8 @@ def _z_image_transformer(**config):
 
 def _z_image() -> tuple[type, dict[str, Any]]:
     """Z-Image: Qwen3 text encoder (penultimate hidden state, unpadded), the FLUX.1 VAE, a
-    single-stream DiT that predicts −v at t = 1 − σ; CFG as ``c + s·(c − u)``."""
+    single-stream DiT that predicts −v at t = 1 − σ; CFG as ``c + s·(c − u)``.
+    """
     from diffusers import ZImagePipeline
 
     return ZImagePipeline, {

@@ -35,15 +35,15 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 import torch
 
 from visalign.errors import InvalidInputError
 from visalign.rewards.base import Reward
 from visalign.toy.detection import Detection, detect
-from visalign.toy.world import (CAPTION_SIZES, COLORS, POSITIONS, SHAPES, Scene, Sprite, all_scenes, as_scene)
+from visalign.toy.world import CAPTION_SIZES, COLORS, POSITIONS, SHAPES, Scene, Sprite, all_scenes, as_scene
 
 __all__ = ["EDIT_KINDS", "EditTask", "ToyEditReward", "apply_instruction", "edit_tasks", "evaluate_edits",
            "instruction"]

@@ -447,7 +447,7 @@ class Trainer(Evaluations):
     def describe(self) -> str:
         """The batch arithmetic and the config, printed at start (ddpo-pytorch style)."""
         n_train = sum(p.numel() for p in self.trainable_parameters)
-        n_total = sum(p.numel() for p in self.policy.denoiser.parameters())
+        n_total = sum(p.numel() for d in self.policy.trainable_denoisers().values() for p in d.parameters())
         lines = [f"{type(self).__name__}: {self.policy!r}",
                  f"  processes: {self.accelerator.num_processes}, device: {self.accelerator.device}, "
                  f"mixed precision: {self.config.mixed_precision}",
