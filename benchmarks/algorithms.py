@@ -33,8 +33,17 @@ import tempfile
 
 import torch
 
-CONFIGS = ("grpo", "prdp", "dpo-offline", "dpo-online", "draft-full", "draft-full-nockpt", "draft-k1", "draft-lv",
-           "refl")
+CONFIGS = (
+    "grpo",
+    "prdp",
+    "dpo-offline",
+    "dpo-online",
+    "draft-full",
+    "draft-full-nockpt",
+    "draft-k1",
+    "draft-lv",
+    "refl",
+)
 
 
 def brightness(images, prompts):
@@ -64,9 +73,17 @@ def build(name: str, args, out: str):
     from visalign.testing import tiny_pipeline
 
     frames = 5 if args.family.startswith("wan") else None
-    common = dict(output_dir=os.path.join(out, "run"), max_steps=args.iterations, height=args.size, width=args.size,
-                  num_frames=frames, guidance_scale=args.guidance_scale, lora_rank=8, trackers=["jsonl"],
-                  gradient_checkpointing=False)
+    common = dict(
+        output_dir=os.path.join(out, "run"),
+        max_steps=args.iterations,
+        height=args.size,
+        width=args.size,
+        num_frames=frames,
+        guidance_scale=args.guidance_scale,
+        lora_rank=8,
+        trackers=["jsonl"],
+        gradient_checkpointing=False,
+    )
     prompts = [f"prompt {i}" for i in range(16)]
     pipe = tiny_pipeline(args.family)
     steps = args.steps
@@ -82,8 +99,13 @@ def build(name: str, args, out: str):
     if name == "dpo-online":
         cfg = va.DPOConfig(mode="online", num_steps=steps, group_size=4, prompts_per_step=2, **common)
         return va.DPOTrainer(pipe, brightness, prompts, cfg)
-    draft = {"draft-full": dict(), "draft-full-nockpt": dict(checkpoint_steps=False), "draft-k1": dict(truncation=1),
-             "draft-lv": dict(variant="lv", lv_samples=2), "refl": dict(variant="refl")}[name]
+    draft = {
+        "draft-full": dict(),
+        "draft-full-nockpt": dict(checkpoint_steps=False),
+        "draft-k1": dict(truncation=1),
+        "draft-lv": dict(variant="lv", lv_samples=2),
+        "refl": dict(variant="refl"),
+    }[name]
     cfg = va.DRaFTConfig(num_steps=steps, prompts_per_step=4, **draft, **common)
     return va.DRaFTTrainer(pipe, brightness, prompts, cfg)
 
@@ -123,15 +145,30 @@ def main() -> None:
         print(json.dumps(run_one(args.only[0], args)))
         return
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(f"{args.family} {args.size}×{args.size}, {args.steps} steps, CFG {args.guidance_scale}, LoRA r8, fp32, "
-          f"{device}, torch {torch.__version__}, threads {args.threads}; mean of {args.iterations - 1} iterations "
-          f"after a warm-up; memory: growth of the peak during training")
+    print(
+        f"{args.family} {args.size}×{args.size}, {args.steps} steps, CFG {args.guidance_scale}, LoRA r8, fp32, "
+        f"{device}, torch {torch.__version__}, threads {args.threads}; mean of {args.iterations - 1} iterations "
+        f"after a warm-up; memory: growth of the peak during training"
+    )
     print(f"{'configuration':18s} {'step s':>8s} {'peak MiB':>9s}")
-    flags = ["--family", args.family, "--size", str(args.size), "--steps", str(args.steps), "--iterations",
-             str(args.iterations), "--guidance-scale", str(args.guidance_scale), "--threads", str(args.threads)]
+    flags = [
+        "--family",
+        args.family,
+        "--size",
+        str(args.size),
+        "--steps",
+        str(args.steps),
+        "--iterations",
+        str(args.iterations),
+        "--guidance-scale",
+        str(args.guidance_scale),
+        "--threads",
+        str(args.threads),
+    ]
     for name in args.only:
-        out = subprocess.run([sys.executable, __file__, "--json", "--only", name, *flags],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, __file__, "--json", "--only", name, *flags], capture_output=True, text=True, check=True
+        ).stdout
         r = json.loads(out.strip().splitlines()[-1])
         print(f"{name:18s} {r['step_s']:8.3f} {r['peak_mib']:9.1f}")
 

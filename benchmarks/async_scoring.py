@@ -28,7 +28,6 @@ import visalign as va
 from visalign.testing import brightness, tiny_pipeline
 
 
-
 class SleepyBrightness:
     """Brightness after a sleep of ``seconds`` (the sleep releases the GIL, like waiting on a socket)."""
 

@@ -63,8 +63,16 @@ VARIANTS = {
     "grpo_fast": ("grpo", ["sde_window_size=3", "sde_window_mode=random", "sde_window_range=[0,5]"]),
     "grpo_guard": ("grpo", ["ratio=guard"]),
 }
-LABELS = {"grpo": "GRPO", "grpo_fast": "GRPO-Fast", "grpo_guard": "GRPO-Guard", "dpo": "DPO (online)",
-          "prdp": "PRDP", "draft": "DRaFT-2", "nft": "DiffusionNFT", "awm": "AWM"}
+LABELS = {
+    "grpo": "GRPO",
+    "grpo_fast": "GRPO-Fast",
+    "grpo_guard": "GRPO-Guard",
+    "dpo": "DPO (online)",
+    "prdp": "PRDP",
+    "draft": "DRaFT-2",
+    "nft": "DiffusionNFT",
+    "awm": "AWM",
+}
 DEFAULT_BUDGETS = (256, 512, 1024, 2048)
 EVAL_STEPS, EVAL_CFG = 10, 3.0
 ATTRIBUTES = ("color", "shape", "position")
@@ -79,8 +87,14 @@ def recipe_for(algorithm: str) -> tuple[str, list[str]]:
 def run_overrides(algorithm: str, seed: int, max_steps: int, output_dir: str) -> list[str]:
     """Every override a benchmark run applies to its recipe (method, seed, length, no side outputs)."""
     return recipe_for(algorithm)[1] + [
-        f"seed={seed}", f"max_steps={max_steps}", f"output_dir={output_dir}", "trackers=[]",
-        "sample_every=0", "checkpoint_every=0", "true_metric_every=0"]
+        f"seed={seed}",
+        f"max_steps={max_steps}",
+        f"output_dir={output_dir}",
+        "trackers=[]",
+        "sample_every=0",
+        "checkpoint_every=0",
+        "true_metric_every=0",
+    ]
 
 
 def samples_per_iteration(algorithm: str, config) -> int:
@@ -97,9 +111,11 @@ def _evaluate(policy, reward, num_captions: int) -> dict:
 
     prompts, seeds = eval_set(num_captions)
     result = evaluate_policy(policy, prompts, seeds, num_steps=EVAL_STEPS, guidance_scale=EVAL_CFG, reward=reward)
-    return {"all_correct": float(result["all_correct"]),
-            "accuracy": {k: float(result["accuracy"][k]) for k in ATTRIBUTES},
-            "reward": float(result["reward"])}
+    return {
+        "all_correct": float(result["all_correct"]),
+        "accuracy": {k: float(result["accuracy"][k]) for k in ATTRIBUTES},
+        "reward": float(result["reward"]),
+    }
 
 
 def _peak_rss_mib() -> float:
@@ -109,8 +125,13 @@ def _peak_rss_mib() -> float:
 def _environment(threads: int) -> dict:
     import torch
 
-    return {"torch": torch.__version__, "threads": threads, "cpus": os.cpu_count(),
-            "machine": platform.machine(), "date": datetime.date.today().isoformat()}
+    return {
+        "torch": torch.__version__,
+        "threads": threads,
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "date": datetime.date.today().isoformat(),
+    }
 
 
 def append_row(path: str, row: dict) -> None:
@@ -139,12 +160,23 @@ def read_rows(path: str) -> list[dict]:
 
 
 def done_budgets(rows: list[dict], algorithm: str, seed: int, eval_captions: int) -> set[int]:
-    return {int(r["budget"]) for r in rows if r.get("algorithm") == algorithm and r.get("seed") == seed
-            and r.get("eval_captions") == eval_captions}
+    return {
+        int(r["budget"])
+        for r in rows
+        if r.get("algorithm") == algorithm and r.get("seed") == seed and r.get("eval_captions") == eval_captions
+    }
 
 
-def run_one(algorithm: str, seed: int, budgets, eval_captions: int = 96, out: str | None = None,
-            threads: int = 1, with_base: bool = False, skip_budgets=()) -> list[dict]:
+def run_one(
+    algorithm: str,
+    seed: int,
+    budgets,
+    eval_captions: int = 96,
+    out: str | None = None,
+    threads: int = 1,
+    with_base: bool = False,
+    skip_budgets=(),
+) -> list[dict]:
     """Trains ``algorithm`` with ``seed`` in this process, evaluating at each budget; returns the rows.
 
     Rows are appended to ``out`` as they are measured (except budgets in ``skip_budgets``, already
@@ -166,12 +198,19 @@ def run_one(algorithm: str, seed: int, budgets, eval_captions: int = 96, out: st
             raise SystemExit(f"{algorithm}: its recipe generates no samples; nothing to budget.")
         max_steps = math.ceil(budgets[-1] / per_iter)
         config = config.with_overrides([f"max_steps={max_steps}"])
-        common = {"eval_captions": eval_captions, "eval_num_steps": EVAL_STEPS, "eval_guidance_scale": EVAL_CFG,
-                  **env}
+        common = {"eval_captions": eval_captions, "eval_num_steps": EVAL_STEPS, "eval_guidance_scale": EVAL_CFG, **env}
         if with_base:
-            base = {"algorithm": "base", "seed": None, "budget": 0, "samples": 0, "iterations": 0,
-                    **_evaluate(policy, reward, eval_captions), "train_wall_s": 0.0,
-                    "peak_rss_mib": _peak_rss_mib(), **common}
+            base = {
+                "algorithm": "base",
+                "seed": None,
+                "budget": 0,
+                "samples": 0,
+                "iterations": 0,
+                **_evaluate(policy, reward, eval_captions),
+                "train_wall_s": 0.0,
+                "peak_rss_mib": _peak_rss_mib(),
+                **common,
+            }
             rows.append(base)
             if out:
                 append_row(out, base)
@@ -187,17 +226,30 @@ def run_one(algorithm: str, seed: int, budgets, eval_captions: int = 96, out: st
                 t0 = time.perf_counter()
                 if budget in skip_budgets:
                     continue
-                row = {"algorithm": algorithm, "seed": seed, "budget": budget, "samples": samples,
-                       "iterations": step, "samples_per_iteration": per_iter,
-                       **_evaluate(trainer.policy, reward, eval_captions), "train_wall_s": wall,
-                       "peak_rss_mib": _peak_rss_mib(), "load_avg_1m": os.getloadavg()[0],
-                       "recipe": os.path.relpath(recipe, ROOT), "overrides": recipe_for(algorithm)[1], **common}
+                row = {
+                    "algorithm": algorithm,
+                    "seed": seed,
+                    "budget": budget,
+                    "samples": samples,
+                    "iterations": step,
+                    "samples_per_iteration": per_iter,
+                    **_evaluate(trainer.policy, reward, eval_captions),
+                    "train_wall_s": wall,
+                    "peak_rss_mib": _peak_rss_mib(),
+                    "load_avg_1m": os.getloadavg()[0],
+                    "recipe": os.path.relpath(recipe, ROOT),
+                    "overrides": recipe_for(algorithm)[1],
+                    **common,
+                }
                 clock["eval_s"] += time.perf_counter() - t0
                 rows.append(row)
                 if out:
                     append_row(out, row)
-                print(f"[{algorithm} seed {seed}] {samples} samples ({step} it): all-correct "
-                      f"{row['all_correct']:.1%}, reward {row['reward']:.4f}, train {wall:.0f} s", flush=True)
+                print(
+                    f"[{algorithm} seed {seed}] {samples} samples ({step} it): all-correct "
+                    f"{row['all_correct']:.1%}, reward {row['reward']:.4f}, train {wall:.0f} s",
+                    flush=True,
+                )
 
         trainer.add_callback(at_budget)
         clock["start"] = time.perf_counter()
@@ -265,16 +317,38 @@ def run_queue(args) -> None:
                 have = done_budgets(rows, algorithm, seed, args.eval_captions)
                 if set(budgets) <= have:
                     continue
-                with_base = not any(r.get("algorithm") == "base" and r.get("eval_captions") == args.eval_captions
-                                    for r in rows)
-                cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--algorithms", algorithm,
-                       "--seeds", str(seed), "--budgets", *map(str, budgets), "--eval-captions",
-                       str(args.eval_captions), "--threads", str(args.threads), "--out", args.out,
-                       "--skip-budgets", *map(str, sorted(have & set(budgets)))]
+                with_base = not any(
+                    r.get("algorithm") == "base" and r.get("eval_captions") == args.eval_captions for r in rows
+                )
+                cmd = [
+                    sys.executable,
+                    os.path.abspath(__file__),
+                    "--worker",
+                    "--algorithms",
+                    algorithm,
+                    "--seeds",
+                    str(seed),
+                    "--budgets",
+                    *map(str, budgets),
+                    "--eval-captions",
+                    str(args.eval_captions),
+                    "--threads",
+                    str(args.threads),
+                    "--out",
+                    args.out,
+                    "--skip-budgets",
+                    *map(str, sorted(have & set(budgets))),
+                ]
                 if with_base:
                     cmd.append("--with-base")
-                env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-                       "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+                env = {
+                    **os.environ,
+                    "OMP_NUM_THREADS": str(args.threads),
+                    "MKL_NUM_THREADS": str(args.threads),
+                    "TQDM_DISABLE": "1",
+                    "HF_HUB_OFFLINE": "1",
+                    "TRANSFORMERS_OFFLINE": "1",
+                }
                 start = time.perf_counter()
                 print(f"run: {algorithm} seed {seed} budgets {budgets}", flush=True)
                 proc = subprocess.run(cmd, cwd=ROOT, env=env)
@@ -313,14 +387,17 @@ def summary_table(rows: list[dict], eval_captions: int | None = None) -> str:
     """A markdown table: mean ± sd over seeds per (algorithm, budget)."""
     agg = aggregate(rows, eval_captions)
     order = {a: i for i, a in enumerate(ALGORITHMS)}
-    lines = ["| algorithm | samples | seeds | all-correct % | colour / shape / position % | toy-CLIP reward "
-             "| train time s | peak RSS MiB |",
-             "|---|---:|---:|---|---|---|---:|---:|"]
+    lines = [
+        "| algorithm | samples | seeds | all-correct % | colour / shape / position % | toy-CLIP reward "
+        "| train time s | peak RSS MiB |",
+        "|---|---:|---:|---|---|---|---:|---:|",
+    ]
     base = agg["base"]
     if base is not None:
         attrs = " / ".join(f"{100 * base['accuracy'][k]:.1f}" for k in ATTRIBUTES)
-        lines.append(f"| base (`toy:t2i`) | 0 | – | {100 * base['all_correct']:.1f} | {attrs} | "
-                     f"{base['reward']:.4f} | – | – |")
+        lines.append(
+            f"| base (`toy:t2i`) | 0 | – | {100 * base['all_correct']:.1f} | {attrs} | {base['reward']:.4f} | – | – |"
+        )
     for (alg, budget), group in sorted(agg["groups"].items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][1])):
         attrs = " / ".join(_mean_sd([g["accuracy"][k] for g in group], 100, "{:.0f}") for k in ATTRIBUTES)
         seeds = ",".join(str(g["seed"]) for g in group)
@@ -329,7 +406,8 @@ def summary_table(rows: list[dict], eval_captions: int | None = None) -> str:
             f"{_mean_sd([g['all_correct'] for g in group], 100)} | {attrs} | "
             f"{_mean_sd([g['reward'] for g in group], 1, '{:.4f}')} | "
             f"{_mean_sd([g['train_wall_s'] for g in group], 1, '{:.0f}')} | "
-            f"{_mean_sd([g['peak_rss_mib'] for g in group], 1, '{:.0f}')} |")
+            f"{_mean_sd([g['peak_rss_mib'] for g in group], 1, '{:.0f}')} |"
+        )
     return "\n".join(lines)
 
 
@@ -360,8 +438,9 @@ def plot(rows: list[dict], path: str, eval_captions: int | None = None) -> str:
     ax.set_xlabel("generated training samples")
     ax.set_ylabel("evaluator all-correct (%)")
     n = (agg["base"] or next((g[0] for g in agg["groups"].values()), {})).get("eval_captions", "?")
-    ax.set_title(f"Toy world: accuracy vs samples (eval_set({n}), ODE 10 steps, CFG 3; mean ± sd over seeds)",
-                 fontsize=9)
+    ax.set_title(
+        f"Toy world: accuracy vs samples (eval_set({n}), ODE 10 steps, CFG 3; mean ± sd over seeds)", fontsize=9
+    )
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -373,11 +452,21 @@ def plot(rows: list[dict], path: str, eval_captions: int | None = None) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--algorithms", nargs="+", choices=ALGORITHMS, default=list(ALGORITHMS),
-                        help="in this order (default: all eight)")
+    parser.add_argument(
+        "--algorithms",
+        nargs="+",
+        choices=ALGORITHMS,
+        default=list(ALGORITHMS),
+        help="in this order (default: all eight)",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--budgets", nargs="+", type=int, default=list(DEFAULT_BUDGETS),
-                        help="generated training samples at which to evaluate (default 256 512 1024 2048)")
+    parser.add_argument(
+        "--budgets",
+        nargs="+",
+        type=int,
+        default=list(DEFAULT_BUDGETS),
+        help="generated training samples at which to evaluate (default 256 512 1024 2048)",
+    )
     parser.add_argument("--eval-captions", type=int, default=96, help="size of the fixed evaluation set (eval_set(n))")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "efficiency.jsonl"))
@@ -397,8 +486,16 @@ def main(argv=None) -> None:
         print(f"\nplot: {plot(rows, args.plot, args.eval_captions)}")
         return
     if args.worker:
-        run_one(args.algorithms[0], args.seeds[0], args.budgets, args.eval_captions, args.out, args.threads,
-                with_base=args.with_base, skip_budgets=set(args.skip_budgets))
+        run_one(
+            args.algorithms[0],
+            args.seeds[0],
+            args.budgets,
+            args.eval_captions,
+            args.out,
+            args.threads,
+            with_base=args.with_base,
+            skip_budgets=set(args.skip_budgets),
+        )
         return
     run_queue(args)
 

@@ -94,12 +94,26 @@ def bench_sampling(pipe, policy, args) -> dict:
     size = dict(height=args.size, width=args.size)
 
     def stock():
-        pipe(prompt=prompts, num_inference_steps=args.steps, guidance_scale=g, output_type="pt",
-             max_sequence_length=args.text_length, generator=torch.Generator(args.device).manual_seed(0), **size)
+        pipe(
+            prompt=prompts,
+            num_inference_steps=args.steps,
+            guidance_scale=g,
+            output_type="pt",
+            max_sequence_length=args.text_length,
+            generator=torch.Generator(args.device).manual_seed(0),
+            **size,
+        )
 
     def ours():
-        va.sample(policy, prompts, num_steps=args.steps, guidance_scale=g, sampler="ode",
-                  generator=torch.Generator(args.device).manual_seed(0), **size)
+        va.sample(
+            policy,
+            prompts,
+            num_steps=args.steps,
+            guidance_scale=g,
+            sampler="ode",
+            generator=torch.Generator(args.device).manual_seed(0),
+            **size,
+        )
 
     times = {"stock": [], "visalign": []}
     with torch.no_grad():
@@ -113,8 +127,13 @@ def bench_sampling(pipe, policy, args) -> dict:
                 _sync(args)
                 times[key].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"batch": args.sample_batch, "steps": args.steps, "stock_s": med["stock"], "visalign_s": med["visalign"],
-            "ratio": med["visalign"] / med["stock"]}
+    return {
+        "batch": args.sample_batch,
+        "steps": args.steps,
+        "stock_s": med["stock"],
+        "visalign_s": med["visalign"],
+        "ratio": med["visalign"] / med["stock"],
+    }
 
 
 # ---------------------------------------------------------------------------------------------- GRPO vs baseline
@@ -125,12 +144,37 @@ def _workload(name: str, policy, args, use_lora: bool, micro_batch: int | None):
     samples = args.prompts * args.group_size
     k = max(1, round(args.fraction * (args.steps - 1)))
     cfg = 2 if family == "sd3" else 1
-    text = sum(p.numel() for n, m in policy.pipe.components.items() if n.startswith("text_encoder") and m is not None
-               for p in m.parameters())
+    text = sum(
+        p.numel()
+        for n, m in policy.pipe.components.items()
+        if n.startswith("text_encoder") and m is not None
+        for p in m.parameters()
+    )
     dtype = args.dtype if _cuda(args) else "float32"
-    return Workload(name, "grpo", dtype, dtype, args.size, args.size, None, use_lora, args.lora_rank, None,
-                    args.checkpointing, False, False, samples, args.steps, k, min(micro_batch or samples, samples),
-                    cfg, cfg, TINY_TEXT[family] + args.text_length, text, "cuda" if _cuda(args) else "cpu")
+    return Workload(
+        name,
+        "grpo",
+        dtype,
+        dtype,
+        args.size,
+        args.size,
+        None,
+        use_lora,
+        args.lora_rank,
+        None,
+        args.checkpointing,
+        False,
+        False,
+        samples,
+        args.steps,
+        k,
+        min(micro_batch or samples, samples),
+        cfg,
+        cfg,
+        TINY_TEXT[family] + args.text_length,
+        text,
+        "cuda" if _cuda(args) else "cpu",
+    )
 
 
 _MEASURED: dict = {}
@@ -142,8 +186,14 @@ def _measure(w, depth):
 
     from visalign.plan import measure
 
-    key = (depth, *(v for k, v in dataclasses.asdict(w).items() if k not in ("rollout_batch", "num_steps",
-                                                                             "trained_steps", "micro_batch")))
+    key = (
+        depth,
+        *(
+            v
+            for k, v in dataclasses.asdict(w).items()
+            if k not in ("rollout_batch", "num_steps", "trained_steps", "micro_batch")
+        ),
+    )
     if key not in _MEASURED:
         _MEASURED[key] = measure(w, depth=depth)
     return dict(_MEASURED[key])
@@ -155,12 +205,24 @@ def bench_grpo(name: str, pipe, policy, args) -> dict:
     from visalign.plan import peak_bf16_flops
 
     family = ARCHITECTURES[name]
-    gargs = SimpleNamespace(family={"sd3": "sd3", "flux": "flux"}[family], depth=args.depth, size=args.size,
-                            device=args.device, dtype=args.dtype, steps=args.steps, group_size=args.group_size,
-                            prompts=args.prompts, fraction=args.fraction, lora_rank=args.lora_rank,
-                            guidance_scale=policy.default_guidance_scale, micro_batch=args.micro_batch,
-                            checkpointing=args.checkpointing, text_length=args.text_length, frames=None,
-                            iterations=args.iterations)
+    gargs = SimpleNamespace(
+        family={"sd3": "sd3", "flux": "flux"}[family],
+        depth=args.depth,
+        size=args.size,
+        device=args.device,
+        dtype=args.dtype,
+        steps=args.steps,
+        group_size=args.group_size,
+        prompts=args.prompts,
+        fraction=args.fraction,
+        lora_rank=args.lora_rank,
+        guidance_scale=policy.default_guidance_scale,
+        micro_batch=args.micro_batch,
+        checkpointing=args.checkpointing,
+        text_length=args.text_length,
+        frames=None,
+        iterations=args.iterations,
+    )
     twin = va.wrap(copy.deepcopy(pipe), max_sequence_length=args.text_length)
     result = gvb.compare(gargs, policies=(policy, twin))
     del twin
@@ -171,9 +233,13 @@ def bench_grpo(name: str, pipe, policy, args) -> dict:
     rollout_flops = w.rollout_batch * args.steps * w.cfg * measured["flops_forward"]
     phases = result["phases"]["visalign"]
     peak = peak_bf16_flops(torch.cuda.get_device_name()) if _cuda(args) else None
-    result.update(train_flops=train_flops, rollout_flops=rollout_flops, peak_bf16_flops=peak,
-                  train_flops_per_s=train_flops / phases["time_training"],
-                  rollout_flops_per_s=rollout_flops / phases["time_sampling"])
+    result.update(
+        train_flops=train_flops,
+        rollout_flops=rollout_flops,
+        peak_bf16_flops=peak,
+        train_flops_per_s=train_flops / phases["time_training"],
+        rollout_flops_per_s=rollout_flops / phases["time_sampling"],
+    )
     if peak:
         result.update(mfu_training=result["train_flops_per_s"] / peak, mfu_rollout=result["rollout_flops_per_s"] / peak)
     return result
@@ -196,9 +262,18 @@ ALGORITHMS = ("dpo-online", "prdp", "draft-full", "draft-full-nockpt", "nft")
 def _trainer(algorithm: str, policy, args, out: str):
     import visalign as va
 
-    common = dict(output_dir=out, max_steps=10**6, height=args.size, width=args.size, lora_rank=args.lora_rank,
-                  trackers=["jsonl"], mixed_precision=_mixed(args), num_steps=args.steps,
-                  guidance_scale=policy.default_guidance_scale, gradient_checkpointing=args.checkpointing)
+    common = dict(
+        output_dir=out,
+        max_steps=10**6,
+        height=args.size,
+        width=args.size,
+        lora_rank=args.lora_rank,
+        trackers=["jsonl"],
+        mixed_precision=_mixed(args),
+        num_steps=args.steps,
+        guidance_scale=policy.default_guidance_scale,
+        gradient_checkpointing=args.checkpointing,
+    )
     prompts = [f"prompt {i}" for i in range(16)]
     group = dict(group_size=args.group_size, prompts_per_step=args.prompts)
     if algorithm == "dpo-online":
@@ -285,23 +360,41 @@ def plan_case(name: str, use_lora: bool, args, method: str = "allocator") -> dic
         gc.collect()
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     base = _rss_bytes("VmRSS") if not _cuda(args) else 0
-    profiler = contextlib.nullcontext() if _cuda(args) or method == "rss" else torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+    profiler = (
+        contextlib.nullcontext()
+        if _cuda(args) or method == "rss"
+        else torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+    )
     with profiler as prof:
         pipe, policy = build(name, args)
         w = _workload(name, policy, args, use_lora, args.micro_batch)
         plan = make_plan(w, gpus=1, strategies=("ddp",), depth=args.depth, measured=_measure(w, args.depth))
         predicted = plan.rows["ddp"]["PEAK per GPU"]
         if _cuda(args) and predicted > 0.9 * torch.cuda.get_device_properties(0).total_memory:
-            return {"lora": use_lora, "predicted_gib": predicted / 2**30, "measured_gib": None,
-                    "skipped": "the plan says it does not fit"}
+            return {
+                "lora": use_lora,
+                "predicted_gib": predicted / 2**30,
+                "measured_gib": None,
+                "skipped": "the plan says it does not fit",
+            }
         with tempfile.TemporaryDirectory() as out:
-            config = va.GRPOConfig(num_steps=args.steps, group_size=args.group_size, prompts_per_step=args.prompts,
-                                   timestep_fraction=args.fraction, micro_batch_size=args.micro_batch,
-                                   use_lora=use_lora, lora_rank=args.lora_rank, height=args.size, width=args.size,
-                                   output_dir=out, gradient_checkpointing=args.checkpointing,
-                                   mixed_precision=_mixed(args), guidance_scale=policy.default_guidance_scale,
-                                   trackers=["jsonl"], max_steps=10**6)
+            config = va.GRPOConfig(
+                num_steps=args.steps,
+                group_size=args.group_size,
+                prompts_per_step=args.prompts,
+                timestep_fraction=args.fraction,
+                micro_batch_size=args.micro_batch,
+                use_lora=use_lora,
+                lora_rank=args.lora_rank,
+                height=args.size,
+                width=args.size,
+                output_dir=out,
+                gradient_checkpointing=args.checkpointing,
+                mixed_precision=_mixed(args),
+                guidance_scale=policy.default_guidance_scale,
+                trackers=["jsonl"],
+                max_steps=10**6,
+            )
             trainer = va.GRPOTrainer(policy, brightness, [f"prompt {i}" for i in range(8)], config)
             if _cuda(args):
                 _reset(args)
@@ -322,13 +415,21 @@ def plan_case(name: str, use_lora: bool, args, method: str = "allocator") -> dic
     else:
         setup, measured = _allocator_peaks(prof, "plan_case_iterations")
     rows = plan.rows["ddp"]
-    phases = {"rollout": "rollout: peak above static", "train": "train: peak above static",
-              "optimizer step": "optimizer step: temporaries"}
-    return {"lora": use_lora, "method": "cuda allocated" if _cuda(args) else method,
-            "predicted_gib": predicted / 2**30, "measured_gib": measured / 2**30, "error": predicted / measured - 1,
-            "allocated_before_gib": setup / 2**30 if setup else None,
-            "static_predicted_gib": rows["static"] / 2**30,
-            "phase": max(phases, key=lambda p: rows[phases[p]])}
+    phases = {
+        "rollout": "rollout: peak above static",
+        "train": "train: peak above static",
+        "optimizer step": "optimizer step: temporaries",
+    }
+    return {
+        "lora": use_lora,
+        "method": "cuda allocated" if _cuda(args) else method,
+        "predicted_gib": predicted / 2**30,
+        "measured_gib": measured / 2**30,
+        "error": predicted / measured - 1,
+        "allocated_before_gib": setup / 2**30 if setup else None,
+        "static_predicted_gib": rows["static"] / 2**30,
+        "phase": max(phases, key=lambda p: rows[phases[p]]),
+    }
 
 
 def bench_plan(name: str, args) -> list[dict]:
@@ -338,15 +439,40 @@ def bench_plan(name: str, args) -> list[dict]:
             cases.append(plan_case(name, use_lora, args))
             _reset(args)
             continue
-        flags = ["--device", args.device, "--dtype", args.dtype, "--size", args.size, "--depth", args.depth or 0,
-                 "--steps", args.steps, "--group-size", args.group_size, "--prompts", args.prompts,
-                 "--fraction", args.fraction, "--lora-rank", args.lora_rank, "--micro-batch", args.micro_batch,
-                 "--text-length", args.text_length, "--plan-iterations", args.plan_iterations,
-                 *([] if args.checkpointing else ["--no-checkpointing"])]
+        flags = [
+            "--device",
+            args.device,
+            "--dtype",
+            args.dtype,
+            "--size",
+            args.size,
+            "--depth",
+            args.depth or 0,
+            "--steps",
+            args.steps,
+            "--group-size",
+            args.group_size,
+            "--prompts",
+            args.prompts,
+            "--fraction",
+            args.fraction,
+            "--lora-rank",
+            args.lora_rank,
+            "--micro-batch",
+            args.micro_batch,
+            "--text-length",
+            args.text_length,
+            "--plan-iterations",
+            args.plan_iterations,
+            *([] if args.checkpointing else ["--no-checkpointing"]),
+        ]
         for method in args.plan_methods:
             case = f"{name}:{'lora' if use_lora else 'full'}:{method}"
-            out = subprocess.run([sys.executable, os.path.abspath(__file__), *map(str, flags), "--plan-case", case],
-                                 capture_output=True, text=True)
+            out = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), *map(str, flags), "--plan-case", case],
+                capture_output=True,
+                text=True,
+            )
             if out.returncode:
                 cases.append({"lora": use_lora, "method": method, "error_text": out.stderr.strip().splitlines()[-1:]})
             else:
@@ -382,15 +508,19 @@ def _fmt(value, spec=".3f", none="-"):
 
 
 def print_sampling(name, r):
-    print(f"\n[{name}] sampling, batch {r['batch']}, {r['steps']} steps: stock {r['stock_s']:.3f} s, "
-          f"visalign {r['visalign_s']:.3f} s, visalign/stock {r['ratio']:.3f}")
+    print(
+        f"\n[{name}] sampling, batch {r['batch']}, {r['steps']} steps: stock {r['stock_s']:.3f} s, "
+        f"visalign {r['visalign_s']:.3f} s, visalign/stock {r['ratio']:.3f}"
+    )
 
 
 def print_grpo(name, r):
-    print(f"\n[{name}] GRPO: visalign {r['visalign_it_per_s']:.4f} it/s, baseline {r['baseline_it_per_s']:.4f} it/s, "
-          f"ratio {r['ratio']:.2f}x; training {r['train_flops'] / 1e12:.1f} TFLOP at "
-          f"{r['train_flops_per_s'] / 1e12:.2f} TFLOP/s, MFU {_fmt(r.get('mfu_training'), '.1%')}; rollout MFU "
-          f"{_fmt(r.get('mfu_rollout'), '.1%')}; peak GiB {r.get('peak_gib')}")
+    print(
+        f"\n[{name}] GRPO: visalign {r['visalign_it_per_s']:.4f} it/s, baseline {r['baseline_it_per_s']:.4f} it/s, "
+        f"ratio {r['ratio']:.2f}x; training {r['train_flops'] / 1e12:.1f} TFLOP at "
+        f"{r['train_flops_per_s'] / 1e12:.2f} TFLOP/s, MFU {_fmt(r.get('mfu_training'), '.1%')}; rollout MFU "
+        f"{_fmt(r.get('mfu_rollout'), '.1%')}; peak GiB {r.get('peak_gib')}"
+    )
 
 
 def print_algorithms(name, rows):
@@ -401,17 +531,23 @@ def print_algorithms(name, rows):
 
 def print_plan(name, cases):
     for c in cases:
-        print(f"\n[{name}] plan vs measured, {'LoRA' if c.get('lora') else 'full FT'}, {c.get('method')}: predicted "
-              f"{_fmt(c.get('predicted_gib'), '.2f')} GiB, measured {_fmt(c.get('measured_gib'), '.2f')} GiB, "
-              f"error {_fmt(c.get('error'), '+.1%')} {c.get('skipped') or c.get('error_text') or ''}")
+        print(
+            f"\n[{name}] plan vs measured, {'LoRA' if c.get('lora') else 'full FT'}, {c.get('method')}: predicted "
+            f"{_fmt(c.get('predicted_gib'), '.2f')} GiB, measured {_fmt(c.get('measured_gib'), '.2f')} GiB, "
+            f"error {_fmt(c.get('error'), '+.1%')} {c.get('skipped') or c.get('error_text') or ''}"
+        )
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cuda = torch.cuda.is_available()
     p.add_argument("--architectures", nargs="+", default=list(ARCHITECTURES), choices=list(ARCHITECTURES))
-    p.add_argument("--sections", nargs="+", default=["sampling", "grpo", "algorithms", "plan"],
-                   choices=["sampling", "grpo", "algorithms", "plan"])
+    p.add_argument(
+        "--sections",
+        nargs="+",
+        default=["sampling", "grpo", "algorithms", "plan"],
+        choices=["sampling", "grpo", "algorithms", "plan"],
+    )
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=["bfloat16", "float32"])
     p.add_argument("--size", type=int, default=512, help="height = width (default: 512)")
@@ -422,19 +558,38 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--fraction", type=float, default=0.6, help="share of SDE steps trained (default: 0.6)")
     p.add_argument("--lora-rank", type=int, default=32)
     p.add_argument("--micro-batch", type=int, default=2, help="visalign's samples per forward/backward (default: 2)")
-    p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
-                   help="gradient checkpointing off (default: on, in every loop)")
+    p.add_argument(
+        "--no-checkpointing",
+        dest="checkpointing",
+        action="store_false",
+        help="gradient checkpointing off (default: on, in every loop)",
+    )
     p.add_argument("--text-length", type=int, default=128, help="T5 tokens per prompt (default: 128)")
     p.add_argument("--sample-batch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="timed sampling repeats (default: 3)")
     p.add_argument("--iterations", type=int, default=3, help="GRPO iterations per loop, first a warm-up (default: 3)")
     p.add_argument("--algorithm-iterations", type=int, default=2)
-    p.add_argument("--plan-iterations", type=int, default=2, help="GRPO iterations measured per plan case "
-                   "(default: 2: from the second on, AdamW's moments exist throughout, as the plan assumes)")
-    p.add_argument("--plan-methods", nargs="+", default=["allocator", "rss"], choices=["allocator", "rss"],
-                   help="CPU measurements, each in its own process (default: both)")
-    p.add_argument("--plan-cases", nargs="+", default=["lora", "full"], choices=["lora", "full"],
-                   help="plan-vs-measured cases: a LoRA and a full fine-tuning GRPO iteration (default: both)")
+    p.add_argument(
+        "--plan-iterations",
+        type=int,
+        default=2,
+        help="GRPO iterations measured per plan case "
+        "(default: 2: from the second on, AdamW's moments exist throughout, as the plan assumes)",
+    )
+    p.add_argument(
+        "--plan-methods",
+        nargs="+",
+        default=["allocator", "rss"],
+        choices=["allocator", "rss"],
+        help="CPU measurements, each in its own process (default: both)",
+    )
+    p.add_argument(
+        "--plan-cases",
+        nargs="+",
+        default=["lora", "full"],
+        choices=["lora", "full"],
+        help="plan-vs-measured cases: a LoRA and a full fine-tuning GRPO iteration (default: both)",
+    )
     p.add_argument("--json", default="gpu_results.json", help="where to write the results (default: gpu_results.json)")
     p.add_argument("--plan-case", default=None, help=argparse.SUPPRESS)
     return p
@@ -451,11 +606,19 @@ def main(argv=None) -> dict:
     import peft
 
     device = torch.cuda.get_device_name() if _cuda(args) else f"CPU ({os.cpu_count()} cores)"
-    meta = {"date": datetime.date.today().isoformat(), "device": device, "torch": torch.__version__,
-            "diffusers": diffusers.__version__, "peft": peft.__version__, "python": platform.python_version(),
-            "settings": {k: v for k, v in vars(args).items() if k != "plan_case"}}
-    print(f"visalign GPU benchmarks on {device}; torch {torch.__version__}, diffusers {diffusers.__version__}; "
-          f"{args.size}px, {args.dtype}, depth {args.depth or 'full'}, LoRA r{args.lora_rank}, {args.steps} steps")
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "device": device,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+        "settings": {k: v for k, v in vars(args).items() if k != "plan_case"},
+    }
+    print(
+        f"visalign GPU benchmarks on {device}; torch {torch.__version__}, diffusers {diffusers.__version__}; "
+        f"{args.size}px, {args.dtype}, depth {args.depth or 'full'}, LoRA r{args.lora_rank}, {args.steps} steps"
+    )
     start, results = time.perf_counter(), {}
     for name in args.architectures:  # the JSON is rewritten after each architecture: a cut-off run keeps its part
         results[name] = run_architecture(name, args)

@@ -42,13 +42,16 @@ def batch_gradients(algorithm: str, batches: int) -> tuple[torch.Tensor, float, 
     overrides = ["output_dir=runs/gradient_snr", "trackers=[]", "sample_every=0", "checkpoint_every=0", "seed=0"]
     if algorithm in ("dpo", "prdp"):
         overrides.append("updates_per_rollout=1")  # one gradient per iteration, at the base weights
-    cls, policy, reward, prompts, config = load_recipe(os.path.join(ROOT, "configs", f"toy_{algorithm}.yaml"),
-                                                       overrides)
+    cls, policy, reward, prompts, config = load_recipe(
+        os.path.join(ROOT, "configs", f"toy_{algorithm}.yaml"), overrides
+    )
     trainer = cls(policy, reward, prompts, config)
     captured: list[torch.Tensor] = []
 
     def capture() -> dict:
-        grads = [p.grad.flatten() if p.grad is not None else torch.zeros(p.numel()) for p in trainer.trainable_parameters]
+        grads = [
+            p.grad.flatten() if p.grad is not None else torch.zeros(p.numel()) for p in trainer.trainable_parameters
+        ]
         captured.append(torch.cat(grads).float().clone())
         trainer.optimizer.zero_grad(set_to_none=True)
         return {}
@@ -90,8 +93,7 @@ def main() -> None:
             results[algorithm] = batch_gradients(algorithm, args.batches)
         grads, seconds, samples = results[algorithm]
         cos = float(torch.nn.functional.cosine_similarity(grads.mean(0), draft_direction, dim=0))
-        print(f"{algorithm:8s} {samples:>10d} {seconds:>6.1f} {mean_pair_cosine(grads):>9.3f} {cos:>10.3f}",
-              flush=True)
+        print(f"{algorithm:8s} {samples:>10d} {seconds:>6.1f} {mean_pair_cosine(grads):>9.3f} {cos:>10.3f}", flush=True)
 
 
 if __name__ == "__main__":

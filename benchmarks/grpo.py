@@ -32,10 +32,19 @@ def bench_family(family: str, args) -> dict:
 
     size = DEFAULT_SIZES[family]
     with tempfile.TemporaryDirectory() as out:
-        cfg = va.GRPOConfig(output_dir=out, max_steps=args.iterations, num_steps=args.steps, group_size=args.group_size,
-                            prompts_per_step=args.prompts, height=size["height"], width=size["width"],
-                            num_frames=size.get("num_frames"), guidance_scale=args.guidance_scale,
-                            gradient_checkpointing=args.gradient_checkpointing, trackers=["jsonl"])
+        cfg = va.GRPOConfig(
+            output_dir=out,
+            max_steps=args.iterations,
+            num_steps=args.steps,
+            group_size=args.group_size,
+            prompts_per_step=args.prompts,
+            height=size["height"],
+            width=size["width"],
+            num_frames=size.get("num_frames"),
+            guidance_scale=args.guidance_scale,
+            gradient_checkpointing=args.gradient_checkpointing,
+            trackers=["jsonl"],
+        )
         prompts = [f"prompt {i}" for i in range(8)]
         if family == "wan-i2v":
             from PIL import Image
@@ -49,10 +58,19 @@ def bench_family(family: str, args) -> dict:
         trainer.train()
         rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][1:]
     mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return {"family": family, "sampling": mean("time_sampling"), "reward": mean("time_reward"),
-            "training": mean("time_training"), "total": mean("time_step"), "peak_mib": peak}
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if torch.cuda.is_available()
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
+    return {
+        "family": family,
+        "sampling": mean("time_sampling"),
+        "reward": mean("time_reward"),
+        "training": mean("time_training"),
+        "total": mean("time_step"),
+        "peak_mib": peak,
+    }
 
 
 def main() -> None:
@@ -71,22 +89,42 @@ def main() -> None:
     if args.json:
         print(json.dumps(bench_family(args.families[0], args)))
         return
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {args.steps} steps, "
-          f"{args.prompts} prompts × group {args.group_size}, CFG {args.guidance_scale}, LoRA r8, "
-          f"mean of {args.iterations - 1} iterations after a warm-up")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, {args.steps} steps, "
+        f"{args.prompts} prompts × group {args.group_size}, CFG {args.guidance_scale}, LoRA r8, "
+        f"mean of {args.iterations - 1} iterations after a warm-up"
+    )
     print(f"{'family':9s} {'sampling s':>10s} {'reward s':>9s} {'training s':>10s} {'total s':>8s} {'peak MiB':>9s}")
     passthrough = _passthrough(args)
     for family in args.families:
-        out = subprocess.run([sys.executable, __file__, "--json", "--families", family, *passthrough],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, __file__, "--json", "--families", family, *passthrough],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         r = json.loads(out.strip().splitlines()[-1])
-        print(f"{family:9s} {r['sampling']:10.3f} {r['reward']:9.4f} {r['training']:10.3f} {r['total']:8.3f} "
-              f"{r['peak_mib']:9.0f}")
+        print(
+            f"{family:9s} {r['sampling']:10.3f} {r['reward']:9.4f} {r['training']:10.3f} {r['total']:8.3f} "
+            f"{r['peak_mib']:9.0f}"
+        )
 
 
 def _passthrough(args) -> list[str]:
-    flags = ["--iterations", str(args.iterations), "--steps", str(args.steps), "--group-size", str(args.group_size),
-             "--prompts", str(args.prompts), "--guidance-scale", str(args.guidance_scale), "--threads", str(args.threads)]
+    flags = [
+        "--iterations",
+        str(args.iterations),
+        "--steps",
+        str(args.steps),
+        "--group-size",
+        str(args.group_size),
+        "--prompts",
+        str(args.prompts),
+        "--guidance-scale",
+        str(args.guidance_scale),
+        "--threads",
+        str(args.threads),
+    ]
     return flags + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
 
 

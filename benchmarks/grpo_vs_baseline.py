@@ -38,17 +38,34 @@ def build_policy(args, seed: int = 0):
     import visalign as va
     from visalign import architectures as arch
 
-    pipe = arch.build_pipeline(FAMILY_ARCHITECTURE[args.family], depth=args.depth, device=args.device,
-                               dtype=getattr(torch, args.dtype), seed=seed)
+    pipe = arch.build_pipeline(
+        FAMILY_ARCHITECTURE[args.family],
+        depth=args.depth,
+        device=args.device,
+        dtype=getattr(torch, args.dtype),
+        seed=seed,
+    )
     return va.wrap(pipe, max_sequence_length=args.text_length)
 
 
 def settings(args) -> dict:
     frames = args.frames if args.family == "wan" else None
-    return dict(num_steps=args.steps, group_size=args.group_size, prompts_per_step=args.prompts,
-                guidance_scale=args.guidance_scale, noise="flow", eta=0.7, timestep_fraction=args.fraction,
-                clip_range=1e-4, learning_rate=1e-4, lora_rank=args.lora_rank, height=args.size, width=args.size,
-                num_frames=frames, gradient_checkpointing=args.checkpointing)
+    return dict(
+        num_steps=args.steps,
+        group_size=args.group_size,
+        prompts_per_step=args.prompts,
+        guidance_scale=args.guidance_scale,
+        noise="flow",
+        eta=0.7,
+        timestep_fraction=args.fraction,
+        clip_range=1e-4,
+        learning_rate=1e-4,
+        lora_rank=args.lora_rank,
+        height=args.size,
+        width=args.size,
+        num_frames=frames,
+        gradient_checkpointing=args.checkpointing,
+    )
 
 
 def make_loops(args, out_dir: str, policies=None):
@@ -58,9 +75,19 @@ def make_loops(args, out_dir: str, policies=None):
 
     common, prompts = settings(args), [f"prompt {i}" for i in range(16)]
     mixed = "bf16" if args.dtype == "bfloat16" and args.device != "cpu" else "no"
-    config = va.GRPOConfig(**common, sampler="sde", advantage_std="group", kl_beta=0.0, max_steps=10**6,
-                           micro_batch_size=args.micro_batch, mixed_precision=mixed, output_dir=out_dir,
-                           trackers=["jsonl"], updates_per_rollout=1, seed=0)
+    config = va.GRPOConfig(
+        **common,
+        sampler="sde",
+        advantage_std="group",
+        kl_beta=0.0,
+        max_steps=10**6,
+        micro_batch_size=args.micro_batch,
+        mixed_precision=mixed,
+        output_dir=out_dir,
+        trackers=["jsonl"],
+        updates_per_rollout=1,
+        seed=0,
+    )
     ours, theirs = policies or (build_policy(args, seed=0), build_policy(args, seed=0))
     trainer = va.GRPOTrainer(ours, brightness, prompts, config)
     baseline = DanceGRPOLoop(theirs, brightness, prompts, BaselineConfig(**common, mixed_precision=mixed))
@@ -113,14 +140,26 @@ def compare(args, policies=None) -> dict:
         if counts != expected:
             raise AssertionError(f"the baseline did a different update: {counts} != visalign's {expected}")
     med = {k: statistics.median(v[1:] if len(v) > 1 else v) for k, v in times.items()}
-    mean_phase = {name: {k: statistics.mean(p[k] for p in rows) for k in rows[0]} if rows else {}
-                  for name, rows in phases.items()}
-    return {"family": args.family, "architecture": FAMILY_ARCHITECTURE[args.family], "depth": args.depth,
-            "size": args.size, "device": args.device, "dtype": args.dtype, "visalign_s": med["visalign"],
-            "baseline_s": med["baseline"], "visalign_it_per_s": 1 / med["visalign"],
-            "baseline_it_per_s": 1 / med["baseline"], "ratio": med["baseline"] / med["visalign"],
-            "phases": mean_phase, "counts": counts, "peak_gib": peaks if args.device.startswith("cuda") else None,
-            "first_step_ratio_error": theirs["first_step_ratio_error"]}
+    mean_phase = {
+        name: {k: statistics.mean(p[k] for p in rows) for k in rows[0]} if rows else {} for name, rows in phases.items()
+    }
+    return {
+        "family": args.family,
+        "architecture": FAMILY_ARCHITECTURE[args.family],
+        "depth": args.depth,
+        "size": args.size,
+        "device": args.device,
+        "dtype": args.dtype,
+        "visalign_s": med["visalign"],
+        "baseline_s": med["baseline"],
+        "visalign_it_per_s": 1 / med["visalign"],
+        "baseline_it_per_s": 1 / med["baseline"],
+        "ratio": med["baseline"] / med["visalign"],
+        "phases": mean_phase,
+        "counts": counts,
+        "peak_gib": peaks if args.device.startswith("cuda") else None,
+        "first_step_ratio_error": theirs["first_step_ratio_error"],
+    }
 
 
 def parser() -> argparse.ArgumentParser:
@@ -156,18 +195,24 @@ def main(argv=None) -> dict:
     result = compare(args)
     cpu = f"CPU ({torch.get_num_threads()} threads)"
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu
-    print(f"{result['architecture']} depth {args.depth or 'full'} at real width, {args.size}px, {args.dtype}, "
-          f"{device}, torch {torch.__version__}; {args.prompts} prompts x {args.group_size}, {args.steps} steps, "
-          f"{result['counts']['trained_transitions']} trained transitions, LoRA r{args.lora_rank}; "
-          f"median of {args.iterations - 1} iterations after a warm-up")
+    print(
+        f"{result['architecture']} depth {args.depth or 'full'} at real width, {args.size}px, {args.dtype}, "
+        f"{device}, torch {torch.__version__}; {args.prompts} prompts x {args.group_size}, {args.steps} steps, "
+        f"{result['counts']['trained_transitions']} trained transitions, LoRA r{args.lora_rank}; "
+        f"median of {args.iterations - 1} iterations after a warm-up"
+    )
     print(f"{'loop':10s} {'it/s':>8s} {'s/it':>8s} {'sampling':>9s} {'reward':>8s} {'training':>9s}")
     for name in ("visalign", "baseline"):
         ph = result["phases"].get(name) or {}
-        print(f"{name:10s} {result[name + '_it_per_s']:8.4f} {result[name + '_s']:8.2f} "
-              f"{ph.get('time_sampling', float('nan')):9.2f} {ph.get('time_reward', float('nan')):8.3f} "
-              f"{ph.get('time_training', float('nan')):9.2f}")
-    print(f"visalign / baseline throughput: {result['ratio']:.2f}x  (same update: {result['counts']}; baseline's "
-          f"first-step |ratio - 1| = {result['first_step_ratio_error']:.1e})")
+        print(
+            f"{name:10s} {result[name + '_it_per_s']:8.4f} {result[name + '_s']:8.2f} "
+            f"{ph.get('time_sampling', float('nan')):9.2f} {ph.get('time_reward', float('nan')):8.3f} "
+            f"{ph.get('time_training', float('nan')):9.2f}"
+        )
+    print(
+        f"visalign / baseline throughput: {result['ratio']:.2f}x  (same update: {result['counts']}; baseline's "
+        f"first-step |ratio - 1| = {result['first_step_ratio_error']:.1e})"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -56,10 +56,9 @@ def tiny_rewards() -> dict:
         "YesTokenReward": R.YesTokenReward(vlm, vproc),
         "YesTokenReward (differentiable)": R.YesTokenReward(vlm, vproc, differentiable=True),
         "Combined (CLIPScore + Aesthetic, normalised)": R.Combined(
-            {"clip": R.CLIPScore(clip, proc), "aesthetic": (R.Aesthetic(mlp, aclip, aproc), 0.5)},
-            normalize=True),
-        "SegmentalVideoReward (CLIPScore, 4 of 8 frames)": R.SegmentalVideoReward(
-            R.CLIPScore(clip, proc), segments=4),
+            {"clip": R.CLIPScore(clip, proc), "aesthetic": (R.Aesthetic(mlp, aclip, aproc), 0.5)}, normalize=True
+        ),
+        "SegmentalVideoReward (CLIPScore, 4 of 8 frames)": R.SegmentalVideoReward(R.CLIPScore(clip, proc), segments=4),
     }
     try:
         oc_model, oc_tok = T.tiny_open_clip()
@@ -88,8 +87,8 @@ def _tiny_blip_qwen_rewards() -> dict:
         "ImageReward (tiny BLIP)": R.ImageReward(model=blip, tokenizer=btok),
         "HPSv3 (tiny Qwen2-VL, 56x56)": R.HPSv3(model=qwen, tokenizer=qtok, pixels=56 * 56),
         "VideoAlignReward (tiny Qwen2-VL, 4 of 8 frames)": R.VideoAlignReward(
-            model=qwen2, tokenizer=qtok2, min_pixels=56 * 56, max_pixels=56 * 56, video_fps=8.0,
-            normalization={}),
+            model=qwen2, tokenizer=qtok2, min_pixels=56 * 56, max_pixels=56 * 56, video_fps=8.0, normalization={}
+        ),
     }
 
 
@@ -98,56 +97,83 @@ def real_rewards(dtype: torch.dtype, vlm_layers: int = 28) -> dict:
 
     Returns name -> a function building the reward, so that ``--only`` builds just what it needs.
     """
-    from transformers import (CLIPConfig, CLIPModel, CLIPProcessor, CLIPVisionConfig, LlamaConfig,
-                              LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (
+        CLIPConfig,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     import visalign.rewards as R
     from visalign.testing import rewards as T
 
     def clip(vision, text, proj, size=224):
-        cfg = CLIPConfig(vision_config=dict(image_size=size, patch_size=14, **vision),
-                         text_config=dict(max_position_embeddings=77, **text), projection_dim=proj)
+        cfg = CLIPConfig(
+            vision_config=dict(image_size=size, patch_size=14, **vision),
+            text_config=dict(max_position_embeddings=77, **text),
+            projection_dim=proj,
+        )
         return CLIPModel(cfg).to(dtype).eval()
 
     def clip_l():
-        return clip(dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                         num_attention_heads=16),
-                    dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                         num_attention_heads=12), 768)
+        return clip(
+            dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
+            dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+            768,
+        )
 
     def clip_h():
-        return clip(dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                         num_attention_heads=16),
-                    dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                         num_attention_heads=16), 1024)
+        return clip(
+            dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16),
+            dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
+            1024,
+        )
 
     def proc():
-        return CLIPProcessor(image_processor=T._image_processor(224),
-                             tokenizer=T.tiny_clip_tokenizer())
+        return CLIPProcessor(image_processor=T._image_processor(224), tokenizer=T.tiny_clip_tokenizer())
 
     def yes_token():
         tok = T.tiny_vlm_tokenizer()
-        vproc = LlavaProcessor(image_processor=T._image_processor(336), tokenizer=tok,
-                               patch_size=14, vision_feature_select_strategy="default",
-                               num_additional_image_tokens=1,
-                               chat_template=T.TINY_VLM_CHAT_TEMPLATE)
+        vproc = LlavaProcessor(
+            image_processor=T._image_processor(336),
+            tokenizer=tok,
+            patch_size=14,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            chat_template=T.TINY_VLM_CHAT_TEMPLATE,
+        )
         cfg = LlavaConfig(
-            vision_config=CLIPVisionConfig(hidden_size=1024, intermediate_size=4096,
-                                           num_hidden_layers=24, num_attention_heads=16,
-                                           image_size=336, patch_size=14),
-            text_config=LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=8192,
-                                    num_hidden_layers=vlm_layers, num_attention_heads=16,
-                                    num_key_value_heads=16, max_position_embeddings=4096),
+            vision_config=CLIPVisionConfig(
+                hidden_size=1024,
+                intermediate_size=4096,
+                num_hidden_layers=24,
+                num_attention_heads=16,
+                image_size=336,
+                patch_size=14,
+            ),
+            text_config=LlamaConfig(
+                vocab_size=32000,
+                hidden_size=2048,
+                intermediate_size=8192,
+                num_hidden_layers=vlm_layers,
+                num_attention_heads=16,
+                num_key_value_heads=16,
+                max_position_embeddings=4096,
+            ),
             image_token_id=tok.convert_tokens_to_ids("<image>"),
-            vision_feature_select_strategy="default")
+            vision_feature_select_strategy="default",
+        )
         return R.YesTokenReward(LlavaForConditionalGeneration(cfg).to(dtype).eval(), vproc)
 
     return {
         "CLIPScore (CLIP-L/14)": lambda: R.CLIPScore(clip_l(), proc()),
         "Aesthetic (CLIP-L/14 + MLP)": lambda: R.Aesthetic(R.AestheticMLP(768), clip_l(), proc()),
         "PickScore (CLIP-H/14)": lambda: R.PickScore(clip_h(), proc()),
-        f"YesTokenReward ({'2B' if vlm_layers == 28 else f'{vlm_layers}-layer'} LLaVA-style)":
-            yes_token,
+        f"YesTokenReward ({'2B' if vlm_layers == 28 else f'{vlm_layers}-layer'} LLaVA-style)": yes_token,
         "OCRReward (PP-OCR in rapidocr, the real models, CPU)": lambda: R.OCRReward(),
         **_real_blip_qwen_rewards(dtype, vlm_layers),
         **_real_geneval_unified_rewards(dtype, vlm_layers),
@@ -176,17 +202,22 @@ def _real_blip_qwen_rewards(dtype: torch.dtype, layers: int = 28) -> dict:
 
         _, tok = tiny_qwen2vl()
         cfg = Qwen2VLConfig(
-            text_config=dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
-                             num_hidden_layers=layers, num_attention_heads=heads,
-                             num_key_value_heads=kv, rope_parameters={
-                                 "rope_type": "default", "rope_theta": 1000000.0,
-                                 "mrope_section": [16, 24, 24]},
-                             pad_token_id=tok.pad_token_id),
+            text_config=dict(
+                vocab_size=vocab,
+                hidden_size=hidden,
+                intermediate_size=inter,
+                num_hidden_layers=layers,
+                num_attention_heads=heads,
+                num_key_value_heads=kv,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+                pad_token_id=tok.pad_token_id,
+            ),
             vision_config=dict(depth=32, embed_dim=1280, hidden_size=hidden, num_heads=16),
             image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
             video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
             vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
-            vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))
+            vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
+        )
         with where:
             model = Qwen2VLForConditionalGeneration(cfg).model.to(dtype).eval()
         return model, tok
@@ -222,8 +253,8 @@ def _tiny_geneval_unified_rewards() -> dict:
 
     import visalign.rewards as R
     from visalign.rewards.detectors import GroundingDinoDetector, OwlV2Detector
-    from visalign.testing.detectors import tiny_grounding_dino, tiny_owl
     from visalign.testing import rewards as T
+    from visalign.testing.detectors import tiny_grounding_dino, tiny_owl
 
     logging.getLogger("visalign.rewards.unified").setLevel(logging.ERROR)  # random text: no parse warnings
     clip, proc = T.tiny_clip()
@@ -293,8 +324,8 @@ def _real_geneval_unified_rewards(dtype: torch.dtype, layers: int = 28) -> dict:
     import visalign.rewards as R
     from visalign.rewards.detectors import GroundingDinoDetector, OwlV2Detector
     from visalign.rewards.geneval import CLIPColorClassifier
-    from visalign.testing.detectors import tiny_grounding_dino
     from visalign.testing import rewards as T
+    from visalign.testing.detectors import tiny_grounding_dino
 
     logging.getLogger("visalign.rewards.unified").setLevel(logging.ERROR)
     zero = {"threshold": 0.0, "counting_threshold": 0.0}
@@ -364,10 +395,10 @@ def main() -> None:
     parser.add_argument("--real", action="store_true", help="real-size architectures (GPU)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--only", nargs="*", default=None,
-                        help="run only rewards whose name contains one of these strings")
-    parser.add_argument("--vlm-layers", type=int, default=28,
-                        help="text layers of the --real VLM (28 = the 2B model)")
+    parser.add_argument(
+        "--only", nargs="*", default=None, help="run only rewards whose name contains one of these strings"
+    )
+    parser.add_argument("--vlm-layers", type=int, default=28, help="text layers of the --real VLM (28 = the 2B model)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -379,9 +410,11 @@ def main() -> None:
         builders = {name: (lambda r=r: r) for name, r in built.items()}
     if args.only:
         builders = {k: v for k, v in builders.items() if any(s in k for s in args.only)}
-    print(f"device={device} dtype={args.dtype} threads={torch.get_num_threads()} "
-          f"batch={args.batch} size={args.size}px frames={args.frames} repeats={args.repeats} "
-          f"models={'real-size, random weights' if args.real else 'tiny, random weights'}")
+    print(
+        f"device={device} dtype={args.dtype} threads={torch.get_num_threads()} "
+        f"batch={args.batch} size={args.size}px frames={args.frames} repeats={args.repeats} "
+        f"models={'real-size, random weights' if args.real else 'tiny, random weights'}"
+    )
     print(f"{'reward':52s} {'fwd samples/s':>14s} {'fwd+bwd samples/s':>18s}")
     g = torch.Generator().manual_seed(0)
     for name, build in builders.items():

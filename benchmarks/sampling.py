@@ -45,9 +45,7 @@ def _stock_equivalent(family: str, images, size: dict, batch: int) -> tuple[dict
         if family in ("qwen-image-edit", "flux-kontext"):
             from visalign.pipelines.qwen_image_edit import to_pil
 
-            pil = to_pil(images[:1])[0]
-            # stock takes one source per prompt as a list (one image is repeated by Kontext only)
-            extra["image"] = [pil] * batch if family == "qwen-image-edit" else pil
+            extra["image"] = to_pil(images)  # one source per prompt, as va.sample gets them
         else:
             extra["image"] = images[0]
     if family in ("qwen-image", "qwen-image-edit"):  # true CFG against " "
@@ -83,12 +81,26 @@ def bench_family(family: str, steps: int, batch: int, repeats: int) -> dict:
 
     def stock():
         with torch.no_grad():
-            pipe(prompt=list(prompts), num_inference_steps=steps, output_type="pt",
-                 generator=torch.Generator().manual_seed(0), **stock_size, **stock_extra)
+            pipe(
+                prompt=list(prompts),
+                num_inference_steps=steps,
+                output_type="pt",
+                generator=torch.Generator().manual_seed(0),
+                **stock_size,
+                **stock_extra,
+            )
 
     def ours(sampler):
-        return lambda: va.sample(policy, prompts, num_steps=steps, guidance_scale=4.0, sampler=sampler, images=images,
-                                 generator=torch.Generator().manual_seed(0), **size)
+        return lambda: va.sample(
+            policy,
+            prompts,
+            num_steps=steps,
+            guidance_scale=4.0,
+            sampler=sampler,
+            images=images,
+            generator=torch.Generator().manual_seed(0),
+            **size,
+        )
 
     for fn in (stock, ours("ode"), ours("sde")):  # warm-up
         fn()
@@ -103,9 +115,24 @@ def bench_family(family: str, steps: int, batch: int, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--families", nargs="+", default=["sd", "sdxl", "sd3", "flux", "wan-t2v", "wan-i2v",
-                                                          "qwen-image", "qwen-image-edit", "flux2", "flux2-klein",
-                                                          "z-image", "flux-kontext"])
+    parser.add_argument(
+        "--families",
+        nargs="+",
+        default=[
+            "sd",
+            "sdxl",
+            "sd3",
+            "flux",
+            "wan-t2v",
+            "wan-i2v",
+            "qwen-image",
+            "qwen-image-edit",
+            "flux2",
+            "flux2-klein",
+            "z-image",
+            "flux-kontext",
+        ],
+    )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=7)
@@ -114,13 +141,17 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, steps {args.steps}, batch {args.batch}, "
-          f"CFG 4, median of {args.repeats}")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, steps {args.steps}, batch {args.batch}, "
+        f"CFG 4, median of {args.repeats}"
+    )
     print(f"{'family':16s} {'stock s':>9s} {'ode s':>9s} {'sde s':>9s} {'ode/stock':>10s} {'sde/stock':>10s}")
     for family in args.families:
         r = bench_family(family, args.steps, args.batch, args.repeats)
-        print(f"{family:16s} {r['stock']:9.4f} {r['ode']:9.4f} {r['sde']:9.4f} {r['ode_ratio']:10.3f} "
-              f"{r['sde_ratio']:10.3f}")
+        print(
+            f"{family:16s} {r['stock']:9.4f} {r['ode']:9.4f} {r['sde']:9.4f} {r['ode_ratio']:10.3f} "
+            f"{r['sde_ratio']:10.3f}"
+        )
 
 
 if __name__ == "__main__":

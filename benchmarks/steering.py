@@ -29,7 +29,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -87,8 +88,16 @@ def bench_overhead(family: str, args) -> dict:
     runs = {
         "plain": lambda: va.sample(policy, prompts, group_size=args.particles, generator=gen(), **common),
         "best_of_n": lambda: va.best_of_n(policy, prompts, reward, n=args.particles, generator=gen(), **common),
-        "fk": lambda: va.fk_steer(policy, prompts, reward, num_particles=args.particles, lam=10.0,
-                                  resample_every=args.every, generator=gen(), **common),
+        "fk": lambda: va.fk_steer(
+            policy,
+            prompts,
+            reward,
+            num_particles=args.particles,
+            lam=10.0,
+            resample_every=args.every,
+            generator=gen(),
+            **common,
+        ),
     }
     for fn in runs.values():  # warm-up
         fn()
@@ -100,8 +109,13 @@ def bench_overhead(family: str, args) -> dict:
             cpu[key].append(c)
     med = {k: statistics.median(v) for k, v in cpu.items()}
     med.update(_unit_costs(policy, prompts, reward, args, images, size))
-    return {"family": family, **med, "fk_plain": med["fk"] / med["plain"], "fk_bon": med["fk"] / med["best_of_n"],
-            "wall_fk_plain": statistics.median(wall["fk"]) / statistics.median(wall["plain"])}
+    return {
+        "family": family,
+        **med,
+        "fk_plain": med["fk"] / med["plain"],
+        "fk_bon": med["fk"] / med["best_of_n"],
+        "wall_fk_plain": statistics.median(wall["fk"]) / statistics.median(wall["plain"]),
+    }
 
 
 def _unit_costs(policy, prompts, reward, args, images, size) -> dict:
@@ -127,16 +141,27 @@ def _unit_costs(policy, prompts, reward, args, images, size) -> dict:
         }
 
 
-def predicted_overhead(encode: float, step: float, decode: float, reward: float, num_steps: int,
-                       reward_evals: int) -> float:
+def predicted_overhead(
+    encode: float, step: float, decode: float, reward: float, num_steps: int, reward_evals: int
+) -> float:
     """FK / plain from unit costs: plain = encode + S·step + decode; FK adds (R−1) decodes and R rewards."""
     plain = encode + num_steps * step + decode
     return (plain + (reward_evals - 1) * decode + reward_evals * reward) / plain
 
 
-def compare_fk_best_of_n(policy, prompts: Sequence[str], reward: Any, num_particles: int = 4, num_steps: int = 20,
-                         seeds: Sequence[int] = range(8), lam: float = 10.0, potential: str = "max",
-                         resample_every: int = 5, evaluate: Callable | None = None, **sample_kwargs) -> dict:
+def compare_fk_best_of_n(
+    policy,
+    prompts: Sequence[str],
+    reward: Any,
+    num_particles: int = 4,
+    num_steps: int = 20,
+    seeds: Sequence[int] = range(8),
+    lam: float = 10.0,
+    potential: str = "max",
+    resample_every: int = 5,
+    evaluate: Callable | None = None,
+    **sample_kwargs,
+) -> dict:
     """FK steering with N particles against best-of-N (n = N) at equal denoiser evaluations.
 
     Both use the same sampler and options (``sample_kwargs``: ``sampler``, ``eta``, ``images``,
@@ -165,11 +190,27 @@ def compare_fk_best_of_n(policy, prompts: Sequence[str], reward: Any, num_partic
     fk_r, bon_r, fk_e, bon_e, wins = [], [], [], [], []
     evals = None
     for seed in seeds:
-        fk = va.fk_steer(policy, prompts, reward, num_particles=num_particles, num_steps=num_steps, lam=lam,
-                         potential=potential, resample_every=resample_every,
-                         generator=torch.Generator().manual_seed(seed), **sample_kwargs)
-        bon = va.best_of_n(policy, prompts, reward, n=num_particles, num_steps=num_steps,
-                           generator=torch.Generator().manual_seed(seed), **sample_kwargs)
+        fk = va.fk_steer(
+            policy,
+            prompts,
+            reward,
+            num_particles=num_particles,
+            num_steps=num_steps,
+            lam=lam,
+            potential=potential,
+            resample_every=resample_every,
+            generator=torch.Generator().manual_seed(seed),
+            **sample_kwargs,
+        )
+        bon = va.best_of_n(
+            policy,
+            prompts,
+            reward,
+            n=num_particles,
+            num_steps=num_steps,
+            generator=torch.Generator().manual_seed(seed),
+            **sample_kwargs,
+        )
         assert fk.num_model_evals == bon.num_model_evals
         evals = fk.num_model_evals
         fk_r.append(fk.rewards.float().cpu())
@@ -179,9 +220,13 @@ def compare_fk_best_of_n(policy, prompts: Sequence[str], reward: Any, num_partic
             fk_e.append(torch.as_tensor(evaluate(fk.images, list(prompts))).float().cpu())
             bon_e.append(torch.as_tensor(evaluate(bon.images, list(prompts))).float().cpu())
     out = {
-        "fk_reward": float(torch.cat(fk_r).mean()), "bon_reward": float(torch.cat(bon_r).mean()),
-        "fk_win_rate": float(torch.cat(wins).mean()), "model_evals": evals,
-        "trials": len(list(seeds)), "fk_rewards": fk_r, "bon_rewards": bon_r,
+        "fk_reward": float(torch.cat(fk_r).mean()),
+        "bon_reward": float(torch.cat(bon_r).mean()),
+        "fk_win_rate": float(torch.cat(wins).mean()),
+        "model_evals": evals,
+        "trials": len(list(seeds)),
+        "fk_rewards": fk_r,
+        "bon_rewards": bon_r,
     }
     if evaluate is not None:
         out.update(fk_eval=float(torch.cat(fk_e).mean()), bon_eval=float(torch.cat(bon_e).mean()))
@@ -189,8 +234,10 @@ def compare_fk_best_of_n(policy, prompts: Sequence[str], reward: Any, num_partic
 
 
 def run_overhead(args) -> None:
-    print(f"\nFK overhead: {args.prompts} prompts x {args.particles} particles, {args.steps} steps, rewards every "
-          f"{args.every} steps (tiny CLIPScore; segmental on video), median of {args.repeats} interleaved runs")
+    print(
+        f"\nFK overhead: {args.prompts} prompts x {args.particles} particles, {args.steps} steps, rewards every "
+        f"{args.every} steps (tiny CLIPScore; segmental on video), median of {args.repeats} interleaved runs"
+    )
     print("CPU seconds of this process (robust to other jobs on a shared machine); last column: the wall-clock ratio")
     print("unit costs: prompt encoding, one denoiser step (CFG included), one VAE decode and one reward call on all")
     print("particles; 'predicted' = (enc + S·step + R·decode + R·reward) / (enc + S·step + decode), R = reward")
@@ -198,29 +245,48 @@ def run_overhead(args) -> None:
     from visalign.steering import reward_steps
 
     evals = len(reward_steps(args.steps, args.every)) + 1
-    print(f"{'family':10s} {'plain s':>8s} {'bestofN s':>9s} {'fk s':>8s} {'fk/plain':>9s} {'fk/bestofN':>10s} "
-          f"{'wall fk/plain':>13s} {'encode s':>9s} {'step s':>8s} {'decode s':>9s} {'reward s':>9s} {'predicted':>9s}")
+    print(
+        f"{'family':10s} {'plain s':>8s} {'bestofN s':>9s} {'fk s':>8s} {'fk/plain':>9s} {'fk/bestofN':>10s} "
+        f"{'wall fk/plain':>13s} {'encode s':>9s} {'step s':>8s} {'decode s':>9s} {'reward s':>9s} {'predicted':>9s}"
+    )
     for family in args.families:
         r = bench_overhead(family, args)
         pred = predicted_overhead(r["encode"], r["step"], r["decode"], r["reward"], args.steps, evals)
-        print(f"{family:10s} {r['plain']:8.3f} {r['best_of_n']:9.3f} {r['fk']:8.3f} {r['fk_plain']:9.3f} "
-              f"{r['fk_bon']:10.3f} {r['wall_fk_plain']:13.3f} {r['encode']:9.4f} {r['step']:8.4f} {r['decode']:9.4f} "
-              f"{r['reward']:9.4f} {pred:9.3f}", flush=True)
+        print(
+            f"{family:10s} {r['plain']:8.3f} {r['best_of_n']:9.3f} {r['fk']:8.3f} {r['fk_plain']:9.3f} "
+            f"{r['fk_bon']:10.3f} {r['wall_fk_plain']:13.3f} {r['encode']:9.4f} {r['step']:8.4f} {r['decode']:9.4f} "
+            f"{r['reward']:9.4f} {pred:9.3f}",
+            flush=True,
+        )
 
 
 def run_compare(args) -> None:
-    print(f"\nFK ({args.particles} particles, lam {args.lam}, potential max, rewards every {args.every}) vs "
-          f"best-of-{args.particles}, equal model evaluations, reward = redness, {args.seeds} seeds x "
-          f"{args.prompts} prompts, {args.steps} steps")
+    print(
+        f"\nFK ({args.particles} particles, lam {args.lam}, potential max, rewards every {args.every}) vs "
+        f"best-of-{args.particles}, equal model evaluations, reward = redness, {args.seeds} seeds x "
+        f"{args.prompts} prompts, {args.steps} steps"
+    )
     print(f"{'family':10s} {'fk reward':>10s} {'bestofN':>10s} {'fk wins':>8s} {'evals':>6s}")
     for family in args.families:
         policy, size = _setup(family)
         prompts = [f"a red circle {i}" for i in range(args.prompts)]
-        r = compare_fk_best_of_n(policy, prompts, redness, num_particles=args.particles, num_steps=args.steps,
-                                 seeds=range(args.seeds), lam=args.lam, resample_every=args.every,
-                                 images=_frames(policy, size, len(prompts)), **size)
-        print(f"{family:10s} {r['fk_reward']:10.4f} {r['bon_reward']:10.4f} {r['fk_win_rate']:8.2f} "
-              f"{r['model_evals']:6d}", flush=True)
+        r = compare_fk_best_of_n(
+            policy,
+            prompts,
+            redness,
+            num_particles=args.particles,
+            num_steps=args.steps,
+            seeds=range(args.seeds),
+            lam=args.lam,
+            resample_every=args.every,
+            images=_frames(policy, size, len(prompts)),
+            **size,
+        )
+        print(
+            f"{family:10s} {r['fk_reward']:10.4f} {r['bon_reward']:10.4f} {r['fk_win_rate']:8.2f} "
+            f"{r['model_evals']:6d}",
+            flush=True,
+        )
 
 
 def main() -> None:

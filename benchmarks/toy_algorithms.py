@@ -51,8 +51,9 @@ def measure(policy, reward, config, num_prompts: int) -> dict:
     from visalign.toy.policy_eval import eval_set, evaluate_policy
 
     prompts, seeds = eval_set(num_prompts)
-    result = evaluate_policy(policy, prompts, seeds, num_steps=config.num_steps,
-                             guidance_scale=config.guidance_scale, reward=reward)
+    result = evaluate_policy(
+        policy, prompts, seeds, num_steps=config.num_steps, guidance_scale=config.guidance_scale, reward=reward
+    )
     return {"all_correct": result["all_correct"], "accuracy": result["accuracy"], "reward": result["reward"]}
 
 
@@ -76,26 +77,34 @@ def run_one(algorithm: str, max_steps: int | None, eval_prompts: int) -> dict:
         with open(os.path.join(out, "metrics.jsonl")) as f:
             rows = [json.loads(line) for line in f]
     steps = [r["time_step"] for r in rows if "time_step" in r]
-    return {"algorithm": algorithm, "iterations": config.max_steps,
-            "samples": samples_per_iteration(algorithm, config) * config.max_steps,
-            "wall_s": wall, "step_s": sum(steps) / max(len(steps), 1),
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "before": before, "after": after}
+    return {
+        "algorithm": algorithm,
+        "iterations": config.max_steps,
+        "samples": samples_per_iteration(algorithm, config) * config.max_steps,
+        "wall_s": wall,
+        "step_s": sum(steps) / max(len(steps), 1),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "before": before,
+        "after": after,
+    }
 
 
 def row(r: dict) -> str:
     b, a = r["before"], r["after"]
     attrs = " / ".join(f"{a['accuracy'][k]:.0%}" for k in ("color", "shape", "position"))
-    return (f"| {r['algorithm']} | {r['iterations']} | {r['samples']} | {r['wall_s']:.0f} s | {r['step_s']:.2f} s | "
-            f"{r['peak_rss_mib']:.0f} | {b['all_correct']:.1%} → {a['all_correct']:.1%} "
-            f"({100 * (a['all_correct'] - b['all_correct']):+.1f} pts) | {attrs} | "
-            f"{b['reward']:.4f} → {a['reward']:.4f} |")
+    return (
+        f"| {r['algorithm']} | {r['iterations']} | {r['samples']} | {r['wall_s']:.0f} s | {r['step_s']:.2f} s | "
+        f"{r['peak_rss_mib']:.0f} | {b['all_correct']:.1%} → {a['all_correct']:.1%} "
+        f"({100 * (a['all_correct'] - b['all_correct']):+.1f} pts) | {attrs} | "
+        f"{b['reward']:.4f} → {a['reward']:.4f} |"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default=",".join(ALGORITHMS),
-                        help="comma-separated subset of " + ",".join(ALGORITHMS))
+    parser.add_argument(
+        "--only", default=",".join(ALGORITHMS), help="comma-separated subset of " + ",".join(ALGORITHMS)
+    )
     parser.add_argument("--max-steps", type=int, default=None, help="override every recipe's max_steps")
     parser.add_argument("--eval-prompts", type=int, default=96, help="size of the fixed evaluation set")
     parser.add_argument("--threads", type=int, default=1)
@@ -110,15 +119,26 @@ def main() -> None:
         print(json.dumps(run_one(names[0], args.max_steps, args.eval_prompts)))
         return
     steps = f"max_steps {args.max_steps}" if args.max_steps is not None else "the recipes' max_steps"
-    print(f"toy:t2i + toy_clip, eval_set({args.eval_prompts}) (ODE, one fixed seed per prompt), "
-          f"torch {torch.__version__}, threads {args.threads}, {steps}")
+    print(
+        f"toy:t2i + toy_clip, eval_set({args.eval_prompts}) (ODE, one fixed seed per prompt), "
+        f"torch {torch.__version__}, threads {args.threads}, {steps}"
+    )
     results = []
     for name in names:
         if not os.path.isfile(recipe_path(name)):
             print(f"note: {os.path.relpath(recipe_path(name), ROOT)} does not exist; skipping {name}.", flush=True)
             continue
-        cmd = [sys.executable, os.path.abspath(__file__), "--json", "--only", name, "--eval-prompts",
-               str(args.eval_prompts), "--threads", str(args.threads)]
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--json",
+            "--only",
+            name,
+            "--eval-prompts",
+            str(args.eval_prompts),
+            "--threads",
+            str(args.threads),
+        ]
         if args.max_steps is not None:
             cmd += ["--max-steps", str(args.max_steps)]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -128,8 +148,10 @@ def main() -> None:
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(f"done: {name} ({results[-1]['wall_s']:.0f} s training)", flush=True)
     print()
-    print("| algorithm | iterations | samples seen | wall time | mean step | peak RSS MiB "
-          "| all-correct before → after | colour / shape / position after | toy-CLIP reward before → after |")
+    print(
+        "| algorithm | iterations | samples seen | wall time | mean step | peak RSS MiB "
+        "| all-correct before → after | colour / shape / position after | toy-CLIP reward before → after |"
+    )
     print("|---|---:|---:|---:|---:|---:|---|---|---|")
     for r in results:
         print(row(r))

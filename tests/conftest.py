@@ -12,11 +12,40 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # workers, torch's default of one thread per core makes them contend and slow down ~10x.
 torch.set_num_threads(1)
 
-FAMILIES = ("sd", "sdxl", "sd3", "flux", "wan-t2v", "wan-i2v", "wan22-ti2v", "wan22-ti2v-i2v",
-            "qwen-image", "qwen-image-edit", "flux2", "flux2-klein", "z-image", "flux-kontext")
-FLOW_FAMILIES = ("sd3", "flux", "wan-t2v", "wan-i2v", "wan22-ti2v", "wan22-ti2v-i2v",
-                 "wan22", "wan22-i2v", "hunyuan-video15", "hunyuan-video15-i2v",
-                 "qwen-image", "qwen-image-edit", "flux2", "flux2-klein", "z-image", "flux-kontext")
+FAMILIES = (
+    "sd",
+    "sdxl",
+    "sd3",
+    "flux",
+    "wan-t2v",
+    "wan-i2v",
+    "wan22-ti2v",
+    "wan22-ti2v-i2v",
+    "qwen-image",
+    "qwen-image-edit",
+    "flux2",
+    "flux2-klein",
+    "z-image",
+    "flux-kontext",
+)
+FLOW_FAMILIES = (
+    "sd3",
+    "flux",
+    "wan-t2v",
+    "wan-i2v",
+    "wan22-ti2v",
+    "wan22-ti2v-i2v",
+    "wan22",
+    "wan22-i2v",
+    "hunyuan-video15",
+    "hunyuan-video15-i2v",
+    "qwen-image",
+    "qwen-image-edit",
+    "flux2",
+    "flux2-klein",
+    "z-image",
+    "flux-kontext",
+)
 # Instruction-editing families: sampling needs a source image per prompt; first_frames gives them one.
 EDIT_FAMILIES = ("qwen-image-edit", "flux-kontext")
 # Families whose sampling needs a first frame (I2V); first_frames gives them one.
@@ -60,8 +89,16 @@ def stock_policy(policy, family: str):
     return policy
 
 
-def stock_call(policy, family: str, prompts, generator, output_type: str = "pt", guidance_scale: float = 4.0,
-               num_inference_steps: int = 4, **kwargs):
+def stock_call(
+    policy,
+    family: str,
+    prompts,
+    generator,
+    output_type: str = "pt",
+    guidance_scale: float = 4.0,
+    num_inference_steps: int = 4,
+    **kwargs,
+):
     """The stock ``__call__`` doing what ``va.sample(policy, prompts, guidance_scale=..., images=first_frames)``
     does, returned in visalign's layout (``Trajectory.images``, or ``final_latents`` for ``"latent"``).
 
@@ -91,8 +128,15 @@ def stock_call(policy, family: str, prompts, generator, output_type: str = "pt",
         kwargs.update(max_area=size["height"] * size["width"], _auto_resize=False)
 
     def call(batch, **extra):
-        out = policy.pipe(prompt=batch, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                          generator=generator, output_type=output_type, **size, **{**kwargs, **extra})
+        out = policy.pipe(
+            prompt=batch,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            output_type=output_type,
+            **size,
+            **{**kwargs, **extra},
+        )
         return out.frames if hasattr(out, "frames") else out.images
 
     if family == "qwen-image-edit":

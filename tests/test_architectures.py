@@ -7,10 +7,18 @@ from visalign import architectures as arch
 from visalign.errors import ConfigError
 
 # Exact to the configs in visalign/architectures (README.md cites them and compares with the published sizes).
-DENOISER_PARAMS = {"sd35-medium": 2_243_171_520, "flux1-dev": 11_901_408_320, "wan21-t2v-1.3b": 1_418_996_800,
-                   "wan21-t2v-14b": 14_288_491_584}
-VAE_PARAMS = {"sd35-medium": 83_819_683, "flux1-dev": 83_819_683, "wan21-t2v-1.3b": 126_892_531,
-              "wan21-t2v-14b": 126_892_531}
+DENOISER_PARAMS = {
+    "sd35-medium": 2_243_171_520,
+    "flux1-dev": 11_901_408_320,
+    "wan21-t2v-1.3b": 1_418_996_800,
+    "wan21-t2v-14b": 14_288_491_584,
+}
+VAE_PARAMS = {
+    "sd35-medium": 83_819_683,
+    "flux1-dev": 83_819_683,
+    "wan21-t2v-1.3b": 126_892_531,
+    "wan21-t2v-14b": 126_892_531,
+}
 
 
 def test_every_architecture_is_shipped():
@@ -58,21 +66,42 @@ def _forward(name, model):
     config = arch.spec(name)["denoiser"]["config"]
     if name.startswith("wan"):
         x = torch.randn(1, 16, 2, 4, 4)
-        return model(hidden_states=x, timestep=torch.tensor([500.0]), encoder_hidden_states=torch.randn(1, 8, 4096),
-                     return_dict=False)[0], x
+        return model(
+            hidden_states=x,
+            timestep=torch.tensor([500.0]),
+            encoder_hidden_states=torch.randn(1, 8, 4096),
+            return_dict=False,
+        )[0], x
     if name == "flux1-dev":
         x = torch.randn(1, 16, 64)
-        return model(hidden_states=x, timestep=torch.tensor([0.5]), encoder_hidden_states=torch.randn(1, 8, 4096),
-                     pooled_projections=torch.randn(1, 768), guidance=torch.tensor([3.5]),
-                     img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3), return_dict=False)[0], x
+        return model(
+            hidden_states=x,
+            timestep=torch.tensor([0.5]),
+            encoder_hidden_states=torch.randn(1, 8, 4096),
+            pooled_projections=torch.randn(1, 768),
+            guidance=torch.tensor([3.5]),
+            img_ids=torch.zeros(16, 3),
+            txt_ids=torch.zeros(8, 3),
+            return_dict=False,
+        )[0], x
     x = torch.randn(1, 16, 8, 8)
-    return model(hidden_states=x, timestep=torch.tensor([500.0]), encoder_hidden_states=torch.randn(1, 8, 4096),
-                 pooled_projections=torch.randn(1, config["pooled_projection_dim"]), return_dict=False)[0], x
+    return model(
+        hidden_states=x,
+        timestep=torch.tensor([500.0]),
+        encoder_hidden_states=torch.randn(1, 8, 4096),
+        pooled_projections=torch.randn(1, config["pooled_projection_dim"]),
+        return_dict=False,
+    )[0], x
 
 
-@pytest.mark.parametrize("name", ["wan21-t2v-1.3b",
-                                  pytest.param("sd35-medium", marks=pytest.mark.slow),
-                                  pytest.param("flux1-dev", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "wan21-t2v-1.3b",
+        pytest.param("sd35-medium", marks=pytest.mark.slow),
+        pytest.param("flux1-dev", marks=pytest.mark.slow),
+    ],
+)
 def test_reduced_depth_instance_runs_a_forward_on_cpu(name):
     model = arch.build(name, device="cpu", depth=1)
     assert arch.num_blocks(model) in (1, 3)
@@ -87,6 +116,14 @@ def test_reduced_depth_instance_runs_a_forward_on_cpu(name):
 def test_stock_pipeline_around_the_real_architecture_runs():
     pipe = arch.build_pipeline("wan21-t2v-1.3b", depth=1)
     assert pipe.transformer.config.num_attention_heads == 12 and pipe.vae.config.base_dim == 96
-    out = pipe("a cat", num_inference_steps=2, height=32, width=32, num_frames=5, output_type="pt",
-               max_sequence_length=8, generator=torch.Generator().manual_seed(0))
+    out = pipe(
+        "a cat",
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        num_frames=5,
+        output_type="pt",
+        max_sequence_length=8,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert out.frames.shape == (1, 5, 3, 32, 32)

@@ -39,17 +39,41 @@ def test_help_explains_every_option():
             if action.dest != "help":
                 assert action.help, (command, action.dest)
     steer_options = {o for a in commands["steer"]._actions for o in a.option_strings}
-    assert {"--method", "--reward", "--particles", "--potential", "--lam", "--resample-every", "--ess-threshold",
-            "--grad-scale", "--steps", "--guidance-scale", "--seed", "--height", "--width", "--num-frames",
-            "--out"} <= steer_options
+    assert {
+        "--method",
+        "--reward",
+        "--particles",
+        "--potential",
+        "--lam",
+        "--resample-every",
+        "--ess-threshold",
+        "--grad-scale",
+        "--steps",
+        "--guidance-scale",
+        "--seed",
+        "--height",
+        "--width",
+        "--num-frames",
+        "--out",
+    } <= steer_options
     out = subprocess.run([sys.executable, "-m", "visalign", "--help"], capture_output=True, text=True, check=True)
     assert all(c in out.stdout for c in ("train", "steer", "sample", "score", "demo"))
 
 
 def test_train_with_overrides(tmp_path):
     out = tmp_path / "run"
-    assert main(["train", os.path.join(ROOT, "configs", "tiny_grpo.yaml"), "max_steps=2", f"output_dir={out}",
-                 "model=tiny:flux"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                os.path.join(ROOT, "configs", "tiny_grpo.yaml"),
+                "max_steps=2",
+                f"output_dir={out}",
+                "model=tiny:flux",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert len(rows) == 2 and (out / "model" / "model_index.json").exists()
     assert "FluxPipeline" in open(out / "model" / "model_index.json").read()
@@ -70,8 +94,27 @@ def test_recipe_errors(tmp_path):
 
 def test_sample_then_score(tmp_path):
     out = tmp_path / "samples"
-    assert main(["sample", "tiny:sd3", "-p", "a red circle", "-p", "a blue square", "--steps", "3",
-                 "--height", "32", "--width", "32", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "tiny:sd3",
+                "-p",
+                "a red circle",
+                "-p",
+                "a blue square",
+                "--steps",
+                "3",
+                "--height",
+                "32",
+                "--width",
+                "32",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert (out / "grid.png").exists()
     # score a folder of single images with a prompts.csv
     from PIL import Image
@@ -99,8 +142,7 @@ def _fast_overrides(recipe: str) -> list[str]:
     return [f"{k}={v}" for k, v in FAST_OVERRIDES.items() if k in fields]
 
 
-@pytest.mark.parametrize("recipe", sorted(glob.glob(os.path.join(ROOT, "configs", "toy_*.yaml"))),
-                         ids=os.path.basename)
+@pytest.mark.parametrize("recipe", sorted(glob.glob(os.path.join(ROOT, "configs", "toy_*.yaml"))), ids=os.path.basename)
 def test_train_every_toy_recipe(recipe, tmp_path):
     """Every toy recipe trains end to end (one fast iteration) and saves its LoRA or model."""
     out = tmp_path / "run"
@@ -110,8 +152,23 @@ def test_train_every_toy_recipe(recipe, tmp_path):
     _, fields, config = parse_recipe(recipe)
     if config.use_lora:  # the saved LoRA loads back for sampling
         assert (out / "lora" / "pytorch_lora_weights.safetensors").exists()
-        assert main(["sample", str(fields["model"]), "--lora", str(out / "lora"), "-p", "a red circle on the left",
-                     "--steps", "2", "--out", str(tmp_path / "after")]) == 0
+        assert (
+            main(
+                [
+                    "sample",
+                    str(fields["model"]),
+                    "--lora",
+                    str(out / "lora"),
+                    "-p",
+                    "a red circle on the left",
+                    "--steps",
+                    "2",
+                    "--out",
+                    str(tmp_path / "after"),
+                ]
+            )
+            == 0
+        )
         assert (tmp_path / "after" / "grid.png").exists()
     else:
         assert (out / "model" / "model_index.json").exists()
@@ -133,8 +190,25 @@ def test_toy_t2i_loads_with_short_text():
 
 def test_sample_toy_then_score(tmp_path, capsys):
     out = tmp_path / "samples"
-    assert main(["sample", "toy:t2i", "-p", TOY_PROMPTS[0], "-p", TOY_PROMPTS[1], "--num", "2", "--steps", "4",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "toy:t2i",
+                "-p",
+                TOY_PROMPTS[0],
+                "-p",
+                TOY_PROMPTS[1],
+                "--num",
+                "2",
+                "--steps",
+                "4",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert (out / "grid.png").exists() and (out / "prompts.json").exists()
     assert sorted(p.name for p in out.glob("sample_*.png")) == [f"sample_{i:03d}.png" for i in range(4)]
     assert main(["score", str(out), "--reward", "toy_clip"]) == 0
@@ -145,16 +219,41 @@ def test_sample_toy_then_score(tmp_path, capsys):
     assert all(-1 <= float(r["reward"]) <= 1 for r in rows)
 
 
-@pytest.mark.parametrize("method,extra", [
-    ("fk", ["--particles", "3", "--resample-every", "2", "--potential", "diff", "--lambda", "5"]),
-    ("best-of-n", ["--particles", "3"]),
-    ("guidance", ["--particles", "2", "--grad-scale", "0.5", "--guidance-steps", "1", "4"]),
-])
+@pytest.mark.parametrize(
+    "method,extra",
+    [
+        ("fk", ["--particles", "3", "--resample-every", "2", "--potential", "diff", "--lambda", "5"]),
+        ("best-of-n", ["--particles", "3"]),
+        ("guidance", ["--particles", "2", "--grad-scale", "0.5", "--guidance-steps", "1", "4"]),
+    ],
+)
 def test_steer_toy(method, extra, tmp_path, capsys):
     """Each steering method end to end on the toy T2I with the toy CLIP reward; ``score`` agrees with it."""
     out = tmp_path / method
-    assert main(["steer", "toy:t2i", "-p", TOY_PROMPTS[0], "-p", TOY_PROMPTS[1], "--method", method,
-                 "--reward", "toy_clip", "--steps", "4", "--guidance-scale", "1.0", "--out", str(out), *extra]) == 0
+    assert (
+        main(
+            [
+                "steer",
+                "toy:t2i",
+                "-p",
+                TOY_PROMPTS[0],
+                "-p",
+                TOY_PROMPTS[1],
+                "--method",
+                method,
+                "--reward",
+                "toy_clip",
+                "--steps",
+                "4",
+                "--guidance-scale",
+                "1.0",
+                "--out",
+                str(out),
+                *extra,
+            ]
+        )
+        == 0
+    )
     summary = capsys.readouterr().out
     assert f"with {method}" in summary and "mean reward" in summary
     record = json.load(open(out / "steer.json"))
@@ -175,8 +274,24 @@ def test_steer_toy(method, extra, tmp_path, capsys):
 
 def test_cli_errors_speak_to_users(tmp_path, capsys, monkeypatch):
     """A bad option ends with the library's message on stderr and exit status 1, not a traceback."""
-    args = ["steer", "tiny:sd3", "-p", "a red circle", "--reward", "brightness", "--sampler", "ode",
-            "--steps", "2", "--height", "32", "--width", "32", "--out", str(tmp_path)]
+    args = [
+        "steer",
+        "tiny:sd3",
+        "-p",
+        "a red circle",
+        "--reward",
+        "brightness",
+        "--sampler",
+        "ode",
+        "--steps",
+        "2",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--out",
+        str(tmp_path),
+    ]
     monkeypatch.delenv("VISALIGN_TRACEBACK", raising=False)
     assert main(args) == 1
     assert "stochastic sampler" in capsys.readouterr().err
@@ -192,8 +307,15 @@ def test_cli_errors_speak_to_users(tmp_path, capsys, monkeypatch):
 def test_train_under_accelerate_launch(tmp_path):
     """`accelerate launch -m visalign train` runs the recipe on two real CPU processes (gloo)."""
     out = tmp_path / "run"
-    result = launch_two_processes("-m", "visalign", "train", os.path.join(ROOT, "configs", "tiny_grpo.yaml"),
-                                  "max_steps=2", "num_steps=3", f"output_dir={out}")
+    result = launch_two_processes(
+        "-m",
+        "visalign",
+        "train",
+        os.path.join(ROOT, "configs", "tiny_grpo.yaml"),
+        "max_steps=2",
+        "num_steps=3",
+        f"output_dir={out}",
+    )
     assert result.stdout.count("Done:") == 1  # the main process reports, once
     assert "processes: 2" in result.stdout
     logged = [json.loads(line) for line in open(out / "metrics.jsonl")]

@@ -17,14 +17,31 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_short_demo_writes_a_self_contained_report(tmp_path):
     out = tmp_path / "demo"
     # A fresh process, as a user runs it: library notices are printed once per process.
-    run = subprocess.run([sys.executable, "-m", "visalign", "demo", "--out", str(out), "--max-steps", "1",
-                          "--eval-every", "1", "--eval-prompts", "4"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=600)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "visalign",
+            "demo",
+            "--out",
+            str(out),
+            "--max-steps",
+            "1",
+            "--eval-every",
+            "1",
+            "--eval-prompts",
+            "4",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     path = str(out / "report.html")
     assert f"Report: {path}" in run.stdout
     # The terminal ends with the before → after table ...
-    table = run.stdout[run.stdout.index("Before → after 1 GRPO iterations"):]
+    table = run.stdout[run.stdout.index("Before → after 1 GRPO iterations") :]
     assert re.search(r"before\s+after\s+Δ", table)
     for row in ("all correct", "color", "shape", "position"):
         assert re.search(rf"^  {row}\s+\d+\.\d%\s+\d+\.\d%\s+[+-]\d+\.\d pts$", table, re.M), table
@@ -40,8 +57,11 @@ def test_short_demo_writes_a_self_contained_report(tmp_path):
     assert len(sources) == 2 + 2 * 4 and all(s.startswith("data:image/png;base64,") for s in sources)
     # Every grid image is marked by the evaluator's verdict and captioned with its prompt.
     summary = json.load(open(tmp_path / "demo" / "summary.json"))
-    cells = re.findall(r"<figure class='cell (ok|bad)'><span class='badge'[^>]*>(✓|✗)</span><img [^>]*>"
-                       r"<figcaption>([^<]+)", html)
+    cells = re.findall(
+        r"<figure class='cell (ok|bad)'><span class='badge'[^>]*>(✓|✗)</span><img [^>]*>"
+        r"<figcaption>([^<]+)",
+        html,
+    )
     assert len(cells) == 8
     assert all((state == "ok") == (badge == "✓") for state, badge, _ in cells)
     from visalign.toy.policy_eval import eval_set
@@ -58,8 +78,7 @@ def test_short_demo_writes_a_self_contained_report(tmp_path):
 
 def test_summary_table_reports_before_after_and_delta():
     before = {"all_correct": 0.5, "accuracy": {"color": 0.75, "shape": 0.625, "position": 1.0}, "reward": 0.685}
-    after = {"all_correct": 0.6875, "accuracy": {"color": 0.75, "shape": 0.8125, "position": 0.9375},
-             "reward": 0.7213}
+    after = {"all_correct": 0.6875, "accuracy": {"color": 0.75, "shape": 0.8125, "position": 0.9375}, "reward": 0.7213}
     assert summary_table(before, after).splitlines() == [
         "                      before     after           Δ",
         "  all correct          50.0%     68.8%   +18.8 pts",

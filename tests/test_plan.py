@@ -10,13 +10,44 @@ from visalign.errors import ConfigError
 from visalign.plan import Workload, _LiveBytes, format_plan, make_plan, measure, peak_bf16_flops, workload_from_recipe
 
 # A made-up measurement, so that every row below can be computed by hand.
-MEASURED = {"params": 1000, "buffer_bytes": 50, "blocks": 4, "block_classes": ["JointTransformerBlock"],
-            "block_params": 200, "trainable": 10, "largest_trainable": 4, "act_train": 100, "act_train_ckpt": 30,
-            "flops_train": 7, "act_infer": 20, "flops_forward": 3, "vae_params": 40, "act_decode": 60,
-            "flops_decode": 5, "text_params": 100, "latent_numel": 16, "cond_numel": 8}
-WORKLOAD = Workload("sd35-medium", dtype="bfloat16", compute_dtype="bfloat16", height=64, width=64, use_lora=True,
-                    lora_rank=4, ema=True, rollout_batch=4, num_steps=3, trained_steps=2, micro_batch=2, cfg=2,
-                    train_cfg=2, text_tokens=10, text_encoder_params=100)
+MEASURED = {
+    "params": 1000,
+    "buffer_bytes": 50,
+    "blocks": 4,
+    "block_classes": ["JointTransformerBlock"],
+    "block_params": 200,
+    "trainable": 10,
+    "largest_trainable": 4,
+    "act_train": 100,
+    "act_train_ckpt": 30,
+    "flops_train": 7,
+    "act_infer": 20,
+    "flops_forward": 3,
+    "vae_params": 40,
+    "act_decode": 60,
+    "flops_decode": 5,
+    "text_params": 100,
+    "latent_numel": 16,
+    "cond_numel": 8,
+}
+WORKLOAD = Workload(
+    "sd35-medium",
+    dtype="bfloat16",
+    compute_dtype="bfloat16",
+    height=64,
+    width=64,
+    use_lora=True,
+    lora_rank=4,
+    ema=True,
+    rollout_batch=4,
+    num_steps=3,
+    trained_steps=2,
+    micro_batch=2,
+    cfg=2,
+    train_cfg=2,
+    text_tokens=10,
+    text_encoder_params=100,
+)
 
 
 def test_lora_plan_matches_hand_computed_bytes():
@@ -68,8 +99,17 @@ def test_live_bytes_tracker_counts_what_is_alive():
 
 
 def test_measure_on_meta_scales_linearly_with_depth_and_counts_backward():
-    w = Workload("wan21-t2v-1.3b", dtype="float32", compute_dtype="float32", height=64, width=64, num_frames=5,
-                 text_tokens=16, text_encoder_params=0, lora_rank=4)
+    w = Workload(
+        "wan21-t2v-1.3b",
+        dtype="float32",
+        compute_dtype="float32",
+        height=64,
+        width=64,
+        num_frames=5,
+        text_tokens=16,
+        text_encoder_params=0,
+        lora_rank=4,
+    )
     m1, m2, m3 = (measure(dataclasses.replace(w), depth=d) for d in (1, 2, 3))
     assert m2["flops_forward"] - m1["flops_forward"] == m3["flops_forward"] - m2["flops_forward"] > 0
     # LoRA: input gradients only (none into the embedders, whose inputs need none), so a bit under 2x a forward
@@ -107,8 +147,10 @@ def test_unknown_model_names_the_known_architectures(capsys):
 
 def test_explicit_architecture_key(tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("algorithm: grpo\nmodel: me/my-sd35-finetune\narchitecture: sd35-medium\ngroup_size: 4\n"
-                      "prompts_per_step: 2\nnum_steps: 6\ntimestep_fraction: 0.5\nmicro_batch_size: 2\n")
+    recipe.write_text(
+        "algorithm: grpo\nmodel: me/my-sd35-finetune\narchitecture: sd35-medium\ngroup_size: 4\n"
+        "prompts_per_step: 2\nnum_steps: 6\ntimestep_fraction: 0.5\nmicro_batch_size: 2\n"
+    )
     w = workload_from_recipe(str(recipe))
     assert (w.architecture, w.rollout_batch, w.trained_steps, w.micro_batch, w.cfg) == ("sd35-medium", 8, 2, 2, 2)
     flux = workload_from_recipe("configs/flux_grpo.yaml")
@@ -122,8 +164,10 @@ def test_fsdp_settings_it_cannot_shard(tmp_path):
     with pytest.raises(ConfigError, match="JointTransformerBlock"):
         make_plan(WORKLOAD, gpus=8, measured=dict(MEASURED), accelerate_config="configs/accelerate/fsdp.yaml")
     v1 = tmp_path / "fsdp1.yaml"
-    v1.write_text("distributed_type: FSDP\nfsdp_config:\n  fsdp_version: 1\n"
-                  "  fsdp_transformer_layer_cls_to_wrap: JointTransformerBlock\n")
+    v1.write_text(
+        "distributed_type: FSDP\nfsdp_config:\n  fsdp_version: 1\n"
+        "  fsdp_transformer_layer_cls_to_wrap: JointTransformerBlock\n"
+    )
     with pytest.raises(ConfigError, match="FSDP1"):
         make_plan(WORKLOAD, gpus=8, measured=dict(MEASURED), accelerate_config=str(v1))
     full = dataclasses.replace(WORKLOAD, use_lora=False, reference=True)

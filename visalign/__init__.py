@@ -46,14 +46,24 @@ _LAZY = {
     "best_of_n": "visalign.steering",
     "reward_guidance": "visalign.steering",
 }
-_SUBMODULES = {"rewards", "errors", "testing", "sampling", "pipelines", "training", "algorithms", "losses",
-               "steering", "toy"}
+_SUBMODULES = {
+    "rewards",
+    "errors",
+    "testing",
+    "sampling",
+    "pipelines",
+    "training",
+    "algorithms",
+    "losses",
+    "steering",
+    "toy",
+}
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES)
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from visalign.pipelines import Policy, load, wrap
-    from visalign.sampling import LogProbOutput, SamplingOptions, Trajectory, log_prob, sample
+    from visalign.pipelines import Policy, load, wrap  # noqa: F401
+    from visalign.sampling import LogProbOutput, SamplingOptions, Trajectory, log_prob, sample  # noqa: F401
 
 
 def __getattr__(name: str):

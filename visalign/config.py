@@ -84,7 +84,9 @@ def override_default(base: type, name: str, default: Any) -> Any:
     field = next((f for f in dataclasses.fields(base) if f.name == name), None)
     if field is None:
         raise ConfigError(f"{base.__name__} has no field '{name}' to override.")
-    return config_field(default, field.metadata["help"], metadata={k: v for k, v in field.metadata.items() if k != "help"})
+    return config_field(
+        default, field.metadata["help"], metadata={k: v for k, v in field.metadata.items() if k != "help"}
+    )
 
 
 def load_yaml(path: str | os.PathLike) -> dict:
@@ -94,7 +96,8 @@ def load_yaml(path: str | os.PathLike) -> dict:
     """
     if not os.path.isfile(path):
         raise ConfigError(
-            f"Config file '{path}' does not exist. Pass the path of a YAML recipe, e.g. configs/toy_grpo.yaml.")
+            f"Config file '{path}' does not exist. Pass the path of a YAML recipe, e.g. configs/toy_grpo.yaml."
+        )
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
@@ -103,8 +106,7 @@ def load_yaml(path: str | os.PathLike) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(
-            f"Config file '{path}' must hold a mapping of key: value lines, got a {type(data).__name__}.")
+        raise ConfigError(f"Config file '{path}' must hold a mapping of key: value lines, got a {type(data).__name__}.")
     return data
 
 
@@ -125,7 +127,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, str]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     # get_type_hints resolves string annotations, so configs may use `from __future__ import annotations`.
     return typing.get_type_hints(cls)
@@ -324,10 +326,16 @@ class ConfigBase(metaclass=_ConfigMeta):
         kwargs = dict(kwargs)
         for old, new in renamed.items():
             if new in kwargs:
-                raise ConfigError(f"Config keys '{old}' and '{new}' were both given; '{old}' is the old name of "
-                                  f"'{new}': keep only '{new}'.")
-            warnings.warn(f"Config key '{old}' is now called '{new}'{source}; the old name will stop working in a "
-                          f"future release.", FutureWarning, stacklevel=4)
+                raise ConfigError(
+                    f"Config keys '{old}' and '{new}' were both given; '{old}' is the old name of "
+                    f"'{new}': keep only '{new}'."
+                )
+            warnings.warn(
+                f"Config key '{old}' is now called '{new}'{source}; the old name will stop working in a "
+                f"future release.",
+                FutureWarning,
+                stacklevel=4,
+            )
             kwargs[new] = kwargs.pop(old)
         return kwargs
 
@@ -355,13 +363,17 @@ class ConfigBase(metaclass=_ConfigMeta):
             raise ConfigError(f"{cls.__name__}.from_dict expects a mapping of key: value, got {type(d).__name__}.")
         cls._check_keys(d, f"for {cls.__name__}")
         missing = [
-            f.name for f in dataclasses.fields(cls)
-            if f.init and f.name not in d
-            and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.init
+            and f.name not in d
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
         ]
         if missing:
-            raise ConfigError(f"{cls.__name__} needs a value for {', '.join(map(repr, missing))}; "
-                              "add it to the YAML or as key=value.")
+            raise ConfigError(
+                f"{cls.__name__} needs a value for {', '.join(map(repr, missing))}; add it to the YAML or as key=value."
+            )
         return cls(**d)
 
     @classmethod

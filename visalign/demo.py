@@ -33,9 +33,24 @@ from visalign.report import Cell, Gallery, line_plot, write_html_report
 # lr 1e-3 for 60 iterations: BENCHMARKS.md ("Toy world: GRPO settings for make demo") has the runs
 # behind it; 2e-3 peaks earlier and then degrades, 3e-3 gains a third as much in 30 iterations.
 DEMO_CONFIG = dict(
-    max_steps=60, num_steps=10, guidance_scale=3.0, sampler="sde", noise="flow", eta=0.7,
-    group_size=8, prompts_per_step=4, height=32, width=32, advantage_std="group", clip_range=1e-3,
-    timestep_fraction=0.6, learning_rate=1e-3, use_lora=True, lora_rank=16, lora_alpha=16, max_grad_norm=1.0,
+    max_steps=60,
+    num_steps=10,
+    guidance_scale=3.0,
+    sampler="sde",
+    noise="flow",
+    eta=0.7,
+    group_size=8,
+    prompts_per_step=4,
+    height=32,
+    width=32,
+    advantage_std="group",
+    clip_range=1e-3,
+    timestep_fraction=0.6,
+    learning_rate=1e-3,
+    use_lora=True,
+    lora_rank=16,
+    lora_alpha=16,
+    max_grad_norm=1.0,
 )
 GRID_SIZE = 16
 ATTRIBUTES = ("color", "shape", "position")
@@ -49,8 +64,11 @@ def _gallery(result: dict, prompts: Sequence[str]) -> Gallery:
     cells = []
     for image, prompt, verdict in zip(images, prompts, result["samples"]):
         wrong = [attr for attr, ok in verdict["correct"].items() if not ok]
-        cells.append(Cell(image, prompt, correct=bool(verdict["all_correct"]),
-                          note=f"wrong: {', '.join(wrong)}" if wrong else ""))
+        cells.append(
+            Cell(
+                image, prompt, correct=bool(verdict["all_correct"]), note=f"wrong: {', '.join(wrong)}" if wrong else ""
+            )
+        )
     return Gallery(cells, columns=8)
 
 
@@ -62,8 +80,11 @@ def _count_correct(result: dict) -> str:
 def summary_table(before: dict, after: dict) -> str:
     """The before → after table the demo prints: evaluator accuracies (percent) and the reward."""
     rows = [("all correct", before["all_correct"], after["all_correct"], True)]
-    rows += [(attr, before["accuracy"][attr], after["accuracy"][attr], True)
-             for attr in ATTRIBUTES if attr in before["accuracy"]]
+    rows += [
+        (attr, before["accuracy"][attr], after["accuracy"][attr], True)
+        for attr in ATTRIBUTES
+        if attr in before["accuracy"]
+    ]
     if "reward" in before:
         rows.append(("reward (toy-CLIP)", before["reward"], after["reward"], False))
     lines = [f"  {'':<18}{'before':>8}  {'after':>8}  {'Δ':>10}"]
@@ -93,8 +114,14 @@ def _no_loading_bars():
             transformers_logging.enable_progress_bar()
 
 
-def run_demo(out_dir: str = "runs/demo", seed: int = 0, max_steps: int | None = None, eval_every: int = 15,
-             num_eval_prompts: int = 48, overrides: Sequence[str] = ()) -> str:
+def run_demo(
+    out_dir: str = "runs/demo",
+    seed: int = 0,
+    max_steps: int | None = None,
+    eval_every: int = 15,
+    num_eval_prompts: int = 48,
+    overrides: Sequence[str] = (),
+) -> str:
     """Runs GRPO on the toy world and writes the report.
 
     Args:
@@ -125,8 +152,9 @@ def run_demo(out_dir: str = "runs/demo", seed: int = 0, max_steps: int | None = 
     eval_prompts, eval_seeds = eval_set(num_eval_prompts)
 
     def measure(p):
-        return evaluate_policy(p, eval_prompts, eval_seeds, num_steps=config.num_steps,
-                               guidance_scale=config.guidance_scale, reward=reward)
+        return evaluate_policy(
+            p, eval_prompts, eval_seeds, num_steps=config.num_steps, guidance_scale=config.guidance_scale, reward=reward
+        )
 
     before = measure(policy)
     setup_seconds = time.perf_counter() - start
@@ -148,40 +176,68 @@ def run_demo(out_dir: str = "runs/demo", seed: int = 0, max_steps: int | None = 
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     attributes = list(before["accuracy"])
-    timings = {"setup + first evaluation (s)": round(setup_seconds, 1),
-               "training incl. evaluations (s)": round(train_seconds, 1),
-               "total (s)": round(time.perf_counter() - start, 1), "iterations": config.max_steps,
-               "mean iteration (s)": round(sum(r["time_step"] for r in rows) / max(len(rows), 1), 2),
-               "torch threads": torch.get_num_threads()}
+    timings = {
+        "setup + first evaluation (s)": round(setup_seconds, 1),
+        "training incl. evaluations (s)": round(train_seconds, 1),
+        "total (s)": round(time.perf_counter() - start, 1),
+        "iterations": config.max_steps,
+        "mean iteration (s)": round(sum(r["time_step"] for r in rows) / max(len(rows), 1), 2),
+        "torch threads": torch.get_num_threads(),
+    }
     summary = {
         "evaluator all-correct": f"{before['all_correct']:.1%} → {after['all_correct']:.1%}",
         **{f"{k} accuracy": f"{before['accuracy'][k]:.1%} → {after['accuracy'][k]:.1%}" for k in attributes},
         "toy-CLIP reward (cosine)": f"{before['reward']:.4f} → {after['reward']:.4f}",
         "evaluation": f"{num_eval_prompts} fixed captions × 1 fixed seed, ODE, {config.num_steps} steps, "
-                      f"CFG {config.guidance_scale}",
+        f"CFG {config.guidance_scale}",
     }
     sections = [
         ("Result", [summary]),
-        ("Before: the base model, fixed prompts and seeds", [
-            f"{_count_correct(before)} by the exact evaluator: a green ✓ means every attribute of the "
-            f"caption is right, a red ✗ names the wrong ones.", _gallery(before, eval_prompts)]),
+        (
+            "Before: the base model, fixed prompts and seeds",
+            [
+                f"{_count_correct(before)} by the exact evaluator: a green ✓ means every attribute of the "
+                f"caption is right, a red ✗ names the wrong ones.",
+                _gallery(before, eval_prompts),
+            ],
+        ),
         ("After GRPO: same prompts and seeds", [f"{_count_correct(after)}.", _gallery(after, eval_prompts)]),
-        ("Curves", [
-            line_plot({"eval (fixed prompts)": [(s, r["reward"]) for s, r in curve],
-                       "training batches": [(r["step"], r["reward_mean"]) for r in rows]}, "toy-CLIP reward"),
-            line_plot({"all correct": [(s, r["all_correct"]) for s, r in curve],
-                       **{k: [(s, r["accuracy"][k]) for s, r in curve] for k in attributes}},
-                      "Exact evaluator accuracy (GenEval-style)"),
-        ]),
+        (
+            "Curves",
+            [
+                line_plot(
+                    {
+                        "eval (fixed prompts)": [(s, r["reward"]) for s, r in curve],
+                        "training batches": [(r["step"], r["reward_mean"]) for r in rows],
+                    },
+                    "toy-CLIP reward",
+                ),
+                line_plot(
+                    {
+                        "all correct": [(s, r["all_correct"]) for s, r in curve],
+                        **{k: [(s, r["accuracy"][k]) for s, r in curve] for k in attributes},
+                    },
+                    "Exact evaluator accuracy (GenEval-style)",
+                ),
+            ],
+        ),
         ("Timings", [timings]),
         ("Config", [config.to_dict()]),
     ]
     path = write_html_report(os.path.join(out_dir, "report.html"), "visalign demo: GRPO on the toy world", sections)
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump({"before": {k: before[k] for k in ("all_correct", "accuracy", "reward")},
-                   "after": {k: after[k] for k in ("all_correct", "accuracy", "reward")},
-                   "curve": [{"step": s, "all_correct": r["all_correct"], "reward": r["reward"]} for s, r in curve],
-                   "timings": timings}, f, indent=2)
-    print(f"\nBefore → after {config.max_steps} GRPO iterations ({num_eval_prompts} fixed prompts, "
-          f"exact evaluator):\n{summary_table(before, after)}")
+        json.dump(
+            {
+                "before": {k: before[k] for k in ("all_correct", "accuracy", "reward")},
+                "after": {k: after[k] for k in ("all_correct", "accuracy", "reward")},
+                "curve": [{"step": s, "all_correct": r["all_correct"], "reward": r["reward"]} for s, r in curve],
+                "timings": timings,
+            },
+            f,
+            indent=2,
+        )
+    print(
+        f"\nBefore → after {config.max_steps} GRPO iterations ({num_eval_prompts} fixed prompts, "
+        f"exact evaluator):\n{summary_table(before, after)}"
+    )
     return path

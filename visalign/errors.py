@@ -63,7 +63,7 @@ def require(package: str, extra: str, purpose: str):
     except Exception as exc:  # ImportError, or a broken install raising something else
         raise MissingDependencyError(
             f"{purpose} needs the optional package '{package}', which could not be imported "
-            f"({type(exc).__name__}: {exc}). Install it with `pip install \"visalign[{extra}]\"`."
+            f'({type(exc).__name__}: {exc}). Install it with `pip install "visalign[{extra}]"`.'
         ) from exc
 
 

@@ -29,7 +29,7 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) 
     for i, tile in enumerate(to_uint8(images)):
         r, c = divmod(i, nrow)
         y, x = padding + r * (h + padding), padding + c * (w + padding)
-        grid[y:y + h, x:x + w] = tile
+        grid[y : y + h, x : x + w] = tile
     return Image.fromarray(grid)
 
 

@@ -44,12 +44,29 @@ from torch.utils._pytree import tree_leaves
 from visalign import architectures as arch
 from visalign.errors import ConfigError
 
-__all__ = ["PEAK_BF16_FLOPS", "Plan", "Workload", "format_plan", "make_plan", "measure", "peak_bf16_flops",
-           "workload_from_recipe"]
+__all__ = [
+    "PEAK_BF16_FLOPS",
+    "Plan",
+    "Workload",
+    "format_plan",
+    "make_plan",
+    "measure",
+    "peak_bf16_flops",
+    "workload_from_recipe",
+]
 
 #: Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by device-name fragment (first match).
-PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "H20": 148e12,
-                   "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "4090": 165e12}
+PEAK_BF16_FLOPS = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "H20": 148e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+    "4090": 165e12,
+}
 _DEFAULT_SIZE = {"sd3": (1024, 1024, None), "flux": (1024, 1024, None), "wan-t2v": (480, 832, 81)}
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GiB = 2**30
@@ -116,14 +133,27 @@ def workload_from_recipe(path: str, overrides=(), architecture: str | None = Non
     trained = max(1, round(fraction * candidates)) if algorithm in ("grpo", "prdp") else 1
     per_update = max(1, rollout // get("updates_per_rollout", 1))
     mixed = get("mixed_precision", "no")
-    return Workload(name, algorithm, dtype, {"no": dtype, "bf16": "bfloat16", "fp16": "float16"}[mixed],
-                    get("height") or h, get("width") or w, (get("num_frames") or f) if f else None,
-                    get("use_lora", True), get("lora_rank", 8), get("lora_target_modules"),
-                    get("gradient_checkpointing", False), get("ema_decay") is not None,
-                    get("kl_beta", 0.0) > 0 or algorithm == "dpo",
-                    rollout, steps, trained,
-                    min(get("micro_batch_size") or per_update, per_update), cfg_mult,
-                    1 if get("detach_uncond", False) else cfg_mult)
+    return Workload(
+        name,
+        algorithm,
+        dtype,
+        {"no": dtype, "bf16": "bfloat16", "fp16": "float16"}[mixed],
+        get("height") or h,
+        get("width") or w,
+        (get("num_frames") or f) if f else None,
+        get("use_lora", True),
+        get("lora_rank", 8),
+        get("lora_target_modules"),
+        get("gradient_checkpointing", False),
+        get("ema_decay") is not None,
+        get("kl_beta", 0.0) > 0 or algorithm == "dpo",
+        rollout,
+        steps,
+        trained,
+        min(get("micro_batch_size") or per_update, per_update),
+        cfg_mult,
+        1 if get("detach_uncond", False) else cfg_mult,
+    )
 
 
 # ------------------------------------------------------------------------------ measuring on meta
@@ -163,10 +193,12 @@ def _flash_sdpa():
 
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
         if query.device.type == "meta" and attn_mask is None:
-            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, dropout_p, is_causal,
-                                                                              scale=scale)[0]
-        return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                        **kwargs)
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                query, key, value, dropout_p, is_causal, scale=scale
+            )[0]
+        return original(
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs
+        )
 
     functional.scaled_dot_product_attention = sdpa
     try:
@@ -179,16 +211,28 @@ def _denoiser_inputs(family: str, config: dict, batch: int, w: Workload, dtype: 
     empty = lambda *shape: torch.empty(*shape, device="meta", dtype=dtype)  # noqa: E731
     t, tokens = torch.ones(batch, device="meta"), w.text_tokens or 0
     if family == "sd3":
-        return dict(hidden_states=empty(batch, 16, w.height // 8, w.width // 8), timestep=t,
-                    encoder_hidden_states=empty(batch, tokens, config["joint_attention_dim"]),
-                    pooled_projections=empty(batch, config["pooled_projection_dim"]))
+        return dict(
+            hidden_states=empty(batch, 16, w.height // 8, w.width // 8),
+            timestep=t,
+            encoder_hidden_states=empty(batch, tokens, config["joint_attention_dim"]),
+            pooled_projections=empty(batch, config["pooled_projection_dim"]),
+        )
     if family == "flux":
         n = (w.height // 16) * (w.width // 16)
-        return dict(hidden_states=empty(batch, n, 64), encoder_hidden_states=empty(batch, tokens, 4096), timestep=t,
-                    pooled_projections=empty(batch, config["pooled_projection_dim"]), guidance=t,
-                    img_ids=torch.empty(n, 3, device="meta"), txt_ids=torch.empty(tokens, 3, device="meta"))
-    return dict(hidden_states=empty(batch, 16, _latent_frames(w), w.height // 8, w.width // 8), timestep=t,
-                encoder_hidden_states=empty(batch, tokens, config["text_dim"]))
+        return dict(
+            hidden_states=empty(batch, n, 64),
+            encoder_hidden_states=empty(batch, tokens, 4096),
+            timestep=t,
+            pooled_projections=empty(batch, config["pooled_projection_dim"]),
+            guidance=t,
+            img_ids=torch.empty(n, 3, device="meta"),
+            txt_ids=torch.empty(tokens, 3, device="meta"),
+        )
+    return dict(
+        hidden_states=empty(batch, 16, _latent_frames(w), w.height // 8, w.width // 8),
+        timestep=t,
+        encoder_hidden_states=empty(batch, tokens, config["text_dim"]),
+    )
 
 
 def _latent_frames(w: Workload) -> int:
@@ -200,10 +244,19 @@ def _run(fn, external, flops: bool = True) -> tuple[int, int]:
     from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
     aten = torch.ops.aten  # the flash SDPA of _flash_sdpa, counted as FlopCounterMode counts the CUDA one
-    counter = FlopCounterMode(display=False, custom_mapping={
-        aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, **kw: sdpa_flop_count(q, k, v),
-        aten._scaled_dot_product_flash_attention_for_cpu_backward:
-            lambda g, q, k, v, *a, **kw: sdpa_backward_flop_count(g, q, k, v)}) if flops else contextlib.nullcontext()
+    counter = (
+        FlopCounterMode(
+            display=False,
+            custom_mapping={
+                aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, **kw: sdpa_flop_count(q, k, v),
+                aten._scaled_dot_product_flash_attention_for_cpu_backward: lambda g, q, k, v, *a, **kw: (
+                    sdpa_backward_flop_count(g, q, k, v)
+                ),
+            },
+        )
+        if flops
+        else contextlib.nullcontext()
+    )
     with counter, _flash_sdpa(), _LiveBytes(external) as tracker:
         fn()
     return tracker.peak, counter.get_total_flops() if flops else 0
@@ -216,10 +269,13 @@ def measure(w: Workload, depth: int | None = None) -> dict:
     w.text_tokens = w.text_tokens or record["text_tokens"]
     model = arch.build(w.architecture, depth=depth, dtype=dtype)
     blocks = [b for blocks in arch.block_lists(model) for b in blocks]
-    out = {"params": sum(p.numel() for p in model.parameters()),
-           "buffer_bytes": sum(b.numel() for b in model.buffers() if b.is_floating_point()) * _BYTES[w.dtype],
-           "blocks": len(blocks), "block_classes": sorted({type(b).__name__ for b in blocks}),
-           "block_params": max(sum(p.numel() for p in b.parameters()) for b in blocks)}
+    out = {
+        "params": sum(p.numel() for p in model.parameters()),
+        "buffer_bytes": sum(b.numel() for b in model.buffers() if b.is_floating_point()) * _BYTES[w.dtype],
+        "blocks": len(blocks),
+        "block_classes": sorted({type(b).__name__ for b in blocks}),
+        "block_params": max(sum(p.numel() for p in b.parameters()) for b in blocks),
+    }
     if w.use_lora:
         from peft import LoraConfig
 
@@ -248,12 +304,22 @@ def measure(w: Workload, depth: int | None = None) -> dict:
     with torch.no_grad():
         out["act_infer"], out["flops_forward"] = _run(lambda: model(**one, return_dict=False), external)
         vae = arch.build(w.architecture, "vae", dtype=dtype)
-        z = torch.empty(1, 16, *([_latent_frames(w)] if family.startswith("wan") else []), w.height // 8, w.width // 8,
-                        device="meta", dtype=dtype)
+        z = torch.empty(
+            1,
+            16,
+            *([_latent_frames(w)] if family.startswith("wan") else []),
+            w.height // 8,
+            w.width // 8,
+            device="meta",
+            dtype=dtype,
+        )
         out["vae_params"] = sum(p.numel() for p in vae.parameters())
         out["act_decode"], out["flops_decode"] = _run(lambda: vae.decode(z), [*vae.parameters(), *vae.buffers(), z])
-    out["text_params"] = w.text_encoder_params if w.text_encoder_params is not None else sum(
-        arch.parameter_count(w.architecture, part) for part in record["text_encoders"])
+    out["text_params"] = (
+        w.text_encoder_params
+        if w.text_encoder_params is not None
+        else sum(arch.parameter_count(w.architecture, part) for part in record["text_encoders"])
+    )
     out["latent_numel"] = z.numel()  # FLUX's packing is a permutation of the same numbers
     out["cond_numel"] = w.text_tokens * record["denoiser"]["config"].get("joint_attention_dim", 4096)
     return out
@@ -274,8 +340,10 @@ class Plan:
 
 def _check_fsdp(w: Workload, m: dict, gpus: int, accelerate_config: str | None) -> list[str]:
     if gpus < 2:
-        raise ConfigError(f"FSDP shards the model over GPUs; with --gpus {gpus} there is nothing to shard. "
-                          "Use --strategy ddp, or --gpus 2 or more.")
+        raise ConfigError(
+            f"FSDP shards the model over GPUs; with --gpus {gpus} there is nothing to shard. "
+            "Use --strategy ddp, or --gpus 2 or more."
+        )
     notes, fsdp = [], {}
     if accelerate_config:
         from visalign.config import load_yaml
@@ -283,21 +351,33 @@ def _check_fsdp(w: Workload, m: dict, gpus: int, accelerate_config: str | None) 
         fsdp = load_yaml(accelerate_config).get("fsdp_config") or {}
     wrap = [c.strip() for c in str(fsdp.get("fsdp_transformer_layer_cls_to_wrap") or "").split(",") if c.strip()]
     if wrap and not set(wrap) & set(m["block_classes"]):
-        raise ConfigError(f"{accelerate_config} wraps {', '.join(wrap)}, but {w.architecture} has no such blocks, so "
-                          f"FSDP would gather the whole model at once; set fsdp_transformer_layer_cls_to_wrap: "
-                          f"{','.join(m['block_classes'])}.")
+        raise ConfigError(
+            f"{accelerate_config} wraps {', '.join(wrap)}, but {w.architecture} has no such blocks, so "
+            f"FSDP would gather the whole model at once; set fsdp_transformer_layer_cls_to_wrap: "
+            f"{','.join(m['block_classes'])}."
+        )
     if str(fsdp.get("fsdp_version", 2)) == "1" and w.use_lora:
-        raise ConfigError("FSDP1 flattens each wrapped block into one FlatParameter, which needs one dtype and (unless "
-                          "use_orig_params) one requires_grad; LoRA mixes frozen bf16 weights with trainable fp32 "
-                          "adapters. Use fsdp_version: 2, or DDP (LoRA's trainable state is small).")
+        raise ConfigError(
+            "FSDP1 flattens each wrapped block into one FlatParameter, which needs one dtype and (unless "
+            "use_orig_params) one requires_grad; LoRA mixes frozen bf16 weights with trainable fp32 "
+            "adapters. Use fsdp_version: 2, or DDP (LoRA's trainable state is small)."
+        )
     if w.reference and not w.use_lora:
-        notes.append("FSDP: the full-fine-tuning reference copy is made before accelerate wraps the model, so it "
-                     "is not sharded (every GPU holds it in fp32).")
+        notes.append(
+            "FSDP: the full-fine-tuning reference copy is made before accelerate wraps the model, so it "
+            "is not sharded (every GPU holds it in fp32)."
+        )
     return notes
 
 
-def make_plan(w: Workload, gpus: int = 1, strategies=("ddp", "fsdp"), depth: int | None = None,
-              accelerate_config: str | None = None, measured: dict | None = None) -> Plan:
+def make_plan(
+    w: Workload,
+    gpus: int = 1,
+    strategies=("ddp", "fsdp"),
+    depth: int | None = None,
+    accelerate_config: str | None = None,
+    measured: dict | None = None,
+) -> Plan:
     """The per-GPU memory of ``w`` under each strategy, and its FLOPs per iteration."""
     if gpus < 1:
         raise ConfigError(f"--gpus must be >= 1, got {gpus}.")
@@ -317,17 +397,29 @@ def make_plan(w: Workload, gpus: int = 1, strategies=("ddp", "fsdp"), depth: int
         n, ddp = (gpus, False) if strategy == "fsdp" else (1, True)
         if not ddp:
             plan.notes += _check_fsdp(w, m, gpus, accelerate_config)
-        rows = {"denoiser weights": weights / n, "text encoders + VAE": (m["text_params"] + m["vae_params"]) * b,
-                "gradients (fp32)": trainable * 4 / n, "AdamW moments (2 x fp32)": trainable * 8 / n,
-                "EMA (fp32)": trainable * 4 / n if w.ema else 0, "reference copy": reference,
-                "DDP buckets" if ddp else "FSDP gathered blocks":
-                    (trainable * 4 if gpus > 1 else 0) if ddp else 2 * m["block_params"] * cb}
+        rows = {
+            "denoiser weights": weights / n,
+            "text encoders + VAE": (m["text_params"] + m["vae_params"]) * b,
+            "gradients (fp32)": trainable * 4 / n,
+            "AdamW moments (2 x fp32)": trainable * 8 / n,
+            "EMA (fp32)": trainable * 4 / n if w.ema else 0,
+            "reference copy": reference,
+            "DDP buckets" if ddp else "FSDP gathered blocks": (trainable * 4 if gpus > 1 else 0)
+            if ddp
+            else 2 * m["block_params"] * cb,
+        }
         rows["static"] = sum(rows.values())
         rows["rollout: trajectory + prompts"] = states + cond
         # The rollout's peak: its last step (inference temporaries), the decode, or stacking the states (2x).
-        rows["rollout: peak above static"] = states + cond + max(
-            m["act_infer"] * w.rollout_batch * w.cfg + (autocast if ddp else 0), m["act_decode"] * w.rollout_batch,
-            states)
+        rows["rollout: peak above static"] = (
+            states
+            + cond
+            + max(
+                m["act_infer"] * w.rollout_batch * w.cfg + (autocast if ddp else 0),
+                m["act_decode"] * w.rollout_batch,
+                states,
+            )
+        )
         rows["train: activations, no checkpointing"] = m["act_train"] * train_samples
         rows["train: activations, checkpointing"] = m["act_train_ckpt"] * train_samples
         rows["train: peak above static"] = states + cond + act + ref_pass + (autocast if ddp else 0)
@@ -336,10 +428,11 @@ def make_plan(w: Workload, gpus: int = 1, strategies=("ddp", "fsdp"), depth: int
         rows["PEAK per GPU"] = rows["static"] + max(rows[p] for p in phases)
         plan.rows[strategy] = rows
     s = w.rollout_batch
-    plan.flops = {"rollout": s * w.num_steps * w.cfg * m["flops_forward"] + s * m["flops_decode"],
-                  "training": s * w.trained_steps * (w.train_cfg * m["flops_train"] +
-                                                     (w.cfg - w.train_cfg) * m["flops_forward"]) +
-                  (s * w.trained_steps * w.cfg * m["flops_forward"] if w.reference else 0)}
+    plan.flops = {
+        "rollout": s * w.num_steps * w.cfg * m["flops_forward"] + s * m["flops_decode"],
+        "training": s * w.trained_steps * (w.train_cfg * m["flops_train"] + (w.cfg - w.train_cfg) * m["flops_forward"])
+        + (s * w.trained_steps * w.cfg * m["flops_forward"] if w.reference else 0),
+    }
     plan.flops["iteration"] = plan.flops["rollout"] + plan.flops["training"]
     return plan
 
@@ -349,23 +442,30 @@ def format_plan(plan: Plan) -> str:
     w, m = plan.workload, plan.measured
     strategies = list(plan.rows)
     lora = f"LoRA r{w.lora_rank}" if w.use_lora else "full fine-tuning"
-    lines = [f"visalign plan: {w.architecture} ({w.algorithm}), {w.height}x{w.width}"
-             + (f"x{w.num_frames}f" if w.num_frames else "") + f", {plan.gpus} GPU(s), weights {w.dtype}, "
-             f"compute {w.compute_dtype}",
-             f"  denoiser {m['params'] / 1e9:.3f}B parameters ({m['blocks']} blocks); trainable {m['trainable']:,} "
-             f"({lora}); text encoders {m['text_params'] / 1e9:.2f}B; VAE {m['vae_params'] / 1e6:.1f}M",
-             f"  per GPU: rollout {w.rollout_batch} samples x {w.num_steps} steps (CFG x{w.cfg}); training micro-batch "
-             f"{w.micro_batch} samples x {w.trained_steps} steps (x{w.train_cfg} with gradient) = "
-             f"{w.micro_batch * w.trained_steps * w.train_cfg} forwards; gradient checkpointing "
-             f"{'on' if w.gradient_checkpointing else 'off'}", "",
-             f"{'GiB per GPU':42s}" + "".join(f"{s.upper() + ' x' + str(plan.gpus):>12s}" for s in strategies)]
+    lines = [
+        f"visalign plan: {w.architecture} ({w.algorithm}), {w.height}x{w.width}"
+        + (f"x{w.num_frames}f" if w.num_frames else "")
+        + f", {plan.gpus} GPU(s), weights {w.dtype}, "
+        f"compute {w.compute_dtype}",
+        f"  denoiser {m['params'] / 1e9:.3f}B parameters ({m['blocks']} blocks); trainable {m['trainable']:,} "
+        f"({lora}); text encoders {m['text_params'] / 1e9:.2f}B; VAE {m['vae_params'] / 1e6:.1f}M",
+        f"  per GPU: rollout {w.rollout_batch} samples x {w.num_steps} steps (CFG x{w.cfg}); training micro-batch "
+        f"{w.micro_batch} samples x {w.trained_steps} steps (x{w.train_cfg} with gradient) = "
+        f"{w.micro_batch * w.trained_steps * w.train_cfg} forwards; gradient checkpointing "
+        f"{'on' if w.gradient_checkpointing else 'off'}",
+        "",
+        f"{'GiB per GPU':42s}" + "".join(f"{s.upper() + ' x' + str(plan.gpus):>12s}" for s in strategies),
+    ]
     for row in plan.rows[strategies[0]]:
         values = [plan.rows[s].get(row) for s in strategies]
         if row in ("static", "PEAK per GPU"):
             lines.append("-" * (42 + 12 * len(strategies)))
         lines.append(f"{row:42s}" + "".join(f"{v / GiB:12.2f}" if v is not None else f"{'':12s}" for v in values))
     f = plan.flops
-    lines += ["", f"FLOPs per iteration per GPU (FlopCounterMode on the real architecture): rollout "
-                  f"{f['rollout'] / 1e15:.2f} PFLOP, training {f['training'] / 1e15:.2f} PFLOP, total "
-                  f"{f['iteration'] / 1e15:.2f} PFLOP; all GPUs {f['iteration'] * plan.gpus / 1e15:.2f} PFLOP"]
+    lines += [
+        "",
+        f"FLOPs per iteration per GPU (FlopCounterMode on the real architecture): rollout "
+        f"{f['rollout'] / 1e15:.2f} PFLOP, training {f['training'] / 1e15:.2f} PFLOP, total "
+        f"{f['iteration'] / 1e15:.2f} PFLOP; all GPUs {f['iteration'] * plan.gpus / 1e15:.2f} PFLOP",
+    ]
     return "\n".join(lines + [f"note: {n}" for n in dict.fromkeys(plan.notes)])

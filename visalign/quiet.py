@@ -26,8 +26,6 @@ class _DropTorchvisionFallbackNotice:
 
 def quiet_library_notices() -> None:
     """Installs the filter above on the one transformers logger that emits the notice (idempotent)."""
-    import logging
-
     logger = logging.getLogger("transformers.utils.import_utils")
     if not any(isinstance(f, _DropTorchvisionFallbackNotice) for f in logger.filters):
         logger.addFilter(_DropTorchvisionFallbackNotice())

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import yaml
 
@@ -130,8 +131,10 @@ def _one_reward(spec: Any):
         return getattr(rewards, cls)(**spec)
     if kind == "remote":
         if "url" not in spec:
-            raise ConfigError("Reward type 'remote' needs a url, e.g. {type: remote, url: 'http://127.0.0.1:8765'} "
-                              "(the address `visalign serve-reward` prints).")
+            raise ConfigError(
+                "Reward type 'remote' needs a url, e.g. {type: remote, url: 'http://127.0.0.1:8765'} "
+                "(the address `visalign serve-reward` prints)."
+            )
         return rewards.RemoteReward(**spec)
     if kind is None or not hasattr(rewards, kind) or kind.startswith("_"):
         names = [n for n in rewards.__all__ if n[0].isupper() and n not in ("Reward", "RewardResult", "RunningNorm")]
@@ -141,8 +144,20 @@ def _one_reward(spec: Any):
     return getattr(rewards, kind)(**spec)
 
 
-BUILTIN_REWARDS = ("brightness", "toy_clip", "toy_evaluator", "ocr", "remote", "edit", "toy_edit",
-                   "geneval", "unified_reward", "image_reward", "hpsv3", "videoalign")
+BUILTIN_REWARDS = (
+    "brightness",
+    "toy_clip",
+    "toy_evaluator",
+    "ocr",
+    "remote",
+    "edit",
+    "toy_edit",
+    "geneval",
+    "unified_reward",
+    "image_reward",
+    "hpsv3",
+    "videoalign",
+)
 
 
 def reward_types(spec: Any) -> list[str]:
@@ -162,8 +177,10 @@ def check_reward_spec(spec: Any) -> None:
 
     for kind in reward_types(spec):
         if kind not in BUILTIN_REWARDS and (not isinstance(kind, str) or not hasattr(rewards, kind)):
-            raise ConfigError(f"Unknown reward type {kind!r}; use a class of visalign.rewards "
-                              f"(e.g. CLIPScore, PickScore, Aesthetic, HPSv2) or one of {BUILTIN_REWARDS}.")
+            raise ConfigError(
+                f"Unknown reward type {kind!r}; use a class of visalign.rewards "
+                f"(e.g. CLIPScore, PickScore, Aesthetic, HPSv2) or one of {BUILTIN_REWARDS}."
+            )
 
 
 def build_reward(spec: Any):
@@ -173,8 +190,10 @@ def build_reward(spec: Any):
     if isinstance(spec, dict) and "type" not in spec:
         if len(spec) == 1:
             return _one_reward(next(iter(spec.values())))
-        parts = {name: (_one_reward(s), float(s.get("weight", 1.0)) if isinstance(s, dict) else 1.0)
-                 for name, s in spec.items()}
+        parts = {
+            name: (_one_reward(s), float(s.get("weight", 1.0)) if isinstance(s, dict) else 1.0)
+            for name, s in spec.items()
+        }
         return Combined(parts)
     return _one_reward(spec)
 

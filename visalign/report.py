@@ -17,8 +17,9 @@ from PIL import Image, ImageDraw
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 
 
-def line_plot(series: dict[str, list[tuple[float, float]]], title: str, y_label: str = "",
-              size: tuple[int, int] = (520, 320)) -> Image.Image:
+def line_plot(
+    series: dict[str, list[tuple[float, float]]], title: str, y_label: str = "", size: tuple[int, int] = (520, 320)
+) -> Image.Image:
     """Draws named (x, y) series on shared axes, with min/max tick labels and a legend."""
     width, height = size
     left, right, top, bottom = 58, 16, 30, 40
@@ -35,8 +36,10 @@ def line_plot(series: dict[str, list[tuple[float, float]]], title: str, y_label:
     y0, y1 = y0 - pad, y1 + pad
 
     def to_px(x, y):
-        return (left + (x - x0) / (x1 - x0) * (width - left - right),
-                height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom))
+        return (
+            left + (x - x0) / (x1 - x0) * (width - left - right),
+            height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom),
+        )
 
     draw.rectangle([left, top, width - right, height - bottom], outline=(120, 120, 120))
     for frac in (0.0, 0.5, 1.0):
@@ -97,14 +100,20 @@ def _gallery_html(gallery: Gallery) -> str:
     cells = []
     for cell in gallery.cells:
         state = {True: " ok", False: " bad", None: ""}[cell.correct]
-        badge = {True: "<span class='badge' title='judged correct'>✓</span>",
-                 False: "<span class='badge' title='judged wrong'>✗</span>", None: ""}[cell.correct]
+        badge = {
+            True: "<span class='badge' title='judged correct'>✓</span>",
+            False: "<span class='badge' title='judged wrong'>✗</span>",
+            None: "",
+        }[cell.correct]
         note = f"<br><span class='note'>{html.escape(cell.note)}</span>" if cell.note else ""
-        cells.append(f"<figure class='cell{state}'>{badge}<img src='{png_data_uri(cell.image)}' "
-                     f"alt='{html.escape(cell.caption, quote=True)}'>"
-                     f"<figcaption>{html.escape(cell.caption)}{note}</figcaption></figure>")
-    return (f"<div class='gallery' style='grid-template-columns:repeat({gallery.columns},1fr)'>"
-            + "".join(cells) + "</div>")
+        cells.append(
+            f"<figure class='cell{state}'>{badge}<img src='{png_data_uri(cell.image)}' "
+            f"alt='{html.escape(cell.caption, quote=True)}'>"
+            f"<figcaption>{html.escape(cell.caption)}{note}</figcaption></figure>"
+        )
+    return (
+        f"<div class='gallery' style='grid-template-columns:repeat({gallery.columns},1fr)'>" + "".join(cells) + "</div>"
+    )
 
 
 def png_data_uri(image: Image.Image) -> str:
@@ -118,12 +127,14 @@ def write_html_report(path: str, title: str, sections: list[tuple[str, list]]) -
     :class:`Gallery` (captioned, judged images), a dict (rendered as a table), or a string (a
     paragraph, HTML-escaped).
     """
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-             "img{image-rendering:pixelated;margin:4px;border:1px solid #ddd}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
-             "pre{background:#f6f6f6;padding:8px;overflow:auto}" + GALLERY_CSS + "</style></head><body>",
-             f"<h1>{html.escape(title)}</h1>"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "img{image-rendering:pixelated;margin:4px;border:1px solid #ddd}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
+        "pre{background:#f6f6f6;padding:8px;overflow:auto}" + GALLERY_CSS + "</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
     for heading, items in sections:
         parts.append(f"<h2>{html.escape(heading)}</h2>")
         for item in items:
@@ -132,8 +143,9 @@ def write_html_report(path: str, title: str, sections: list[tuple[str, list]]) -
             elif isinstance(item, Image.Image):
                 parts.append(f"<img src='{png_data_uri(item)}' width='{item.width}' height='{item.height}'>")
             elif isinstance(item, dict):
-                rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>"
-                               for k, v in item.items())
+                rows = "".join(
+                    f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>" for k, v in item.items()
+                )
                 parts.append(f"<table>{rows}</table>")
             else:
                 parts.append(f"<p>{html.escape(str(item))}</p>")

@@ -216,6 +216,4 @@ def ddpm_target(x0: torch.Tensor, noise: torch.Tensor, alpha_cumprod, prediction
         return torch.sqrt(a) * noise.float() - torch.sqrt(1.0 - a) * x0.float()
     if prediction_type == "sample":
         return x0.float()
-    raise SamplerError(
-        f"Unknown prediction_type {prediction_type!r}; expected 'epsilon', 'v_prediction' or 'sample'."
-    )
+    raise SamplerError(f"Unknown prediction_type {prediction_type!r}; expected 'epsilon', 'v_prediction' or 'sample'.")

@@ -115,8 +115,13 @@ class DanceGRPOLoop:
                 log_probs.append(S.gaussian_log_prob(x, mean, std))
             states.append(x)
         image = policy.decode(x, self.geometry)
-        return {"prompt": prompt, "cond": cond, "states": torch.cat(states), "log_probs": torch.cat(log_probs),
-                "image": image[0]}
+        return {
+            "prompt": prompt,
+            "cond": cond,
+            "states": torch.cat(states),
+            "log_probs": torch.cat(log_probs),
+            "image": image[0],
+        }
 
     def png_reward(self, image: torch.Tensor, prompt: str) -> float:
         """Scores one sample after a PNG round trip (uint8 → PNG bytes → decoded → float)."""
@@ -165,7 +170,7 @@ class DanceGRPOLoop:
         for sample, advantage in zip(samples, advantages.tolist()):
             chosen = sorted(torch.randperm(len(candidates), generator=chooser)[:k].tolist())
             for j, i in enumerate(chosen):
-                x, x_next = sample["states"][i:i + 1], sample["states"][i + 1:i + 2]
+                x, x_next = sample["states"][i : i + 1], sample["states"][i + 1 : i + 2]
                 with self._autocast():
                     v = policy.predict(x, self.schedule.timesteps[i].to(device), sample["cond"])
                 mean, std = self._transition(x, i, v)
@@ -181,6 +186,14 @@ class DanceGRPOLoop:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         self.optimizer.step()
         end = time.perf_counter()
-        return {"reward_mean": float(rewards.mean()), "time_sampling": sampled - start, "time_reward": scored - sampled,
-                "time_training": end - scored, "time_step": end - start, "samples": len(samples),
-                "trained_transitions": forwards, "optimizer_steps": 1, "first_step_ratio_error": first_ratio}
+        return {
+            "reward_mean": float(rewards.mean()),
+            "time_sampling": sampled - start,
+            "time_reward": scored - sampled,
+            "time_training": end - scored,
+            "time_step": end - start,
+            "samples": len(samples),
+            "trained_transitions": forwards,
+            "optimizer_steps": 1,
+            "first_step_ratio_error": first_ratio,
+        }

@@ -22,8 +22,7 @@ def add_common_args(q, steps: int, batch: int, lr: float) -> None:
     q.add_argument("--steps", type=int, default=steps, help="optimizer steps")
     q.add_argument("--batch-size", type=int, default=batch, help="samples per step")
     q.add_argument("--lr", type=float, default=lr, help="peak AdamW learning rate")
-    q.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (see scripts/toy/README.md)")
+    q.add_argument("--threads", type=int, default=1, help="torch CPU threads (see scripts/toy/README.md)")
     q.add_argument("--log-every", type=int, default=50, help="steps between log lines")
 
 
@@ -89,8 +88,9 @@ class EMA:
             s.copy_(tmp)
 
 
-def finish_step(step: int, loss: torch.Tensor, args, opt, sched, params, ema: EMA, *, out: Path,
-                start: float, log: Path, save) -> None:
+def finish_step(
+    step: int, loss: torch.Tensor, args, opt, sched, params, ema: EMA, *, out: Path, start: float, log: Path, save
+) -> None:
     """The shared end of a denoiser's training step: the update, the EMA, the progress line, and
     ``save(target)`` with the EMA weights swapped in every ``--save-every`` steps (into
     ``out/checkpoints``) and at the end (into ``out``)."""

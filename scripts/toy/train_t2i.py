@@ -15,8 +15,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import (EMA, add_common_args, finish_step, folder_size_mb, log_line, lr_factor,
-                    optimizer_step, setup, weights_size_mb, write_info)
+from common import (
+    EMA,
+    add_common_args,
+    finish_step,
+    folder_size_mb,
+    log_line,
+    lr_factor,
+    optimizer_step,
+    setup,
+    weights_size_mb,
+    write_info,
+)
 
 import visalign.toy as world  # the toy world's scenes and renders
 from visalign.toy import evaluator as toy_eval
@@ -24,6 +34,7 @@ from visalign.toy.raster import coverage
 from visalign.toy.readout import _PALETTE_HUES
 
 # ----------------------------------------------------------------------------- data
+
 
 def _scene_attrs(scene: world.Scene) -> tuple:
     s = scene.sprites[0]
@@ -47,12 +58,12 @@ def _augment(images: torch.Tensor, gen: torch.Generator, max_blur: float = 1.0) 
     rows = []
     for i in range(b):
         dx, dy = int(shift[i, 0]), int(shift[i, 1])
-        rows.append(padded[i, :, 2 - dy:2 - dy + h, 2 - dx:2 - dx + w])
+        rows.append(padded[i, :, 2 - dy : 2 - dy + h, 2 - dx : 2 - dx + w])
     out = torch.stack(rows)
     # blur: a separable Gaussian with a per-image sigma
     sigma = 0.3 + (max_blur - 0.3) * torch.rand(b, generator=gen)
     taps = torch.arange(-3, 4, dtype=torch.float32)
-    kernel = torch.exp(-taps[None] ** 2 / (2 * sigma[:, None] ** 2))
+    kernel = torch.exp(-(taps[None] ** 2) / (2 * sigma[:, None] ** 2))
     kernel = kernel / kernel.sum(-1, keepdim=True)  # (b, 7)
     blur = torch.rand(b, generator=gen) < 0.5
     if blur.any():
@@ -102,8 +113,10 @@ def _render_varied(scenes, gen: torch.Generator, size: int = 32) -> torch.Tensor
     center = anchor + half()[:, None] * (torch.rand(n, 2, generator=gen) * 4 - 2)
     radius = torch.tensor([world.SIZES[z or "medium"] for *_, z in attrs]) * size
     radius = radius * torch.where(half(), 0.85 + 0.3 * torch.rand(n, generator=gen), torch.ones(n))
-    other = [world.SHAPES[(world.SHAPES.index(sh) + 1 + int(k)) % 3]
-             for (sh, *_), k in zip(attrs, torch.randint(0, 2, (n,), generator=gen))]
+    other = [
+        world.SHAPES[(world.SHAPES.index(sh) + 1 + int(k)) % 3]
+        for (sh, *_), k in zip(attrs, torch.randint(0, 2, (n,), generator=gen))
+    ]
     weight = half() * 0.35 * torch.rand(n, generator=gen)
 
     def cover(shapes):
@@ -111,28 +124,28 @@ def _render_varied(scenes, gen: torch.Generator, size: int = 32) -> torch.Tensor
         for shape in world.SHAPES:
             rows = [i for i, sh in enumerate(shapes) if sh == shape]
             if rows:
-                alpha[rows] = coverage(shape, center[rows, 0], center[rows, 1],
-                                       radius[rows], size, size)
+                alpha[rows] = coverage(shape, center[rows, 0], center[rows, 1], radius[rows], size, size)
         return alpha
 
-    alpha = (1 - weight[:, None, None]) * cover([a[0] for a in attrs]) \
-        + weight[:, None, None] * cover(other)
+    alpha = (1 - weight[:, None, None]) * cover([a[0] for a in attrs]) + weight[:, None, None] * cover(other)
     hues = {c: float(_PALETTE_HUES[i]) for i, c in enumerate(world.COLORS)}
-    gap = {c: min(min(abs(h - o) % 360, 360 - abs(h - o) % 360) for d, o in hues.items() if d != c)
-           for c, h in hues.items()}
+    gap = {
+        c: min(min(abs(h - o) % 360, 360 - abs(h - o) % 360) for d, o in hues.items() if d != c)
+        for c, h in hues.items()
+    }
     rgb = torch.tensor([world.COLORS[c] for _, c, _, _ in attrs])
     hsv_h = torch.tensor([hues[c] for _, c, _, _ in attrs])
     mx, mn = rgb.max(-1).values, rgb.min(-1).values
     sat, val = (mx - mn) / mx, mx
     jitter = half()
-    hsv_h = hsv_h + jitter * (torch.rand(n, generator=gen) * 0.8 - 0.4) * torch.tensor(
-        [gap[c] for _, c, _, _ in attrs])
+    hsv_h = hsv_h + jitter * (torch.rand(n, generator=gen) * 0.8 - 0.4) * torch.tensor([gap[c] for _, c, _, _ in attrs])
     sat = torch.where(jitter, sat * (0.75 + 0.25 * torch.rand(n, generator=gen)), sat)
     val = torch.where(jitter, (val * (0.85 + 0.2 * torch.rand(n, generator=gen))).clamp(max=1), val)
     color = torch.where(jitter[:, None], _hsv_to_rgb(hsv_h, sat, val), rgb)
     bg = torch.tensor([world.BACKGROUNDS[s.background] for s in scenes])[:, :, None, None]
-    blotch = F.interpolate(torch.randn(n, 3, 4, 4, generator=gen), size=(size, size),
-                           mode="bilinear", align_corners=False)
+    blotch = F.interpolate(
+        torch.randn(n, 3, 4, 4, generator=gen), size=(size, size), mode="bilinear", align_corners=False
+    )
     bg = (bg + half()[:, None, None, None] * 0.03 * blotch).clamp(0, 1)
     a = alpha[:, None]
     return bg * (1 - a) + color[:, :, None, None] * a
@@ -172,8 +185,7 @@ def _compatible(scenes, stated) -> torch.Tensor:
     m = torch.zeros(len(truth), len(stated), dtype=torch.bool)
     for i, (sh, co, po, sz) in enumerate(truth):
         for j, (csh, cco, cpo, csz) in enumerate(stated):
-            m[i, j] = (sh == csh and co == cco and (cpo is None or cpo == po)
-                       and (csz is None or csz == sz))
+            m[i, j] = sh == csh and co == cco and (cpo is None or cpo == po) and (csz is None or csz == sz)
     return m
 
 
@@ -193,17 +205,22 @@ def train_clip(args) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, 100, args.steps))
     rng = np.random.default_rng(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    log_line(f"toy CLIP: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-            f"batch {args.batch_size}, {args.steps} steps, lr {args.lr}", log)
+    log_line(
+        f"toy CLIP: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"batch {args.batch_size}, {args.steps} steps, lr {args.lr}",
+        log,
+    )
     start = time.time()
     cpu0 = time.process_time()
     for step in range(args.steps):
         scenes, captions, stated = _clip_batch(rng, args.batch_size)
         images = _augment(_render_varied(scenes, gen), gen, max_blur=1.5)
-        tokens = processor.tokenizer(captions, padding=True, truncation=True,
-                                     max_length=CLIP_MAX_LENGTH, return_tensors="pt")
-        outputs = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
-                        pixel_values=transform(images))
+        tokens = processor.tokenizer(
+            captions, padding=True, truncation=True, max_length=CLIP_MAX_LENGTH, return_tensors="pt"
+        )
+        outputs = model(
+            input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=transform(images)
+        )
         compat = _compatible(scenes, stated).float()
         logits = outputs.logits_per_image  # (images, captions), scaled by exp(logit_scale)
         # Soft targets: each image spreads its target over every caption that describes it,
@@ -216,17 +233,26 @@ def train_clip(args) -> None:
             model.logit_scale.clamp_(0, math.log(100))
         if step % args.log_every == 0 or step == args.steps - 1:
             scale = model.logit_scale.exp().item()
-            log_line(f"step {step} loss {loss.item():.4f} scale {scale:.1f} "
-                     f"({time.time() - start:.0f}s)", log)
+            log_line(f"step {step} loss {loss.item():.4f} scale {scale:.1f} ({time.time() - start:.0f}s)", log)
     wall = time.time() - start
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     results = evaluate_clip(out, threads=args.threads)
-    info = dict(kind="clip", seed=args.seed, steps=args.steps, batch_size=args.batch_size,
-                lr=args.lr, hidden=args.hidden, layers=args.layers, threads=args.threads,
-                wall_time_s=round(wall, 1), cpu_time_s=round(time.process_time() - cpu0, 1),
-                size_mb=round(folder_size_mb(out), 2), retrieval=results)
+    info = dict(
+        kind="clip",
+        seed=args.seed,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        hidden=args.hidden,
+        layers=args.layers,
+        threads=args.threads,
+        wall_time_s=round(wall, 1),
+        cpu_time_s=round(time.process_time() - cpu0, 1),
+        size_mb=round(folder_size_mb(out), 2),
+        retrieval=results,
+    )
     write_info(out, info)
     log_line(json.dumps(info, indent=1), log)
 
@@ -249,8 +275,7 @@ def evaluate_clip(path, threads: int | None = None) -> dict:
     reward = CLIPScore(model=str(path), variant="cosine", prefix=CLIP_PREFIX)
     results = {}
     for name, sizes in (("base", False), ("sizes", True)):
-        scenes = [s for s in world.all_scenes(sizes=sizes)
-                  if (s.sprites[0].size is not None) == sizes]
+        scenes = [s for s in world.all_scenes(sizes=sizes) if (s.sprites[0].size is not None) == sizes]
         captions = [s.caption() for s in scenes]
         text = reward.clip.text_features([CLIP_PREFIX + c for c in captions])
         drawn = [world.Scene(s.sprites, background=bg) for bg in world.BACKGROUNDS for s in scenes]
@@ -275,7 +300,7 @@ def evaluate_clip(path, threads: int | None = None) -> dict:
 def _degrade(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """A fixed moderate degradation for evaluation: blur sigma 0.7 and noise std 0.04."""
     taps = torch.arange(-2, 3, dtype=torch.float32)
-    k = torch.exp(-taps**2 / (2 * 0.7**2))
+    k = torch.exp(-(taps**2) / (2 * 0.7**2))
     k = k / k.sum()
     x = F.pad(images, (2, 2, 2, 2), mode="replicate")
     x = F.conv2d(x, k.view(1, 1, 1, 5).repeat(3, 1, 1, 1), groups=3)
@@ -284,6 +309,7 @@ def _degrade(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- VAE
+
 
 def train_vae(args) -> None:
     """Trains the T2I model's ``AutoencoderKL`` on renders of single-shape scenes."""
@@ -298,12 +324,14 @@ def train_vae(args) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, 50, args.steps))
     rng = np.random.default_rng(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    log_line(f"toy VAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.3f}M parameters, "
-            f"batch {args.batch_size}, {args.steps} steps", log)
+    log_line(
+        f"toy VAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.3f}M parameters, "
+        f"batch {args.batch_size}, {args.steps} steps",
+        log,
+    )
     start, cpu0 = time.time(), time.process_time()
     for step in range(args.steps):
-        scenes = world.sample_scenes(args.batch_size, int(rng.integers(2**31)), sizes=True,
-                                     backgrounds=True)
+        scenes = world.sample_scenes(args.batch_size, int(rng.integers(2**31)), sizes=True, backgrounds=True)
         x = world.render_batch(scenes) * 2 - 1
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
@@ -315,19 +343,27 @@ def train_vae(args) -> None:
         loss = rec + args.kl_weight * kl
         optimizer_step(loss, opt, sched, vae.parameters())
         if step % args.log_every == 0 or step == args.steps - 1:
-            log_line(f"step {step} mse {rec.item():.5f} kl/dim {kl.item():.3f} "
-                    f"({time.time() - start:.0f}s)", log)
+            log_line(f"step {step} mse {rec.item():.5f} kl/dim {kl.item():.3f} ({time.time() - start:.0f}s)", log)
     wall = time.time() - start
     vae.eval()
     stats = _latent_stats(vae)
-    vae.register_to_config(scaling_factor=stats["scaling_factor"],
-                           shift_factor=stats["shift_factor"])
+    vae.register_to_config(scaling_factor=stats["scaling_factor"], shift_factor=stats["shift_factor"])
     vae.save_pretrained(out, safe_serialization=True)
     recon_eval = evaluate_vae(vae)
-    info = dict(kind="vae", seed=args.seed, steps=args.steps, batch_size=args.batch_size,
-                lr=args.lr, kl_weight=args.kl_weight, channels=list(args.channels),
-                threads=args.threads, wall_time_s=round(wall, 1),
-                cpu_time_s=round(time.process_time() - cpu0, 1), **stats, reconstruction=recon_eval)
+    info = dict(
+        kind="vae",
+        seed=args.seed,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        kl_weight=args.kl_weight,
+        channels=list(args.channels),
+        threads=args.threads,
+        wall_time_s=round(wall, 1),
+        cpu_time_s=round(time.process_time() - cpu0, 1),
+        **stats,
+        reconstruction=recon_eval,
+    )
     write_info(out, info)
     log_line(json.dumps(info, indent=1), log)
 
@@ -335,26 +371,27 @@ def train_vae(args) -> None:
 @torch.no_grad()
 def _latent_stats(vae) -> dict:
     """``shift_factor`` (mean) and ``scaling_factor`` (1/std) of the latents of the world."""
-    scenes = [world.Scene(s.sprites, background=bg)
-              for bg in world.BACKGROUNDS for s in world.all_scenes(sizes=True)]
+    scenes = [world.Scene(s.sprites, background=bg) for bg in world.BACKGROUNDS for s in world.all_scenes(sizes=True)]
     z = vae.encode(world.render_batch(scenes) * 2 - 1).latent_dist.mean
-    return {"shift_factor": round(z.mean().item(), 5),
-            "scaling_factor": round(1 / z.std().item(), 5)}
+    return {"shift_factor": round(z.mean().item(), 5), "scaling_factor": round(1 / z.std().item(), 5)}
 
 
 @torch.no_grad()
 def evaluate_vae(vae) -> dict:
     """Evaluator accuracy and error of VAE reconstructions of every base scene × background."""
-    scenes = [world.Scene(s.sprites, background=bg)
-              for bg in world.BACKGROUNDS for s in world.all_scenes()]
+    scenes = [world.Scene(s.sprites, background=bg) for bg in world.BACKGROUNDS for s in world.all_scenes()]
     x = world.render_batch(scenes)
     recon = (vae.decode(vae.encode(x * 2 - 1).latent_dist.mean).sample / 2 + 0.5).clamp(0, 1)
     res = toy_eval.evaluate(recon, [s.caption() for s in scenes])
-    return {"mse": round(F.mse_loss(recon, x).item(), 6), "accuracy": res["accuracy"],
-            "all_correct": res["all_correct"]}
+    return {
+        "mse": round(F.mse_loss(recon, x).item(), 6),
+        "accuracy": res["accuracy"],
+        "all_correct": res["all_correct"],
+    }
 
 
 # ----------------------------------------------------------------------------- T2I
+
 
 class NullTokenAttnProcessor:
     """SD3 joint attention with an optional additive bias on the keys (training only).
@@ -366,8 +403,7 @@ class NullTokenAttnProcessor:
     exactly the attention of one key whose logit is raised by ``log c``.
     """
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 *args, **kwargs):
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         b, n_img = hidden_states.shape[:2]
 
         def heads(x):
@@ -377,8 +413,7 @@ class NullTokenAttnProcessor:
         if attn.norm_q is not None:
             q, k = attn.norm_q(q), attn.norm_k(k)
         if encoder_hidden_states is not None:
-            cq, ck, cv = (heads(f(encoder_hidden_states))
-                          for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            cq, ck, cv = (heads(f(encoder_hidden_states)) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
             if attn.norm_added_q is not None:
                 cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
             q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
@@ -405,12 +440,11 @@ def _encode_library(vae, sizes: bool):
     The world has only a few thousand distinct images, so encoding them once replaces a VAE
     forward on every training step.
     """
-    scenes = [world.Scene(s.sprites, background=bg)
-              for bg in world.BACKGROUNDS for s in world.all_scenes(sizes=sizes)]
+    scenes = [world.Scene(s.sprites, background=bg) for bg in world.BACKGROUNDS for s in world.all_scenes(sizes=sizes)]
     index = {(s.caption(), s.background): i for i, s in enumerate(scenes)}
     mean, std = [], []
     for i in range(0, len(scenes), 256):
-        post = vae.encode(world.render_batch(scenes[i:i + 256]) * 2 - 1).latent_dist
+        post = vae.encode(world.render_batch(scenes[i : i + 256]) * 2 - 1).latent_dist
         mean.append(post.mean)
         std.append(post.std)
     return index, torch.cat(mean), torch.cat(std)
@@ -442,8 +476,11 @@ def train_t2i(args) -> None:
     rng = np.random.default_rng(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     n_params = sum(p.numel() for p in pipe.transformer.parameters())
-    log_line(f"toy T2I: transformer {n_params / 1e6:.2f}M parameters, batch {args.batch_size}, "
-            f"{args.steps} steps, lr {args.lr}, EMA {args.ema}", log)
+    log_line(
+        f"toy T2I: transformer {n_params / 1e6:.2f}M parameters, batch {args.batch_size}, "
+        f"{args.steps} steps, lr {args.lr}, EMA {args.ema}",
+        log,
+    )
     b = args.batch_size
     start, cpu0 = time.time(), time.process_time()
     for step in range(args.steps):
@@ -458,27 +495,62 @@ def train_t2i(args) -> None:
         xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
         # The stock text path with one zero "T5" row (see NullTokenAttnProcessor).
         embeds, _, pooled, _ = pipe.encode_prompt(
-            prompt=captions, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
-            device=torch.device("cpu"), max_sequence_length=1)
-        count = torch.where(torch.rand(b, generator=gen) < 0.5, torch.full((b,), 256.0),
-                            torch.exp(torch.rand(b, generator=gen) * math.log(256.0)))
+            prompt=captions,
+            prompt_2=None,
+            prompt_3=None,
+            do_classifier_free_guidance=False,
+            device=torch.device("cpu"),
+            max_sequence_length=1,
+        )
+        count = torch.where(
+            torch.rand(b, generator=gen) < 0.5,
+            torch.full((b,), 256.0),
+            torch.exp(torch.rand(b, generator=gen) * math.log(256.0)),
+        )
         n_img = (x0.shape[-1] // pipe.transformer.config.patch_size) ** 2
         bias = torch.zeros(b, 1, 1, n_img + embeds.shape[1])
         bias[:, 0, 0, -1] = count.log()
-        pred = pipe.transformer(hidden_states=xt, encoder_hidden_states=embeds,
-                                pooled_projections=pooled, timestep=t * 1000,
-                                joint_attention_kwargs={"attention_mask": bias},
-                                return_dict=False)[0]
+        pred = pipe.transformer(
+            hidden_states=xt,
+            encoder_hidden_states=embeds,
+            pooled_projections=pooled,
+            timestep=t * 1000,
+            joint_attention_kwargs={"attention_mask": bias},
+            return_dict=False,
+        )[0]
         loss = F.mse_loss(pred, noise - x0)
-        finish_step(step, loss, args, opt, sched, params, ema, out=out, start=start, log=log,
-                    save=lambda target: _save_t2i(pipe, target))
+        finish_step(
+            step,
+            loss,
+            args,
+            opt,
+            sched,
+            params,
+            ema,
+            out=out,
+            start=start,
+            log=log,
+            save=lambda target: _save_t2i(pipe, target),
+        )
     wall = time.time() - start
-    info = dict(kind="t2i", seed=args.seed, steps=args.steps, batch_size=b, lr=args.lr,
-                warmup=args.warmup, ema=args.ema, caption_dropout=args.caption_dropout,
-                layers=args.layers, sizes=args.sizes, shift=args.shift, vae=str(args.vae),
-                threads=args.threads, wall_time_s=round(wall, 1),
-                cpu_time_s=round(time.process_time() - cpu0, 1),
-                size_mb=round(weights_size_mb(out), 2))
+    info = dict(
+        kind="t2i",
+        seed=args.seed,
+        steps=args.steps,
+        batch_size=b,
+        lr=args.lr,
+        warmup=args.warmup,
+        ema=args.ema,
+        caption_dropout=args.caption_dropout,
+        layers=args.layers,
+        sizes=args.sizes,
+        shift=args.shift,
+        vae=str(args.vae),
+        threads=args.threads,
+        wall_time_s=round(wall, 1),
+        cpu_time_s=round(time.process_time() - cpu0, 1),
+        size_mb=round(weights_size_mb(out), 2),
+    )
     write_info(out, info)
     log_line(json.dumps(info, indent=1), log)
 
@@ -495,9 +567,16 @@ def _save_t2i(pipe, target: Path) -> None:
 
 
 @torch.no_grad()
-def evaluate_t2i(path, *, num_samples: int = 200, num_steps: int = 20, seed: int = 0,
-                 guidance_scales=(1.0, 3.0), max_sequence_length: int = 256,
-                 threads: int | None = None) -> dict:
+def evaluate_t2i(
+    path,
+    *,
+    num_samples: int = 200,
+    num_steps: int = 20,
+    seed: int = 0,
+    guidance_scales=(1.0, 3.0),
+    max_sequence_length: int = 256,
+    threads: int | None = None,
+) -> dict:
     """Evaluator accuracy of a T2I folder on ``num_samples`` fixed-seed samples.
 
     Prompt ``i`` is ``all_captions()[i % 90]`` and its noise comes from a generator seeded with
@@ -508,31 +587,42 @@ def evaluate_t2i(path, *, num_samples: int = 200, num_steps: int = 20, seed: int
 
     if threads:
         torch.set_num_threads(threads)
-    policy = va.load(str(path), local_files_only=True,
-                     policy_kwargs={"max_sequence_length": max_sequence_length})
+    policy = va.load(str(path), local_files_only=True, policy_kwargs={"max_sequence_length": max_sequence_length})
     captions = world.all_captions()
     prompts = [captions[i % len(captions)] for i in range(num_samples)]
     results = {}
     for scale in guidance_scales:
         images = []
         for i in range(0, num_samples, 50):
-            chunk = prompts[i:i + 50]
+            chunk = prompts[i : i + 50]
             gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
-            traj = va.sample(policy, chunk, num_steps=num_steps, sampler="ode",
-                             guidance_scale=scale, generator=gens, height=32, width=32)
+            traj = va.sample(
+                policy,
+                chunk,
+                num_steps=num_steps,
+                sampler="ode",
+                guidance_scale=scale,
+                generator=gens,
+                height=32,
+                width=32,
+            )
             images.append(traj.images.float())
         res = toy_eval.evaluate(torch.cat(images), prompts)
-        results[f"cfg{scale:g}"] = {"all_correct": round(res["all_correct"], 4),
-                                    **{k: round(v, 4) for k, v in res["accuracy"].items()}}
+        results[f"cfg{scale:g}"] = {
+            "all_correct": round(res["all_correct"], 4),
+            **{k: round(v, 4) for k, v in res["accuracy"].items()},
+        }
     return results
 
 
 # ----------------------------------------------------------------------------- CLI
 
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python scripts/toy/train_t2i.py",
-                                description="Train and evaluate the shipped toy CLIP and T2I "
-                                            "models (video: scripts/toy/train_video.py).")
+    p = argparse.ArgumentParser(
+        prog="python scripts/toy/train_t2i.py",
+        description="Train and evaluate the shipped toy CLIP and T2I models (video: scripts/toy/train_video.py).",
+    )
     sub = p.add_subparsers(dest="kind", required=True)
 
     q = sub.add_parser("clip", help="the toy CLIP reward (CLIPModel + CLIPProcessor)")
@@ -542,8 +632,13 @@ def _parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("vae", help="the T2I model's AutoencoderKL")
     add_common_args(q, 1000, 32, 2e-3)
-    q.add_argument("--channels", type=int, nargs="+", default=[8, 16],
-                   help="block_out_channels; each level after the first halves the side")
+    q.add_argument(
+        "--channels",
+        type=int,
+        nargs="+",
+        default=[8, 16],
+        help="block_out_channels; each level after the first halves the side",
+    )
     q.add_argument("--kl-weight", type=float, default=1e-4, help="weight of the per-dim KL")
 
     q = sub.add_parser("t2i", help="the toy SD3-style T2I pipeline (needs a trained --vae)")
@@ -562,8 +657,12 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--num-samples", type=int, default=200)
     q.add_argument("--num-steps", type=int, default=20)
     q.add_argument("--guidance-scales", type=float, nargs="+", default=[1.0, 3.0])
-    q.add_argument("--max-sequence-length", type=int, default=256,
-                   help="SD3's T5 length (stock default 256; the toy model also works with 1)")
+    q.add_argument(
+        "--max-sequence-length",
+        type=int,
+        default=256,
+        help="SD3's T5 length (stock default 256; the toy model also works with 1)",
+    )
     q.add_argument("--threads", type=int, default=1)
 
     q = sub.add_parser("eval-clip", help="caption retrieval accuracy of a CLIP folder")
@@ -582,9 +681,14 @@ def main(argv=None) -> None:
     elif args.kind == "t2i":
         train_t2i(args)
     elif args.kind == "eval-t2i":
-        res = evaluate_t2i(args.path, num_samples=args.num_samples, num_steps=args.num_steps,
-                           guidance_scales=args.guidance_scales,
-                           max_sequence_length=args.max_sequence_length, threads=args.threads)
+        res = evaluate_t2i(
+            args.path,
+            num_samples=args.num_samples,
+            num_steps=args.num_steps,
+            guidance_scales=args.guidance_scales,
+            max_sequence_length=args.max_sequence_length,
+            threads=args.threads,
+        )
         print(json.dumps(res, indent=1))
     else:  # eval-clip (argparse only offers the kinds above)
         print(json.dumps(evaluate_clip(args.path, threads=args.threads), indent=1))

@@ -12,7 +12,8 @@ import torch
 
 import visalign as va
 from tests.distributed import save_rank_weights
-from visalign.testing import brightness as mean_pixel, tiny_pipeline
+from visalign.testing import brightness as mean_pixel
+from visalign.testing import tiny_pipeline
 
 torch.set_num_threads(1)
 out = sys.argv[1]
@@ -25,10 +26,26 @@ def brightness(images, prompts):
     return r
 
 
-cfg = va.GRPOConfig(output_dir=out, max_steps=2, num_steps=4, group_size=2, prompts_per_step=2, height=32, width=32,
-                    guidance_scale=3.0, lora_rank=4, learning_rate=1e-2, advantage_std="global", trackers=["jsonl"])
-trainer = va.GRPOTrainer(tiny_pipeline("sd3"), brightness, ["a red circle", "a blue square", "a green triangle",
-                                                            "a yellow circle", "an orange square"], cfg)
+cfg = va.GRPOConfig(
+    output_dir=out,
+    max_steps=2,
+    num_steps=4,
+    group_size=2,
+    prompts_per_step=2,
+    height=32,
+    width=32,
+    guidance_scale=3.0,
+    lora_rank=4,
+    learning_rate=1e-2,
+    advantage_std="global",
+    trackers=["jsonl"],
+)
+trainer = va.GRPOTrainer(
+    tiny_pipeline("sd3"),
+    brightness,
+    ["a red circle", "a blue square", "a green triangle", "a yellow circle", "an orange square"],
+    cfg,
+)
 trainer.train()
 rank = trainer.accelerator.process_index
 save_rank_weights(trainer, out)

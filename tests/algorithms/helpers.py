@@ -4,6 +4,7 @@
 def train_with_crash(trainer, crash_at=None):
     """Trains; with ``crash_at``, stops with a simulated crash right after that step. Returns the trainer."""
     if crash_at is not None:
+
         def crash(trainer, step, metrics):
             if step == crash_at:
                 raise KeyboardInterrupt("simulated crash")

@@ -25,9 +25,18 @@ PROMPTS = ["a red circle", "a blue square", "a green triangle"]
 
 
 def make_config(tmp_path, family="sd3", **overrides):
-    base = dict(output_dir=str(tmp_path / "run"), max_steps=2, num_steps=6, group_size=2, prompts_per_step=2,
-                height=32, width=32, num_frames=5 if family.startswith("wan") else None, lora_rank=4,
-                trackers=["jsonl"])
+    base = dict(
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        num_steps=6,
+        group_size=2,
+        prompts_per_step=2,
+        height=32,
+        width=32,
+        num_frames=5 if family.startswith("wan") else None,
+        lora_rank=4,
+        trackers=["jsonl"],
+    )
     base.update(overrides)
     return va.AWMConfig(**base)
 
@@ -69,7 +78,7 @@ def test_strata_with_14_steps():
 def test_ghuber_and_uniform_weighting_hand_computed():
     m = torch.tensor([16.0], dtype=torch.float64)
     # −σ·((16 + 1e-10)^¼ − 1e-10^¼)/¼ = −0.5·(2 − 0.0031622777)·4
-    assert awm_log_weight(m, 0.5, "ghuber", 0.25).item() == pytest.approx(-0.5 * (2 - 10 ** -2.5) * 4, rel=1e-9)
+    assert awm_log_weight(m, 0.5, "ghuber", 0.25).item() == pytest.approx(-0.5 * (2 - 10**-2.5) * 4, rel=1e-9)
     assert awm_log_weight(m, 0.5, "uniform").item() == -16.0
     x0, eps, v = _noisy()
     sigma = torch.tensor([0.9, 0.5, 0.1], dtype=torch.float64)
@@ -139,16 +148,34 @@ def test_two_iterations_lora_sd3(tmp_path):
     trainer = va.AWMTrainer(tiny_pipeline("sd3"), brightness, PROMPTS, make_config(tmp_path, learning_rate=1e-2))
     before = trainable_state(trainer)
     metrics = trainer.train()
-    assert {"loss", "policy_loss", "matching", "ratio_mean", "ref_anchor", "ema_anchor", "ema_anchor_decay",
-            "reward_mean", "zero_std_ratio", "grad_norm", "time_training"} <= set(metrics)
+    assert {
+        "loss",
+        "policy_loss",
+        "matching",
+        "ratio_mean",
+        "ref_anchor",
+        "ema_anchor",
+        "ema_anchor_decay",
+        "reward_mean",
+        "zero_std_ratio",
+        "grad_norm",
+        "time_training",
+    } <= set(metrics)
     assert metrics["ratio_mean"] == 1.0 and metrics["matching"] > 0
     assert metrics["ema_anchor_decay"] == pytest.approx(0.002)
     assert any(not torch.equal(a, b) for a, b in zip(before, trainable_state(trainer)))
 
 
 def test_full_finetuning_sd3_with_off_policy_updates(tmp_path):
-    cfg = make_config(tmp_path, use_lora=False, learning_rate=1e-3, updates_per_rollout=2, group_size=2,
-                      prompts_per_step=2, sampler="sde")
+    cfg = make_config(
+        tmp_path,
+        use_lora=False,
+        learning_rate=1e-3,
+        updates_per_rollout=2,
+        group_size=2,
+        prompts_per_step=2,
+        sampler="sde",
+    )
     trainer = va.AWMTrainer(tiny_pipeline("sd3"), brightness, PROMPTS, cfg)
     metrics = trainer.train()
     assert trainer.reference_model is not None and trainer.behaviour is not None
@@ -179,8 +206,17 @@ def test_lagged_and_base_passes_match_the_policy_at_init_in_bf16(tmp_path):
 
 def test_exact_resume_after_a_crash(tmp_path):
     def run(output_dir, crash_at=None, resume=None):
-        cfg = make_config(tmp_path, max_steps=4, checkpoint_every=2, keep_last=1, output_dir=str(output_dir),
-                          resume=resume, learning_rate=1e-2, ema_anchor_rate=0.2, ema_anchor_max=0.5)
+        cfg = make_config(
+            tmp_path,
+            max_steps=4,
+            checkpoint_every=2,
+            keep_last=1,
+            output_dir=str(output_dir),
+            resume=resume,
+            learning_rate=1e-2,
+            ema_anchor_rate=0.2,
+            ema_anchor_max=0.5,
+        )
         return train_with_crash(va.AWMTrainer(tiny_pipeline("sd3"), brightness, PROMPTS, cfg), crash_at)
 
     full = run(tmp_path / "full")
@@ -193,8 +229,9 @@ def test_exact_resume_after_a_crash(tmp_path):
 
 def test_awm_raises_brightness(tmp_path):
     """10 seeded iterations of full fine-tuning lift the mean reward by more than 2× its starting spread."""
-    cfg = make_config(tmp_path, max_steps=10, num_steps=6, group_size=4, use_lora=False, learning_rate=1e-2,
-                      max_grad_norm=None)
+    cfg = make_config(
+        tmp_path, max_steps=10, num_steps=6, group_size=4, use_lora=False, learning_rate=1e-2, max_grad_norm=None
+    )
     va.AWMTrainer(tiny_pipeline("sd3"), brightness, PROMPTS, cfg).train()
     rows = rows_of(tmp_path)
     start, spread = rows[0]["reward_mean"], rows[0]["reward_std"]
@@ -207,8 +244,14 @@ def test_recipe_registry_and_defaults():
 
     assert trainer_class("awm") is va.AWMTrainer and va.AWMTrainer.config_class is va.AWMConfig
     cfg = va.AWMConfig()
-    assert (cfg.num_steps, cfg.sampler, cfg.strata(), cfg.weighting, cfg.ghuber_power, cfg.clip_range) == \
-        (14, "ode", 6, "ghuber", 0.25, 1.0)
+    assert (cfg.num_steps, cfg.sampler, cfg.strata(), cfg.weighting, cfg.ghuber_power, cfg.clip_range) == (
+        14,
+        "ode",
+        6,
+        "ghuber",
+        0.25,
+        1.0,
+    )
     assert va.AWMConfig(num_steps=4).strata() == 2  # 6 capped by what 4 steps allow
 
 
@@ -233,7 +276,9 @@ def test_config_errors(tmp_path):
 def test_constant_reward_warns_then_stops(tmp_path):
     constant = lambda images, prompts: torch.zeros(images.shape[0])  # noqa: E731
     cfg = make_config(tmp_path, max_steps=10, max_bad_steps=3)
-    with pytest.warns(UserWarning, match="constant within every group"), \
-            pytest.raises(RewardError, match="the reward is constant within every group; nothing to learn"):
+    with (
+        pytest.warns(UserWarning, match="constant within every group"),
+        pytest.raises(RewardError, match="the reward is constant within every group; nothing to learn"),
+    ):
         va.AWMTrainer(tiny_pipeline("sd3"), constant, PROMPTS, cfg).train()
     assert [r["skipped"] for r in rows_of(tmp_path)] == [1.0, 1.0, 1.0]  # the stopping iteration is logged too

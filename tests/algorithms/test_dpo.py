@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 
 import visalign as va
-from visalign.losses.dpo import best_worst_pairs, dpo_beta, dpo_loss, prediction_errors, rwr_weights
-from visalign.errors import ConfigError, InvalidInputError
-from visalign import steps as S
-from visalign.testing import brightness, tiny_pipeline
 from tests.algorithms.helpers import train_with_crash
+from visalign import steps as S
+from visalign.errors import ConfigError, InvalidInputError
+from visalign.losses.dpo import best_worst_pairs, dpo_beta, dpo_loss, prediction_errors, rwr_weights
+from visalign.testing import brightness, tiny_pipeline
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
 
@@ -32,13 +32,24 @@ def write_pairs(folder, n=6, seed=0, fmt="jsonl"):
     if fmt == "jsonl":
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     else:
-        path.write_text("prompt,chosen,rejected\n" + "".join(f"{r['prompt']},{r['chosen']},{r['rejected']}\n" for r in rows))
+        path.write_text(
+            "prompt,chosen,rejected\n" + "".join(f"{r['prompt']},{r['chosen']},{r['rejected']}\n" for r in rows)
+        )
     return str(path)
 
 
 def make_config(tmp_path, **overrides):
-    base = dict(output_dir=str(tmp_path / "run"), max_steps=1, height=32, width=32, lora_rank=4, guidance_scale=1.0,
-                prompts_per_step=2, num_steps=4, trackers=["jsonl"])
+    base = dict(
+        output_dir=str(tmp_path / "run"),
+        max_steps=1,
+        height=32,
+        width=32,
+        lora_rank=4,
+        guidance_scale=1.0,
+        prompts_per_step=2,
+        num_steps=4,
+        trackers=["jsonl"],
+    )
     base.update(overrides)
     return va.DPOConfig(**base)
 
@@ -51,21 +62,32 @@ def metrics_rows(tmp_path):
 def test_dpo_loss_hand_computed():
     # β = 10: z₁ = −5·((0.5−0.45) − (0.4−0.4)) = −0.25, z₂ = −5·((0.2−0.25) − (0.3−0.3)) = +0.25
     # loss = mean(log(1+e^0.25), log(1+e^−0.25)) = mean(0.8259394, 0.5759394) = 0.7009394
-    loss, m = dpo_loss(torch.tensor([0.5, 0.2]), torch.tensor([0.4, 0.3]), torch.tensor([0.45, 0.25]),
-                       torch.tensor([0.4, 0.3]), beta=10.0)
+    loss, m = dpo_loss(
+        torch.tensor([0.5, 0.2]),
+        torch.tensor([0.4, 0.3]),
+        torch.tensor([0.45, 0.25]),
+        torch.tensor([0.4, 0.3]),
+        beta=10.0,
+    )
     assert loss.item() == pytest.approx(0.7009394, abs=1e-6)
     assert loss.item() > math.log(2)  # log σ of the mean z (= 0) would give log 2: the mean of log σ is taken
     assert m["implicit_acc"] == 0.5 and m["reward_margin"] == pytest.approx(0.0, abs=1e-7)
     assert (m["err_chosen"], m["err_rejected"], m["ref_err_chosen"], m["ref_err_rejected"]) == pytest.approx(
-        (0.35, 0.35, 0.35, 0.35))
+        (0.35, 0.35, 0.35, 0.35)
+    )
     # a weight of 0 drops a pair; "sum" leaves the normalisation to the caller (micro-batches)
     args = (torch.tensor([0.5, 0.2]), torch.tensor([0.4, 0.3]), torch.tensor([0.45, 0.25]), torch.tensor([0.4, 0.3]))
     loss_w, m_w = dpo_loss(*args, beta=10.0, weights=torch.tensor([1.0, 0.0]))
     assert loss_w.item() == pytest.approx(0.8259394, abs=1e-6) and m_w["implicit_acc"] == 0.0
     assert dpo_loss(*args, beta=10.0, reduction="sum")[0].item() == pytest.approx(2 * 0.7009394, abs=1e-6)
     # a per-pair β (the ε-equivalent schedule) scales each z separately: z = (−0.5, 0.25)
-    loss_t, _ = dpo_loss(torch.tensor([0.5, 0.2]), torch.tensor([0.4, 0.3]), torch.tensor([0.45, 0.25]),
-                         torch.tensor([0.4, 0.3]), beta=torch.tensor([20.0, 10.0]))
+    loss_t, _ = dpo_loss(
+        torch.tensor([0.5, 0.2]),
+        torch.tensor([0.4, 0.3]),
+        torch.tensor([0.45, 0.25]),
+        torch.tensor([0.4, 0.3]),
+        beta=torch.tensor([20.0, 10.0]),
+    )
     assert loss_t.item() == pytest.approx((math.log1p(math.exp(0.5)) + math.log1p(math.exp(-0.25))) / 2, abs=1e-6)
 
 
@@ -118,9 +140,11 @@ def test_eps_equivalent_beta_matches_the_eps_error():
     alpha = torch.tensor([0.95, 0.6, 0.3, 0.02])
     xt = S.ddpm_add_noise(x0, eps, alpha)
     _, eps_hat = S.ddpm_x0_eps(xt, pred, alpha, "v_prediction")
-    torch.testing.assert_close(prediction_errors(eps_hat, eps),
-                               dpo_beta(1.0, "eps", alpha, "v_prediction")
-                               * prediction_errors(pred, S.ddpm_target(x0, eps, alpha, "v_prediction")))
+    torch.testing.assert_close(
+        prediction_errors(eps_hat, eps),
+        dpo_beta(1.0, "eps", alpha, "v_prediction")
+        * prediction_errors(pred, S.ddpm_target(x0, eps, alpha, "v_prediction")),
+    )
     assert dpo_beta(100.0, "eps", torch.tensor([0.5])).item() == pytest.approx(25.0)
     assert dpo_beta(100.0, "constant", torch.tensor([0.5, 0.9])).tolist() == [100.0, 100.0]
     assert dpo_beta(100.0, "eps", torch.tensor([0.3]), "epsilon").item() == pytest.approx(100.0)
@@ -152,8 +176,9 @@ def test_policy_forward_process_matches_the_step_math(family):
         assert policy.prediction_type == "velocity" and policy.default_level_sampling == "logit_normal"
     else:
         torch.testing.assert_close(policy.add_noise(x0, eps, level), S.ddpm_add_noise(x0, eps, level))
-        torch.testing.assert_close(policy.training_target(x0, eps, level),
-                                   S.ddpm_target(x0, eps, level, policy.prediction_type))
+        torch.testing.assert_close(
+            policy.training_target(x0, eps, level), S.ddpm_target(x0, eps, level, policy.prediction_type)
+        )
         assert policy.default_level_sampling == "uniform"
         assert timesteps.tolist() == [float(int(0.3 * 1000)), float(int(0.8 * 1000))]
 
@@ -214,16 +239,25 @@ def test_offline_dpo_moves_samples_towards_the_chosen(tmp_path):
     The tiny VAE is random (decode∘encode is not the identity), so the reward is measured in latent
     space: the projection of the sampled final latents on mean(chosen) − mean(rejected).
     """
-    cfg = make_config(tmp_path, max_steps=15, prompts_per_step=4, use_lora=False, learning_rate=1e-3, beta=100.0,
-                      max_grad_norm=None)
+    cfg = make_config(
+        tmp_path, max_steps=15, prompts_per_step=4, use_lora=False, learning_rate=1e-3, beta=100.0, max_grad_norm=None
+    )
     trainer = va.DPOTrainer(tiny_pipeline("sd3"), None, write_pairs(tmp_path), cfg)
     x0_w, x0_l, _, _ = trainer.load_pair_latents([trainer.prompt_source[i] for i in range(6)])
     direction = (x0_w.mean(0) - x0_l.mean(0)).flatten()
     direction = direction / direction.norm()
 
     def projection():
-        traj = va.sample(trainer.policy, PROMPTS * 2, num_steps=6, sampler="ode", guidance_scale=1.0, height=32,
-                         width=32, generator=[torch.Generator().manual_seed(i) for i in range(6)])
+        traj = va.sample(
+            trainer.policy,
+            PROMPTS * 2,
+            num_steps=6,
+            sampler="ode",
+            guidance_scale=1.0,
+            height=32,
+            width=32,
+            generator=[torch.Generator().manual_seed(i) for i in range(6)],
+        )
         return traj.final_latents.flatten(1) @ direction
 
     before = projection()
@@ -298,8 +332,18 @@ def test_latent_cache(tmp_path):
 # ---------------------------------------------------------------------------- online
 def test_online_dpo_raises_brightness(tmp_path):
     """20 seeded iterations of online DPO (full fine-tuning) lift the mean reward by > 3× its starting spread."""
-    cfg = make_config(tmp_path, mode="online", max_steps=20, group_size=4, prompts_per_step=2, num_steps=6,
-                      use_lora=False, learning_rate=1e-2, beta=5000.0, max_grad_norm=None)
+    cfg = make_config(
+        tmp_path,
+        mode="online",
+        max_steps=20,
+        group_size=4,
+        prompts_per_step=2,
+        num_steps=6,
+        use_lora=False,
+        learning_rate=1e-2,
+        beta=5000.0,
+        max_grad_norm=None,
+    )
     va.DPOTrainer(tiny_pipeline("sd3"), brightness, PROMPTS, cfg).train()
     rows = metrics_rows(tmp_path)
     start, spread = rows[0]["reward_mean"], rows[0]["reward_std"]
@@ -328,10 +372,21 @@ def test_exact_resume_with_reference_refresh(tmp_path):
     The checkpoint at iteration 3 holds the reference snapshot taken at iteration 2 (not the base model),
     which iteration 3 needs.
     """
+
     def run(output_dir, crash_at=None, resume=None):
-        cfg = make_config(tmp_path, mode="online", output_dir=str(output_dir), max_steps=5, checkpoint_every=3,
-                          keep_last=1, resume=resume, group_size=3, ref_refresh_every=2, learning_rate=5e-2,
-                          beta=50.0)
+        cfg = make_config(
+            tmp_path,
+            mode="online",
+            output_dir=str(output_dir),
+            max_steps=5,
+            checkpoint_every=3,
+            keep_last=1,
+            resume=resume,
+            group_size=3,
+            ref_refresh_every=2,
+            learning_rate=5e-2,
+            beta=50.0,
+        )
         trainer = va.DPOTrainer(tiny_pipeline("sd3"), brightness, PROMPTS, cfg)
         return train_with_crash(trainer, crash_at)
 
@@ -350,8 +405,9 @@ def test_exact_resume_with_reference_refresh(tmp_path):
 
 def test_refresh_makes_the_current_weights_the_reference(tmp_path):
     """Right after a refresh the reference is the current policy: the loss is log 2 again."""
-    cfg = make_config(tmp_path, mode="online", max_steps=3, group_size=3, ref_refresh_every=2, learning_rate=5e-2,
-                      beta=50.0)
+    cfg = make_config(
+        tmp_path, mode="online", max_steps=3, group_size=3, ref_refresh_every=2, learning_rate=5e-2, beta=50.0
+    )
     va.DPOTrainer(tiny_pipeline("sd3"), brightness, PROMPTS, cfg).train()
     losses = [r["loss"] for r in metrics_rows(tmp_path)]
     assert losses[0] == pytest.approx(math.log(2), abs=1e-6) and losses[2] == pytest.approx(math.log(2), abs=1e-6)
@@ -397,5 +453,4 @@ def test_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="pass a reward"):
         va.DPOTrainer(tiny_pipeline("sd3"), None, PROMPTS, make_config(tmp_path, mode="online"))
     with pytest.raises(ConfigError, match="Use mode='online'"):
-        va.DPOTrainer(tiny_pipeline("wan-t2v"), None, write_pairs(tmp_path),
-                      make_config(tmp_path, num_frames=5))
+        va.DPOTrainer(tiny_pipeline("wan-t2v"), None, write_pairs(tmp_path), make_config(tmp_path, num_frames=5))

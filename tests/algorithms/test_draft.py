@@ -7,18 +7,27 @@ import pytest
 import torch
 
 import visalign as va
+from tests.algorithms.helpers import assert_lora_export_reproduces, train_with_crash
+from tests.distributed import launch_two_processes
 from visalign.algorithms.draft import draft_loss, grad_window
 from visalign.errors import ConfigError, NotDifferentiableError
 from visalign.testing import brightness, tiny_pipeline
-from tests.algorithms.helpers import assert_lora_export_reproduces, train_with_crash
-from tests.distributed import launch_two_processes
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
 
 
 def make_config(tmp_path, **overrides):
-    base = dict(output_dir=str(tmp_path / "run"), max_steps=1, num_steps=4, prompts_per_step=2, height=32, width=32,
-                lora_rank=4, guidance_scale=1.0, trackers=["jsonl"])
+    base = dict(
+        output_dir=str(tmp_path / "run"),
+        max_steps=1,
+        num_steps=4,
+        prompts_per_step=2,
+        height=32,
+        width=32,
+        lora_rank=4,
+        guidance_scale=1.0,
+        trackers=["jsonl"],
+    )
     base.update(overrides)
     return va.DRaFTConfig(**base)
 
@@ -51,8 +60,9 @@ def test_grad_window():
     assert grad_window(5, None, "fixed", None) == 0
     starts = {grad_window(5, 3, "random", torch.Generator().manual_seed(s)) for s in range(40)}
     assert starts == {2, 3, 4}  # K' ∈ [1, 3]: the window is always the last K' steps
-    assert grad_window(5, 3, "random", torch.Generator().manual_seed(7)) == \
-        grad_window(5, 3, "random", torch.Generator().manual_seed(7))
+    assert grad_window(5, 3, "random", torch.Generator().manual_seed(7)) == grad_window(
+        5, 3, "random", torch.Generator().manual_seed(7)
+    )
     with pytest.raises(ConfigError, match="truncation=6"):
         grad_window(5, 6, "fixed", None)
 
@@ -95,8 +105,9 @@ def test_random_truncation_is_one_contiguous_window_per_rollout(tmp_path):
 def test_step_checkpointing_gives_the_same_gradients(tmp_path):
     grads = {}
     for checkpointing in (False, True):
-        cfg = make_config(tmp_path / str(checkpointing), checkpoint_steps=checkpointing, use_lora=False,
-                          guidance_scale=3.0)
+        cfg = make_config(
+            tmp_path / str(checkpointing), checkpoint_steps=checkpointing, use_lora=False, guidance_scale=3.0
+        )
         trainer = va.DRaFTTrainer(tiny_pipeline("sd3"), brightness, PROMPTS, cfg)
         probe = StepProbe(trainer.policy.denoiser, boundary=0)
         loss, _, _ = trainer.rollout_loss(0, trainer.next_records())
@@ -152,8 +163,16 @@ def test_micro_batches_accumulate_the_same_update(tmp_path):
 # ---------------------------------------------------------------------------- learning
 def test_draft_raises_brightness(tmp_path):
     """10 seeded iterations of DRaFT-2 (full fine-tuning) lift the mean reward by more than 5× its starting spread."""
-    cfg = make_config(tmp_path, max_steps=10, num_steps=6, truncation=2, prompts_per_step=4, use_lora=False,
-                      learning_rate=1e-2, max_grad_norm=None)
+    cfg = make_config(
+        tmp_path,
+        max_steps=10,
+        num_steps=6,
+        truncation=2,
+        prompts_per_step=4,
+        use_lora=False,
+        learning_rate=1e-2,
+        max_grad_norm=None,
+    )
     va.DRaFTTrainer(tiny_pipeline("sd3"), brightness, PROMPTS, cfg).train()
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     start, spread = rows[0]["reward_mean"], rows[0]["reward_std"]
@@ -164,8 +183,9 @@ def test_draft_raises_brightness(tmp_path):
 def test_draft_on_video_with_the_segmental_reward(tmp_path):
     """Wan T2V: the gradient flows through the video VAE decode and a segmental frame reward."""
     reward = va.rewards.SegmentalVideoReward(brightness, segments=2, sampling="fixed", attenuation=0.0)
-    cfg = make_config(tmp_path, max_steps=8, num_frames=5, truncation=2, use_lora=False, learning_rate=1e-2,
-                      max_grad_norm=None)
+    cfg = make_config(
+        tmp_path, max_steps=8, num_frames=5, truncation=2, use_lora=False, learning_rate=1e-2, max_grad_norm=None
+    )
     va.DRaFTTrainer(tiny_pipeline("wan-t2v"), reward, PROMPTS, cfg).train()
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     start, spread = rows[0]["reward_mean"], rows[0]["reward_std"]
@@ -177,8 +197,18 @@ def test_draft_on_video_with_the_segmental_reward(tmp_path):
 # ---------------------------------------------------------------------------- resume and export
 def test_exact_resume_after_a_crash(tmp_path):
     def run(output_dir, crash_at=None, resume=None):
-        cfg = make_config(tmp_path, output_dir=str(output_dir), max_steps=4, checkpoint_every=2, keep_last=1,
-                          resume=resume, sampler="sde", truncation=3, truncation_mode="random", learning_rate=5e-2)
+        cfg = make_config(
+            tmp_path,
+            output_dir=str(output_dir),
+            max_steps=4,
+            checkpoint_every=2,
+            keep_last=1,
+            resume=resume,
+            sampler="sde",
+            truncation=3,
+            truncation_mode="random",
+            learning_rate=5e-2,
+        )
         trainer = va.DRaFTTrainer(tiny_pipeline("sd3"), brightness, PROMPTS, cfg)
         return train_with_crash(trainer, crash_at)
 

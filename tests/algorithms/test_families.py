@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 import visalign as va
-from visalign.testing import brightness, tiny_pipeline
 from tests.conftest import EDIT_FAMILIES, I2V_FAMILIES, size_kwargs
+from visalign.testing import brightness, tiny_pipeline
 
 FAMILY_LIST = ["qwen-image", "qwen-image-edit", "flux2", "flux2-klein", "z-image", "flux-kontext"]
 FAMILY_LIST += ["wan22", "wan22-i2v", "wan22-ti2v", "wan22-ti2v-i2v", "hunyuan-video15", "hunyuan-video15-i2v"]
@@ -43,9 +43,18 @@ def prompt_source(tmp_path, family):
 
 
 def make(algorithm, tmp_path, family):
-    common = dict(output_dir=str(tmp_path / "run"), max_steps=2, num_steps=3, prompts_per_step=2, lora_rank=4,
-                  guidance_scale=1.0, learning_rate=1e-2, trackers=["jsonl"], **size_kwargs(family),
-                  **FAMILY_OPTIONS.get(family, {}))
+    common = dict(
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        num_steps=3,
+        prompts_per_step=2,
+        lora_rank=4,
+        guidance_scale=1.0,
+        learning_rate=1e-2,
+        trackers=["jsonl"],
+        **size_kwargs(family),
+        **FAMILY_OPTIONS.get(family, {}),
+    )
     if algorithm == "grpo":
         return va.GRPOTrainer, va.GRPOConfig(group_size=2, clip_range=0.2, **common)
     if algorithm == "draft":

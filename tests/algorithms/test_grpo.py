@@ -9,18 +9,29 @@ import torch
 from PIL import Image
 
 import visalign as va
+from tests.algorithms.helpers import assert_lora_export_reproduces, train_with_crash
 from visalign.algorithms.grpo import group_advantages, grpo_loss, select_train_steps
 from visalign.errors import ConfigError, RewardError
 from visalign.testing import brightness, tiny_pipeline
-from tests.algorithms.helpers import assert_lora_export_reproduces, train_with_crash
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
 
 
 def make_config(tmp_path, family="sd3", **overrides):
-    base = dict(output_dir=str(tmp_path / "run"), max_steps=2, num_steps=4, group_size=2, prompts_per_step=2,
-                height=32, width=32, num_frames=5 if family.startswith("wan") else None, lora_rank=4,
-                guidance_scale=1.0, clip_range=0.2, trackers=["jsonl"])
+    base = dict(
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        num_steps=4,
+        group_size=2,
+        prompts_per_step=2,
+        height=32,
+        width=32,
+        num_frames=5 if family.startswith("wan") else None,
+        lora_rank=4,
+        guidance_scale=1.0,
+        clip_range=0.2,
+        trackers=["jsonl"],
+    )
     base.update(overrides)
     return va.GRPOConfig(**base)
 
@@ -37,16 +48,18 @@ def test_group_advantages_per_group_std():
     assert adv.tolist() == pytest.approx(expected, abs=1e-5)
     # the default floor 1e-4 (Flow-GRPO's): the deviations over √0.6875 + 1e-4 = 0.8292562
     floored, _ = group_advantages(torch.tensor([1.0, 2, 3, 3, 0, 0, 0, 0]), 4, "group", clip=5.0)
-    assert floored[:4].tolist() == pytest.approx([-1.25 / 0.8292562, -0.25 / 0.8292562, 0.75 / 0.8292562,
-                                                  0.75 / 0.8292562], abs=1e-5)
+    assert floored[:4].tolist() == pytest.approx(
+        [-1.25 / 0.8292562, -0.25 / 0.8292562, 0.75 / 0.8292562, 0.75 / 0.8292562], abs=1e-5
+    )
     assert zero.tolist() == [False, True]
 
 
 def test_group_advantages_global_std_and_clip():
     adv, _ = group_advantages(torch.tensor([1.0, 2, 3, 3, 0, 0, 0, 0]), 4, "global", clip=5.0, eps=1e-8)
     # the std over all eight rewards is 1.2686114456365274
-    assert adv[:4].tolist() == pytest.approx([-0.985329270397303, -0.1970658540794606,
-                                              0.5911975622383818, 0.5911975622383818], abs=1e-5)
+    assert adv[:4].tolist() == pytest.approx(
+        [-0.985329270397303, -0.1970658540794606, 0.5911975622383818, 0.5911975622383818], abs=1e-5
+    )
     clipped, _ = group_advantages(torch.tensor([0.0, 0, 0, 100]), 4, "group", clip=1.0)
     assert clipped.tolist() == pytest.approx([-0.57735, -0.57735, -0.57735, 1.0], abs=1e-4)
 
@@ -60,7 +73,9 @@ def test_grpo_loss_hand_computed():
     assert m["clipfrac"] == pytest.approx(0.5)
     assert m["approx_kl"] == pytest.approx(0.0025, abs=1e-7)  # ½·mean(0.1², 0)
     # with KL (0.2, 0.4) and β = 0.1 the mean KL 0.3 adds 0.03
-    loss_kl, m_kl = grpo_loss(log_probs, old, torch.tensor([1.0, -1.0]), 0.05, kl=torch.tensor([[0.2], [0.4]]), kl_beta=0.1)
+    loss_kl, m_kl = grpo_loss(
+        log_probs, old, torch.tensor([1.0, -1.0]), 0.05, kl=torch.tensor([[0.2], [0.4]]), kl_beta=0.1
+    )
     assert loss_kl.item() == pytest.approx(0.005, abs=1e-6) and m_kl["kl"] == pytest.approx(0.3)
     # a weight of 0 drops a sample
     loss_w, _ = grpo_loss(log_probs, old, torch.tensor([1.0, -1.0]), 0.05, weights=torch.tensor([1.0, 0.0]))
@@ -88,13 +103,27 @@ def test_first_update_is_on_policy(tmp_path):
     trainer = va.GRPOTrainer(tiny_pipeline("sd3"), brightness, PROMPTS, make_config(tmp_path, max_steps=1))
     metrics = trainer.train()
     assert metrics["ratio_mean"] == 1.0 and metrics["clipfrac"] == 0.0 and metrics["approx_kl"] == 0.0
-    assert {"reward_mean", "reward_std", "zero_std_ratio", "grad_norm", "time_sampling", "time_reward",
-            "time_training"} <= set(metrics)
+    assert {
+        "reward_mean",
+        "reward_std",
+        "zero_std_ratio",
+        "grad_norm",
+        "time_sampling",
+        "time_reward",
+        "time_training",
+    } <= set(metrics)
 
 
 def test_later_updates_are_off_policy_and_clipped(tmp_path):
-    cfg = make_config(tmp_path, max_steps=1, updates_per_rollout=2, group_size=2, prompts_per_step=2,
-                      learning_rate=5e-2, clip_range=1e-4)
+    cfg = make_config(
+        tmp_path,
+        max_steps=1,
+        updates_per_rollout=2,
+        group_size=2,
+        prompts_per_step=2,
+        learning_rate=5e-2,
+        clip_range=1e-4,
+    )
     trainer = va.GRPOTrainer(tiny_pipeline("sd3"), brightness, PROMPTS, cfg)
     trainer.train()
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
@@ -104,8 +133,9 @@ def test_later_updates_are_off_policy_and_clipped(tmp_path):
 @pytest.mark.parametrize("family,lr", [("sd", 3e-3), ("sd3", 1e-2), ("flux", 1e-2), ("wan-t2v", 1e-2)])
 def test_grpo_raises_brightness(tmp_path, family, lr):
     """30 seeded iterations of full fine-tuning lift the mean reward by more than 2× its starting spread."""
-    cfg = make_config(tmp_path, family, max_steps=30, num_steps=6, group_size=4, use_lora=False,
-                      learning_rate=lr, max_grad_norm=None)
+    cfg = make_config(
+        tmp_path, family, max_steps=30, num_steps=6, group_size=4, use_lora=False, learning_rate=lr, max_grad_norm=None
+    )
     trainer = va.GRPOTrainer(tiny_pipeline(family), brightness, PROMPTS, cfg)
     trainer.train()
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
@@ -127,7 +157,9 @@ def _distance_to_reference(trainer):
 def test_kl_keeps_the_policy_near_the_reference(tmp_path):
     distances = {}
     for beta in (0.0, 50.0):
-        cfg = make_config(tmp_path / str(beta), max_steps=8, group_size=4, learning_rate=2e-2, kl_beta=beta, lora_rank=8)
+        cfg = make_config(
+            tmp_path / str(beta), max_steps=8, group_size=4, learning_rate=2e-2, kl_beta=beta, lora_rank=8
+        )
         trainer = va.GRPOTrainer(tiny_pipeline("sd3"), brightness, PROMPTS, cfg)
         metrics = trainer.train()
         distances[beta] = _distance_to_reference(trainer)
@@ -160,8 +192,16 @@ def test_per_reward_advantages_with_combined(tmp_path):
 
 def test_exact_resume_after_a_crash(tmp_path):
     def run(output_dir, crash_at=None, resume=None):
-        cfg = make_config(tmp_path, max_steps=4, checkpoint_every=2, keep_last=1, output_dir=str(output_dir),
-                          resume=resume, learning_rate=1e-2, ema_decay=0.9)
+        cfg = make_config(
+            tmp_path,
+            max_steps=4,
+            checkpoint_every=2,
+            keep_last=1,
+            output_dir=str(output_dir),
+            resume=resume,
+            learning_rate=1e-2,
+            ema_decay=0.9,
+        )
         trainer = va.GRPOTrainer(tiny_pipeline("sd3"), brightness, PROMPTS, cfg)
         return train_with_crash(trainer, crash_at)
 
@@ -186,7 +226,9 @@ def test_lora_export_reproduces_the_trained_policy(tmp_path):
 
 
 def test_save_pretrained_fuses_lora(tmp_path):
-    trainer = va.GRPOTrainer(tiny_pipeline("sd3"), brightness, PROMPTS, make_config(tmp_path, max_steps=2, learning_rate=5e-2))
+    trainer = va.GRPOTrainer(
+        tiny_pipeline("sd3"), brightness, PROMPTS, make_config(tmp_path, max_steps=2, learning_rate=5e-2)
+    )
     trainer.train()
     trainer.save_pretrained(str(tmp_path / "full"))
     kwargs = dict(num_steps=4, sampler="ode", height=32, width=32, guidance_scale=1.0)
@@ -198,8 +240,9 @@ def test_save_pretrained_fuses_lora(tmp_path):
 
 
 def test_outputs_trackers_and_samples(tmp_path):
-    cfg = make_config(tmp_path, max_steps=2, trackers=["jsonl", "tensorboard"], sample_every=1,
-                      sample_prompts=["a red circle"])
+    cfg = make_config(
+        tmp_path, max_steps=2, trackers=["jsonl", "tensorboard"], sample_every=1, sample_prompts=["a red circle"]
+    )
     va.GRPOTrainer(tiny_pipeline("sd3"), brightness, PROMPTS, cfg).train()
     run = tmp_path / "run"
     assert (run / "config.yaml").exists()

@@ -28,8 +28,9 @@ def ratios(delta, z, s, reduce="mean"):
     std = torch.full((n, 1), float(s))
     new = S.gaussian_log_prob(x_next, old_mean + delta, std, reduce).view(n, 1)
     old = S.gaussian_log_prob(x_next, old_mean, std, reduce).view(n, 1)
-    guard = guard_log_ratio(new, old, (old_mean + delta).unsqueeze(1), old_mean.unsqueeze(1),
-                            torch.full((n, 1), float(s)), reduce)
+    guard = guard_log_ratio(
+        new, old, (old_mean + delta).unsqueeze(1), old_mean.unsqueeze(1), torch.full((n, 1), float(s)), reduce
+    )
     return (new - old).squeeze(1), guard.squeeze(1)
 
 
@@ -98,8 +99,10 @@ def test_reweighted_loss_times_minus_dt_is_the_plain_ppo_loss_on_the_normalised_
     dts = torch.tensor([[0.05, 0.1, 0.2]])
     kl = torch.tensor([[0.1, 0.2, 0.3]])
     loss2, _ = grpo_guard_loss(log_ratio2, torch.tensor([1.0]), eps, dts, kl=kl, kl_beta=0.5, reduction="sum")
-    terms = [float(grpo_loss(log_ratio2[:, i:i + 1], torch.zeros(1, 1), torch.tensor([1.0]), eps, reduction="sum")[0])
-             for i in range(3)]
+    terms = [
+        float(grpo_loss(log_ratio2[:, i : i + 1], torch.zeros(1, 1), torch.tensor([1.0]), eps, reduction="sum")[0])
+        for i in range(3)
+    ]
     expected = sum(t / float(d) for t, d in zip(terms, dts[0])) + 0.5 * float(kl.sum())
     assert float(loss2) == pytest.approx(expected, rel=1e-6)
 
@@ -113,9 +116,21 @@ def test_reweighting_scales_the_gradient_by_one_over_minus_dt():
 
 # ---------------------------------------------------------------------------- trainer
 def make_config(tmp_path, **overrides):
-    base = dict(output_dir=str(tmp_path / "run"), max_steps=2, num_steps=4, group_size=2, prompts_per_step=2,
-                height=32, width=32, lora_rank=4, guidance_scale=1.0, clip_range=0.2, trackers=["jsonl"], ratio="guard",
-                timestep_fraction=1.0)
+    base = dict(
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        num_steps=4,
+        group_size=2,
+        prompts_per_step=2,
+        height=32,
+        width=32,
+        lora_rank=4,
+        guidance_scale=1.0,
+        clip_range=0.2,
+        trackers=["jsonl"],
+        ratio="guard",
+        timestep_fraction=1.0,
+    )
     base.update(overrides)
     return va.GRPOConfig(**base)
 
@@ -144,8 +159,9 @@ def test_guard_matches_the_formula_on_a_real_rollout(tmp_path):
         out = va.log_prob(trainer.policy, traj, steps)
         rows = torch.arange(2).unsqueeze(1)
         shifted = out.means + 1e-3  # a policy whose means moved by δ = 1e-3 everywhere
-        new_lp = S.gaussian_log_prob(traj.latents[rows, steps + 1].flatten(0, 1), shifted.flatten(0, 1),
-                                     out.stds.flatten().view(-1, 1, 1, 1)).view(2, 3)
+        new_lp = S.gaussian_log_prob(
+            traj.latents[rows, steps + 1].flatten(0, 1), shifted.flatten(0, 1), out.stds.flatten().view(-1, 1, 1, 1)
+        ).view(2, 3)
         guard = guard_log_ratio(new_lp, traj.log_probs.gather(1, steps), shifted, traj.means[rows, steps], out.stds)
         z = (traj.latents[rows, steps + 1] - traj.means[rows, steps]) / out.stds.view(2, 3, 1, 1, 1)
         torch.testing.assert_close(guard, (z * 1e-3).flatten(2).mean(-1), rtol=1e-3, atol=2e-6)
@@ -161,6 +177,10 @@ def test_guard_needs_a_flow_model(tmp_path):
 def test_guard_recipe():
     _, _, cfg = parse_recipe(os.path.join(ROOT, "configs", "sd35m_grpo_guard.yaml"))
     assert (cfg.ratio, cfg.sampler, cfg.noise, cfg.eta, cfg.num_steps) == ("guard", "sde", "flow", 0.7, 10)
-    assert (cfg.guidance_scale, cfg.cfg_in_training, cfg.timestep_fraction, cfg.advantage_std) == \
-        (4.5, True, 1.0, "group")
+    assert (cfg.guidance_scale, cfg.cfg_in_training, cfg.timestep_fraction, cfg.advantage_std) == (
+        4.5,
+        True,
+        1.0,
+        "group",
+    )
     assert (cfg.kl_beta, cfg.learning_rate, cfg.clip_range) == (0.0, 1e-4, 4e-6)

@@ -30,9 +30,22 @@ def test_flow_grpo_kl_is_the_exact_kl_times_minus_dt():
 def test_kl_form_scales_the_trained_kl(tmp_path):
     metrics = {}
     for form in ("flow_grpo", "exact"):
-        cfg = va.GRPOConfig(output_dir=str(tmp_path / form), max_steps=2, num_steps=4, group_size=3, prompts_per_step=2,
-                            height=32, width=32, guidance_scale=1.0, kl_beta=0.1, kl_form=form, learning_rate=5e-2,
-                            use_lora=False, updates_per_rollout=2, clip_range=10.0)
+        cfg = va.GRPOConfig(
+            output_dir=str(tmp_path / form),
+            max_steps=2,
+            num_steps=4,
+            group_size=3,
+            prompts_per_step=2,
+            height=32,
+            width=32,
+            guidance_scale=1.0,
+            kl_beta=0.1,
+            kl_form=form,
+            learning_rate=5e-2,
+            use_lora=False,
+            updates_per_rollout=2,
+            clip_range=10.0,
+        )
         trainer = va.GRPOTrainer(tiny_pipeline("sd3"), brightness, PROMPTS, cfg)
         metrics[form] = trainer.train()
     # the second update is off the reference, so the KL is positive; the exact form is larger by ~1/(−dt)
@@ -59,18 +72,31 @@ def _bf16_pipeline():
 def test_full_finetuning_reference_matches_the_policy_at_init_in_bf16(tmp_path):
     """The frozen copy is taken after the trainable weights are upcast, so at initialisation the KL,
     PRDP's predicted reward and DPO's margin are exactly 0 under mixed precision."""
-    common = dict(max_steps=1, num_steps=4, group_size=3, prompts_per_step=2, height=32, width=32,
-                  guidance_scale=1.0, use_lora=False, mixed_precision="bf16", learning_rate=1e-3)
-    grpo = va.GRPOTrainer(_bf16_pipeline(), brightness, PROMPTS,
-                          va.GRPOConfig(output_dir=str(tmp_path / "grpo"), kl_beta=0.1, **common))
+    common = dict(
+        max_steps=1,
+        num_steps=4,
+        group_size=3,
+        prompts_per_step=2,
+        height=32,
+        width=32,
+        guidance_scale=1.0,
+        use_lora=False,
+        mixed_precision="bf16",
+        learning_rate=1e-3,
+    )
+    grpo = va.GRPOTrainer(
+        _bf16_pipeline(), brightness, PROMPTS, va.GRPOConfig(output_dir=str(tmp_path / "grpo"), kl_beta=0.1, **common)
+    )
     ref = dict(grpo.reference_model.named_parameters())
     for name, p in grpo.policy.denoiser.named_parameters():
         assert ref[name].dtype == p.dtype == torch.float32
     assert grpo.train()["kl"] == 0.0
-    prdp = va.PRDPTrainer(_bf16_pipeline(), brightness, PROMPTS,
-                          va.PRDPConfig(output_dir=str(tmp_path / "prdp"), **common))
+    prdp = va.PRDPTrainer(
+        _bf16_pipeline(), brightness, PROMPTS, va.PRDPConfig(output_dir=str(tmp_path / "prdp"), **common)
+    )
     assert prdp.train()["pred_reward_mean"] == 0.0
-    dpo = va.DPOTrainer(_bf16_pipeline(), brightness, PROMPTS,
-                        va.DPOConfig(output_dir=str(tmp_path / "dpo"), mode="online", **common))
+    dpo = va.DPOTrainer(
+        _bf16_pipeline(), brightness, PROMPTS, va.DPOConfig(output_dir=str(tmp_path / "dpo"), mode="online", **common)
+    )
     out = dpo.train()
     assert out["reward_margin"] == 0.0 and out["err_chosen"] == out["ref_err_chosen"]

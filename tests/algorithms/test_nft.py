@@ -19,9 +19,18 @@ PROMPTS = ["a red circle", "a blue square", "a green triangle"]
 
 
 def make_config(tmp_path, family="sd3", **overrides):
-    base = dict(output_dir=str(tmp_path / "run"), max_steps=2, num_steps=4, group_size=2, prompts_per_step=2,
-                height=32, width=32, num_frames=5 if family.startswith("wan") else None, lora_rank=4,
-                trackers=["jsonl"])
+    base = dict(
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        num_steps=4,
+        group_size=2,
+        prompts_per_step=2,
+        height=32,
+        width=32,
+        num_frames=5 if family.startswith("wan") else None,
+        lora_rank=4,
+        trackers=["jsonl"],
+    )
     base.update(overrides)
     return va.NFTConfig(**base)
 
@@ -53,15 +62,14 @@ def test_adaptive_weight_is_a_detached_float64_mean_abs_with_floor():
     assert w.tolist() == [2.0, 1e-5]  # mean |·| (not of squares); the floor for an exact prediction
 
 
-@pytest.mark.parametrize("r,beta", [(1.0, 1.0), (0.5, 1.0), (0.5, 0.3), (0.5, 3.0), (0.0, 1.0), (0.8, 0.5),
-                                    (0.2, 2.0)])
+@pytest.mark.parametrize("r,beta", [(1.0, 1.0), (0.5, 1.0), (0.5, 0.3), (0.5, 3.0), (0.0, 1.0), (0.8, 0.5), (0.2, 2.0)])
 def test_scalar_minimiser_matches_the_closed_form(r, beta):
     """θ* = v_old + (2r−1)(u − v_old)/β with w± = 1: r=1, β=1 → u; r=½ → v_old for any β; r=0, β=1 → 2v_old − u."""
     x0, eps, sigma, v_old = torch.tensor([[0.3]]), torch.tensor([[1.1]]), 0.6, torch.tensor([[0.2]])
     u = float(eps - x0)  # 0.8
     x_t = (1 - sigma) * x0 + sigma * eps
     theta = torch.zeros(1, 1, requires_grad=True)
-    optim = torch.optim.SGD([theta], lr=0.5 / (5 * 2 * beta * sigma ** 2))
+    optim = torch.optim.SGD([theta], lr=0.5 / (5 * 2 * beta * sigma**2))
     for _ in range(300):
         optim.zero_grad()
         loss, _ = nft_loss(theta, v_old, x_t, x0, sigma, torch.tensor([r]), beta, 5.0, adaptive_weights=False)
@@ -149,8 +157,21 @@ def test_two_iterations_lora_sd3(tmp_path):
     trainer = va.NFTTrainer(tiny_pipeline("sd3"), brightness, PROMPTS, make_config(tmp_path, learning_rate=1e-2))
     before = trainable_state(trainer)
     metrics = trainer.train()
-    assert {"loss", "policy_loss", "kl", "r_mean", "old_decay", "reward_mean", "reward_std", "zero_std_ratio",
-            "grad_norm", "loss_pos", "loss_neg", "time_sampling", "time_training"} <= set(metrics)
+    assert {
+        "loss",
+        "policy_loss",
+        "kl",
+        "r_mean",
+        "old_decay",
+        "reward_mean",
+        "reward_std",
+        "zero_std_ratio",
+        "grad_norm",
+        "loss_pos",
+        "loss_neg",
+        "time_sampling",
+        "time_training",
+    } <= set(metrics)
     assert metrics["old_decay"] == pytest.approx(0.002)  # decay_type 1 after s = 2 optimizer steps
     assert any(not torch.equal(a, b) for a, b in zip(before, trainable_state(trainer)))
     assert len(trainer.old.tensors) == len(trainer.trainable_parameters)  # the adapter only, not the model
@@ -178,8 +199,12 @@ def test_the_old_policy_lags(tmp_path):
     for old, a, b in zip(trainer.old.tensors, start, trainable_state(trainer)):
         torch.testing.assert_close(old, 0.5 * a + 0.5 * b)
     assert trainer.old.distance() > 0
-    copy = va.NFTTrainer(tiny_pipeline("sd3"), brightness, PROMPTS,
-                         make_config(tmp_path / "d0", max_steps=1, decay_type=0, learning_rate=5e-2))
+    copy = va.NFTTrainer(
+        tiny_pipeline("sd3"),
+        brightness,
+        PROMPTS,
+        make_config(tmp_path / "d0", max_steps=1, decay_type=0, learning_rate=5e-2),
+    )
     copy.train()
     assert all(torch.equal(o, p) for o, p in zip(copy.old.tensors, trainable_state(copy)))  # d = 0 copies θ
 
@@ -212,8 +237,16 @@ def test_lagged_and_base_passes_match_the_policy_at_init_in_bf16(tmp_path):
 
 def test_exact_resume_after_a_crash(tmp_path):
     def run(output_dir, crash_at=None, resume=None):
-        cfg = make_config(tmp_path, max_steps=4, checkpoint_every=2, keep_last=1, output_dir=str(output_dir),
-                          resume=resume, learning_rate=1e-2, old_decay=0.5)
+        cfg = make_config(
+            tmp_path,
+            max_steps=4,
+            checkpoint_every=2,
+            keep_last=1,
+            output_dir=str(output_dir),
+            resume=resume,
+            learning_rate=1e-2,
+            old_decay=0.5,
+        )
         return train_with_crash(va.NFTTrainer(tiny_pipeline("sd3"), brightness, PROMPTS, cfg), crash_at)
 
     full = run(tmp_path / "full")
@@ -226,8 +259,16 @@ def test_exact_resume_after_a_crash(tmp_path):
 
 def test_nft_raises_brightness(tmp_path):
     """10 seeded iterations of full fine-tuning lift the mean reward by more than 2× its starting spread."""
-    cfg = make_config(tmp_path, max_steps=10, num_steps=6, group_size=4, use_lora=False, learning_rate=1e-2,
-                      max_grad_norm=None, guidance_scale=1.0)
+    cfg = make_config(
+        tmp_path,
+        max_steps=10,
+        num_steps=6,
+        group_size=4,
+        use_lora=False,
+        learning_rate=1e-2,
+        max_grad_norm=None,
+        guidance_scale=1.0,
+    )
     va.NFTTrainer(tiny_pipeline("sd3"), brightness, PROMPTS, cfg).train()
     rows = rows_of(tmp_path)
     start, spread = rows[0]["reward_mean"], rows[0]["reward_std"]
@@ -240,8 +281,13 @@ def test_recipe_registry_and_exports():
 
     assert trainer_class("nft") is va.NFTTrainer and va.NFTTrainer.config_class is va.NFTConfig
     cfg = va.NFTConfig()
-    assert (cfg.sampler, cfg.guidance_scale, cfg.advantage_std, cfg.advantage_clip, cfg.advantage_eps) == \
-        ("ode", 1.0, "global", 5.0, 1e-4)
+    assert (cfg.sampler, cfg.guidance_scale, cfg.advantage_std, cfg.advantage_clip, cfg.advantage_eps) == (
+        "ode",
+        1.0,
+        "global",
+        5.0,
+        1e-4,
+    )
     assert (cfg.beta, cfg.kl_beta, cfg.decay_type, cfg.num_train_levels()) == (1.0, 1e-4, 1, 9)
 
 
@@ -270,9 +316,13 @@ def test_config_errors(tmp_path):
 def test_constant_reward_warns_then_stops(tmp_path):
     constant = lambda images, prompts: torch.full((images.shape[0],), 0.5)  # noqa: E731
     cfg = make_config(tmp_path, max_steps=10, max_bad_steps=2)
-    with pytest.warns(UserWarning, match="constant within every group"), \
-            pytest.raises(RewardError, match="the reward is constant within every group; nothing to learn: "
-                                             "check the reward or raise group_size"):
+    with (
+        pytest.warns(UserWarning, match="constant within every group"),
+        pytest.raises(
+            RewardError,
+            match="the reward is constant within every group; nothing to learn: check the reward or raise group_size",
+        ),
+    ):
         va.NFTTrainer(tiny_pipeline("sd3"), constant, PROMPTS, cfg).train()
     rows = rows_of(tmp_path)  # the iteration that stops the run is logged before it raises
     assert len(rows) == 2 and all(r["skipped"] == 1.0 and r["zero_std_ratio"] == 1.0 for r in rows)

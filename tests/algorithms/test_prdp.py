@@ -14,8 +14,18 @@ PROMPTS = ["a red circle", "a blue square", "a green triangle"]
 
 
 def make_config(tmp_path, **overrides):
-    base = dict(output_dir=str(tmp_path / "run"), max_steps=1, num_steps=4, group_size=3, prompts_per_step=2,
-                height=32, width=32, lora_rank=4, guidance_scale=1.0, trackers=["jsonl"])
+    base = dict(
+        output_dir=str(tmp_path / "run"),
+        max_steps=1,
+        num_steps=4,
+        group_size=3,
+        prompts_per_step=2,
+        height=32,
+        width=32,
+        lora_rank=4,
+        guidance_scale=1.0,
+        trackers=["jsonl"],
+    )
     base.update(overrides)
     return va.PRDPConfig(**base)
 
@@ -55,7 +65,7 @@ def test_clipped_branch_engages_beyond_eps():
     # within ε the two branches agree and the gradient is the plain regression gradient
     inside = torch.tensor([[0.01, 0.0], [0.0, 0.0]], requires_grad=True)
     loss_in, m_in = prdp_loss(inside, old, torch.tensor([1.0, 0.0]), 2, 10.0, 0.05)
-    assert m_in["clipfrac"] == 0.0 and loss_in.item() == pytest.approx(0.09 ** 2, abs=1e-8)
+    assert m_in["clipfrac"] == 0.0 and loss_in.item() == pytest.approx(0.09**2, abs=1e-8)
 
 
 # ---------------------------------------------------------------------------- trainer
@@ -77,8 +87,16 @@ def test_later_gradient_steps_are_clipped(tmp_path):
 
 def test_ddim_policy(tmp_path):
     """SD (DDPM family) samples with DDIM η > 0 and trains on its exact log-probs."""
-    cfg = make_config(tmp_path, group_size=2, prompts_per_step=1, num_steps=3, updates_per_rollout=2, learning_rate=5e-2,
-                      clip_range=1e-5, beta=0.01)
+    cfg = make_config(
+        tmp_path,
+        group_size=2,
+        prompts_per_step=1,
+        num_steps=3,
+        updates_per_rollout=2,
+        learning_rate=5e-2,
+        clip_range=1e-5,
+        beta=0.01,
+    )
     trainer = va.PRDPTrainer(tiny_pipeline("sd"), brightness, PROMPTS, cfg)
     metrics = trainer.train()
     assert metrics["grad_norm"] > 0 and metrics["clipfrac_last"] > 0
@@ -127,23 +145,56 @@ def test_group_normalised_first_gradient_is_grpos():
     import tempfile
 
     G, beta, num_steps = 3, 2.0, 4
-    shared = dict(max_steps=1, num_steps=num_steps, group_size=G, prompts_per_step=2, height=32, width=32,
-                  lora_rank=4, guidance_scale=1.0, trackers=[], timestep_fraction=1.0, max_grad_norm=None)
+    shared = dict(
+        max_steps=1,
+        num_steps=num_steps,
+        group_size=G,
+        prompts_per_step=2,
+        height=32,
+        width=32,
+        lora_rank=4,
+        guidance_scale=1.0,
+        trackers=[],
+        timestep_fraction=1.0,
+        max_grad_norm=None,
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        prdp = captured_gradient(va.PRDPTrainer(tiny_pipeline("sd3"), brightness, PROMPTS, va.PRDPConfig(
-            output_dir=f"{tmp}/prdp", beta=beta, reward_norm="group", **shared)))
-        grpo = captured_gradient(va.GRPOTrainer(tiny_pipeline("sd3"), brightness, PROMPTS, va.GRPOConfig(
-            output_dir=f"{tmp}/grpo", advantage_clip=None, **shared)))
+        prdp = captured_gradient(
+            va.PRDPTrainer(
+                tiny_pipeline("sd3"),
+                brightness,
+                PROMPTS,
+                va.PRDPConfig(output_dir=f"{tmp}/prdp", beta=beta, reward_norm="group", **shared),
+            )
+        )
+        grpo = captured_gradient(
+            va.GRPOTrainer(
+                tiny_pipeline("sd3"),
+                brightness,
+                PROMPTS,
+                va.GRPOConfig(output_dir=f"{tmp}/grpo", advantage_clip=None, **shared),
+            )
+        )
     k = num_steps - 1  # the last step is deterministic and never trained
     assert grpo.abs().max() > 0
-    torch.testing.assert_close(prdp, grpo * 4 * G * k / (beta * (G - 1)), rtol=1e-4,
-                               atol=1e-5 * float(prdp.abs().max()))
+    torch.testing.assert_close(
+        prdp, grpo * 4 * G * k / (beta * (G - 1)), rtol=1e-4, atol=1e-5 * float(prdp.abs().max())
+    )
 
 
 def test_prdp_raises_brightness(tmp_path):
     """20 seeded iterations of full fine-tuning lift the mean reward by more than 3× its starting spread."""
-    cfg = make_config(tmp_path, max_steps=20, num_steps=6, group_size=4, use_lora=False, learning_rate=1e-2,
-                      max_grad_norm=None, beta=0.01, clip_range=0.01)
+    cfg = make_config(
+        tmp_path,
+        max_steps=20,
+        num_steps=6,
+        group_size=4,
+        use_lora=False,
+        learning_rate=1e-2,
+        max_grad_norm=None,
+        beta=0.01,
+        clip_range=0.01,
+    )
     va.PRDPTrainer(tiny_pipeline("sd3"), brightness, PROMPTS, cfg).train()
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     start, spread = rows[0]["reward_mean"], rows[0]["reward_std"]

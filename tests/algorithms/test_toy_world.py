@@ -24,8 +24,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EVAL_PROMPTS = 96
-MIN_GAIN = 0.10          # evaluator all-correct, absolute (10 points)
-MIN_REWARD_GAIN = 0.01   # mean toy-CLIP cosine reward
+MIN_GAIN = 0.10  # evaluator all-correct, absolute (10 points)
+MIN_REWARD_GAIN = 0.01  # mean toy-CLIP cosine reward
 
 
 def train_recipe(algorithm: str, tmp_path) -> tuple[dict, dict]:
@@ -35,12 +35,14 @@ def train_recipe(algorithm: str, tmp_path) -> tuple[dict, dict]:
 
     path = os.path.join(ROOT, "configs", f"toy_{algorithm}.yaml")
     cls, policy, reward, prompts, config = load_recipe(
-        path, [f"output_dir={tmp_path / 'run'}", "seed=0", "trackers=[jsonl]", "sample_every=0", "checkpoint_every=0"])
+        path, [f"output_dir={tmp_path / 'run'}", "seed=0", "trackers=[jsonl]", "sample_every=0", "checkpoint_every=0"]
+    )
     eval_prompts, seeds = eval_set(EVAL_PROMPTS)
 
     def measure(p):
-        return evaluate_policy(p, eval_prompts, seeds, num_steps=config.num_steps,
-                               guidance_scale=config.guidance_scale, reward=reward)
+        return evaluate_policy(
+            p, eval_prompts, seeds, num_steps=config.num_steps, guidance_scale=config.guidance_scale, reward=reward
+        )
 
     before = measure(policy)
     trainer = cls(policy, reward, prompts, config)
@@ -49,12 +51,15 @@ def train_recipe(algorithm: str, tmp_path) -> tuple[dict, dict]:
 
 
 def assert_improved(before: dict, after: dict) -> None:
-    summary = (f"all-correct {before['all_correct']:.1%} -> {after['all_correct']:.1%}, "
-               f"per attribute {before['accuracy']} -> {after['accuracy']}, "
-               f"reward {before['reward']:.4f} -> {after['reward']:.4f}")
+    summary = (
+        f"all-correct {before['all_correct']:.1%} -> {after['all_correct']:.1%}, "
+        f"per attribute {before['accuracy']} -> {after['accuracy']}, "
+        f"reward {before['reward']:.4f} -> {after['reward']:.4f}"
+    )
     assert after["reward"] - before["reward"] >= MIN_REWARD_GAIN, f"the reward did not rise: {summary}"
-    assert after["all_correct"] - before["all_correct"] >= MIN_GAIN, \
+    assert after["all_correct"] - before["all_correct"] >= MIN_GAIN, (
         f"evaluator accuracy did not rise by {MIN_GAIN:.0%}: {summary}"
+    )
 
 
 @pytest.mark.slow

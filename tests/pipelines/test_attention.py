@@ -14,8 +14,14 @@ from visalign.testing.pipelines import DEFAULT_SIZES
 
 
 def _sample(policy, family):
-    return va.sample(policy, ["a red circle"], num_steps=2, sampler="ode",
-                     generator=torch.Generator().manual_seed(0), **DEFAULT_SIZES[family]).images
+    return va.sample(
+        policy,
+        ["a red circle"],
+        num_steps=2,
+        sampler="ode",
+        generator=torch.Generator().manual_seed(0),
+        **DEFAULT_SIZES[family],
+    ).images
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux", "wan-t2v"])
@@ -46,8 +52,10 @@ def test_the_dispatcher_path_matches_stock_exactly(family):
     assert "DispatchJointAttnProcessor" not in {type(p).__name__ for p in policy.denoiser.attn_processors.values()}
 
 
-@pytest.mark.parametrize("backend,package,extra", [("xformers", "xformers", "xformers"),
-                                                   ("flash", "flash_attn", "flash"), ("sage", "sageattention", "sage")])
+@pytest.mark.parametrize(
+    "backend,package,extra",
+    [("xformers", "xformers", "xformers"), ("flash", "flash_attn", "flash"), ("sage", "sageattention", "sage")],
+)
 def test_a_backend_that_is_not_installed_names_its_extra(backend, package, extra):
     if importlib.util.find_spec(package) is not None:
         pytest.skip(f"{package} is installed here")

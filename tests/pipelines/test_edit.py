@@ -25,8 +25,13 @@ def sources(family, batch=2, seed=0):
 
 
 def sample(policy, family, images, instructions=None, **kwargs):
-    kwargs = {"num_steps": 3, "sampler": "ode", "generator": torch.Generator().manual_seed(0),
-              **size_kwargs(family), **kwargs}
+    kwargs = {
+        "num_steps": 3,
+        "sampler": "ode",
+        "generator": torch.Generator().manual_seed(0),
+        **size_kwargs(family),
+        **kwargs,
+    }
     return va.sample(policy, instructions or INSTRUCTIONS[: images.shape[0]], images=images, **kwargs)
 
 
@@ -39,8 +44,13 @@ def test_each_sample_edits_its_own_source(tiny_policies, family):
     out_a = sample(policy, family, a)
     out_b = sample(policy, family, b, INSTRUCTIONS[:1])
     assert (out_a.final_latents - out_b.final_latents).abs().max() > 1e-3  # the source conditions the output
-    both = sample(policy, family, torch.cat([a, b]), INSTRUCTIONS[:1] * 2,
-                  generator=[torch.Generator().manual_seed(0) for _ in range(2)])
+    both = sample(
+        policy,
+        family,
+        torch.cat([a, b]),
+        INSTRUCTIONS[:1] * 2,
+        generator=[torch.Generator().manual_seed(0) for _ in range(2)],
+    )
     torch.testing.assert_close(both.images[1:], out_b.images, rtol=0, atol=1e-5)
     assert torch.equal(both.cond_images, torch.cat([a, b]))
 
@@ -55,9 +65,17 @@ def test_qwen_image_edit_plus_matches_stock():
     image = sources("qwen-image-edit", 1)
     pil = Image.fromarray((image[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
     latents = []
-    stock = pipe(image=pil, prompt=INSTRUCTIONS[:1], negative_prompt=[" "], true_cfg_scale=4.0, num_inference_steps=3,
-                 generator=torch.Generator().manual_seed(0), output_type="pt", **size_kwargs("qwen-image-edit"),
-                 callback_on_step_end=lambda p, i, t, kw: latents.append(kw["latents"]) or kw).images
+    stock = pipe(
+        image=pil,
+        prompt=INSTRUCTIONS[:1],
+        negative_prompt=[" "],
+        true_cfg_scale=4.0,
+        num_inference_steps=3,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+        **size_kwargs("qwen-image-edit"),
+        callback_on_step_end=lambda p, i, t, kw: latents.append(kw["latents"]) or kw,
+    ).images
     ours = sample(policy, "qwen-image-edit", image, guidance_scale=4.0)
     torch.testing.assert_close(ours.images, stock, rtol=0, atol=1e-5)
     torch.testing.assert_close(ours.final_latents, latents[-1], rtol=0, atol=1e-5)
@@ -110,8 +128,9 @@ def test_unsupported_variants():
 def edit_reward():
     model, processor = tiny_vlm(seed=1)
     clip, clip_processor = tiny_clip()
-    return va.rewards.EditReward(model, processor, clip_model=clip, clip_processor=clip_processor,
-                                 preservation_weight=0.5)
+    return va.rewards.EditReward(
+        model, processor, clip_model=clip, clip_processor=clip_processor, preservation_weight=0.5
+    )
 
 
 def test_edit_reward_parts(edit_reward):
@@ -136,10 +155,19 @@ def test_edit_reward_reads_sources_from_an_image_column(edit_reward, tmp_path):
         pil.save(tmp_path / f"s{i}.png")
         paths.append(str(tmp_path / f"s{i}.png"))
     out = torch.rand(2, 3, 32, 32)
-    by_tensor = edit_reward(out, INSTRUCTIONS, source_images=torch.stack(
-        [torch.from_numpy(np.array(p)).permute(2, 0, 1).float() / 255 for p in pils]))
+    by_tensor = edit_reward(
+        out,
+        INSTRUCTIONS,
+        source_images=torch.stack([torch.from_numpy(np.array(p)).permute(2, 0, 1).float() / 255 for p in pils]),
+    )
     torch.testing.assert_close(edit_reward(out, INSTRUCTIONS, image=paths), by_tensor)
     torch.testing.assert_close(edit_reward(out, INSTRUCTIONS, image=pils), by_tensor)
+    # a recipe's relative paths resolve against image_dir
+    edit_reward.image_dir = str(tmp_path)
+    try:
+        torch.testing.assert_close(edit_reward(out, INSTRUCTIONS, image=["s0.png", "s1.png"]), by_tensor)
+    finally:
+        edit_reward.image_dir = None
 
 
 def test_edit_reward_bad_input(edit_reward):
@@ -173,9 +201,17 @@ def test_edit_reward_recipe_name():
 @pytest.mark.parametrize("family", EDIT_FAMILIES)
 def test_best_of_n_on_an_edit_policy(tiny_policies, family, edit_reward):
     src = sources(family)
-    out = va.best_of_n(tiny_policies(family), INSTRUCTIONS, edit_reward, n=2, num_steps=2, images=src,
-                       reward_kwargs={"source_images": src}, generator=torch.Generator().manual_seed(0),
-                       **size_kwargs(family))
+    out = va.best_of_n(
+        tiny_policies(family),
+        INSTRUCTIONS,
+        edit_reward,
+        n=2,
+        num_steps=2,
+        images=src,
+        reward_kwargs={"source_images": src},
+        generator=torch.Generator().manual_seed(0),
+        **size_kwargs(family),
+    )
     assert out.images.shape == (2, 3, *src.shape[-2:]) and out.all_rewards.shape == (2, 2)
     assert torch.equal(out.rewards, out.all_rewards.max(1).values)
 
@@ -189,8 +225,18 @@ def test_grpo_on_an_edit_policy_with_the_edit_reward(tmp_path, family, edit_rewa
         Image.fromarray(arr).save(tmp_path / f"src{i}.png")
         rows.append({"prompt": instruction, "image": str(tmp_path / f"src{i}.png")})
     (tmp_path / "edits.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = va.GRPOConfig(output_dir=str(tmp_path / "run"), max_steps=2, num_steps=3, group_size=2, prompts_per_step=2,
-                        lora_rank=4, guidance_scale=1.0, learning_rate=1e-2, trackers=["jsonl"], **size)
+    cfg = va.GRPOConfig(
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        num_steps=3,
+        group_size=2,
+        prompts_per_step=2,
+        lora_rank=4,
+        guidance_scale=1.0,
+        learning_rate=1e-2,
+        trackers=["jsonl"],
+        **size,
+    )
     trainer = va.GRPOTrainer(tiny_pipeline(family), edit_reward, str(tmp_path / "edits.jsonl"), cfg)
     metrics = trainer.train()
     assert trainer.state.step == 2 and "reward/instruction_mean" in metrics
@@ -205,7 +251,10 @@ def test_toy_edit_tasks_and_exact_check():
     assert len(tasks) == 990  # 90 scenes × (5 colours + 2 shapes + 4 positions)
     task = tasks[0]
     assert (task.source_caption, task.instruction, task.target_caption) == (
-        "a red circle on the left", "make the red circle green", "a green circle on the left")
+        "a red circle on the left",
+        "make the red circle green",
+        "a green circle on the left",
+    )
     picked = tasks[::50]
     src, tgt = render_batch([t.source for t in picked]), render_batch([t.target for t in picked])
     perfect = evaluate_edits(tgt, picked, src)
@@ -216,9 +265,12 @@ def test_toy_edit_tasks_and_exact_check():
     wrong = render_batch(["a green circle on the right"])
     result = evaluate_edits(wrong, [task], render_batch([task.source]))
     assert result["samples"][0]["edited"] and not result["samples"][0]["preserved"]
-    assert apply_instruction("a red circle on the left and a blue square on the right",
-                             "turn the blue square into a triangle")[0].caption() == \
-        "a red circle on the left and a blue triangle on the right"
+    assert (
+        apply_instruction(
+            "a red circle on the left and a blue square on the right", "turn the blue square into a triangle"
+        )[0].caption()
+        == "a red circle on the left and a blue triangle on the right"
+    )
     with pytest.raises(InvalidInputError, match="not in"):
         apply_instruction("a red circle on the left", "make the blue square red")
     with pytest.raises(InvalidInputError, match="Cannot parse"):

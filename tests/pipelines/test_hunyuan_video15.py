@@ -30,13 +30,20 @@ def stock(policy, family, prompts, generator, guidance_scale=4.0, output_type="p
     pipe, kwargs = policy.pipe, dict(size_kwargs(family))
     frames = first_frames(family, 1)
     if frames is not None:
-        kwargs = {"num_frames": kwargs["num_frames"],
-                  "image": Image.fromarray((frames[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8"))}
+        kwargs = {
+            "num_frames": kwargs["num_frames"],
+            "image": Image.fromarray((frames[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8")),
+        }
     guider = pipe.guider
     pipe.guider = guider.new(guidance_scale=guidance_scale)
     try:
-        out = pipe(prompt=prompts, num_inference_steps=num_inference_steps, generator=generator,
-                   output_type=output_type, **kwargs)
+        out = pipe(
+            prompt=prompts,
+            num_inference_steps=num_inference_steps,
+            generator=generator,
+            output_type=output_type,
+            **kwargs,
+        )
     finally:
         pipe.guider = guider
     return out.frames
@@ -70,14 +77,16 @@ def test_tiny_pipeline_builds_fast_and_round_trips(family, tmp_path):
 def test_ode_matches_stock_pipeline(tiny_policies, family):
     policy = tiny_policies(family)
     expected = stock(policy, family, PROMPTS, torch.Generator().manual_seed(0))
-    traj = ours(policy, family, PROMPTS, torch.Generator().manual_seed(0), num_steps=4, guidance_scale=4.0,
-                sampler="ode")
+    traj = ours(
+        policy, family, PROMPTS, torch.Generator().manual_seed(0), num_steps=4, guidance_scale=4.0, sampler="ode"
+    )
     assert traj.images.shape == expected.shape
     torch.testing.assert_close(traj.images, expected.float(), rtol=0, atol=STOCK_ATOL)
     latents = stock(policy, family, PROMPTS, torch.Generator().manual_seed(0), output_type="latent")
     torch.testing.assert_close(traj.final_latents, latents.float(), rtol=0, atol=STOCK_ATOL)
-    other = ours(policy, family, PROMPTS, torch.Generator().manual_seed(1), num_steps=4, guidance_scale=4.0,
-                 sampler="ode")
+    other = ours(
+        policy, family, PROMPTS, torch.Generator().manual_seed(1), num_steps=4, guidance_scale=4.0, sampler="ode"
+    )
     assert (other.final_latents - traj.final_latents).abs().max() > 1e-2
 
 
@@ -85,15 +94,27 @@ def test_guidance_defaults_to_the_guider_and_its_original_formulation(tiny_polic
     family = "hunyuan-video15"
     policy = tiny_policies(family)
     assert policy.pipe.guider.guidance_scale == 6.0
-    expected = stock(policy, family, PROMPTS[:1], torch.Generator().manual_seed(0), guidance_scale=6.0,
-                     output_type="latent", num_inference_steps=2)
+    expected = stock(
+        policy,
+        family,
+        PROMPTS[:1],
+        torch.Generator().manual_seed(0),
+        guidance_scale=6.0,
+        output_type="latent",
+        num_inference_steps=2,
+    )
     traj = ours(policy, family, PROMPTS[:1], torch.Generator().manual_seed(0), num_steps=2, sampler="ode")
     torch.testing.assert_close(traj.final_latents, expected.float(), rtol=0, atol=STOCK_ATOL)
 
     pipe = tiny_pipeline(family)
     pipe.guider = pipe.guider.new(guidance_scale=2.0, use_original_formulation=True)  # c + s·(c − u)
-    original = pipe(prompt=PROMPTS[:1], num_inference_steps=2, generator=torch.Generator().manual_seed(0),
-                    output_type="latent", **size_kwargs(family)).frames
+    original = pipe(
+        prompt=PROMPTS[:1],
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+        **size_kwargs(family),
+    ).frames
     traj = ours(va.wrap(pipe), family, PROMPTS[:1], torch.Generator().manual_seed(0), num_steps=2, sampler="ode")
     torch.testing.assert_close(traj.final_latents, original.float(), rtol=0, atol=STOCK_ATOL)
 

@@ -4,10 +4,9 @@ import pytest
 import torch
 
 import visalign as va
-from visalign.errors import (InvalidInputError, SamplerError, UnknownFamilyError,
-                             UnsupportedPipelineError)
-from visalign.testing import tiny_pipeline
 from tests.conftest import FAMILIES, PROMPTS, first_frames, size_kwargs
+from visalign.errors import InvalidInputError, SamplerError, UnknownFamilyError, UnsupportedPipelineError
+from visalign.testing import tiny_pipeline
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -55,10 +54,17 @@ def test_load_from_a_local_folder(tmp_path):
     pipe.save_pretrained(tmp_path)
     policy = va.load(str(tmp_path), local_files_only=True)
     assert policy.family == "flux"
-    a = va.sample(va.wrap(pipe), PROMPTS, num_steps=3, sampler="ode", generator=torch.Generator().manual_seed(0),
-                  **size_kwargs("flux"))
-    b = va.sample(policy, PROMPTS, num_steps=3, sampler="ode", generator=torch.Generator().manual_seed(0),
-                  **size_kwargs("flux"))
+    a = va.sample(
+        va.wrap(pipe),
+        PROMPTS,
+        num_steps=3,
+        sampler="ode",
+        generator=torch.Generator().manual_seed(0),
+        **size_kwargs("flux"),
+    )
+    b = va.sample(
+        policy, PROMPTS, num_steps=3, sampler="ode", generator=torch.Generator().manual_seed(0), **size_kwargs("flux")
+    )
     torch.testing.assert_close(a.images, b.images, rtol=0, atol=1e-6)
 
 
@@ -68,8 +74,11 @@ def test_encode_decode_round_trip_is_differentiable(tiny_policies, family):
     geometry = policy.geometry(**size_kwargs(family))
     latents = policy.prepare_latents(1, geometry, torch.Generator().manual_seed(0)).requires_grad_(True)
     pixels = policy.decode(latents, geometry)
-    expected = (1, geometry.num_frames, 3, geometry.height, geometry.width) if policy.is_video else \
-        (1, 3, geometry.height, geometry.width)
+    expected = (
+        (1, geometry.num_frames, 3, geometry.height, geometry.width)
+        if policy.is_video
+        else (1, 3, geometry.height, geometry.width)
+    )
     assert pixels.shape == expected and 0 <= pixels.min() and pixels.max() <= 1
     pixels.mean().backward()
     assert latents.grad is not None and latents.grad.abs().sum() > 0
@@ -96,16 +105,18 @@ def test_lora_export_loads_with_load_lora_weights(family, tmp_path):
     fresh.load_lora_weights(str(tmp_path))
     loaded = va.sample(va.wrap(fresh), PROMPTS, generator=torch.Generator().manual_seed(0), **kwargs)
     torch.testing.assert_close(loaded.images, ours.images, rtol=0, atol=1e-5)
-    plain = va.sample(va.wrap(tiny_pipeline(family, seed=0)), PROMPTS, generator=torch.Generator().manual_seed(0),
-                      **kwargs)
+    plain = va.sample(
+        va.wrap(tiny_pipeline(family, seed=0)), PROMPTS, generator=torch.Generator().manual_seed(0), **kwargs
+    )
     torch.testing.assert_close(plain.images, base.images, rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- bad input
 def test_prompt_and_image_batch_mismatch(tiny_policies):
     with pytest.raises(InvalidInputError, match="one image per prompt"):
-        va.sample(tiny_policies("wan-i2v"), PROMPTS, num_steps=2, images=first_frames("wan-i2v", 3),
-                  **size_kwargs("wan-i2v"))
+        va.sample(
+            tiny_policies("wan-i2v"), PROMPTS, num_steps=2, images=first_frames("wan-i2v", 3), **size_kwargs("wan-i2v")
+        )
 
 
 def test_i2v_without_images(tiny_policies):

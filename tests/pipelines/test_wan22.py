@@ -36,9 +36,17 @@ def _stock_image(family):
 
 
 # ---------------------------------------------------------------------------- dispatch
-@pytest.mark.parametrize("family, adapter", [
-    ("wan-t2v", "WanT2VPolicy"), ("wan-i2v", "WanI2VPolicy"), ("wan22", "Wan22Policy"), ("wan22-i2v", "Wan22I2VPolicy"),
-    ("wan22-ti2v", "Wan22TI2VPolicy"), ("wan22-ti2v-i2v", "Wan22TI2VI2VPolicy")])
+@pytest.mark.parametrize(
+    "family, adapter",
+    [
+        ("wan-t2v", "WanT2VPolicy"),
+        ("wan-i2v", "WanI2VPolicy"),
+        ("wan22", "Wan22Policy"),
+        ("wan22-i2v", "Wan22I2VPolicy"),
+        ("wan22-ti2v", "Wan22TI2VPolicy"),
+        ("wan22-ti2v-i2v", "Wan22TI2VI2VPolicy"),
+    ],
+)
 def test_one_pipeline_class_several_adapters(tiny_policies, family, adapter):
     policy = tiny_policies(family)
     assert type(policy).__name__ == adapter and policy.family == family
@@ -62,14 +70,22 @@ def test_tiny_pipelines_build_fast_and_round_trip(tmp_path):
         pipe = tiny_pipeline(family)
         assert time.perf_counter() - start < 1.0
     pipe = tiny_pipeline("wan22", seed=1)
-    kwargs = dict(prompt="a red circle", num_inference_steps=2, guidance_scale=4.0, guidance_scale_2=2.0,
-                  output_type="pt", max_sequence_length=16, **size_kwargs("wan22"))
+    kwargs = dict(
+        prompt="a red circle",
+        num_inference_steps=2,
+        guidance_scale=4.0,
+        guidance_scale_2=2.0,
+        output_type="pt",
+        max_sequence_length=16,
+        **size_kwargs("wan22"),
+    )
     before = pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames
     pipe.save_pretrained(tmp_path)
     loaded = type(pipe).from_pretrained(tmp_path, local_files_only=True)
     loaded.set_progress_bar_config(disable=True)
-    torch.testing.assert_close(loaded(generator=torch.Generator().manual_seed(0), **kwargs).frames, before,
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        loaded(generator=torch.Generator().manual_seed(0), **kwargs).frames, before, rtol=0, atol=1e-6
+    )
     assert va.wrap(loaded).family == "wan22"
 
 
@@ -106,18 +122,46 @@ def test_each_expert_has_its_cfg_scale_as_stock(tiny_policies, family):
     schedule = policy.schedule(4, policy.geometry(**size_kwargs(family)))
     assert (schedule.timesteps >= policy.boundary_timestep).tolist() == [True, True, False, False]
     kwargs = dict(guidance_scale=4.0, guidance_scale_2=1.5, **size_kwargs(family))
-    stock = policy.pipe(prompt=PROMPTS, num_inference_steps=4, generator=torch.Generator().manual_seed(0),
-                        output_type="latent", **_stock_image(family), **kwargs).frames
-    ours = va.sample(policy, PROMPTS, num_steps=4, sampler="ode", generator=torch.Generator().manual_seed(0),
-                     images=_images(family, 2), **kwargs)
+    stock = policy.pipe(
+        prompt=PROMPTS,
+        num_inference_steps=4,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+        **_stock_image(family),
+        **kwargs,
+    ).frames
+    ours = va.sample(
+        policy,
+        PROMPTS,
+        num_steps=4,
+        sampler="ode",
+        generator=torch.Generator().manual_seed(0),
+        images=_images(family, 2),
+        **kwargs,
+    )
     torch.testing.assert_close(ours.final_latents, stock.float(), rtol=0, atol=1e-5)
-    same = va.sample(policy, PROMPTS, num_steps=4, sampler="ode", generator=torch.Generator().manual_seed(0),
-                     images=_images(family, 2), **{**kwargs, "guidance_scale_2": 4.0})
+    same = va.sample(
+        policy,
+        PROMPTS,
+        num_steps=4,
+        sampler="ode",
+        generator=torch.Generator().manual_seed(0),
+        images=_images(family, 2),
+        **{**kwargs, "guidance_scale_2": 4.0},
+    )
     assert (same.final_latents - ours.final_latents).abs().max() > 1e-3  # the second scale matters
     # The policy-wide default, as va.wrap(pipe, guidance_scale_2=...) sets it.
     wrapped = va.wrap(policy.pipe, guidance_scale_2=1.5)
-    again = va.sample(wrapped, PROMPTS, num_steps=4, sampler="ode", generator=torch.Generator().manual_seed(0),
-                      images=_images(family, 2), guidance_scale=4.0, **size_kwargs(family))
+    again = va.sample(
+        wrapped,
+        PROMPTS,
+        num_steps=4,
+        sampler="ode",
+        generator=torch.Generator().manual_seed(0),
+        images=_images(family, 2),
+        guidance_scale=4.0,
+        **size_kwargs(family),
+    )
     torch.testing.assert_close(again.final_latents, ours.final_latents, rtol=0, atol=0)
 
 
@@ -126,14 +170,25 @@ def test_a_batch_of_both_experts_is_routed_row_by_row(tiny_policies):
     go to their own expert and give what each step alone gives (with per-row CFG scales)."""
     policy = tiny_policies("wan22")
     calls = []
+
     def record(name):
         return lambda module, args, kwargs: calls.append((name, kwargs["hidden_states"].shape[0]))
 
-    hooks = [module.register_forward_pre_hook(record(name), with_kwargs=True)
-             for name, module in policy.trainable_denoisers().items()]
+    hooks = [
+        module.register_forward_pre_hook(record(name), with_kwargs=True)
+        for name, module in policy.trainable_denoisers().items()
+    ]
     try:
-        traj = va.sample(policy, PROMPTS, num_steps=4, sampler="sde", guidance_scale=3.0, guidance_scale_2=1.5,
-                         generator=torch.Generator().manual_seed(0), **size_kwargs("wan22"))
+        traj = va.sample(
+            policy,
+            PROMPTS,
+            num_steps=4,
+            sampler="sde",
+            guidance_scale=3.0,
+            guidance_scale_2=1.5,
+            generator=torch.Generator().manual_seed(0),
+            **size_kwargs("wan22"),
+        )
         calls.clear()
         with torch.no_grad():
             both = va.log_prob(policy, traj, [0, 1, 2])  # steps 0, 1: high-noise expert; 2: low-noise
@@ -161,12 +216,14 @@ def test_training_module_holds_both_experts(tiny_policies):
 def _stock_load(pipe, folder):
     """The two lines a stock Wan 2.2 pipeline loads a visalign export with."""
     pipe.load_lora_weights(folder)
-    pipe.load_lora_weights(folder, weight_name="pytorch_lora_weights_transformer_2.safetensors",
-                           load_into_transformer_2=True)
+    pipe.load_lora_weights(
+        folder, weight_name="pytorch_lora_weights_transformer_2.safetensors", load_into_transformer_2=True
+    )
 
 
-@pytest.mark.parametrize("family, expert_lora", [("wan22", "per_expert"), ("wan22", "shared"),
-                                                 ("wan22-i2v", "per_expert")])
+@pytest.mark.parametrize(
+    "family, expert_lora", [("wan22", "per_expert"), ("wan22", "shared"), ("wan22-i2v", "per_expert")]
+)
 def test_lora_export_loads_into_both_experts(family, expert_lora, tmp_path):
     policy = va.wrap(tiny_pipeline(family, seed=0), expert_lora=expert_lora)
     policy.add_lora(rank=4, alpha=8, init_lora_weights=False)  # random B, alpha ≠ rank: the scale matters
@@ -217,9 +274,19 @@ def test_adapters_disabled_and_merge_cover_both_experts(tmp_path):
 
 # ---------------------------------------------------------------------------- training both experts
 def _grpo_config(tmp_path, family="wan22", **overrides):
-    base = dict(output_dir=str(tmp_path / "run"), max_steps=2, num_steps=4, group_size=2, prompts_per_step=2,
-                lora_rank=4, guidance_scale=1.0, clip_range=0.2, learning_rate=1e-2, trackers=["jsonl"],
-                **size_kwargs(family))
+    base = dict(
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        num_steps=4,
+        group_size=2,
+        prompts_per_step=2,
+        lora_rank=4,
+        guidance_scale=1.0,
+        clip_range=0.2,
+        learning_rate=1e-2,
+        trackers=["jsonl"],
+        **size_kwargs(family),
+    )
     base.update(overrides)
     return va.GRPOConfig(**base)
 
@@ -227,14 +294,23 @@ def _grpo_config(tmp_path, family="wan22", **overrides):
 @pytest.mark.parametrize("expert_lora", ["per_expert", "shared"])
 def test_grpo_trains_both_experts_and_exports_both(tmp_path, expert_lora):
     policy = va.wrap(tiny_pipeline("wan22"), expert_lora=expert_lora)
-    trainer = va.GRPOTrainer(policy, brightness, ["a red circle", "a blue square", "a green triangle"],
-                             _grpo_config(tmp_path))
+    trainer = va.GRPOTrainer(
+        policy, brightness, ["a red circle", "a blue square", "a green triangle"], _grpo_config(tmp_path)
+    )
     assert isinstance(trainer.model, ExpertRouter)  # accelerate prepared the module holding both experts
-    before = {n: p.detach().clone() for n, d in policy.trainable_denoisers().items()
-              for n, p in d.named_parameters(prefix=n) if p.requires_grad}
+    before = {
+        n: p.detach().clone()
+        for n, d in policy.trainable_denoisers().items()
+        for n, p in d.named_parameters(prefix=n)
+        if p.requires_grad
+    }
     trainer.train()
-    after = {n: p.detach() for n, d in policy.trainable_denoisers().items()
-             for n, p in d.named_parameters(prefix=n) if p.requires_grad}
+    after = {
+        n: p.detach()
+        for n, d in policy.trainable_denoisers().items()
+        for n, p in d.named_parameters(prefix=n)
+        if p.requires_grad
+    }
     for expert in ("transformer.", "transformer_2."):
         moved = [n for n in before if n.startswith(expert) and not torch.equal(before[n], after[n])]
         assert moved, f"{expert} did not train"
@@ -247,15 +323,18 @@ def test_grpo_trains_both_experts_and_exports_both(tmp_path, expert_lora):
     ours = va.sample(policy, PROMPTS, generator=torch.Generator().manual_seed(0), **kwargs)
     fresh = tiny_pipeline("wan22")
     fresh.load_lora_weights(str(tmp_path / "lora"))
-    fresh.load_lora_weights(str(tmp_path / "lora"), weight_name="pytorch_lora_weights_transformer_2.safetensors",
-                            load_into_transformer_2=True)
+    fresh.load_lora_weights(
+        str(tmp_path / "lora"),
+        weight_name="pytorch_lora_weights_transformer_2.safetensors",
+        load_into_transformer_2=True,
+    )
     theirs = va.sample(va.wrap(fresh), PROMPTS, generator=torch.Generator().manual_seed(0), **kwargs)
     torch.testing.assert_close(theirs.images, ours.images, rtol=0, atol=1e-5)
     base = va.sample(va.wrap(tiny_pipeline("wan22")), PROMPTS, generator=torch.Generator().manual_seed(0), **kwargs)
     assert (base.images - ours.images).abs().max() > 1e-5  # training changed something
 
 
-_DDP_SCRIPT = '''
+_DDP_SCRIPT = """
 import json, sys
 import torch
 import visalign as va
@@ -274,7 +353,7 @@ trainer.train()
 state = {n: p.detach().cpu() for n, d in trainer.policy.trainable_denoisers().items()
          for n, p in d.named_parameters(prefix=n) if p.requires_grad}
 torch.save(state, f"{out}/weights-rank{trainer.accelerator.process_index}.pt")
-'''
+"""
 
 
 def test_two_process_ddp_trains_both_experts(tmp_path):
@@ -295,11 +374,20 @@ def test_ti2v_i2v_keeps_the_first_frame_clean(tiny_policies):
     family = "wan22-ti2v-i2v"
     policy = tiny_policies(family)
     images = _images(family, 2)
-    traj = va.sample(policy, PROMPTS, num_steps=4, sampler="sde", images=images, return_x0=True,
-                     generator=torch.Generator().manual_seed(0), **size_kwargs(family))
+    traj = va.sample(
+        policy,
+        PROMPTS,
+        num_steps=4,
+        sampler="sde",
+        images=images,
+        return_x0=True,
+        generator=torch.Generator().manual_seed(0),
+        **size_kwargs(family),
+    )
     first = traj.conditioning.cond["first_frame"]
-    torch.testing.assert_close(traj.x0[:, :, :, :1], first.unsqueeze(1).expand_as(traj.x0[:, :, :, :1]),
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        traj.x0[:, :, :, :1], first.unsqueeze(1).expand_as(traj.x0[:, :, :, :1]), rtol=0, atol=1e-5
+    )
     torch.testing.assert_close(traj.final_latents[:, :, :1], first, rtol=0, atol=1e-5)
     latents = traj.latents[:, 1].clone()
     out = policy.forward(latents, traj.timesteps[1].expand(2), traj.conditioning.cond, traj.conditioning.shared)
@@ -313,11 +401,19 @@ def test_ti2v_i2v_keeps_the_first_frame_clean(tiny_policies):
 def test_ti2v_timesteps_are_per_token(tiny_policies):
     seen = []
     policy = tiny_policies("wan22-ti2v-i2v")
-    hook = policy.denoiser.register_forward_pre_hook(lambda m, a, k: seen.append(k["timestep"].clone()),
-                                                     with_kwargs=True)
+    hook = policy.denoiser.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["timestep"].clone()), with_kwargs=True
+    )
     try:
-        va.sample(policy, PROMPTS[:1], num_steps=2, sampler="ode", images=_images("wan22-ti2v-i2v", 1),
-                  guidance_scale=1.0, **size_kwargs("wan22-ti2v-i2v"))
+        va.sample(
+            policy,
+            PROMPTS[:1],
+            num_steps=2,
+            sampler="ode",
+            images=_images("wan22-ti2v-i2v", 1),
+            guidance_scale=1.0,
+            **size_kwargs("wan22-ti2v-i2v"),
+        )
     finally:
         hook.remove()
     # a 4x4 latent of 2 frames in 2x2 patches: 4 tokens per frame, the first frame's at t = 0

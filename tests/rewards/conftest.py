@@ -25,4 +25,3 @@ def vlm_pair():
     from visalign.testing.rewards import tiny_vlm
 
     return tiny_vlm(seed=0)
-

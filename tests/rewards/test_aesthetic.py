@@ -18,12 +18,12 @@ def parts():
 
 def test_released_layout_and_score_formula(parts):
     mlp, model, processor = parts
-    assert [k for k in mlp.state_dict()] == [
-        f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias")]
+    assert [k for k in mlp.state_dict()] == [f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias")]
     x = rand_images(3)
     with torch.no_grad():
         e = model.get_image_features(
-            pixel_values=ImageTransform.from_processor(processor.image_processor)(x)).pooler_output
+            pixel_values=ImageTransform.from_processor(processor.image_processor)(x)
+        ).pooler_output
         e = e / e.norm(dim=-1, keepdim=True)
         w = [mlp.layers[i] for i in (0, 2, 4, 6, 7)]
         expected = e

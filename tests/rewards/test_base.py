@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from tests.rewards._util import rand_images
-from visalign.testing import brightness
 from visalign.errors import InvalidInputError, NotDifferentiableError, RewardError
 from visalign.rewards import FunctionReward, Reward, as_reward, call_reward
+from visalign.testing import brightness
 
 
 class Mean(Reward):
@@ -25,29 +25,35 @@ class Mean(Reward):
 
 
 # ---------------------------------------------------------------- bad input
-@pytest.mark.parametrize("images, match", [
-    (rand_images()[0], r"rank 3.*images\[None\]"),
-    (rand_images(2)[:, None].expand(2, 4, 3, 40, 48), r"video.*SegmentalVideoReward"),
-    (rand_images(2).permute(0, 2, 3, 1), r"channels-last"),
-    (rand_images(2)[:, :1], r"got 1.*grayscale"),
-    (rand_images(2) * 2 - 1, r"\[-1, 1\].*\(images \+ 1\) / 2"),
-    (rand_images(2) * 255, r"\[0, 255\].*divide by 255"),
-    ((rand_images(2) * 255).to(torch.uint8), r"floating point.*255"),
-    (rand_images(2).numpy(), r"torch.Tensor"),
-    (torch.full((1, 3, 4, 4), float("nan")), r"NaN"),
-])
+@pytest.mark.parametrize(
+    "images, match",
+    [
+        (rand_images()[0], r"rank 3.*images\[None\]"),
+        (rand_images(2)[:, None].expand(2, 4, 3, 40, 48), r"video.*SegmentalVideoReward"),
+        (rand_images(2).permute(0, 2, 3, 1), r"channels-last"),
+        (rand_images(2)[:, :1], r"got 1.*grayscale"),
+        (rand_images(2) * 2 - 1, r"\[-1, 1\].*\(images \+ 1\) / 2"),
+        (rand_images(2) * 255, r"\[0, 255\].*divide by 255"),
+        ((rand_images(2) * 255).to(torch.uint8), r"floating point.*255"),
+        (rand_images(2).numpy(), r"torch.Tensor"),
+        (torch.full((1, 3, 4, 4), float("nan")), r"NaN"),
+    ],
+)
 def test_bad_images_get_clear_errors(images, match):
     with pytest.raises(InvalidInputError, match=match):
         Mean()(images, ["p"] * len(images))
 
 
-@pytest.mark.parametrize("prompts, match", [
-    ([], r"empty prompt list"),
-    (["only one"], r"got 1 prompts for 2 images"),
-    ("a bare string", r"single str.*\[prompt\] \* 2"),
-    (["ok", 3], r"item 1 is int"),
-    (None, r"needs prompts"),
-])
+@pytest.mark.parametrize(
+    "prompts, match",
+    [
+        ([], r"empty prompt list"),
+        (["only one"], r"got 1 prompts for 2 images"),
+        ("a bare string", r"single str.*\[prompt\] \* 2"),
+        (["ok", 3], r"item 1 is int"),
+        (None, r"needs prompts"),
+    ],
+)
 def test_bad_prompts_get_clear_errors(prompts, match):
     with pytest.raises(InvalidInputError, match=match):
         Mean()(rand_images(2), prompts)
@@ -99,7 +105,7 @@ def test_non_differentiable_reward_refuses_backprop_with_a_clear_error():
 def test_plain_callables_are_rewards_and_outputs_are_checked():
     x = rand_images(3)
     assert torch.allclose(call_reward(brightness, x, ["p"] * 3).total, x.mean(dim=(1, 2, 3)))
-    assert torch.allclose(call_reward(lambda im, pr: [1, 2, 3], x, None).total, torch.tensor([1., 2, 3]))
+    assert torch.allclose(call_reward(lambda im, pr: [1, 2, 3], x, None).total, torch.tensor([1.0, 2, 3]))
     with pytest.raises(RewardError, match=r"shape \(3, 1\).*squeeze"):
         call_reward(lambda im, pr: torch.zeros(3, 1), x, None)
     with pytest.raises(RewardError, match=r"non-finite"):

@@ -19,16 +19,18 @@ def hand_cosine(model, processor, images, texts):
     tokens = processor.tokenizer(texts, padding=True, return_tensors="pt")
     pixels = ImageTransform.from_processor(processor.image_processor)(images)
     with torch.no_grad():
-        out = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
-                    pixel_values=pixels)
+        out = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], pixel_values=pixels)
     return (out.image_embeds * out.text_embeds).sum(-1)
 
 
-@pytest.mark.parametrize("variant, prefix, fn", [
-    ("hessel", "A photo depicts ", lambda c: 2.5 * c.clamp(min=0)),
-    ("cosine", "", lambda c: c),
-    ("torchmetrics", "", lambda c: 100 * c.clamp(min=0)),
-])
+@pytest.mark.parametrize(
+    "variant, prefix, fn",
+    [
+        ("hessel", "A photo depicts ", lambda c: 2.5 * c.clamp(min=0)),
+        ("cosine", "", lambda c: c),
+        ("torchmetrics", "", lambda c: 100 * c.clamp(min=0)),
+    ],
+)
 def test_clipscore_equals_the_formula(clip_pair, variant, prefix, fn):
     model, processor = clip_pair
     x = rand_images(3, size=(36, 44))
@@ -41,8 +43,7 @@ def test_pickscore_equals_logit_scale_times_cosine(clip_pair):
     model, processor = clip_pair
     x = rand_images(3, size=(36, 44))
     expected = model.logit_scale.exp() * hand_cosine(model, processor, x, PROMPTS)
-    torch.testing.assert_close(PickScore(model, processor)(x, PROMPTS), expected.detach(),
-                               atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(PickScore(model, processor)(x, PROMPTS), expected.detach(), atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("cls", [CLIPScore, PickScore])
@@ -77,8 +78,7 @@ def test_half_precision_model_gives_float32_scores_on_the_images_device(clip_pai
     out = reward(x, PROMPTS[:2])
     assert out.dtype == torch.float32 and out.device == x.device
     assert reward.clip.dtype == torch.bfloat16  # placement moves devices, keeps the dtype
-    torch.testing.assert_close(out, CLIPScore(model, processor, variant="cosine")(x, PROMPTS[:2]),
-                               atol=0.05, rtol=0)
+    torch.testing.assert_close(out, CLIPScore(model, processor, variant="cosine")(x, PROMPTS[:2]), atol=0.05, rtol=0)
 
 
 def test_save_and_load_from_a_local_folder(clip_pair, tmp_path):

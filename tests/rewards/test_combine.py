@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from tests.rewards._util import rand_images
-from visalign.testing import brightness
 from visalign.errors import ConfigError, NotDifferentiableError, RewardError
 from visalign.rewards import Combined, Reward, RewardResult, RunningNorm, call_reward
+from visalign.testing import brightness
 
 
 def redness(images, prompts=None):
@@ -117,8 +117,7 @@ def test_running_normalisation_matches_pooled_statistics():
         seen["red"].append(redness(x))
         for key, w in (("bright", 1.0), ("red", 3.0)):
             pooled = torch.cat(seen[key]).double()
-            expected = (out.raw[key].double() - pooled.mean()) / torch.sqrt(
-                pooled.var(unbiased=False) + 1e-6)
+            expected = (out.raw[key].double() - pooled.mean()) / torch.sqrt(pooled.var(unbiased=False) + 1e-6)
             normalized = out.components[key] / out.weights[key]
             assert out.weights[key] == w
             torch.testing.assert_close(normalized.double(), expected, rtol=1e-4, atol=1e-5)

@@ -41,8 +41,7 @@ def test_score_is_the_standardised_mlp_output_at_the_first_token(reward):
     # the head is linear in eval (no activations), as released
     mlp = reward.model.mlp
     a, b = torch.randn(3, mlp.input_dim), torch.randn(3, mlp.input_dim)
-    torch.testing.assert_close(mlp(a + b) - mlp(b), mlp(a) - mlp(torch.zeros_like(a)), atol=1e-5,
-                               rtol=1e-5)
+    torch.testing.assert_close(mlp(a + b) - mlp(b), mlp(a) - mlp(torch.zeros_like(a)), atol=1e-5, rtol=1e-5)
     # the prompt goes through cross-attention with the image: it changes the score
     assert not torch.allclose(reward(x, ["a red cat", "a red cat"]), reward(x, ["a dog", "a dog"]))
     # chunking does not change anything
@@ -70,8 +69,8 @@ def test_preprocessing_resizes_the_short_side_crops_and_normalises(reward):
     out = reward.preprocess(x)
     assert out.shape == (1, 3, size, size)
     short = resize(x, (size, int(size * 48 / 40)), mode="bicubic", antialias=True)  # 32 x 38
-    left = round((short.shape[-1] - size) / 2)                                       # torchvision's
-    torch.testing.assert_close(out, normalize(short[..., :, left:left + size], CLIP_MEAN, CLIP_STD))
+    left = round((short.shape[-1] - size) / 2)  # torchvision's
+    torch.testing.assert_close(out, normalize(short[..., :, left : left + size], CLIP_MEAN, CLIP_STD))
 
 
 def test_gradient_reaches_the_pixels(reward):
@@ -86,14 +85,23 @@ def test_released_checkpoint_round_trip(tiny):
     model, tok = tiny
     sd = model.released_state_dict()
     # the released naming
-    for key in ("blip.visual_encoder.cls_token", "blip.visual_encoder.pos_embed",
-                "blip.visual_encoder.patch_embed.proj.weight", "blip.visual_encoder.blocks.1.attn.qkv.bias",
-                "blip.visual_encoder.blocks.0.attn.proj.weight", "blip.visual_encoder.blocks.0.norm2.weight",
-                "blip.visual_encoder.blocks.0.mlp.fc1.weight", "blip.visual_encoder.norm.bias",
-                "blip.text_encoder.encoder.layer.0.crossattention.self.key.weight",
-                "blip.text_encoder.embeddings.word_embeddings.weight",
-                "mlp.layers.0.weight", "mlp.layers.2.weight", "mlp.layers.4.weight",
-                "mlp.layers.6.weight", "mlp.layers.7.bias"):
+    for key in (
+        "blip.visual_encoder.cls_token",
+        "blip.visual_encoder.pos_embed",
+        "blip.visual_encoder.patch_embed.proj.weight",
+        "blip.visual_encoder.blocks.1.attn.qkv.bias",
+        "blip.visual_encoder.blocks.0.attn.proj.weight",
+        "blip.visual_encoder.blocks.0.norm2.weight",
+        "blip.visual_encoder.blocks.0.mlp.fc1.weight",
+        "blip.visual_encoder.norm.bias",
+        "blip.text_encoder.encoder.layer.0.crossattention.self.key.weight",
+        "blip.text_encoder.embeddings.word_embeddings.weight",
+        "mlp.layers.0.weight",
+        "mlp.layers.2.weight",
+        "mlp.layers.4.weight",
+        "mlp.layers.6.weight",
+        "mlp.layers.7.bias",
+    ):
         assert key in sd, key
     assert all(map_released_key(k) is not None for k in sd)
     # what the release holds besides: dropped on purpose

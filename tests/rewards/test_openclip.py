@@ -25,7 +25,8 @@ HAVE_OPEN_CLIP = _open_clip_available()
 needs_open_clip = pytest.mark.skipif(
     not HAVE_OPEN_CLIP,
     reason="open_clip is not importable here (the 'openclip' extra needs its own environment "
-           "with a matching torchvision; run `make test-openclip`)")
+    "with a matching torchvision; run `make test-openclip`)",
+)
 
 PROMPTS = ["a red cat", "a photo of a blue square"]
 
@@ -88,11 +89,11 @@ def test_checkpoint_round_trip_by_module_and_by_architecture_name(tiny, tmp_path
     torch.testing.assert_close(HPSv2(str(path), model=fresh, tokenizer=tokenizer)(x, PROMPTS), want)
     # an architecture name: built by open_clip with random weights, then the checkpoint loaded;
     # a folder plus version picks the version's file name, as the hub repo does
-    cfg = {"embed_dim": 16,
-           "vision_cfg": {"layers": 1, "width": 32, "head_width": 16, "patch_size": 8,
-                          "image_size": 32, "mlp_ratio": 2.0},
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
-                        "layers": 1, "mlp_ratio": 2.0}}
+    cfg = {
+        "embed_dim": 16,
+        "vision_cfg": {"layers": 1, "width": 32, "head_width": 16, "patch_size": 8, "image_size": 32, "mlp_ratio": 2.0},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1, "mlp_ratio": 2.0},
+    }
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "visalign-tiny-clip.json").write_text(json.dumps(cfg))
     open_clip.add_model_config(tmp_path / "cfg")

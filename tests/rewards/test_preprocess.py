@@ -6,8 +6,14 @@ import torch
 from PIL import Image
 
 from visalign.errors import ConfigError
-from visalign.rewards.preprocess import (CLIP_MEAN, CLIP_STD, ImageTransform, center_crop,
-                                         resize_longest_and_pad, resize_shortest_side)
+from visalign.rewards.preprocess import (
+    CLIP_MEAN,
+    CLIP_STD,
+    ImageTransform,
+    center_crop,
+    resize_longest_and_pad,
+    resize_shortest_side,
+)
 from visalign.testing.rewards import _image_processor
 
 
@@ -38,7 +44,7 @@ def test_resize_shortest_side_and_crop_geometry():
     x = torch.rand(2, 3, 60, 100)
     y = resize_shortest_side(x, 30)
     assert y.shape[-2:] == (30, 50)  # long side int(30 * 100 / 60)
-    z = center_crop(torch.arange(7 * 9.).view(1, 1, 7, 9), (3, 4))
+    z = center_crop(torch.arange(7 * 9.0).view(1, 1, 7, 9), (3, 4))
     assert z[0, 0, 0, 0] == 2 * 9 + 2  # top-left at ((7-3)//2, (9-4)//2)
 
 
@@ -49,11 +55,11 @@ def test_hps_resize_longest_and_pad_matches_a_pil_reference():
     nh, nw = round(30 * 24 / 45), round(45 * 24 / 45)
     canvas = np.zeros((24, 24, 3), np.uint8)
     top = (24 - nh) // 2
-    canvas[top:top + nh, :nw] = np.asarray(Image.fromarray(arr).resize((nw, nh), Image.BICUBIC))
+    canvas[top : top + nh, :nw] = np.asarray(Image.fromarray(arr).resize((nw, nh), Image.BICUBIC))
     ref = to_tensor(canvas)
     assert ours.shape == (1, 3, 24, 24)
     assert (ours - ref).abs().max() < 4 / 255
-    assert ours[..., :top, :].abs().max() == 0 and ours[..., top + nh:, :].abs().max() == 0
+    assert ours[..., :top, :].abs().max() == 0 and ours[..., top + nh :, :].abs().max() == 0
 
 
 def test_normalisation_constants_and_gradient_flow():
@@ -65,8 +71,7 @@ def test_normalisation_constants_and_gradient_flow():
     assert bool(torch.isfinite(x.grad).all()) and float((x.grad != 0).float().mean()) > 0.99
     flat = torch.ones(1, 3, 32, 32) * torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     assert t(flat).abs().max() < 1e-6  # the mean maps to 0
-    assert torch.allclose(t(flat + torch.tensor(CLIP_STD).view(1, 3, 1, 1)), torch.ones(1, 3, 32, 32),
-                          atol=1e-5)
+    assert torch.allclose(t(flat + torch.tensor(CLIP_STD).view(1, 3, 1, 1)), torch.ones(1, 3, 32, 32), atol=1e-5)
 
 
 def test_hps_transform_passes_gradients_and_unsupported_processors_are_refused():

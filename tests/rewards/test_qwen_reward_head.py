@@ -41,8 +41,7 @@ def qwen():
 def hps(qwen):
     model, tok = qwen
     torch.manual_seed(0)
-    return HPSv3(model=copy.deepcopy(model), tokenizer=copy.deepcopy(tok), pixels=PIX,
-                 batch_size=None)
+    return HPSv3(model=copy.deepcopy(model), tokenizer=copy.deepcopy(tok), pixels=PIX, batch_size=None)
 
 
 # ----------------------------------------------------------------------------- preprocessing
@@ -50,8 +49,9 @@ def test_patch_layout_equals_the_pil_image_processor():
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     img = frames(3, 56, 84)
-    ref = Qwen2VLImageProcessorPil()(images=[img.permute(1, 2, 0).numpy().astype(np.float32)],
-                                     do_rescale=False, do_resize=False, return_tensors="pt")
+    ref = Qwen2VLImageProcessorPil()(
+        images=[img.permute(1, 2, 0).numpy().astype(np.float32)], do_rescale=False, do_resize=False, return_tensors="pt"
+    )
     mine, grid = patchify(normalize(img[None], CLIP_MEAN, CLIP_STD))
     assert list(grid) == ref["image_grid_thw"][0].tolist() == [1, 4, 6]
     assert torch.equal(mine, ref["pixel_values"])  # exactly: same order, same arithmetic
@@ -68,18 +68,18 @@ def test_video_patches_are_the_notes_view_permute():
 
 
 def test_smart_resize_and_frame_sampling_counts():
-    assert smart_resize(512, 512, 28, 200704, 200704) == (448, 448)   # HPSv3: 256 merged tokens
+    assert smart_resize(512, 512, 28, 200704, 200704) == (448, 448)  # HPSv3: 256 merged tokens
     assert smart_resize(480, 832, 28, 128 * 28 * 28, 200704) == (336, 588)
     with pytest.raises(InvalidInputError, match="aspect ratio"):
         smart_resize(10, 4000)
     # 2 fps, n clamped to [4, 768] and to the clip, even; linspace(0, T-1, n).round()
-    assert sample_frame_indices(16, video_fps=16).tolist() == [0, 5, 10, 15]      # 2 -> 4
-    assert len(sample_frame_indices(81, video_fps=16)) == 10                       # 10.1 -> 10
-    assert len(sample_frame_indices(49, video_fps=8)) == 12                        # 12.25 -> 12
+    assert sample_frame_indices(16, video_fps=16).tolist() == [0, 5, 10, 15]  # 2 -> 4
+    assert len(sample_frame_indices(81, video_fps=16)) == 10  # 10.1 -> 10
+    assert len(sample_frame_indices(49, video_fps=8)) == 12  # 12.25 -> 12
     assert len(sample_frame_indices(100_000, video_fps=1)) == 768
-    assert sample_frame_indices(3, video_fps=16).tolist() == [0, 2]                # even, <= T
+    assert sample_frame_indices(3, video_fps=16).tolist() == [0, 2]  # even, <= T
     assert sample_frame_indices(1, video_fps=16).tolist() == [0]
-    assert sample_frame_indices(20, video_fps=8).tolist() == [0, 6, 13, 19]        # 5 -> 4
+    assert sample_frame_indices(20, video_fps=8).tolist() == [0, 6, 13, 19]  # 5 -> 4
     assert len(sample_frame_indices(20, num_frames=7)) == 8
     for t in range(1, 60):
         n = len(sample_frame_indices(t, video_fps=5))
@@ -91,17 +91,18 @@ def test_hpsv3_prompt_format_and_right_padding(hps):
     text = hps.inputs.render(hps.prompt_text("a red cat"))
     assert text.startswith("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>")
     assert HPSV3_INSTRUCTION.replace("{text_prompt}", "a red cat") + HPSV3_SUFFIX in text
-    assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")   # the generation prompt
-    inputs = hps.inputs.build([frames(1, 3, 64, 64), frames(1, 3, 40, 90)], [
-        hps.prompt_text(p) for p in PROMPTS], "image")
+    assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")  # the generation prompt
+    inputs = hps.inputs.build(
+        [frames(1, 3, 64, 64), frames(1, 3, 40, 90)], [hps.prompt_text(p) for p in PROMPTS], "image"
+    )
     mask = inputs["attention_mask"]
-    assert bool(mask[:, 0].all()) and not bool(mask[0].all())          # right padding
+    assert bool(mask[:, 0].all()) and not bool(mask[0].all())  # right padding
     pad = hps.tokenizer.pad_token_id
     assert bool((inputs["input_ids"][0][mask[0] == 0] == pad).all())
     # min = max pixels, as HPSv3; like qwen-vl-utils, 40 x 90 lands on 56 x 84 (a 4 x 6 grid)
     assert inputs["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 6]]
     n_img = (inputs["input_ids"] == hps.model.config.image_token_id).sum(1)
-    assert n_img.tolist() == [4, 6]                                     # patches / 2x2 merge
+    assert n_img.tolist() == [4, 6]  # patches / 2x2 merge
     assert ((inputs["input_ids"] == hps.model.reward_token_ids[0]).sum(1) == 1).all()
 
 
@@ -112,7 +113,7 @@ def test_hpsv3_score_is_read_at_the_reward_token_only(hps):
     with torch.no_grad():
         hidden = hps.model.hidden_states(**inputs)
         base = hps.model.read(hidden, ids)
-        torch.testing.assert_close(hps(x, PROMPTS), base[:, 0, 0])   # the score is mu
+        torch.testing.assert_close(hps(x, PROMPTS), base[:, 0, 0])  # the score is mu
         pos = hps.model.token_positions(ids)[:, 0]
         other = hidden.clone()
         for row in range(2):  # change every position except the reward token
@@ -145,7 +146,7 @@ def test_key_remap_round_trip_and_strict_hpsv3_checkpoint(hps, qwen, tmp_path):
     assert "model.language_model.layers.0.self_attn.q_proj.weight" in new
     assert "model.visual.blocks.0.attn.qkv.weight" in new and "lm_head.weight" in new
     assert to_legacy_qwen2vl_keys(new).keys() == keys
-    assert remap_qwen2vl_keys(new).keys() == new.keys()                 # idempotent
+    assert remap_qwen2vl_keys(new).keys() == new.keys()  # idempotent
     peft = {"base_model.model." + k: v for k, v in sd.items()}
     assert "base_model.model.model.language_model.norm.weight" in remap_qwen2vl_keys(peft)
     # load the legacy checkpoint into a differently initialised model: same scores
@@ -182,18 +183,20 @@ def lora_release(qwen, tmp_path_factory):
     model, tok = qwen
     tok = copy.deepcopy(tok)
     base = copy.deepcopy(model)
-    cfg = LoraConfig(r=64, lora_alpha=128, lora_dropout=0.0,
-                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                     "down_proj", "embed_tokens"])
+    cfg = LoraConfig(
+        r=64,
+        lora_alpha=128,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens"],
+    )
     peft_model = get_peft_model(copy.deepcopy(model), cfg)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name or "lora_embedding_A" in name:  # both start at zero in peft
                 p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    adapter = {k: v.clone() for k, v in
-               get_peft_model_state_dict(peft_model, save_embedding_layers=True).items()}
-    adapter = to_legacy_qwen2vl_keys(adapter)                  # as the release: model.layers.*
+    adapter = {k: v.clone() for k, v in get_peft_model_state_dict(peft_model, save_embedding_layers=True).items()}
+    adapter = to_legacy_qwen2vl_keys(adapter)  # as the release: model.layers.*
     head = 0.1 * torch.randn(3, 32, generator=g)
     non_lora = {"base_model.model.rm_head.weight": head}
     merged = peft_model.merge_and_unload()
@@ -203,22 +206,35 @@ def lora_release(qwen, tmp_path_factory):
 
     save_file(adapter, str(folder / "checkpoint-7" / "adapter_model.safetensors"))
     torch.save(non_lora, folder / "checkpoint-7" / "non_lora_state_dict.pth")
-    config = {"data_config": {"fps": 2.0, "num_frames": None, "max_frame_pixels": PIX,
-                              "sample_type": "uniform"},
-              "peft_lora_config": {"lora_r": 64, "lora_alpha": 128, "use_rslora": False},
-              "inference_config": {"VQ_mean": 0.5, "VQ_std": 2.0, "MQ_mean": -1.0, "MQ_std": 0.5,
-                                   "TA_mean": 0.25, "TA_std": 4.0}}
+    config = {
+        "data_config": {"fps": 2.0, "num_frames": None, "max_frame_pixels": PIX, "sample_type": "uniform"},
+        "peft_lora_config": {"lora_r": 64, "lora_alpha": 128, "use_rslora": False},
+        "inference_config": {
+            "VQ_mean": 0.5,
+            "VQ_std": 2.0,
+            "MQ_mean": -1.0,
+            "MQ_std": 0.5,
+            "TA_mean": 0.25,
+            "TA_std": 4.0,
+        },
+    }
     (folder / "model_config.json").write_text(json.dumps(config))
-    return dict(base=base, tok=tok, adapter=adapter, non_lora=non_lora, head=head, merged=merged,
-                folder=folder, config=config)
+    return dict(
+        base=base, tok=tok, adapter=adapter, non_lora=non_lora, head=head, merged=merged, folder=folder, config=config
+    )
 
 
 @pytest.fixture(scope="module")
 def va(lora_release):
     r = lora_release
-    return VideoAlignReward(str(r["folder"]), model=copy.deepcopy(r["base"]),
-                            tokenizer=copy.deepcopy(r["tok"]), min_pixels=PIX, video_fps=8.0,
-                            batch_size=None)
+    return VideoAlignReward(
+        str(r["folder"]),
+        model=copy.deepcopy(r["base"]),
+        tokenizer=copy.deepcopy(r["tok"]),
+        min_pixels=PIX,
+        video_fps=8.0,
+        batch_size=None,
+    )
 
 
 def test_lora_merge_equals_peft(va, lora_release):
@@ -228,14 +244,22 @@ def test_lora_merge_equals_peft(va, lora_release):
     assert ours.keys() == theirs.keys()
     for k in theirs:
         torch.testing.assert_close(ours[k], theirs[k], rtol=0, atol=1e-6, msg=k)
-    assert not torch.equal(ours["language_model.layers.0.self_attn.q_proj.weight"],
-                           r["base"].model.state_dict()["language_model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        ours["language_model.layers.0.self_attn.q_proj.weight"],
+        r["base"].model.state_dict()["language_model.layers.0.self_attn.q_proj.weight"],
+    )
     assert torch.equal(va.qwen.head.weight, r["head"])
     assert va.normalization == {"VQ": (0.5, 2.0), "MQ": (-1.0, 0.5), "TA": (0.25, 4.0)}
     # the same from state dicts passed directly
-    direct = VideoAlignReward(model=copy.deepcopy(r["base"]), adapter=r["adapter"],
-                              non_lora=r["non_lora"], lora_alpha=128,
-                              tokenizer=copy.deepcopy(r["tok"]), min_pixels=PIX, max_pixels=PIX)
+    direct = VideoAlignReward(
+        model=copy.deepcopy(r["base"]),
+        adapter=r["adapter"],
+        non_lora=r["non_lora"],
+        lora_alpha=128,
+        tokenizer=copy.deepcopy(r["tok"]),
+        min_pixels=PIX,
+        max_pixels=PIX,
+    )
     for k, v in direct.qwen.backbone.state_dict().items():
         torch.testing.assert_close(v, theirs[k], rtol=0, atol=1e-6)
 
@@ -258,7 +282,7 @@ def test_bad_lora_checkpoints_are_refused(lora_release):
 def test_videoalign_heads_are_read_at_their_tokens_and_summed(va):
     v = frames(2, 20, 3, 40, 60)
     result = va.evaluate(v, PROMPTS)
-    assert va.model.last_frame_indices.tolist() == [0, 6, 13, 19]    # 20 frames at 8 fps -> 4
+    assert va.model.last_frame_indices.tolist() == [0, 6, 13, 19]  # 20 frames at 8 fps -> 4
     assert set(result.components) == {"VQ", "MQ", "TA"}
     torch.testing.assert_close(result.total, sum(result.components.values()))
     for h, (mean, std) in va.normalization.items():
@@ -277,11 +301,12 @@ def test_videoalign_heads_are_read_at_their_tokens_and_summed(va):
             manual = hidden[rows, pos[:, k]].float() @ qwen.head.weight[k]
             torch.testing.assert_close(result.raw[h], manual, rtol=1e-5, atol=1e-5)
         moved = hidden.clone()
-        moved[rows, pos[:, 0] - 1] += 5.0                    # the token before <|VQ_reward|>
-        torch.testing.assert_close(qwen.read(moved, inputs["input_ids"]),
-                                   qwen.read(hidden, inputs["input_ids"]), rtol=0, atol=0)
+        moved[rows, pos[:, 0] - 1] += 5.0  # the token before <|VQ_reward|>
+        torch.testing.assert_close(
+            qwen.read(moved, inputs["input_ids"]), qwen.read(hidden, inputs["input_ids"]), rtol=0, atol=0
+        )
     assert set(VIDEOALIGN_TOKENS) <= set(va.tokenizer.get_vocab())
-    assert inputs["video_grid_thw"].tolist() == [[2, 4, 6], [2, 4, 6]]   # 4 frames -> t = 2
+    assert inputs["video_grid_thw"].tolist() == [[2, 4, 6], [2, 4, 6]]  # 4 frames -> t = 2
 
 
 def test_videoalign_gradient_and_segmental_use(va):

@@ -6,10 +6,16 @@ import pytest
 import torch
 
 from tests.rewards._util import rand_images
-from visalign.testing import brightness
 from visalign.errors import InvalidInputError, NotDifferentiableError, RewardError
-from visalign.rewards import (CLIPScore, MultiHeadVideoReward, SegmentalVideoReward,
-                              attenuation_weights, call_reward, segment_indices)
+from visalign.rewards import (
+    CLIPScore,
+    MultiHeadVideoReward,
+    SegmentalVideoReward,
+    attenuation_weights,
+    call_reward,
+    segment_indices,
+)
+from visalign.testing import brightness
 
 
 def videos(batch=2, frames=10, size=8, seed=0, requires_grad=False):
@@ -94,8 +100,7 @@ def test_multi_head_adapter_sums_normalised_heads():
     m = v.mean(dim=(1, 2, 3, 4))
     plain = MultiHeadVideoReward(model)
     torch.testing.assert_close(plain(v, ["a", "b"]), 3 * m + 1)
-    normed = MultiHeadVideoReward(model, heads=["VQ", "MQ"], weights={"MQ": 0.5},
-                                  normalization={"VQ": (0.5, 0.1)})
+    normed = MultiHeadVideoReward(model, heads=["VQ", "MQ"], weights={"MQ": 0.5}, normalization={"VQ": (0.5, 0.1)})
     out = normed.evaluate(v, ["a", "b"])  # the summed heads are the result's parts
     assert set(out.components) == set(out.raw) == {"VQ", "MQ"}
     assert out.weights == {"VQ": 1.0, "MQ": 0.5}
@@ -105,12 +110,14 @@ def test_multi_head_adapter_sums_normalised_heads():
     torch.testing.assert_close(out.total, (m - 0.5) / 0.1 + 0.5 * 2 * m)
     torch.testing.assert_close(sum(out.components.values()), out.total)
     torch.testing.assert_close(normed(v, ["a", "b"]), out.total)
-    chunked = MultiHeadVideoReward(model, heads=["VQ", "MQ"], weights={"MQ": 0.5},
-                                   normalization={"VQ": (0.5, 0.1)}, batch_size=1)
+    chunked = MultiHeadVideoReward(
+        model, heads=["VQ", "MQ"], weights={"MQ": 0.5}, normalization={"VQ": (0.5, 0.1)}, batch_size=1
+    )
     torch.testing.assert_close(call_reward(chunked, v, ["a", "b"]).components["MQ"], out.components["MQ"])
     # a (B, K) tensor output with head names
-    as_tensor = MultiHeadVideoReward(lambda v, p: torch.stack([v.mean((1, 2, 3, 4))] * 3, 1),
-                                     head_names=["VQ", "MQ", "TA"])
+    as_tensor = MultiHeadVideoReward(
+        lambda v, p: torch.stack([v.mean((1, 2, 3, 4))] * 3, 1), head_names=["VQ", "MQ", "TA"]
+    )
     torch.testing.assert_close(as_tensor(v, ["a", "b"]), 3 * m)
     with pytest.raises(RewardError, match="head_names"):
         MultiHeadVideoReward(lambda v, p: torch.zeros(2, 3))(v, ["a", "b"])

@@ -30,8 +30,7 @@ def hand_probs(model, processor, reward, images, prompts, refs=None):
     yes, no = [], []
     for i, p in enumerate(prompts):
         imgs = [to_uint8(refs[i]), to_uint8(images[i])] if refs is not None else [to_uint8(images[i])]
-        enc = processor(images=[imgs] if refs is not None else imgs, text=[reward.render(p)],
-                        return_tensors="pt")
+        enc = processor(images=[imgs] if refs is not None else imgs, text=[reward.render(p)], return_tensors="pt")
         with torch.no_grad():
             probs = model(**enc).logits[0, -1].softmax(-1)
         yes.append(probs[reward.yes_token_ids].sum())
@@ -42,8 +41,7 @@ def hand_probs(model, processor, reward, images, prompts, refs=None):
 def test_answer_token_ids_cover_case_and_leading_space_variants():
     tok = tiny_vlm_tokenizer()
     ids = answer_token_ids(tok, ["yes"])
-    assert sorted(tok.convert_ids_to_tokens(ids)) == sorted(
-        ["yes", "Yes", "YES", "Ġyes", "ĠYes", "ĠYES"])
+    assert sorted(tok.convert_ids_to_tokens(ids)) == sorted(["yes", "Yes", "YES", "Ġyes", "ĠYes", "ĠYES"])
     for text in ("yes", " yes", "Yes", " Yes"):
         assert tok.encode(text, add_special_tokens=False)[0] in ids
     no = answer_token_ids(tok, ["no"])
@@ -67,14 +65,14 @@ def test_pointwise_probabilities_match_the_hand_computation(sharp_vlm, normalize
 
 def test_pairwise_mode_uses_reference_then_candidate(sharp_vlm):
     model, processor = sharp_vlm
-    reward = YesTokenReward(model, processor, mode="pairwise", criteria="Prefer red.",
-                            batch_size=1)  # chunks slice reference_images too
+    reward = YesTokenReward(
+        model, processor, mode="pairwise", criteria="Prefer red.", batch_size=1
+    )  # chunks slice reference_images too
     x, ref = rand_images(2, seed=1), rand_images(2, seed=2)
     text = reward.render("a red cat")
     assert text.count("<image>") == 2 and "Prefer red." in text and '"a red cat"' in text
     yes, no = hand_probs(model, processor, reward, x, PROMPTS, refs=ref)
-    torch.testing.assert_close(reward(x, PROMPTS, reference_images=ref), yes / (yes + no),
-                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(reward(x, PROMPTS, reference_images=ref), yes / (yes + no), atol=1e-5, rtol=1e-4)
     with pytest.raises(InvalidInputError, match="needs reference_images"):
         reward(x, PROMPTS)
     with pytest.raises(InvalidInputError, match="only used with mode='pairwise'"):

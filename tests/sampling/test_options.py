@@ -21,8 +21,10 @@ def test_sample_defaults_come_from_the_options():
         assert signature.parameters[name].default == getattr(DEFAULTS, name), name
     assert signature.parameters["reduce"].default == DEFAULTS.log_prob_reduce
     # prepare_sampling holds the keyword list once; sample and the steering functions show it
-    assert list(inspect.signature(prepare_sampling).parameters)[2:-1] == \
-        [p for p in signature.parameters if p not in ("policy", "prompts", "return_x0", "decode", "progress")][:-1]
+    assert (
+        list(inspect.signature(prepare_sampling).parameters)[2:-1]
+        == [p for p in signature.parameters if p not in ("policy", "prompts", "return_x0", "decode", "progress")][:-1]
+    )
     for fn in (va.best_of_n, va.fk_steer, va.reward_guidance):
         assert inspect.signature(fn).parameters["num_steps"].default == DEFAULTS.num_steps
 
@@ -67,18 +69,39 @@ def test_window_schedule():
 def test_sample_kwargs_reproduce_a_direct_call():
     policy = va.wrap(tiny_pipeline("sd3"))
     options = SamplingOptions(num_steps=4, sampler="sde", eta=0.5, sde_window_size=2, sde_window_start=1)
-    a = va.sample(policy, ["a red circle"], **options.sample_kwargs(), generator=torch.Generator().manual_seed(0),
-                  height=32, width=32)
-    b = va.sample(policy, ["a red circle"], num_steps=4, sampler="sde", eta=0.5, sde_window=(1, 3),
-                  generator=torch.Generator().manual_seed(0), height=32, width=32)
+    a = va.sample(
+        policy,
+        ["a red circle"],
+        **options.sample_kwargs(),
+        generator=torch.Generator().manual_seed(0),
+        height=32,
+        width=32,
+    )
+    b = va.sample(
+        policy,
+        ["a red circle"],
+        num_steps=4,
+        sampler="sde",
+        eta=0.5,
+        sde_window=(1, 3),
+        generator=torch.Generator().manual_seed(0),
+        height=32,
+        width=32,
+    )
     torch.testing.assert_close(a.latents, b.latents, rtol=0, atol=0)
     assert a.sde_mask.tolist() == [False, True, True, False]
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(num_steps=0), "num_steps"), (dict(eta=-0.1), "eta"), (dict(sampler="euler"), "sampler"),
-    (dict(num_steps=4, sde_window_size=5), "sde_window_size"), (dict(noise="brownian"), "noise"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(num_steps=0), "num_steps"),
+        (dict(eta=-0.1), "eta"),
+        (dict(sampler="euler"), "sampler"),
+        (dict(num_steps=4, sde_window_size=5), "sde_window_size"),
+        (dict(noise="brownian"), "noise"),
+    ],
+)
 def test_bad_options_are_config_errors(bad, match):
     with pytest.raises(ConfigError, match=match):
         SamplingOptions(**bad)

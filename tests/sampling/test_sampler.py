@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 import visalign as va
-from visalign.errors import SamplerError
 from tests.conftest import FAMILIES, FLOW_FAMILIES, PROMPTS, first_frames, size_kwargs
+from visalign.errors import SamplerError
 
 STOCK_ATOL = 1e-5
 
@@ -20,8 +20,15 @@ def _stock(policy, family, prompts, generator, output_type="pt", **kwargs):
     if images is not None:  # stock repeats one first frame for the whole batch
         arr = (images[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8")
         kwargs["image"] = Image.fromarray(arr)
-    out = policy.pipe(prompt=prompts, num_inference_steps=4, guidance_scale=4.0, generator=generator,
-                      output_type=output_type, **size_kwargs(family), **kwargs)
+    out = policy.pipe(
+        prompt=prompts,
+        num_inference_steps=4,
+        guidance_scale=4.0,
+        generator=generator,
+        output_type=output_type,
+        **size_kwargs(family),
+        **kwargs,
+    )
     return out.frames if hasattr(out, "frames") else out.images
 
 
@@ -29,8 +36,9 @@ def _ours(policy, family, prompts, generator, **kwargs):
     images = first_frames(family, 1)
     if images is not None:
         kwargs["images"] = images.repeat(len(prompts), 1, 1, 1)
-    return va.sample(policy, prompts, num_steps=4, guidance_scale=4.0, generator=generator,
-                     **size_kwargs(family), **kwargs)
+    return va.sample(
+        policy, prompts, num_steps=4, guidance_scale=4.0, generator=generator, **size_kwargs(family), **kwargs
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -60,15 +68,29 @@ def test_stochastic_ddim_matches_stock(tiny_policies, family):
         states.append(kwargs["latents"].float().clone())
         return kwargs
 
-    _stock(policy, family, PROMPTS, torch.Generator().manual_seed(3), eta=0.6, callback_on_step_end=keep,
-           output_type="latent")
+    _stock(
+        policy,
+        family,
+        PROMPTS,
+        torch.Generator().manual_seed(3),
+        eta=0.6,
+        callback_on_step_end=keep,
+        output_type="latent",
+    )
     traj = _ours(policy, family, PROMPTS, torch.Generator().manual_seed(3), sampler="ddim", eta=0.6, return_x0=True)
     # every stochastic state, the one the last step starts from included, is stock's
     torch.testing.assert_close(traj.latents[:, 1:-1], torch.stack(states[:-1], 1), rtol=0, atol=STOCK_ATOL)
     assert traj.sde_mask.tolist() == [True, True, True, False] and float(traj.stds[-1]) == 0
     # the last step is the deterministic DDIM step (η=0) from that state
-    ode_last = va.sample(policy, PROMPTS, num_steps=4, guidance_scale=4.0, sampler="ode",
-                         latents=traj.latents[:, 0], **size_kwargs(family))
+    ode_last = va.sample(
+        policy,
+        PROMPTS,
+        num_steps=4,
+        guidance_scale=4.0,
+        sampler="ode",
+        latents=traj.latents[:, 0],
+        **size_kwargs(family),
+    )
     assert (traj.final_latents - states[-1]).abs().max() > 1e-4  # stock's last step is noisy here
     assert traj.final_latents.shape == ode_last.final_latents.shape
 
@@ -80,8 +102,9 @@ def test_last_step_of_a_stochastic_sampler_leaves_no_noise(tiny_policies):
     sigmas = policy.schedule(4, policy.geometry(**size_kwargs("flux"))).sigmas
     assert float(sigmas[-2]) > 0.05 and float(sigmas[-1]) == 0.0
     for sampler, noise in _stochastic_samplers("flux"):
-        traj = _ours(policy, "flux", PROMPTS, torch.Generator().manual_seed(0), sampler=sampler, noise=noise,
-                     return_x0=True)
+        traj = _ours(
+            policy, "flux", PROMPTS, torch.Generator().manual_seed(0), sampler=sampler, noise=noise, return_x0=True
+        )
         assert not bool(traj.sde_mask[-1]) and bool(traj.sde_mask[:-1].all()), sampler
         assert float(traj.log_probs[:, -1].abs().max()) == 0.0
         torch.testing.assert_close(traj.final_latents, traj.x0[:, -1], rtol=0, atol=1e-6)
@@ -184,8 +207,9 @@ def test_one_step_draws_match_ddim_formula(tiny_policies):
     x = policy.prepare_latents(1, geometry, torch.Generator().manual_seed(0)).repeat(n, 1, 1, 1)
     spec = SamplerSpec.resolve(policy, "ddim", "flow", 1.0, "mean", None, 4)
     with torch.no_grad():
-        out = denoise_step(policy, spec, policy.schedule(4, geometry), 1, x, cond,
-                           generator=torch.Generator().manual_seed(1))
+        out = denoise_step(
+            policy, spec, policy.schedule(4, geometry), 1, x, cond, generator=torch.Generator().manual_seed(1)
+        )
     std = float(out.std)
     assert ((out.next_latents.mean(0) - out.mean[0]).abs() < 4 * std / n**0.5).float().mean() > 0.999
     assert out.next_latents.std(0).pow(2).mean().sqrt().item() == pytest.approx(std, rel=0.03)
@@ -236,13 +260,33 @@ def test_return_x0_and_select(tiny_policies):
 
 def test_i2v_conditioning_image_changes_output(tiny_policies):
     policy = tiny_policies("wan-i2v")
-    a = va.sample(policy, PROMPTS[:1], num_steps=3, sampler="ode", images=first_frames("wan-i2v", 1, seed=0),
-                  generator=torch.Generator().manual_seed(0), **size_kwargs("wan-i2v"))
-    b = va.sample(policy, PROMPTS[:1], num_steps=3, sampler="ode", images=first_frames("wan-i2v", 1, seed=1),
-                  generator=torch.Generator().manual_seed(0), **size_kwargs("wan-i2v"))
+    a = va.sample(
+        policy,
+        PROMPTS[:1],
+        num_steps=3,
+        sampler="ode",
+        images=first_frames("wan-i2v", 1, seed=0),
+        generator=torch.Generator().manual_seed(0),
+        **size_kwargs("wan-i2v"),
+    )
+    b = va.sample(
+        policy,
+        PROMPTS[:1],
+        num_steps=3,
+        sampler="ode",
+        images=first_frames("wan-i2v", 1, seed=1),
+        generator=torch.Generator().manual_seed(0),
+        **size_kwargs("wan-i2v"),
+    )
     assert (a.images - b.images).abs().max() > 1e-3
     # Per-sample first frames: a batch of two different images equals the two run alone.
-    both = va.sample(policy, PROMPTS[:1] * 2, num_steps=3, sampler="ode",
-                     images=torch.cat([first_frames("wan-i2v", 1, 0), first_frames("wan-i2v", 1, 1)]),
-                     generator=[torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)], **size_kwargs("wan-i2v"))
+    both = va.sample(
+        policy,
+        PROMPTS[:1] * 2,
+        num_steps=3,
+        sampler="ode",
+        images=torch.cat([first_frames("wan-i2v", 1, 0), first_frames("wan-i2v", 1, 1)]),
+        generator=[torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)],
+        **size_kwargs("wan-i2v"),
+    )
     torch.testing.assert_close(both.images[1:], b.images, rtol=0, atol=1e-5)

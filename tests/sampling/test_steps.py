@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from visalign.errors import SamplerError
 from visalign import steps as S
+from visalign.errors import SamplerError
 
 X, V, SIGMA, SIGMA_NEXT = torch.tensor([[1.0]]), torch.tensor([[0.5]]), 0.8, 0.6
 
@@ -80,8 +80,7 @@ def test_ddpm_parameterisations_agree(prediction_type):
     a = 0.3
     x0, eps = torch.tensor([[0.4]]), torch.tensor([[-1.2]])
     x = math.sqrt(a) * x0 + math.sqrt(1 - a) * eps
-    output = {"epsilon": eps, "sample": x0,
-              "v_prediction": math.sqrt(a) * eps - math.sqrt(1 - a) * x0}[prediction_type]
+    output = {"epsilon": eps, "sample": x0, "v_prediction": math.sqrt(a) * eps - math.sqrt(1 - a) * x0}[prediction_type]
     got_x0, got_eps = S.ddpm_x0_eps(x, output, a, prediction_type)
     assert got_x0.item() == pytest.approx(0.4, abs=1e-6)
     assert got_eps.item() == pytest.approx(-1.2, abs=1e-6)
@@ -129,8 +128,8 @@ def test_per_sample_sigmas_broadcast():
     mean, std = S.flow_sde_mean_std(x, v, sig, sig_next, g)
     for b in range(2):
         gb = S.flow_diffusion_coefficient("flow", 0.7, float(sig[b]), 0.9)
-        mb, sb = S.flow_sde_mean_std(x[b:b + 1], v[b:b + 1], float(sig[b]), float(sig_next[b]), gb)
-        torch.testing.assert_close(mean[b:b + 1], mb)
+        mb, sb = S.flow_sde_mean_std(x[b : b + 1], v[b : b + 1], float(sig[b]), float(sig_next[b]), gb)
+        torch.testing.assert_close(mean[b : b + 1], mb)
         torch.testing.assert_close(std[b].flatten()[0], sb.flatten()[0])
 
 

@@ -43,19 +43,21 @@ def test_zero_noise_reproduces_the_ode_bit_for_bit(sd3):
 
 @pytest.mark.parametrize("sampler", ["cps", "sde"])
 def test_only_the_window_carries_log_probs(sd3, sampler):
-    options = SamplingOptions(num_steps=6, sampler=sampler, sde_window_size=3, sde_window_mode="random",
-                              sde_window_range=(0, 5))
+    options = SamplingOptions(
+        num_steps=6, sampler=sampler, sde_window_size=3, sde_window_mode="random", sde_window_range=(0, 5)
+    )
     ode = _sample(sd3, sampler="ode")
     for iteration in range(4):
         start, end = options.sde_window_at(iteration, seed=0)
-        traj = va.sample(sd3, PROMPTS, **options.sample_kwargs(iteration, 0),
-                         generator=torch.Generator().manual_seed(0), **SIZE)
+        traj = va.sample(
+            sd3, PROMPTS, **options.sample_kwargs(iteration, 0), generator=torch.Generator().manual_seed(0), **SIZE
+        )
         inside = [start <= i < end for i in range(6)]
         assert traj.sde_mask.tolist() == inside
         assert ((traj.log_probs != 0) == torch.tensor(inside)).all()  # exactly W log-probs per sample
         assert (traj.log_probs != 0).sum(1).tolist() == [3, 3]
         # before the window: the ODE, bit for bit; after it: deterministic steps (state = mean)
-        assert torch.equal(traj.latents[:, :start + 1], ode.latents[:, :start + 1])
+        assert torch.equal(traj.latents[:, : start + 1], ode.latents[:, : start + 1])
         for i in range(end, 6):
             assert torch.equal(traj.latents[:, i + 1], traj.means[:, i])
         # the W trained transitions touch W+1 states, and every one of them moved off the ODE
@@ -67,8 +69,15 @@ def test_only_the_window_carries_log_probs(sd3, sampler):
 def test_a_window_on_the_last_step_loses_it():
     """The last step is always the ODE: a window that covers it has W−1 stochastic steps."""
     policy = va.wrap(tiny_pipeline("sd3"))
-    traj = va.sample(policy, PROMPTS, num_steps=6, sampler="cps", sde_window=(3, 6), **SIZE,
-                     generator=torch.Generator().manual_seed(0))
+    traj = va.sample(
+        policy,
+        PROMPTS,
+        num_steps=6,
+        sampler="cps",
+        sde_window=(3, 6),
+        **SIZE,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert traj.sde_mask.tolist() == [False, False, False, True, True, False]
     assert select_train_steps(traj.sde_mask, 2, 1.0, None, window=(3, 6)).tolist() == [[3, 4]] * 2
 
@@ -83,8 +92,9 @@ def test_random_start_is_uniform_on_the_range():
     assert {shifted.sde_window_at(i, seed=0)[0] for i in range(200)} == {3, 4, 5, 6}
     # one draw per iteration from (seed, iteration) only: the same on every rank and on a resumed run
     assert options.sde_window_at(17, seed=3) == options.sde_window_at(17, seed=3)
-    assert [options.sde_window_at(i, seed=3) for i in range(30)] != \
-        [options.sde_window_at(i, seed=4) for i in range(30)]
+    assert [options.sde_window_at(i, seed=3) for i in range(30)] != [
+        options.sde_window_at(i, seed=4) for i in range(30)
+    ]
 
 
 def test_a_range_confines_fixed_and_sliding_windows():
@@ -96,8 +106,9 @@ def test_a_range_confines_fixed_and_sliding_windows():
 
 def test_mixgrpo_window_slides_shrinks_and_rolls_back():
     # MixGRPO: 25 steps, W = 4, start += 1 every 25 iterations, window [start, min(start+4, 23))
-    options = SamplingOptions(num_steps=25, sde_window_size=4, sde_window_mode="mixgrpo",
-                              sde_window_shift_every=25, sde_window_range=(0, 23))
+    options = SamplingOptions(
+        num_steps=25, sde_window_size=4, sde_window_mode="mixgrpo", sde_window_shift_every=25, sde_window_range=(0, 23)
+    )
     for iteration in range(0, 23 * 25, 7):
         start = iteration // 25
         assert options.sde_window_at(iteration) == (start, min(start + 4, 23)), iteration
@@ -110,12 +121,15 @@ def test_mixgrpo_window_slides_shrinks_and_rolls_back():
     assert [default.sde_window_at(i) for i in range(6)] == [(0, 3), (1, 4), (2, 5), (3, 5), (4, 5), (0, 3)]
 
 
-@pytest.mark.parametrize("bad", [
-    dict(sde_window_size=3, sde_window_range=(0, 2)),  # narrower than the window
-    dict(sde_window_size=3, sde_window_range=(-1, 5)),
-    dict(sde_window_size=3, sde_window_range=(0, 11)),  # past num_steps
-    dict(sde_window_range=(0, 5)),  # no window
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(sde_window_size=3, sde_window_range=(0, 2)),  # narrower than the window
+        dict(sde_window_size=3, sde_window_range=(-1, 5)),
+        dict(sde_window_size=3, sde_window_range=(0, 11)),  # past num_steps
+        dict(sde_window_range=(0, 5)),  # no window
+    ],
+)
 def test_bad_ranges_are_config_errors(bad):
     with pytest.raises(ConfigError, match="sde_window_range"):
         SamplingOptions(num_steps=10, **bad)
@@ -129,15 +143,30 @@ def test_range_reads_from_yaml_and_overrides():
 # ---------------------------------------------------------------------------- recipes
 def test_flow_grpo_fast_recipes():
     _, _, sd3 = parse_recipe(os.path.join(ROOT, "configs", "sd35m_grpo_fast.yaml"))
-    assert (sd3.num_steps, sd3.sampler, sd3.eta, sd3.sde_window_size, sd3.sde_window_range) == \
-        (10, "cps", 0.8, 3, (0, 5))
-    assert (sd3.guidance_scale, sd3.cfg_in_training, sd3.kl_beta, sd3.group_size, sd3.updates_per_rollout) == \
-        (1.0, False, 0.0, 24, 2)
+    assert (sd3.num_steps, sd3.sampler, sd3.eta, sd3.sde_window_size, sd3.sde_window_range) == (
+        10,
+        "cps",
+        0.8,
+        3,
+        (0, 5),
+    )
+    assert (sd3.guidance_scale, sd3.cfg_in_training, sd3.kl_beta, sd3.group_size, sd3.updates_per_rollout) == (
+        1.0,
+        False,
+        0.0,
+        24,
+        2,
+    )
     assert sd3.learning_rate == 3e-4 and sd3.advantage_std == "global" and not sd3.same_noise_in_group
     assert {sd3.sde_window_at(i, sd3.seed)[0] for i in range(100)} == {0, 1, 2}
     _, _, flux = parse_recipe(os.path.join(ROOT, "configs", "flux_grpo_fast.yaml"))
-    assert (flux.num_steps, flux.sampler, flux.eta, flux.guidance_scale, flux.mixed_precision) == \
-        (6, "cps", 0.8, 3.5, "bf16")
+    assert (flux.num_steps, flux.sampler, flux.eta, flux.guidance_scale, flux.mixed_precision) == (
+        6,
+        "cps",
+        0.8,
+        3.5,
+        "bf16",
+    )
     # FLUX's defaults leave one position: the window is always steps 0-2
     assert {flux.sde_window_at(i, flux.seed) for i in range(100)} == {(0, 3)}
 
@@ -152,9 +181,22 @@ def test_grpo_trains_exactly_the_window_steps(tmp_path, monkeypatch):
         return real(policy, traj, steps, **kwargs)
 
     monkeypatch.setattr(grpo_module, "log_prob", spy)
-    cfg = va.GRPOConfig(output_dir=str(tmp_path / "run"), max_steps=3, num_steps=6, group_size=2, prompts_per_step=2,
-                        sampler="cps", sde_window_size=2, sde_window_mode="random", sde_window_range=(0, 5),
-                        guidance_scale=1.0, lora_rank=4, clip_range=0.2, trackers=["jsonl"], **SIZE)
+    cfg = va.GRPOConfig(
+        output_dir=str(tmp_path / "run"),
+        max_steps=3,
+        num_steps=6,
+        group_size=2,
+        prompts_per_step=2,
+        sampler="cps",
+        sde_window_size=2,
+        sde_window_mode="random",
+        sde_window_range=(0, 5),
+        guidance_scale=1.0,
+        lora_rank=4,
+        clip_range=0.2,
+        trackers=["jsonl"],
+        **SIZE,
+    )
     trainer = va.GRPOTrainer(tiny_pipeline("sd3"), brightness, PROMPTS, cfg)
     windows = []
     trainer.add_callback(lambda t, step, m: windows.append(cfg.sde_window_at(step - 1, cfg.seed)))
@@ -173,6 +215,10 @@ def test_grpo_refuses_a_window_on_the_last_step_alone():
         va.GRPOConfig(num_steps=6, sde_window_size=1, sde_window_mode="random")
     with pytest.raises(ConfigError, match="last step"):
         va.GRPOConfig(num_steps=6, sde_window_size=2, sde_window_mode="mixgrpo", sde_window_range=(0, 6))
-    assert va.GRPOConfig(num_steps=6, sde_window_size=1, sde_window_mode="random",
-                         sde_window_range=(0, 5)).sde_window_last_start() == 4
+    assert (
+        va.GRPOConfig(
+            num_steps=6, sde_window_size=1, sde_window_mode="random", sde_window_range=(0, 5)
+        ).sde_window_last_start()
+        == 4
+    )
     assert va.GRPOConfig(num_steps=6, sde_window_size=2, sde_window_mode="mixgrpo").sde_window_last_start() == 4

@@ -51,8 +51,8 @@ class GaussianFlowPolicy(Policy):
     def forward(self, latents, timesteps, kwargs, shared):
         self.calls += latents.shape[0]
         sigma = (timesteps.float() / 1000).view(-1, 1)
-        m, s2 = kwargs["mean"], self.data_std ** 2
-        variance = (1 - sigma) ** 2 * s2 + sigma ** 2
+        m, s2 = kwargs["mean"], self.data_std**2
+        variance = (1 - sigma) ** 2 * s2 + sigma**2
         return (sigma - (1 - sigma) * s2) / variance * (latents - (1 - sigma) * m) - m
 
     def decode(self, latents, geometry):
@@ -66,8 +66,10 @@ def latent_of(images):
 
 def quadratic_reward(center: float):
     """r(x) = −(x − center)²/2 on the decoded images."""
+
     def reward(images, prompts):
         return -0.5 * (latent_of(images) - center) ** 2
+
     return reward
 
 

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 import visalign as va
-from visalign.errors import ConfigError, SamplerError
-from visalign.rewards import SegmentalVideoReward
-from visalign.steering import reward_steps
-from visalign.steering import resampling as R
-from visalign.testing import brightness
 from tests.conftest import PROMPTS, first_frames, size_kwargs
 from tests.steering.gaussian import GaussianFlowPolicy, exact_output, latent_of, quadratic_reward, tilted_gaussian
+from visalign.errors import ConfigError, SamplerError
+from visalign.rewards import SegmentalVideoReward
+from visalign.steering import resampling as R
+from visalign.steering import reward_steps
+from visalign.testing import brightness
 
 
 def _gen(seed=0):
@@ -24,8 +24,18 @@ def _gen(seed=0):
 def test_one_particle_is_plain_sampling(tiny_policies, family, sampler):
     policy = tiny_policies(family)
     traj = va.sample(policy, PROMPTS, num_steps=6, sampler=sampler, generator=_gen(), **size_kwargs(family))
-    out = va.fk_steer(policy, PROMPTS, brightness, num_particles=1, lam=50.0, resample_every=2, num_steps=6,
-                      sampler=sampler, generator=_gen(), **size_kwargs(family))
+    out = va.fk_steer(
+        policy,
+        PROMPTS,
+        brightness,
+        num_particles=1,
+        lam=50.0,
+        resample_every=2,
+        num_steps=6,
+        sampler=sampler,
+        generator=_gen(),
+        **size_kwargs(family),
+    )
     assert torch.equal(out.images, traj.images)
     assert torch.equal(out.particle_latents[:, 0], traj.final_latents)
     assert out.resampled[:, out.reward_steps].all() and bool((out.ess == 1).all())
@@ -33,8 +43,18 @@ def test_one_particle_is_plain_sampling(tiny_policies, family, sampler):
 
 def test_lam_zero_keeps_weights_uniform(tiny_policies):
     policy, n = tiny_policies("sd3"), 3
-    out = va.fk_steer(policy, PROMPTS, brightness, num_particles=n, lam=0.0, resample_every=2, num_steps=6,
-                      resample_final=False, generator=_gen(), **size_kwargs("sd3"))
+    out = va.fk_steer(
+        policy,
+        PROMPTS,
+        brightness,
+        num_particles=n,
+        lam=0.0,
+        resample_every=2,
+        num_steps=6,
+        resample_final=False,
+        generator=_gen(),
+        **size_kwargs("sd3"),
+    )
     torch.testing.assert_close(out.log_weights, torch.full((2, n), -math.log(n), dtype=torch.float64))
     torch.testing.assert_close(out.ess, torch.full((2, 6), float(n), dtype=torch.float64))
     # Systematic resampling of uniform weights keeps every particle in place.
@@ -74,8 +94,17 @@ def _estimates(out):
 
 def _gauss_fk(potential, **kwargs):
     kwargs = {"resample_every": EVERY[potential], "resample_final": False, **kwargs}
-    return va.fk_steer(GaussianFlowPolicy(), GAUSS_PROMPTS, quadratic_reward(CENTER), num_particles=N,
-                       potential=potential, lam=LAM, num_steps=STEPS, generator=_gen(0), **kwargs)
+    return va.fk_steer(
+        GaussianFlowPolicy(),
+        GAUSS_PROMPTS,
+        quadratic_reward(CENTER),
+        num_particles=N,
+        potential=potential,
+        lam=LAM,
+        num_steps=STEPS,
+        generator=_gen(0),
+        **kwargs,
+    )
 
 
 @pytest.mark.parametrize("potential", ["max", "add", "diff", "rt"])
@@ -110,11 +139,24 @@ def test_adaptive_resampling_carries_weights(tiny_policies):
     # A threshold no ESS falls under: never resample, so the weights carry through every reward step
     # and the final correction telescopes them to exactly λ·r(x0).
     policy, n, lam = tiny_policies("sd3"), 4, 300.0
-    out = va.fk_steer(policy, PROMPTS, brightness, num_particles=n, lam=lam, potential="add", resample_every=2,
-                      num_steps=6, adaptive=True, ess_threshold=1e-9, generator=_gen(1), **size_kwargs("sd3"))
+    out = va.fk_steer(
+        policy,
+        PROMPTS,
+        brightness,
+        num_particles=n,
+        lam=lam,
+        potential="add",
+        resample_every=2,
+        num_steps=6,
+        adaptive=True,
+        ess_threshold=1e-9,
+        generator=_gen(1),
+        **size_kwargs("sd3"),
+    )
     assert not out.resampled.any()
-    torch.testing.assert_close(out.log_weights, R.normalize_log_weights(lam * out.particle_rewards.double()),
-                               rtol=0, atol=1e-4)
+    torch.testing.assert_close(
+        out.log_weights, R.normalize_log_weights(lam * out.particle_rewards.double()), rtol=0, atol=1e-4
+    )
     # Dropping the weights at skipped steps (the reference's gap) would leave something else.
     intermediate = out.step_rewards[:, out.reward_steps].double().sum(1)
     assert not torch.allclose(R.normalize_log_weights(lam * intermediate), out.log_weights, atol=1e-3)
@@ -144,9 +186,9 @@ def test_ode_and_zero_noise_are_refused(tiny_policies):
 
 
 def test_reward_step_schedule():
-    assert reward_steps(20, 5) == [4, 9, 14]           # after every 5 steps; 19 is the final step
+    assert reward_steps(20, 5) == [4, 9, 14]  # after every 5 steps; 19 is the final step
     assert reward_steps(20, 3, (4, 12)) == [6, 9]
-    assert reward_steps(10, 1) == list(range(9))       # the final step 9 scores the output
+    assert reward_steps(10, 1) == list(range(9))  # the final step 9 scores the output
     assert reward_steps(10, None) == []
     with pytest.raises(ConfigError):
         reward_steps(10, 2, (5, 11))
@@ -165,9 +207,19 @@ def _reward_for(family):
 def test_fk_runs_on_every_family(tiny_policies, family):
     policy, n, steps = tiny_policies(family), 3, 4
     frames = first_frames(family, 2)
-    out = va.fk_steer(policy, PROMPTS, _reward_for(family), num_particles=n, lam=100.0, resample_every=2,
-                      num_steps=steps, resampler="multinomial", generator=_gen(2), images=frames,
-                      **size_kwargs(family))
+    out = va.fk_steer(
+        policy,
+        PROMPTS,
+        _reward_for(family),
+        num_particles=n,
+        lam=100.0,
+        resample_every=2,
+        num_steps=steps,
+        resampler="multinomial",
+        generator=_gen(2),
+        images=frames,
+        **size_kwargs(family),
+    )
     pixels = (2, 5, 3, 32, 32) if policy.is_video else (2, 3, 32, 32)
     assert out.images.shape == pixels and out.particles.shape == (2, n, *pixels[1:])
     assert out.rewards.shape == (2,) and out.particle_rewards.shape == (2, n)
@@ -196,9 +248,19 @@ def test_i2v_conditioning_moves_with_its_particles(tiny_policies, monkeypatch):
         return predict(latents, t, conditioning, **kwargs)
 
     monkeypatch.setattr(policy, "predict", spy)
-    out = va.fk_steer(policy, PROMPTS, _reward_for("wan-i2v"), num_particles=n, lam=1e4, resample_every=1,
-                      num_steps=4, resampler="multinomial", generator=_gen(3), images=frames,
-                      **size_kwargs("wan-i2v"))
+    out = va.fk_steer(
+        policy,
+        PROMPTS,
+        _reward_for("wan-i2v"),
+        num_particles=n,
+        lam=1e4,
+        resample_every=1,
+        num_steps=4,
+        resampler="multinomial",
+        generator=_gen(3),
+        images=frames,
+        **size_kwargs("wan-i2v"),
+    )
     assert out.reward_steps == [0, 1, 2] and out.resampled.all()
-    assert (out.ancestry[:, :3] != torch.arange(n)).any()   # particles did move
+    assert (out.ancestry[:, :3] != torch.arange(n)).any()  # particles did move
     assert len(seen) == 4 and all(seen)

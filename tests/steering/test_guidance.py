@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import visalign as va
+from tests.conftest import PROMPTS, size_kwargs
 from visalign.errors import NotDifferentiableError
 from visalign.rewards import FunctionReward
 from visalign.testing import brightness
-from tests.conftest import PROMPTS, size_kwargs
 
 
 def redness(images, prompts):
@@ -15,8 +15,15 @@ def redness(images, prompts):
 
 
 def _guide(policy, family, reward, **kwargs):
-    return va.reward_guidance(policy, PROMPTS, reward, num_steps=5, generator=torch.Generator().manual_seed(0),
-                              **size_kwargs(family), **kwargs)
+    return va.reward_guidance(
+        policy,
+        PROMPTS,
+        reward,
+        num_steps=5,
+        generator=torch.Generator().manual_seed(0),
+        **size_kwargs(family),
+        **kwargs,
+    )
 
 
 @pytest.mark.parametrize("family", ["sd3", "sd"])
@@ -24,11 +31,19 @@ def test_guidance_moves_the_reward(tiny_policies, family):
     policy = tiny_policies(family)
     plain = va.sample(policy, PROMPTS, num_steps=5, generator=torch.Generator().manual_seed(0), **size_kwargs(family))
     off = _guide(policy, family, brightness, scale=0.0)
-    assert torch.equal(off.images, plain.images)         # scale 0 is plain sampling, same noise
+    assert torch.equal(off.images, plain.images)  # scale 0 is plain sampling, same noise
     up = _guide(policy, family, brightness, scale=0.3, normalize_grad=True)
     down = _guide(policy, family, brightness, scale=-0.3, normalize_grad=True)
-    cheap = _guide(policy, family, brightness, scale=0.3, normalize_grad=True, through_model=False,
-                   guidance_steps=(1, 5), max_batch_size=1)
+    cheap = _guide(
+        policy,
+        family,
+        brightness,
+        scale=0.3,
+        normalize_grad=True,
+        through_model=False,
+        guidance_steps=(1, 5),
+        max_batch_size=1,
+    )
     base = brightness(plain.images, None)
     assert bool((up.rewards > base + 0.01).all()) and bool((down.rewards < base - 0.01).all())
     assert bool((cheap.rewards > base + 0.01).all())
@@ -38,8 +53,7 @@ def test_guidance_moves_the_reward(tiny_policies, family):
 
 def test_weighted_rewards_and_components(tiny_policies):
     policy = tiny_policies("sd3")
-    out = _guide(policy, "sd3", {"red": (redness, 1.0), "bright": (brightness, 0.5)}, scale=0.3,
-                 normalize_grad=True)
+    out = _guide(policy, "sd3", {"red": (redness, 1.0), "bright": (brightness, 0.5)}, scale=0.3, normalize_grad=True)
     plain = _guide(policy, "sd3", {"red": (redness, 1.0), "bright": (brightness, 0.5)}, scale=0.0)
     assert set(out.components) == {"red", "bright"}
     torch.testing.assert_close(out.components["red"] + out.components["bright"], out.rewards)

@@ -22,8 +22,8 @@ def test_ess_closed_forms():
     g = torch.Generator().manual_seed(0)
     log_w = torch.randn(4, n, generator=g, dtype=torch.float64) * 3
     w = torch.softmax(log_w, dim=-1)
-    torch.testing.assert_close(R.effective_sample_size(log_w), 1 / (w ** 2).sum(-1))
-    torch.testing.assert_close(R.effective_sample_size(log_w + 1000.0), 1 / (w ** 2).sum(-1))
+    torch.testing.assert_close(R.effective_sample_size(log_w), 1 / (w**2).sum(-1))
+    torch.testing.assert_close(R.effective_sample_size(log_w + 1000.0), 1 / (w**2).sum(-1))
 
 
 def test_log_weights_do_not_overflow():
@@ -69,8 +69,8 @@ def test_resampling_keeps_count_and_follows_weights(method):
     index = R.resample(log_w, method, torch.Generator().manual_seed(0))
     assert index.shape == (systems, n) and index.dtype == torch.long
     counts = _counts(index, n)
-    assert bool((counts.sum(-1) == n).all())           # the particle count is kept
-    assert float(counts[:, 4].sum()) == 0                # zero weight is never picked
+    assert bool((counts.sum(-1) == n).all())  # the particle count is kept
+    assert float(counts[:, 4].sum()) == 0  # zero weight is never picked
     # Frequencies match the weights within 5 standard errors (multinomial variance bounds both).
     freq = counts.mean(0) / n
     stderr = torch.sqrt(w * (1 - w) / (n * systems))
@@ -85,7 +85,7 @@ def test_systematic_is_unbiased_and_low_variance():
     # Every draw gives particle i floor(N·w_i) or ceil(N·w_i) copies...
     assert bool(((counts >= torch.floor(n * w) - 1e-9) & (counts <= torch.ceil(n * w) + 1e-9)).all())
     # ...and N·w_i on average: unbiased (the per-draw count varies by at most 1, so stderr ≤ 0.5/√M).
-    assert bool(((counts.mean(0) - n * w).abs() < 5 * 0.5 / systems ** 0.5).all()), (counts.mean(0), n * w)
+    assert bool(((counts.mean(0) - n * w).abs() < 5 * 0.5 / systems**0.5).all()), (counts.mean(0), n * w)
     # Lower variance than multinomial.
     multi = _counts(R.multinomial_resample(w.log().expand(systems, n), torch.Generator().manual_seed(3)), n)
     assert float(counts.var(0).sum()) < float(multi.var(0).sum())

@@ -7,9 +7,22 @@ import torch
 import torch.nn.functional as F
 
 from visalign.errors import InvalidInputError, NotDifferentiableError
-from visalign.toy import (BACKGROUNDS, COLORS, MOTIONS, POSITIONS, SHAPES, Scene, Sprite,
-                          ToyEvaluatorReward, all_scenes, detect, evaluate, render_batch,
-                          render_video_batch, sample_scenes)
+from visalign.toy import (
+    BACKGROUNDS,
+    COLORS,
+    MOTIONS,
+    POSITIONS,
+    SHAPES,
+    Scene,
+    Sprite,
+    ToyEvaluatorReward,
+    all_scenes,
+    detect,
+    evaluate,
+    render_batch,
+    render_video_batch,
+    sample_scenes,
+)
 from visalign.toy.raster import coverage
 
 
@@ -44,8 +57,9 @@ def _exact(pixels, scenes):
 EVERY = _on_backgrounds(all_scenes(sizes=True, two_shapes=True))
 SINGLE = _on_backgrounds(all_scenes(sizes=True))
 TWO = _on_backgrounds([s for s in all_scenes(two_shapes=True) if len(s.sprites) == 2])
-TWO_SIZED = _on_backgrounds(random.Random(0).sample(
-    [s for s in all_scenes(sizes=True, two_shapes=True) if len(s.sprites) == 2], 300))
+TWO_SIZED = _on_backgrounds(
+    random.Random(0).sample([s for s in all_scenes(sizes=True, two_shapes=True) if len(s.sprites) == 2], 300)
+)
 VIDEOS = _on_backgrounds(all_scenes(sizes=True, video=True))
 
 
@@ -92,11 +106,10 @@ def test_robust_to_blur_and_dim_colours():
     """Generated images are soft and off-palette; mild versions of both still read exactly."""
     x = _pixels(SINGLE)
     r = 2
-    kernel = torch.exp(-torch.arange(-r, r + 1.0) ** 2 / (2 * 0.7**2))
+    kernel = torch.exp(-(torch.arange(-r, r + 1.0) ** 2) / (2 * 0.7**2))
     kernel = (kernel / kernel.sum()).repeat(3, 1, 1, 1)
     rows = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), kernel.view(3, 1, 1, -1), groups=3)
-    blurred = F.conv2d(F.pad(rows, (0, 0, r, r), mode="replicate"), kernel.view(3, 1, -1, 1),
-                       groups=3)
+    blurred = F.conv2d(F.pad(rows, (0, 0, r, r), mode="replicate"), kernel.view(3, 1, -1, 1), groups=3)
     _exact(blurred, SINGLE)
     _exact(x * 0.8, SINGLE)
 
@@ -106,12 +119,13 @@ def _variant(scene, attribute, rng):
     position change swaps them)."""
     first, others = scene.sprites[0], scene.sprites[1:]
     if attribute == "motion":
-        return Scene(scene.sprites, scene.background,
-                     rng.choice([m for m in MOTIONS if m != scene.motion]))
+        return Scene(scene.sprites, scene.background, rng.choice([m for m in MOTIONS if m != scene.motion]))
     if attribute == "position" and others:
         a, b = scene.sprites
-        return Scene((Sprite(a.shape, a.color, b.position, a.size),
-                      Sprite(b.shape, b.color, a.position, b.size)), scene.background)
+        return Scene(
+            (Sprite(a.shape, a.color, b.position, a.size), Sprite(b.shape, b.color, a.position, b.size)),
+            scene.background,
+        )
     choices = {
         "color": [c for c in COLORS if c not in {s.color for s in scene.sprites}],
         "shape": [s for s in SHAPES if s != first.shape],
@@ -132,8 +146,9 @@ def test_flags_exactly_the_attribute_that_differs(kind):
         scenes += sample_scenes(30, seed=1, sizes=True, backgrounds=True)
         attributes = ["color", "shape", "position", "size"]
     elif kind == "two":
-        scenes = [s for s in sample_scenes(80, seed=2, sizes=True, backgrounds=True,
-                                           two_shapes=True) if len(s.sprites) == 2]
+        scenes = [
+            s for s in sample_scenes(80, seed=2, sizes=True, backgrounds=True, two_shapes=True) if len(s.sprites) == 2
+        ]
         attributes = ["color", "shape", "position", "size"]
     else:
         scenes = _on_backgrounds(all_scenes(video=True))  # all 72
@@ -186,8 +201,9 @@ def test_grey_shape_has_no_colour():
 
 def test_summary_and_detections():
     prompts = ["a red circle on the left", "a large blue square", "a green triangle at the top"]
-    images = render_batch(["a red circle on the left", "a large blue square in the center",
-                           "a green triangle at the bottom"])
+    images = render_batch(
+        ["a red circle on the left", "a large blue square in the center", "a green triangle at the bottom"]
+    )
     result = evaluate(images, prompts)
     assert result["num_samples"] == 3
     assert result["all_correct"] == pytest.approx(2 / 3)
@@ -195,12 +211,10 @@ def test_summary_and_detections():
     assert result["score"] == pytest.approx((1 + 1 + 2 / 3) / 3)
     assert set(result["samples"][1]["correct"]) == {"color", "shape", "size"}  # no position stated
     det = result["samples"][2]["detections"][0]
-    assert (det.found, det.color, det.shape, det.position, det.size) == \
-        (True, "green", "triangle", "bottom", "medium")
+    assert (det.found, det.color, det.shape, det.position, det.size) == (True, "green", "triangle", "bottom", "medium")
     assert max(det.shape_fit, key=det.shape_fit.get) == "triangle"
     two = detect(render_batch(["a red circle on the left and a blue square on the right"]), 2)[0]
-    assert {(d.color, d.shape, d.position) for d in two} == {("red", "circle", "left"),
-                                                             ("blue", "square", "right")}
+    assert {(d.color, d.shape, d.position) for d in two} == {("red", "circle", "left"), ("blue", "square", "right")}
 
 
 def test_reward():

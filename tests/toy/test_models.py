@@ -34,6 +34,7 @@ def test_shipped_folders_are_small_safetensors(folder):
 
 # ----------------------------------------------------------------------------- toy CLIP
 
+
 @pytest.fixture(scope="module")
 def clip_reward():
     return va.rewards.CLIPScore(model=str(CLIP))
@@ -52,20 +53,29 @@ def test_clip_tokenizer_and_processor_load_offline():
 
 
 def test_clip_scores_true_caption_above_wrong_ones(clip_reward):
-    scenes = [Scene.single(shape, color, position, background=bg)
-              for shape, color, position, bg in [
-                  ("circle", "red", "left", "white"), ("square", "blue", "top", "cream"),
-                  ("triangle", "green", "center", "sky"), ("circle", "purple", "bottom", "mint"),
-                  ("square", "yellow", "right", "grey"), ("triangle", "orange", "left", "rose")]]
+    scenes = [
+        Scene.single(shape, color, position, background=bg)
+        for shape, color, position, bg in [
+            ("circle", "red", "left", "white"),
+            ("square", "blue", "top", "cream"),
+            ("triangle", "green", "center", "sky"),
+            ("circle", "purple", "bottom", "mint"),
+            ("square", "yellow", "right", "grey"),
+            ("triangle", "orange", "left", "rose"),
+        ]
+    ]
     images = render_batch(scenes)
     for image, scene in zip(images, scenes):
         sprite = scene.sprites[0]
-        wrong = [Scene.single(s, sprite.color, sprite.position).caption()
-                 for s in SHAPES if s != sprite.shape]
-        wrong += [Scene.single(sprite.shape, c, sprite.position).caption()
-                  for c in list(COLORS)[:3] if c != sprite.color]
-        wrong += [Scene.single(sprite.shape, sprite.color, p).caption()
-                  for p in ("left", "right", "center") if p != sprite.position]
+        wrong = [Scene.single(s, sprite.color, sprite.position).caption() for s in SHAPES if s != sprite.shape]
+        wrong += [
+            Scene.single(sprite.shape, c, sprite.position).caption() for c in list(COLORS)[:3] if c != sprite.color
+        ]
+        wrong += [
+            Scene.single(sprite.shape, sprite.color, p).caption()
+            for p in ("left", "right", "center")
+            if p != sprite.position
+        ]
         captions = [scene.caption(), *wrong]
         scores = clip_reward(image[None].expand(len(captions), -1, -1, -1), captions)
         assert scores[0] > scores[1:].max(), (scene.caption(), scores)
@@ -79,6 +89,7 @@ def test_clip_reward_is_differentiable(clip_reward):
 
 # ----------------------------------------------------------------------------- toy T2I
 
+
 @pytest.fixture(scope="module")
 def t2i_policy():
     # max_sequence_length=1: the shipped model is trained for any number of zero "T5" rows
@@ -88,8 +99,9 @@ def t2i_policy():
 
 def test_t2i_samples_through_visalign(t2i_policy):
     gens = [torch.Generator().manual_seed(i) for i in range(len(PROMPTS))]
-    traj = va.sample(t2i_policy, PROMPTS, num_steps=8, sampler="ode", guidance_scale=3.0,
-                     generator=gens, height=32, width=32)
+    traj = va.sample(
+        t2i_policy, PROMPTS, num_steps=8, sampler="ode", guidance_scale=3.0, generator=gens, height=32, width=32
+    )
     assert traj.images.shape == (2, 3, 32, 32)
     assert torch.isfinite(traj.images).all()
     # Position is the first attribute the base model gets right (100% on the 200 documented
@@ -113,13 +125,15 @@ def test_t2i_stock_pipeline_matches_visalign():
     pipe.set_progress_bar_config(disable=True)
     assert pipe.vae_scale_factor == 2
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    stock = pipe(PROMPTS, num_inference_steps=8, guidance_scale=3.0, height=32, width=32,
-                 latents=latents, output_type="pt").images
+    stock = pipe(
+        PROMPTS, num_inference_steps=8, guidance_scale=3.0, height=32, width=32, latents=latents, output_type="pt"
+    ).images
     assert stock.shape == (2, 3, 32, 32) and torch.isfinite(stock).all()
     assert evaluate(stock, PROMPTS)["accuracy"]["position"] == 1.0
     # The same latents through visalign's sampler (stock T5 length 256) give the same images.
-    traj = va.sample(va.wrap(pipe), PROMPTS, num_steps=8, sampler="ode", guidance_scale=3.0,
-                     latents=latents, height=32, width=32)
+    traj = va.sample(
+        va.wrap(pipe), PROMPTS, num_steps=8, sampler="ode", guidance_scale=3.0, latents=latents, height=32, width=32
+    )
     torch.testing.assert_close(traj.images, stock, atol=1e-4, rtol=0)
 
 
@@ -149,8 +163,7 @@ def test_short_t5_length_does_not_warn_but_stock_pipeline_does(t2i_policy):
         prompts = ["a red circle on the left"]
         va.sample(t2i_policy, prompts, num_steps=1, sampler="ode", guidance_scale=1.0, height=32, width=32)
         assert not any("truncated" in r.getMessage() for r in records)
-        t2i_policy.pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device="cpu",
-                                      max_sequence_length=1)
+        t2i_policy.pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device="cpu", max_sequence_length=1)
         assert any("truncated" in r.getMessage() for r in records)
     finally:
         logger.removeHandler(handler)

@@ -20,8 +20,9 @@ SUBCOMMANDS = {
 
 @pytest.mark.parametrize("name", sorted(SUBCOMMANDS))
 def test_script_help_runs(name):
-    out = subprocess.run([sys.executable, str(SCRIPTS / f"{name}.py"), "--help"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(SCRIPTS / f"{name}.py"), "--help"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert f"python scripts/toy/{name}.py" in out.stdout
     for kind in SUBCOMMANDS[name]:
@@ -40,7 +41,6 @@ def test_scripts_import_common_only():
     for name in SUBCOMMANDS:
         tree = ast.parse((SCRIPTS / f"{name}.py").read_text())
         imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-        imported |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import)
-                     for a in node.names}
+        imported |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
         assert "common" in imported
         assert not imported & {*SUBCOMMANDS, "visalign.toy.train", "visalign.toy.train_video"}

@@ -4,14 +4,36 @@ import pytest
 import torch
 
 from visalign.errors import InvalidInputError
-from visalign.toy import (BACKGROUNDS, COLORS, GRAMMAR, MOTIONS, POSITIONS, SIZES, Scene, Sprite,
-                          ToyDataset, all_captions, all_scenes, first_frame, parse_caption, render,
-                          render_batch, render_video, render_video_batch, sample_scenes)
+from visalign.toy import (
+    BACKGROUNDS,
+    COLORS,
+    GRAMMAR,
+    MOTIONS,
+    POSITIONS,
+    SIZES,
+    Scene,
+    Sprite,
+    ToyDataset,
+    all_captions,
+    all_scenes,
+    first_frame,
+    parse_caption,
+    render,
+    render_batch,
+    render_video,
+    render_video_batch,
+    sample_scenes,
+)
 from visalign.toy.video import TRAVEL
 
-
-FLAGS = [dict(), dict(sizes=True), dict(two_shapes=True), dict(sizes=True, two_shapes=True),
-         dict(video=True), dict(video=True, sizes=True)]
+FLAGS = [
+    dict(),
+    dict(sizes=True),
+    dict(two_shapes=True),
+    dict(sizes=True, two_shapes=True),
+    dict(video=True),
+    dict(video=True, sizes=True),
+]
 COUNTS = [90, 270, 90 + 540, 270 + 4860, 72, 216]
 
 
@@ -28,33 +50,33 @@ def test_every_caption_round_trips(flags, count):
 def test_caption_examples_and_articles():
     assert Scene.single("circle", "red", "left").caption() == "a red circle on the left"
     assert Scene.single("square", "orange", "center").caption() == "an orange square in the center"
-    assert Scene.single("square", "orange", "top", "large").caption() == \
-        "a large orange square at the top"
-    assert Scene.single("triangle", "blue", size="small", motion="up").caption() == \
-        "a small blue triangle moving up"
+    assert Scene.single("square", "orange", "top", "large").caption() == "a large orange square at the top"
+    assert Scene.single("triangle", "blue", size="small", motion="up").caption() == "a small blue triangle moving up"
     two = Scene((Sprite("circle", "red", "left"), Sprite("square", "blue", "right")))
     assert two.caption() == "a red circle on the left and a blue square on the right"
     # Lenient on case, spacing, the article and a final full stop; position may be unstated.
-    assert parse_caption("  A  Orange Circle on the LEFT. ") == \
-        Scene.single("circle", "orange", "left")
+    assert parse_caption("  A  Orange Circle on the LEFT. ") == Scene.single("circle", "orange", "left")
     assert parse_caption("a red circle") == Scene.single("circle", "red")
     swapped = parse_caption("a blue square on the right and a red circle on the left")
     assert swapped.sprites[0].color == "blue"
 
 
-@pytest.mark.parametrize("text", [
-    "a pink circle on the left",                            # unknown colour
-    "a red hexagon",                                        # unknown shape
-    "a red circle in the corner",                           # unknown position
-    "a medium red circle",                                  # "medium" is never written
-    "red circle on the left",                               # no article
-    "",
-    "a red circle on the left and a red square on the right",  # same colour twice
-    "a red circle on the left and a blue square at the top",   # not opposite positions
-    "a red circle and a blue square",                       # two objects need positions
-    "a red circle on the left moving right",                # videos have no position
-    "a red circle moving sideways",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a pink circle on the left",  # unknown colour
+        "a red hexagon",  # unknown shape
+        "a red circle in the corner",  # unknown position
+        "a medium red circle",  # "medium" is never written
+        "red circle on the left",  # no article
+        "",
+        "a red circle on the left and a red square on the right",  # same colour twice
+        "a red circle on the left and a blue square at the top",  # not opposite positions
+        "a red circle and a blue square",  # two objects need positions
+        "a red circle on the left moving right",  # videos have no position
+        "a red circle moving sideways",
+    ],
+)
 def test_unparsable_captions_raise_with_the_grammar(text):
     with pytest.raises(InvalidInputError) as info:
         parse_caption(text)
@@ -82,8 +104,7 @@ def test_sampling_is_deterministic_per_seed():
     assert {s.background for s in a} == set(BACKGROUNDS)
     assert {sp.size for s in a for sp in s.sprites} == {None, "small", "large"}
     plain = sample_scenes(100, seed=0)
-    assert all(len(s.sprites) == 1 and s.background == "white" and s.sprites[0].size is None
-               for s in plain)
+    assert all(len(s.sprites) == 1 and s.background == "white" and s.sprites[0].size is None for s in plain)
     assert {s.sprites[0].position for s in plain} == set(POSITIONS)
     videos = sample_scenes(100, seed=0, video=True)
     assert {s.motion for s in videos} == set(MOTIONS)
@@ -127,8 +148,9 @@ def test_render_places_the_palette_colour_at_the_anchor(antialias):
 
 
 def test_sizes_scale_the_sprite():
-    areas = [((render(Scene.single("circle", "red", "center", s)) < 0.99).any(0)).sum()
-             for s in ("small", None, "large")]
+    areas = [
+        ((render(Scene.single("circle", "red", "center", s)) < 0.99).any(0)).sum() for s in ("small", None, "large")
+    ]
     assert areas[0] < areas[1] < areas[2]
     assert SIZES["small"] < SIZES["medium"] < SIZES["large"]
     assert render("a red circle", size=64).shape == (3, 64, 64)
@@ -154,8 +176,7 @@ def test_render_video_moves_in_the_stated_direction(motion):
 
 
 def test_render_video_options_and_errors():
-    assert torch.equal(render_video("a red circle", "left"),
-                       render_video("a red circle moving left"))
+    assert torch.equal(render_video("a red circle", "left"), render_video("a red circle moving left"))
     assert render_video("a red circle moving up", num_frames=9, size=16).shape == (9, 3, 16, 16)
     batch = render_video_batch(["a red circle moving up", "a small green square moving left"])
     assert batch.shape == (2, 8, 3, 32, 32)

@@ -17,7 +17,6 @@ from visalign.training.async_scoring import RolloutPipeline, drains_after
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
 
 
-
 def config(output_dir, **overrides):
     base = dict(
         output_dir=str(output_dir),

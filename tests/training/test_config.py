@@ -49,8 +49,14 @@ def test_defaults_and_help():
 
 
 def test_yaml_round_trip(tmp_path):
-    cfg = AlgoConfig(learning_rate=3e-5, ema_decay=0.99, lora_target_modules=["to_q", "to_v"],
-                     weights={"clip": 1.0, "aesthetic": 0.5}, window=(1, 3), tag="x")
+    cfg = AlgoConfig(
+        learning_rate=3e-5,
+        ema_decay=0.99,
+        lora_target_modules=["to_q", "to_v"],
+        weights={"clip": 1.0, "aesthetic": 0.5},
+        window=(1, 3),
+        tag="x",
+    )
     cfg.to_yaml(tmp_path / "sub" / "config.yaml")
     back = AlgoConfig.from_yaml(tmp_path / "sub" / "config.yaml")
     assert back == cfg
@@ -58,31 +64,34 @@ def test_yaml_round_trip(tmp_path):
 
 
 # ---------------------------------------------------------------- overrides
-@pytest.mark.parametrize("override, key, expected", [
-    ("learning_rate=1e-4", "learning_rate", 1e-4),
-    ("learning_rate=2", "learning_rate", 2.0),
-    ("--max_steps=7", "max_steps", 7),
-    ("max_steps=1e3", "max_steps", 1000),
-    ("use_lora=no", "use_lora", False),
-    ("gradient_checkpointing=True", "gradient_checkpointing", True),
-    ("gradient_checkpointing=1", "gradient_checkpointing", True),
-    ("output_dir=runs/a=b", "output_dir", "runs/a=b"),
-    ("lora_alpha=none", "lora_alpha", None),
-    ("lora_alpha=16", "lora_alpha", 16.0),
-    ("resume=latest", "resume", "latest"),
-    ("resume=null", "resume", None),
-    ("trackers=[jsonl,tensorboard]", "trackers", ["jsonl", "tensorboard"]),
-    ("trackers=jsonl, wandb", "trackers", ["jsonl", "wandb"]),
-    ("trackers=", "trackers", []),
-    ("sample_prompts=[a cat, 'a dog, running']", "sample_prompts", ["a cat", "a dog, running"]),
-    ("mixed_precision=bf16", "mixed_precision", "bf16"),
-    ("steps=[3, 1e1]", "steps", [3, 10]),
-    ("window=4,8", "window", (4, 8)),
-    ("weights={clip: 1, aesthetic: 0.5}", "weights", {"clip": 1.0, "aesthetic": 0.5}),
-    ("weights=clip: 2", "weights", {"clip": 2.0}),
-    ("noise=dance", "noise", "dance"),
-    ("tag=none", "tag", None),
-])
+@pytest.mark.parametrize(
+    "override, key, expected",
+    [
+        ("learning_rate=1e-4", "learning_rate", 1e-4),
+        ("learning_rate=2", "learning_rate", 2.0),
+        ("--max_steps=7", "max_steps", 7),
+        ("max_steps=1e3", "max_steps", 1000),
+        ("use_lora=no", "use_lora", False),
+        ("gradient_checkpointing=True", "gradient_checkpointing", True),
+        ("gradient_checkpointing=1", "gradient_checkpointing", True),
+        ("output_dir=runs/a=b", "output_dir", "runs/a=b"),
+        ("lora_alpha=none", "lora_alpha", None),
+        ("lora_alpha=16", "lora_alpha", 16.0),
+        ("resume=latest", "resume", "latest"),
+        ("resume=null", "resume", None),
+        ("trackers=[jsonl,tensorboard]", "trackers", ["jsonl", "tensorboard"]),
+        ("trackers=jsonl, wandb", "trackers", ["jsonl", "wandb"]),
+        ("trackers=", "trackers", []),
+        ("sample_prompts=[a cat, 'a dog, running']", "sample_prompts", ["a cat", "a dog, running"]),
+        ("mixed_precision=bf16", "mixed_precision", "bf16"),
+        ("steps=[3, 1e1]", "steps", [3, 10]),
+        ("window=4,8", "window", (4, 8)),
+        ("weights={clip: 1, aesthetic: 0.5}", "weights", {"clip": 1.0, "aesthetic": 0.5}),
+        ("weights=clip: 2", "weights", {"clip": 2.0}),
+        ("noise=dance", "noise", "dance"),
+        ("tag=none", "tag", None),
+    ],
+)
 def test_override_coercion(override, key, expected):
     cfg = AlgoConfig().with_overrides([override])
     value = getattr(cfg, key)
@@ -96,17 +105,20 @@ def test_with_overrides_returns_new_config_and_later_wins():
     assert parse_overrides(["--a=1", "b= x "]) == {"a": "1", "b": "x"}
 
 
-@pytest.mark.parametrize("override, match", [
-    ("lr_scheduler=cosin", r"one of 'constant', 'constant_with_warmup', 'linear', 'cosine'.*Did you mean 'cosine'"),
-    ("max_steps=2.5", r"'max_steps' expects int"),
-    ("learning_rate=fast", r"'learning_rate' expects float.*1e-4"),
-    ("use_lora=maybe", r"'use_lora' expects bool"),
-    ("max_steps=none", r"'max_steps' expects int"),
-    ("window=1,2,3", r"exactly 2 items"),
-    ("weights=[1, 2]", r"'weights' expects"),
-    ("trackers=[jsonl", r"'trackers' expects"),
-    ("learning_rate", r"not of the form key=value"),
-])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("lr_scheduler=cosin", r"one of 'constant', 'constant_with_warmup', 'linear', 'cosine'.*Did you mean 'cosine'"),
+        ("max_steps=2.5", r"'max_steps' expects int"),
+        ("learning_rate=fast", r"'learning_rate' expects float.*1e-4"),
+        ("use_lora=maybe", r"'use_lora' expects bool"),
+        ("max_steps=none", r"'max_steps' expects int"),
+        ("window=1,2,3", r"exactly 2 items"),
+        ("weights=[1, 2]", r"'weights' expects"),
+        ("trackers=[jsonl", r"'trackers' expects"),
+        ("learning_rate", r"not of the form key=value"),
+    ],
+)
 def test_bad_override_values(override, match):
     with pytest.raises(ConfigError, match=match):
         AlgoConfig().with_overrides([override])
@@ -133,7 +145,10 @@ def test_empty_yaml_gives_defaults(tmp_path):
 
 def test_unknown_keys_suggest_closest(tmp_path):
     path = write(tmp_path, "learning_rat: 0.1\n")
-    with pytest.raises(ConfigError, match=r"Unknown config key 'learning_rat' in .*cfg.yaml\. Did you mean 'learning_rate'\? Valid keys"):
+    with pytest.raises(
+        ConfigError,
+        match=r"Unknown config key 'learning_rat' in .*cfg.yaml\. Did you mean 'learning_rate'\? Valid keys",
+    ):
         TrainConfig.from_yaml(path)
     with pytest.raises(ConfigError, match=r"'lora_rnk' in overrides\. Did you mean 'lora_rank'"):
         TrainConfig.from_yaml(write(tmp_path, "seed: 1\n", "ok.yaml"), ["lora_rnk=4"])
@@ -151,18 +166,21 @@ def test_bad_yaml_files(tmp_path):
 
 
 # ---------------------------------------------------------------- validation
-@pytest.mark.parametrize("kwargs, match", [
-    ({"learning_rate": 0}, r"'learning_rate' must be > 0"),
-    ({"keep_last": 0}, r"'keep_last' must be >= 1"),
-    ({"ema_decay": 1.0}, r"'ema_decay' must be in \(0, 1\)"),
-    ({"lora_rank": 0}, r"'lora_rank' must be >= 1"),
-    ({"trackers": ["jsonl", "mlflow"]}, r"'trackers'.*Unknown: 'mlflow'"),
-    ({"max_grad_norm": -1}, r"max_grad_norm=none"),
-    ({"lr_warmup_steps": 10}, r"lr_scheduler=constant_with_warmup"),
-    ({"height": 0}, r"'height' must be >= 1 or None"),
-    ({"max_steps": 0}, r"'max_steps' must be >= 1"),
-    ({"lora_target_modules": []}, r"non-empty list"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"learning_rate": 0}, r"'learning_rate' must be > 0"),
+        ({"keep_last": 0}, r"'keep_last' must be >= 1"),
+        ({"ema_decay": 1.0}, r"'ema_decay' must be in \(0, 1\)"),
+        ({"lora_rank": 0}, r"'lora_rank' must be >= 1"),
+        ({"trackers": ["jsonl", "mlflow"]}, r"'trackers'.*Unknown: 'mlflow'"),
+        ({"max_grad_norm": -1}, r"max_grad_norm=none"),
+        ({"lr_warmup_steps": 10}, r"lr_scheduler=constant_with_warmup"),
+        ({"height": 0}, r"'height' must be >= 1 or None"),
+        ({"max_steps": 0}, r"'max_steps' must be >= 1"),
+        ({"lora_target_modules": []}, r"non-empty list"),
+    ],
+)
 def test_validation_errors(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         TrainConfig(**kwargs)

@@ -33,14 +33,17 @@ def test_alert_fires_when_the_reward_rises_and_the_true_metric_falls():
     assert hacking_alert([0.50, 0.49, 0.60], [0.40, 0.41, 0.30], window=3)  # a noisy middle point
 
 
-@pytest.mark.parametrize("rewards, trues", [
-    ([0.50, 0.55, 0.60], [0.30, 0.35, 0.40]),  # both rise: alignment working
-    ([0.60, 0.55, 0.50], [0.40, 0.35, 0.30]),  # both fall
-    ([0.50, 0.55, 0.60], [0.40, 0.40, 0.40]),  # the true metric is flat
-    ([0.60, 0.55, 0.50], [0.30, 0.35, 0.40]),  # the reward falls
-    ([0.50, 0.60], [0.40, 0.30]),  # fewer evaluations than the window
-    ([0.9, 0.1, 0.2, 0.3], [0.1, 0.9, 0.95, 0.99]),  # the earlier drop is outside the window
-])
+@pytest.mark.parametrize(
+    "rewards, trues",
+    [
+        ([0.50, 0.55, 0.60], [0.30, 0.35, 0.40]),  # both rise: alignment working
+        ([0.60, 0.55, 0.50], [0.40, 0.35, 0.30]),  # both fall
+        ([0.50, 0.55, 0.60], [0.40, 0.40, 0.40]),  # the true metric is flat
+        ([0.60, 0.55, 0.50], [0.30, 0.35, 0.40]),  # the reward falls
+        ([0.50, 0.60], [0.40, 0.30]),  # fewer evaluations than the window
+        ([0.9, 0.1, 0.2, 0.3], [0.1, 0.9, 0.95, 0.99]),  # the earlier drop is outside the window
+    ],
+)
 def test_alert_stays_quiet(rewards, trues):
     assert not hacking_alert(rewards, trues, window=3)
 
@@ -61,8 +64,12 @@ def test_alert_tolerance_and_bad_input():
 
 def test_history_from_log(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    rows = [{"step": 1, "loss": 0.1}, {"step": 2, "true/m": 0.4, "true/reward": 0.5},
-            {"step": 4, "true/m": 0.3, "true/reward": 0.6}, {"step": 6, "true/m": 0.2, "true/reward": 0.7}]
+    rows = [
+        {"step": 1, "loss": 0.1},
+        {"step": 2, "true/m": 0.4, "true/reward": 0.5},
+        {"step": 4, "true/m": 0.3, "true/reward": 0.6},
+        {"step": 6, "true/m": 0.2, "true/reward": 0.7},
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + '\n{"step": 7, "tru')  # a line cut by a crash
     assert history_from_log(str(path), "m", before_step=6) == [(2, 0.5, 0.4), (4, 0.6, 0.3)]
     assert history_from_log(str(tmp_path / "missing.jsonl"), "m", 6) == []
@@ -90,10 +97,24 @@ def darkness(images, prompts):
 
 
 def _run(tmp_path, metric, **overrides):
-    cfg = va.DRaFTConfig(output_dir=str(tmp_path / "run"), max_steps=4, num_steps=4, truncation=2, prompts_per_step=4,
-                         height=32, width=32, guidance_scale=1.0, use_lora=False, learning_rate=1e-2,
-                         max_grad_norm=None, trackers=["jsonl"], true_metric_every=1, hacking_window=3, log_every=2,
-                         **overrides)
+    cfg = va.DRaFTConfig(
+        output_dir=str(tmp_path / "run"),
+        max_steps=4,
+        num_steps=4,
+        truncation=2,
+        prompts_per_step=4,
+        height=32,
+        width=32,
+        guidance_scale=1.0,
+        use_lora=False,
+        learning_rate=1e-2,
+        max_grad_norm=None,
+        trackers=["jsonl"],
+        true_metric_every=1,
+        hacking_window=3,
+        log_every=2,
+        **overrides,
+    )
     trainer = va.DRaFTTrainer(tiny_pipeline("sd3"), brightness, PROMPTS, cfg)
     trainer.set_true_metric(metric)
     with warnings.catch_warnings(record=True) as caught:
@@ -126,14 +147,37 @@ def test_agreeing_true_metric_stays_quiet(tmp_path):
 
 
 def test_true_metric_needs_a_metric_and_is_off_by_default(tmp_path):
-    cfg = va.DRaFTConfig(output_dir=str(tmp_path / "run"), max_steps=1, num_steps=2, prompts_per_step=1, height=32,
-                         width=32, guidance_scale=1.0, lora_rank=4, trackers=["jsonl"], true_metric_every=1)
+    cfg = va.DRaFTConfig(
+        output_dir=str(tmp_path / "run"),
+        max_steps=1,
+        num_steps=2,
+        prompts_per_step=1,
+        height=32,
+        width=32,
+        guidance_scale=1.0,
+        lora_rank=4,
+        trackers=["jsonl"],
+        true_metric_every=1,
+    )
     trainer = va.DRaFTTrainer(tiny_pipeline("sd3"), brightness, PROMPTS, cfg)
     with pytest.raises(ConfigError, match="true_metric_every=1 needs a true metric"):
         trainer.train()
-    quiet = va.DRaFTTrainer(tiny_pipeline("sd3"), brightness, PROMPTS,
-                            va.DRaFTConfig(output_dir=str(tmp_path / "q"), max_steps=1, num_steps=2, prompts_per_step=1,
-                                           height=32, width=32, guidance_scale=1.0, lora_rank=4, trackers=["jsonl"]))
+    quiet = va.DRaFTTrainer(
+        tiny_pipeline("sd3"),
+        brightness,
+        PROMPTS,
+        va.DRaFTConfig(
+            output_dir=str(tmp_path / "q"),
+            max_steps=1,
+            num_steps=2,
+            prompts_per_step=1,
+            height=32,
+            width=32,
+            guidance_scale=1.0,
+            lora_rank=4,
+            trackers=["jsonl"],
+        ),
+    )
     quiet.set_true_metric(darkness)  # a metric without a schedule: never evaluated
     quiet.train()
     row = json.loads(open(tmp_path / "q" / "metrics.jsonl").readline())
@@ -141,9 +185,20 @@ def test_true_metric_needs_a_metric_and_is_off_by_default(tmp_path):
 
 
 def test_grpo_takes_the_metric_as_a_keyword(tmp_path):
-    cfg = va.GRPOConfig(output_dir=str(tmp_path / "run"), max_steps=2, num_steps=3, group_size=2, prompts_per_step=1,
-                        height=32, width=32, guidance_scale=1.0, lora_rank=4, trackers=["jsonl"], true_metric_every=2,
-                        true_metric_num_prompts=2)
+    cfg = va.GRPOConfig(
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        num_steps=3,
+        group_size=2,
+        prompts_per_step=1,
+        height=32,
+        width=32,
+        guidance_scale=1.0,
+        lora_rank=4,
+        trackers=["jsonl"],
+        true_metric_every=2,
+        true_metric_num_prompts=2,
+    )
     trainer = va.GRPOTrainer(tiny_pipeline("sd3"), brightness, PROMPTS, cfg, true_metric=darkness)
     metrics = trainer.train()
     assert metrics["true/darkness"] == pytest.approx(-metrics["true/reward"], abs=1e-6)
@@ -154,9 +209,21 @@ def test_resumed_run_picks_up_its_alert_history(tmp_path):
     from tests.algorithms.helpers import train_with_crash
 
     def make(**kw):
-        cfg = va.DRaFTConfig(output_dir=str(tmp_path / "run"), max_steps=4, num_steps=3, truncation=1,
-                             prompts_per_step=2, height=32, width=32, guidance_scale=1.0, lora_rank=4,
-                             trackers=["jsonl"], true_metric_every=1, checkpoint_every=2, **kw)
+        cfg = va.DRaFTConfig(
+            output_dir=str(tmp_path / "run"),
+            max_steps=4,
+            num_steps=3,
+            truncation=1,
+            prompts_per_step=2,
+            height=32,
+            width=32,
+            guidance_scale=1.0,
+            lora_rank=4,
+            trackers=["jsonl"],
+            true_metric_every=1,
+            checkpoint_every=2,
+            **kw,
+        )
         trainer = va.DRaFTTrainer(tiny_pipeline("sd3"), brightness, PROMPTS, cfg)
         trainer.set_true_metric(darkness)
         return trainer

@@ -36,7 +36,7 @@ def test_txt_file(tmp_path):
 
 
 def test_csv_and_jsonl_keep_extra_columns(tmp_path):
-    (tmp_path / "d.csv").write_text("caption,image,score\nred,img/r.png,1\n\"blue, big\",img/b.png,2\n")
+    (tmp_path / "d.csv").write_text('caption,image,score\nred,img/r.png,1\n"blue, big",img/b.png,2\n')
     src = PromptSource.from_any(str(tmp_path / "d.csv"), prompt_column="caption")
     assert src.prompts == ["red", "blue, big"]
     assert src[1] == {"caption": "blue, big", "image": "img/b.png", "score": "2", "prompt": "blue, big"}
@@ -77,14 +77,17 @@ def test_load_images_errors(tmp_path):
         load_images([{"im": "c.png"}], "im", base_dir=tmp_path)
 
 
-@pytest.mark.parametrize("obj, match", [
-    ([], "holds no prompts"),
-    ([{"caption": "x"}], r"no prompt column 'prompt'; columns found: 'caption'.*prompt_column="),
-    ([{"prompt": 3}], r"item 0.*must be a string, got int"),
-    (["ok", 5], r"item 1 is of type int"),
-    ("a cat on a mat", r"single prompt must be passed as a list"),
-    (42, "list of strings"),
-])
+@pytest.mark.parametrize(
+    "obj, match",
+    [
+        ([], "holds no prompts"),
+        ([{"caption": "x"}], r"no prompt column 'prompt'; columns found: 'caption'.*prompt_column="),
+        ([{"prompt": 3}], r"item 0.*must be a string, got int"),
+        (["ok", 5], r"item 1 is of type int"),
+        ("a cat on a mat", r"single prompt must be passed as a list"),
+        (42, "list of strings"),
+    ],
+)
 def test_source_errors(obj, match):
     with pytest.raises(InvalidInputError, match=match):
         PromptSource.from_any(obj)
@@ -100,7 +103,9 @@ def test_file_errors(tmp_path):
     with pytest.raises(InvalidInputError, match="holds no prompts"):
         PromptSource.from_any(tmp_path / "e.txt")
     (tmp_path / "d.csv").write_text("caption,image\nx,a.png\n")
-    with pytest.raises(InvalidInputError, match=r"header has no prompt column 'prompt'; columns found: 'caption', 'image'"):
+    with pytest.raises(
+        InvalidInputError, match=r"header has no prompt column 'prompt'; columns found: 'caption', 'image'"
+    ):
         PromptSource.from_any(tmp_path / "d.csv")
     (tmp_path / "d.jsonl").write_text('{"prompt": "a"}\n{"prompt": null}\n')
     with pytest.raises(InvalidInputError, match=r"line 2.*must be a string, got NoneType"):

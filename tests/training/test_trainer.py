@@ -14,8 +14,18 @@ PROMPTS = ["a red circle", "a blue square", "a green triangle"]
 
 
 def config(tmp_path, **overrides):
-    base = dict(output_dir=str(tmp_path / "run"), max_steps=1, num_steps=4, group_size=2, prompts_per_step=2,
-                height=32, width=32, lora_rank=4, guidance_scale=2.0, trackers=["jsonl"])
+    base = dict(
+        output_dir=str(tmp_path / "run"),
+        max_steps=1,
+        num_steps=4,
+        group_size=2,
+        prompts_per_step=2,
+        height=32,
+        width=32,
+        lora_rank=4,
+        guidance_scale=2.0,
+        trackers=["jsonl"],
+    )
     return va.GRPOConfig(**{**base, **overrides})
 
 
@@ -37,16 +47,24 @@ def test_bf16_model_weights_train_in_fp32(tmp_path):
 def test_gradient_checkpointing_gives_the_same_update(tmp_path):
     states = []
     for gc in (False, True):
-        trainer = va.GRPOTrainer(tiny_pipeline("sd3"), brightness, PROMPTS,
-                                 config(tmp_path / str(gc), gradient_checkpointing=gc, learning_rate=1e-2))
+        trainer = va.GRPOTrainer(
+            tiny_pipeline("sd3"),
+            brightness,
+            PROMPTS,
+            config(tmp_path / str(gc), gradient_checkpointing=gc, learning_rate=1e-2),
+        )
         trainer.train()
         states.append(torch.cat([p.detach().flatten() for p in trainer.trainable_parameters]))
     torch.testing.assert_close(states[0], states[1], rtol=0, atol=1e-6)
 
 
 def test_full_fine_tuning_kl_uses_a_frozen_copy(tmp_path):
-    trainer = va.GRPOTrainer(tiny_pipeline("sd3"), brightness, PROMPTS,
-                             config(tmp_path, use_lora=False, kl_beta=0.1, max_steps=2, learning_rate=1e-2))
+    trainer = va.GRPOTrainer(
+        tiny_pipeline("sd3"),
+        brightness,
+        PROMPTS,
+        config(tmp_path, use_lora=False, kl_beta=0.1, max_steps=2, learning_rate=1e-2),
+    )
     before = [p.detach().clone() for p in trainer.reference_model.parameters()]
     metrics = trainer.train()
     assert trainer.reference_model is not None and metrics["kl"] > 0
@@ -70,8 +88,9 @@ def test_extra_prompt_columns_reach_the_reward(tmp_path):
 
 
 def test_checkpoints_keep_the_last_k(tmp_path):
-    trainer = va.GRPOTrainer(tiny_pipeline("sd3"), brightness, PROMPTS,
-                             config(tmp_path, max_steps=3, checkpoint_every=1, keep_last=2))
+    trainer = va.GRPOTrainer(
+        tiny_pipeline("sd3"), brightness, PROMPTS, config(tmp_path, max_steps=3, checkpoint_every=1, keep_last=2)
+    )
     trainer.train()
     assert [step for step, _ in list_checkpoints(str(tmp_path / "run"))] == [2, 3]
     # LoRA checkpoints hold the adapter only, not the frozen base model.

@@ -78,10 +78,12 @@ class AWMTrainer(ForwardProcessTrainer):
 
     def batch_arithmetic(self) -> list[str]:
         cfg = self.config
-        return [self.rollout_summary(),
-                f"training: {cfg.strata()} noise levels per sample ({cfg.time_sampling}), cond-only, {cfg.weighting} "
-                f"weighting; anchors: base {cfg.ref_beta:g}, EMA {cfg.ema_anchor_beta:g}; "
-                f"{cfg.updates_per_rollout} optimizer step(s) per rollout"]
+        return [
+            self.rollout_summary(),
+            f"training: {cfg.strata()} noise levels per sample ({cfg.time_sampling}), cond-only, {cfg.weighting} "
+            f"weighting; anchors: base {cfg.ref_beta:g}, EMA {cfg.ema_anchor_beta:g}; "
+            f"{cfg.updates_per_rollout} optimizer step(s) per rollout",
+        ]
 
     def train_step(self, step: int) -> dict:
         cfg = self.config
@@ -91,9 +93,14 @@ class AWMTrainer(ForwardProcessTrainer):
         t_train = time.perf_counter()
         traj = rollout.traj
         adv = awm_advantages(advantages, cfg.advantage_clip)
-        data = {"x0": traj.final_latents.float(), "adv": adv, "cond": self.training_conditioning(traj),
-                "sigmas": traj.schedule.sigmas.to(adv.device), "timesteps": traj.schedule.timesteps.to(adv.device),
-                "num_steps": traj.num_steps}
+        data = {
+            "x0": traj.final_latents.float(),
+            "adv": adv,
+            "cond": self.training_conditioning(traj),
+            "sigmas": traj.schedule.sigmas.to(adv.device),
+            "timesteps": traj.schedule.timesteps.to(adv.device),
+            "num_steps": traj.num_steps,
+        }
         if self.behaviour is not None:
             self.behaviour.refresh()
         order = torch.randperm(traj.batch_size, generator=torch.Generator().manual_seed(self.step_seed(step, 3)))
@@ -143,9 +150,20 @@ class AWMTrainer(ForwardProcessTrainer):
             sync = contextlib.nullcontext() if n == len(passes) - 1 else acc.no_sync(self.model)
             with sync:
                 v = self.predict(x_t, timesteps, cond)
-                loss, m = awm_loss(v, target, sigma, data["adv"][rows], old_log_w, cfg.clip_range, cfg.weighting,
-                                   cfg.ghuber_power, v_ref=v_ref, ref_beta=cfg.ref_beta, v_ema=v_ema,
-                                   ema_beta=cfg.ema_anchor_beta)
+                loss, m = awm_loss(
+                    v,
+                    target,
+                    sigma,
+                    data["adv"][rows],
+                    old_log_w,
+                    cfg.clip_range,
+                    cfg.weighting,
+                    cfg.ghuber_power,
+                    v_ref=v_ref,
+                    ref_beta=cfg.ref_beta,
+                    v_ema=v_ema,
+                    ema_beta=cfg.ema_anchor_beta,
+                )
                 share = rows.numel() / (index.numel() * strata)
                 acc.backward(loss * share)
             m["sigma_mean"] = float(sigma.mean())

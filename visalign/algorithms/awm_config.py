@@ -33,41 +33,65 @@ class AWMConfig(AdvantageOptions, RolloutConfig):
     advantage_eps: float = override_default(AdvantageOptions, "advantage_eps", 1e-4)
     learning_rate: float = override_default(RolloutConfig, "learning_rate", 3e-4)
     time_sampling: Literal["discrete_wo_init", "discrete"] = config_field(
-        "discrete_wo_init", "Noise-level draw over the rollout's step indices: K strata of [1, ⌊S·fraction⌋) "
-        "(discrete_wo_init, never σ = 1; GenEval/OCR) or of [0, ⌊S·fraction⌋) (discrete; PickScore).")
+        "discrete_wo_init",
+        "Noise-level draw over the rollout's step indices: K strata of [1, ⌊S·fraction⌋) "
+        "(discrete_wo_init, never σ = 1; GenEval/OCR) or of [0, ⌊S·fraction⌋) (discrete; PickScore).",
+    )
     num_strata: int | None = config_field(
-        None, "K, the noise levels per sample (one per stratum, shared by a micro-batch); None: 6, or as many as "
-        "the steps allow.")
+        None,
+        "K, the noise levels per sample (one per stratum, shared by a micro-batch); None: 6, or as many as "
+        "the steps allow.",
+    )
     timestep_fraction: float = config_field(
-        0.9, "The strata cover step indices below ⌊num_steps·fraction⌋ (official 0.9: 12 of 14).")
+        0.9, "The strata cover step indices below ⌊num_steps·fraction⌋ (official 0.9: 12 of 14)."
+    )
     weighting: Literal["ghuber", "uniform"] = config_field(
-        "ghuber", "ℓ = −σ·((m+1e-10)^p − 1e-10^p)/p (ghuber, official) or ℓ = −m (uniform), m the matching error.")
+        "ghuber", "ℓ = −σ·((m+1e-10)^p − 1e-10^p)/p (ghuber, official) or ℓ = −m (uniform), m the matching error."
+    )
     ghuber_power: float = config_field(0.25, "The power p of the ghuber weighting (p = 1 gives σ·m).")
     clip_range: float = config_field(
-        1.0, "PPO clip ε on ρ = exp(ℓ − ℓ_old); official 1, i.e. [0, 2]. On-policy ρ = 1, so it only binds on "
-        "later updates of a rollout.")
+        1.0,
+        "PPO clip ε on ρ = exp(ℓ − ℓ_old); official 1, i.e. [0, 2]. On-policy ρ = 1, so it only binds on "
+        "later updates of a rollout.",
+    )
     ref_beta: float = config_field(
-        1e-3, "Weight of the anchor mean((v_θ − v_base)²) to the base model (official 1e-3 GenEval, 3e-3 OCR, "
-        "1e-4 PickScore); 0 disables it and saves a forward.")
+        1e-3,
+        "Weight of the anchor mean((v_θ − v_base)²) to the base model (official 1e-3 GenEval, 3e-3 OCR, "
+        "1e-4 PickScore); 0 disables it and saves a forward.",
+    )
     ema_anchor_beta: float = config_field(
-        1.0, "Weight of the anchor mean((v_θ − v_ema)²) to an EMA of the policy (official 1); 0 disables it.")
+        1.0, "Weight of the anchor mean((v_θ − v_ema)²) to an EMA of the policy (official 1); 0 disables it."
+    )
     ema_anchor_rate: float = config_field(
-        1e-3, "The EMA anchor's decay grows as d = min(ema_anchor_max, rate·s) with the optimizer steps s.")
+        1e-3, "The EMA anchor's decay grows as d = min(ema_anchor_max, rate·s) with the optimizer steps s."
+    )
     ema_anchor_max: float = config_field(0.3, "The cap of the EMA anchor's decay (official 0.3).")
 
     def validate(self) -> None:
         super().validate()
         c = self._check
         c(self.group_size >= 2, "group_size", ">= 2", "Advantages compare the samples of a prompt's group.")
-        c(self.advantage_clip is not None, "advantage_clip", "> 0 (not None)",
-          "AWM rescales advantages to clip(A, ±advantage_clip)/advantage_clip; the official value is 5.")
+        c(
+            self.advantage_clip is not None,
+            "advantage_clip",
+            "> 0 (not None)",
+            "AWM rescales advantages to clip(A, ±advantage_clip)/advantage_clip; the official value is 5.",
+        )
         c(0 < self.timestep_fraction <= 1, "timestep_fraction", "in (0, 1]")
         usable = num_usable_strata(self.num_steps, self.timestep_fraction, self.time_sampling)
-        c(usable >= 1, "num_steps", f"large enough to leave a step index for {self.time_sampling}",
-          f"{self.time_sampling} with timestep_fraction={self.timestep_fraction} uses indices below "
-          f"{int(self.num_steps * self.timestep_fraction)}; use more steps.")
-        c(self.num_strata is None or 1 <= self.num_strata <= usable, "num_strata", f"in [1, {usable}] or None",
-          f"{self.num_steps} steps leave {usable} step indices for {self.time_sampling}; a stratum needs at least one.")
+        c(
+            usable >= 1,
+            "num_steps",
+            f"large enough to leave a step index for {self.time_sampling}",
+            f"{self.time_sampling} with timestep_fraction={self.timestep_fraction} uses indices below "
+            f"{int(self.num_steps * self.timestep_fraction)}; use more steps.",
+        )
+        c(
+            self.num_strata is None or 1 <= self.num_strata <= usable,
+            "num_strata",
+            f"in [1, {usable}] or None",
+            f"{self.num_steps} steps leave {usable} step indices for {self.time_sampling}; a stratum needs at least one.",
+        )
         c(self.ghuber_power > 0, "ghuber_power", "> 0", "AWM uses 0.25.")
         c(self.clip_range > 0, "clip_range", "> 0", "AWM uses 1.")
         c(self.ref_beta >= 0, "ref_beta", ">= 0", "0 disables the base anchor.")

@@ -86,9 +86,14 @@ class DPOTrainer(OnlineTrainer):
         self.pair_latents = None
         if cfg.mode == "offline":
             self.pair_latents = PairLatents(
-                self.policy, self.prompt_source, self.policy.geometry(cfg.height, cfg.width, cfg.num_frames),
-                self.accelerator.device, cfg.latent_cache_dir, (cfg.chosen_column, cfg.rejected_column),
-                self.accelerator.autocast)
+                self.policy,
+                self.prompt_source,
+                self.policy.geometry(cfg.height, cfg.width, cfg.num_frames),
+                self.accelerator.device,
+                cfg.latent_cache_dir,
+                (cfg.chosen_column, cfg.rejected_column),
+                self.accelerator.autocast,
+            )
 
     @property
     def needs_reference(self) -> bool:
@@ -99,13 +104,21 @@ class DPOTrainer(OnlineTrainer):
     def batch_arithmetic(self) -> list[str]:
         cfg, world = self.config, self.accelerator.num_processes
         if cfg.mode == "online":
-            data = f"{self.rollout_summary()}, from the {cfg.sample_from} policy → ≤{cfg.prompts_per_step} pairs per rank"
+            data = (
+                f"{self.rollout_summary()}, from the {cfg.sample_from} policy → ≤{cfg.prompts_per_step} pairs per rank"
+            )
         else:
             data = f"offline: {cfg.prompts_per_step} pairs per rank, {cfg.prompts_per_step * world} in all"
-        ref = (f"reference refreshed every {cfg.ref_refresh_every} iterations" if cfg.ref_refresh_every
-               else "reference = base model")
-        return [data, f"loss {cfg.loss}, β {cfg.beta:g} ({cfg.beta_schedule}); {ref}; "
-                      f"{cfg.updates_per_rollout} optimizer step(s) per batch"]
+        ref = (
+            f"reference refreshed every {cfg.ref_refresh_every} iterations"
+            if cfg.ref_refresh_every
+            else "reference = base model"
+        )
+        return [
+            data,
+            f"loss {cfg.loss}, β {cfg.beta:g} ({cfg.beta_schedule}); {ref}; "
+            f"{cfg.updates_per_rollout} optimizer step(s) per batch",
+        ]
 
     def reference_context(self):
         """The reference policy: the refreshed snapshot when there is one, else the base model."""
@@ -135,15 +148,22 @@ class DPOTrainer(OnlineTrainer):
         # One process drops inactive pairs; several keep them at weight 0, so that every rank runs the
         # same forwards and backwards (DDP reduces gradients in step). SFT needs no spread.
         keep = active if self.accelerator.num_processes == 1 and cfg.loss == "dpo" else torch.ones_like(active)
-        images = None if traj.cond_images is None else traj.cond_images[::cfg.group_size]
+        images = None if traj.cond_images is None else traj.cond_images[:: cfg.group_size]
         latents = traj.final_latents.float()
-        batch = {"x0_w": latents[best[keep]], "x0_l": latents[worst[keep]],
-                 "weights": (active if cfg.loss == "dpo" else torch.ones_like(active))[keep].float(),
-                 "records": [r for r, k in zip(rollout.records, keep.tolist()) if k],
-                 "images": None if images is None else images[keep]}
+        batch = {
+            "x0_w": latents[best[keep]],
+            "x0_l": latents[worst[keep]],
+            "weights": (active if cfg.loss == "dpo" else torch.ones_like(active))[keep].float(),
+            "records": [r for r, k in zip(rollout.records, keep.tolist()) if k],
+            "images": None if images is None else images[keep],
+        }
         if cfg.loss == "rwr":
-            batch.update(x0_all=latents, weights=rwr_weights(total, cfg.group_size, cfg.rwr_beta),
-                         records_all=rollout.group_records, images_all=traj.cond_images)
+            batch.update(
+                x0_all=latents,
+                weights=rwr_weights(total, cfg.group_size, cfg.rwr_beta),
+                records_all=rollout.group_records,
+                images_all=traj.cond_images,
+            )
         return batch, metrics
 
     # ------------------------------------------------------------------ the step
@@ -236,8 +256,12 @@ class DPOTrainer(OnlineTrainer):
         from diffusers.utils.torch_utils import randn_tensor
 
         level, timesteps = self.noise_levels(step, x0.shape[0], draw)
-        noise = randn_tensor(tuple(x0.shape), generator=self.generators(step, x0.shape[0], stream=2 + 1000 * draw),
-                             device=x0.device, dtype=torch.float32)
+        noise = randn_tensor(
+            tuple(x0.shape),
+            generator=self.generators(step, x0.shape[0], stream=2 + 1000 * draw),
+            device=x0.device,
+            dtype=torch.float32,
+        )
         return noise, level, timesteps
 
     def _noised(self, x0, noise, level):
@@ -265,8 +289,9 @@ class DPOTrainer(OnlineTrainer):
             with sync:
                 err = self._errors(x, t, cond2, target)
                 b = len(idx)
-                loss, m = dpo_loss(err[:b], err[b:], ref_err[:b], ref_err[b:], beta[sel], weights=weights[sel],
-                                   reduction="sum")
+                loss, m = dpo_loss(
+                    err[:b], err[b:], ref_err[:b], ref_err[b:], beta[sel], weights=weights[sel], reduction="sum"
+                )
                 acc.backward(loss / weight_total)
             share = float(weights[sel].sum()) / weight_total
             for key, value in m.items():

@@ -73,31 +73,48 @@ class DRaFTConfig(TrainConfig):
     sampler: Literal["ode", "sde", "cps", "ddim"] = sampling_field("sampler", "ode")
     prompts_per_step: int = override_default(TrainConfig, "prompts_per_step", 4)
     variant: Literal["draft", "lv", "refl"] = config_field(
-        "draft", "draft (last K steps), lv (DRaFT-LV re-noisings) or refl (one random late step).")
+        "draft", "draft (last K steps), lv (DRaFT-LV re-noisings) or refl (one random late step)."
+    )
     truncation: int | None = config_field(
-        None, "K: backprop through the last K steps (DRaFT-K; 1 is DRaFT-1); None: the full chain.")
+        None, "K: backprop through the last K steps (DRaFT-K; 1 is DRaFT-1); None: the full chain."
+    )
     truncation_mode: Literal["fixed", "random"] = config_field(
-        "fixed", "fixed: exactly K; random: K' uniform in [1, K], once per rollout (AlignProp).")
+        "fixed", "fixed: exactly K; random: K' uniform in [1, K], once per rollout (AlignProp)."
+    )
     lv_samples: int = config_field(2, "DRaFT-LV: re-noisings n of the final sample (the paper: 2).")
     refl_steps: tuple[int, int] | None = config_field(
-        None, "ReFL: the step with gradient is uniform in [lo, hi] (inclusive); None: the last quarter.")
+        None, "ReFL: the step with gradient is uniform in [lo, hi] (inclusive); None: the last quarter."
+    )
     checkpoint_steps: bool = config_field(
-        True, "Gradient-checkpoint each step with gradient and the VAE decode (use_reentrant=False).")
+        True, "Gradient-checkpoint each step with gradient and the VAE decode (use_reentrant=False)."
+    )
 
     def validate(self) -> None:
         super().validate()
         c = self._check
         c(self.sampler in ("ode", "sde"), "sampler", "'ode' or 'sde'", "DRaFT backpropagates through ODE or SDE steps.")
-        c(self.truncation is None or 1 <= self.truncation <= self.num_steps, "truncation",
-          f"in [1, num_steps={self.num_steps}] or None", "K counts the last steps with gradient; None is the full chain.")
-        c(self.truncation is None or self.variant == "draft", "truncation", "None unless variant='draft'",
-          "DRaFT-LV and ReFL take exactly one step with gradient.")
+        c(
+            self.truncation is None or 1 <= self.truncation <= self.num_steps,
+            "truncation",
+            f"in [1, num_steps={self.num_steps}] or None",
+            "K counts the last steps with gradient; None is the full chain.",
+        )
+        c(
+            self.truncation is None or self.variant == "draft",
+            "truncation",
+            "None unless variant='draft'",
+            "DRaFT-LV and ReFL take exactly one step with gradient.",
+        )
         c(self.refl_steps is None or self.variant == "refl", "refl_steps", "None unless variant='refl'")
         c(self.lv_samples >= 1, "lv_samples", ">= 1")
         if self.refl_steps is not None:
             lo, hi = self.refl_steps
-            c(0 <= lo <= hi < self.num_steps, "refl_steps", f"(lo, hi) with 0 <= lo <= hi < num_steps={self.num_steps}",
-              "ImageReward uses steps 30–39 of 40.")
+            c(
+                0 <= lo <= hi < self.num_steps,
+                "refl_steps",
+                f"(lo, hi) with 0 <= lo <= hi < num_steps={self.num_steps}",
+                "ImageReward uses steps 30–39 of 40.",
+            )
 
     def refl_range(self) -> tuple[int, int]:
         """The ReFL step range: ``refl_steps``, or the last quarter of the chain (30–39 of 40)."""
@@ -116,8 +133,9 @@ class DRaFTTrainer(Trainer):
 
     config_class = DRaFTConfig
 
-    def __init__(self, policy, reward=None, prompts=None, config: DRaFTConfig | None = None, accelerator=None,
-                 **kwargs):
+    def __init__(
+        self, policy, reward=None, prompts=None, config: DRaFTConfig | None = None, accelerator=None, **kwargs
+    ):
         from visalign.rewards import is_differentiable, reward_name
 
         if reward is None:
@@ -126,28 +144,43 @@ class DRaFTTrainer(Trainer):
             raise NotDifferentiableError(
                 f"DRaFT backpropagates the reward into the model, but the reward '{reward_name(reward)}' is not "
                 f"differentiable (its .differentiable is False). Use a differentiable reward (CLIPScore, PickScore, "
-                f"Aesthetic, HPSv2, a YesTokenReward on torch pixels), or train with GRPO/PRDP, which need only scores.")
+                f"Aesthetic, HPSv2, a YesTokenReward on torch pixels), or train with GRPO/PRDP, which need only scores."
+            )
         super().__init__(policy, reward, prompts, config, accelerator, **kwargs)
 
     def batch_arithmetic(self) -> list[str]:
         cfg = self.config
         if cfg.variant == "draft":
-            k = "all" if cfg.truncation is None else (f"last {cfg.truncation}" if cfg.truncation_mode == "fixed"
-                                                      else f"last K'~U[1,{cfg.truncation}]")
+            k = (
+                "all"
+                if cfg.truncation is None
+                else (f"last {cfg.truncation}" if cfg.truncation_mode == "fixed" else f"last K'~U[1,{cfg.truncation}]")
+            )
             grad = f"gradient through {k} of {cfg.num_steps} steps"
         elif cfg.variant == "lv":
             grad = f"DRaFT-LV: {cfg.lv_samples} re-noisings of the last of {cfg.num_steps} steps"
         else:
             grad = f"ReFL: one step with gradient in {list(cfg.refl_range())} of {cfg.num_steps}"
-        return [f"{cfg.prompts_per_step} samples per rank per iteration, sampler {cfg.sampler}; {grad}",
-                f"per-step checkpointing {'on' if cfg.checkpoint_steps else 'off'}"]
+        return [
+            f"{cfg.prompts_per_step} samples per rank per iteration, sampler {cfg.sampler}; {grad}",
+            f"per-step checkpointing {'on' if cfg.checkpoint_steps else 'off'}",
+        ]
 
     # ------------------------------------------------------------------ the chain
     def _step(self, spec, schedule, i, x, conditioning, noise, want_x0: bool = False):
         """One step with gradient (checkpointed when configured); returns next state (and x̂0)."""
+
         def run(latents):
-            out = denoise_step(self.policy, spec, schedule, i, latents, conditioning, noise=noise,
-                               detach_uncond=self.config.detach_uncond)
+            out = denoise_step(
+                self.policy,
+                spec,
+                schedule,
+                i,
+                latents,
+                conditioning,
+                noise=noise,
+                detach_uncond=self.config.detach_uncond,
+            )
             return (out.next_latents, out.x0) if want_x0 else out.next_latents
 
         if self.config.checkpoint_steps:
@@ -169,8 +202,13 @@ class DRaFTTrainer(Trainer):
         """
         cfg, policy = self.config, self.policy
         gens = self.generators(step, offset + len(records))[offset:]
-        setup = prepare_sampling(policy, [r["prompt"] for r in records], **self.sampling_kwargs(step), generator=gens,
-                                 images=self.load_condition_images(records))
+        setup = prepare_sampling(
+            policy,
+            [r["prompt"] for r in records],
+            **self.sampling_kwargs(step),
+            generator=gens,
+            images=self.load_condition_images(records),
+        )
         prompts, spec, geometry, schedule = setup.prompts, setup.spec, setup.geometry, setup.schedule
         conditioning, x = setup.conditioning, setup.latents
         window_gen = torch.Generator().manual_seed(self.step_seed(step, 5))
@@ -201,8 +239,9 @@ class DRaFTTrainer(Trainer):
             if cfg.variant == "refl":
                 x = x0_pred
             elif cfg.variant == "lv":
-                x, conditioning, prompts, records = self._renoise(step, spec, schedule, x.detach(), conditioning,
-                                                                  prompts, records, offset)
+                x, conditioning, prompts, records = self._renoise(
+                    step, spec, schedule, x.detach(), conditioning, prompts, records, offset
+                )
             pixels = self._decode(x, geometry)
         return pixels, prompts, records, info
 
@@ -234,7 +273,8 @@ class DRaFTTrainer(Trainer):
         if not rewards.requires_grad:
             raise NotDifferentiableError(
                 f"The reward '{reward_name(self.reward)}' returned scores with no gradient (it detaches, or goes "
-                f"through PIL/numpy), so DRaFT cannot train on it. Make it differentiable, or use GRPO/PRDP.")
+                f"through PIL/numpy), so DRaFT cannot train on it. Make it differentiable, or use GRPO/PRDP."
+            )
         if self.config.variant == "lv":
             rewards = rewards.view(len(records), self.config.lv_samples).mean(1)
         return draft_loss(rewards, total or len(records)), rewards, info
@@ -249,7 +289,7 @@ class DRaFTTrainer(Trainer):
         for j, first in enumerate(starts):
             loss, reason = None, ""
             try:
-                loss, r, info = self.rollout_loss(step, records[first:first + size], offset=first, total=len(records))
+                loss, r, info = self.rollout_loss(step, records[first : first + size], offset=first, total=len(records))
             except RewardError as exc:  # a wrong shape or NaN: skip the step on every rank, before any backward
                 reason = str(exc)
             bad = torch.tensor([0.0 if loss is not None else 1.0], device=acc.device)
@@ -263,9 +303,15 @@ class DRaFTTrainer(Trainer):
             loss_sum += float(loss.detach())
         metrics = self.optimizer_step()
         gathered = acc.gather(torch.cat(rewards))
-        metrics.update({"loss": loss_sum, "reward_mean": float(gathered.mean()),
-                        "reward_std": float(gathered.std(unbiased=False)), **info,
-                        "time_training": time.perf_counter() - t0})
+        metrics.update(
+            {
+                "loss": loss_sum,
+                "reward_mean": float(gathered.mean()),
+                "reward_std": float(gathered.std(unbiased=False)),
+                **info,
+                "time_training": time.perf_counter() - t0,
+            }
+        )
         return metrics
 
 

@@ -25,8 +25,7 @@ from visalign.training.online import OnlineTrainer
 
 __all__ = ["CONSTANT_REWARD", "ForwardProcessTrainer"]
 
-CONSTANT_REWARD = ("the reward is constant within every group; nothing to learn: check the reward or raise "
-                   "group_size")
+CONSTANT_REWARD = "the reward is constant within every group; nothing to learn: check the reward or raise group_size"
 # Streams of step_seed used here (the rollout uses 1·100_003 + i, the reward 4).
 NOISE_STREAM = 1_000_000_000
 
@@ -43,7 +42,8 @@ class ForwardProcessTrainer(OnlineTrainer):
         if not policy.is_flow:
             raise ConfigError(
                 f"{self.algorithm_name} trains rectified-flow policies (SD3, FLUX, Wan, ...): it noises clean samples "
-                f"as (1-σ)·x0 + σ·ε and reads x0 = x_σ - σ·v. {policy.family} is a DDPM-family model; use GRPO or DPO.")
+                f"as (1-σ)·x0 + σ·ε and reads x0 = x_σ - σ·v. {policy.family} is a DDPM-family model; use GRPO or DPO."
+            )
         if reward is None:
             raise ConfigError(f"{type(self).__name__} scores its rollouts: pass a reward.")
         super().__init__(policy, reward, prompts, config, accelerator)
@@ -66,9 +66,13 @@ class ForwardProcessTrainer(OnlineTrainer):
         metrics = {**rollout.metrics, **stats}
         if stats["zero_std_ratio"] >= 1.0:
             if self.state.bad_steps == 0:
-                warnings.warn(f"{type(self).__name__}, iteration {self.state.step}: {CONSTANT_REWARD}. The iteration "
-                              f"is skipped; after max_bad_steps={self.config.max_bad_steps} such iterations in a row "
-                              "training stops.", UserWarning, stacklevel=3)
+                warnings.warn(
+                    f"{type(self).__name__}, iteration {self.state.step}: {CONSTANT_REWARD}. The iteration "
+                    f"is skipped; after max_bad_steps={self.config.max_bad_steps} such iterations in a row "
+                    "training stops.",
+                    UserWarning,
+                    stacklevel=3,
+                )
             return None, {**metrics, "skipped": 1.0, "skip_reason": CONSTANT_REWARD}
         return advantages, metrics
 
@@ -78,16 +82,19 @@ class ForwardProcessTrainer(OnlineTrainer):
         scale = cfg.guidance_scale if self.policy.embedded_guidance else 1.0
         geometry = self.policy.geometry(cfg.height, cfg.width, cfg.num_frames)
         with torch.no_grad():
-            return self.policy.encode_prompt(list(traj.prompts), None, scale, images=traj.cond_images,
-                                             geometry=geometry)
+            return self.policy.encode_prompt(
+                list(traj.prompts), None, scale, images=traj.cond_images, geometry=geometry
+            )
 
     def training_noise(self, step: int, rows: torch.Tensor, slot: int, like: torch.Tensor) -> torch.Tensor:
         """ε of shape ``like`` for the samples ``rows`` at noise-level slot ``slot`` of iteration ``step``."""
         from diffusers.utils.torch_utils import randn_tensor
 
         device = self.accelerator.device
-        gens = [torch.Generator(device).manual_seed(self.step_seed(step, NOISE_STREAM + int(b) * 4096 + slot))
-                for b in rows.tolist()]
+        gens = [
+            torch.Generator(device).manual_seed(self.step_seed(step, NOISE_STREAM + int(b) * 4096 + slot))
+            for b in rows.tolist()
+        ]
         return randn_tensor((len(gens), *like.shape[1:]), generator=gens, device=device, dtype=torch.float32)
 
     def predict(self, x: torch.Tensor, timesteps: torch.Tensor, conditioning) -> torch.Tensor:

@@ -52,43 +52,64 @@ class GRPOConfig(AdvantageOptions, RolloutConfig):
 
     num_steps: int = sampling_field("num_steps", 10)
     batch_size: int | None = config_field(
-        None, "Alternative to prompts_per_step: samples per rank per iteration (a multiple of group_size).")
+        None, "Alternative to prompts_per_step: samples per rank per iteration (a multiple of group_size)."
+    )
     clip_range: float = config_field(
-        1e-4, "PPO clip ε on the ratio (Flow-GRPO: 1e-4 with the SDE). Its CPS runs use 1e-5 on a log-prob "
-        "without the 1/(2s²) scale; the same clip here is 1e-5/(2s²) per step (5.6e-5 at s = 0.3).")
+        1e-4,
+        "PPO clip ε on the ratio (Flow-GRPO: 1e-4 with the SDE). Its CPS runs use 1e-5 on a log-prob "
+        "without the 1/(2s²) scale; the same clip here is 1e-5/(2s²) per step (5.6e-5 at s = 0.3).",
+    )
     kl_beta: float = config_field(
-        0.0, "Weight β of the KL to the reference; Flow-GRPO's 0.004–0.04 are for kl_form='flow_grpo'. 0 disables.")
+        0.0, "Weight β of the KL to the reference; Flow-GRPO's 0.004–0.04 are for kl_form='flow_grpo'. 0 disables."
+    )
     kl_form: Literal["flow_grpo", "exact"] = config_field(
-        "flow_grpo", "flow_grpo: ‖μθ−μref‖²/(2g²), the form of Flow-GRPO's code, which its β values are tuned "
-        "for; exact: the Gaussian KL of the step, = flow_grpo/(−dt) (15× on SD3 with 10 steps). CPS and DDIM: both exact.")
+        "flow_grpo",
+        "flow_grpo: ‖μθ−μref‖²/(2g²), the form of Flow-GRPO's code, which its β values are tuned "
+        "for; exact: the Gaussian KL of the step, = flow_grpo/(−dt) (15× on SD3 with 10 steps). CPS and DDIM: both exact.",
+    )
     timestep_fraction: float = config_field(
-        0.6, "Share of the SDE steps each sample trains on, drawn per sample (DanceGRPO 0.6); an SDE window "
-        "trains on all of its steps.")
+        0.6,
+        "Share of the SDE steps each sample trains on, drawn per sample (DanceGRPO 0.6); an SDE window "
+        "trains on all of its steps.",
+    )
     ratio: Literal["plain", "guard"] = config_field(
-        "plain", "plain: the PPO ratio π_θ/π_old; guard: GRPO-Guard's RatioNorm ρ̃ = exp(s·[log ρ + R(δ²)/(2s²)]), "
+        "plain",
+        "plain: the PPO ratio π_θ/π_old; guard: GRPO-Guard's RatioNorm ρ̃ = exp(s·[log ρ + R(δ²)/(2s²)]), "
         "whose mean over the rollout noise is 1, with each step's policy loss divided by −dt (arXiv 2510.22319, "
-        "docs/math.md §11; flow models, made for sampler sde). Its clip ranges (2e-6 to 4e-6) carry over unchanged.")
+        "docs/math.md §11; flow models, made for sampler sde). Its clip ranges (2e-6 to 4e-6) carry over unchanged.",
+    )
 
     def validate(self) -> None:
         super().validate()
         c = self._check
-        c(self.sampler != "ode", "sampler", "'sde', 'cps' or 'ddim'",
-          "GRPO needs log-probs, which the ODE sampler does not have.")
+        c(
+            self.sampler != "ode",
+            "sampler",
+            "'sde', 'cps' or 'ddim'",
+            "GRPO needs log-probs, which the ODE sampler does not have.",
+        )
         c(self.group_size >= 2, "group_size", ">= 2", "GRPO compares samples within a group.")
         if self.batch_size is not None:
             multiple = max(1, self.batch_size // self.group_size) * self.group_size
-            c(self.batch_size % self.group_size == 0, "batch_size", f"a multiple of group_size={self.group_size}",
-              f"Use e.g. batch_size={multiple}.")
+            c(
+                self.batch_size % self.group_size == 0,
+                "batch_size",
+                f"a multiple of group_size={self.group_size}",
+                f"Use e.g. batch_size={multiple}.",
+            )
             self.prompts_per_step = self.batch_size // self.group_size
         c(self.num_steps >= 2, "num_steps", ">= 2", "The last step is never trained.")
         c(0 < self.timestep_fraction <= 1, "timestep_fraction", "in (0, 1]")
         c(self.clip_range > 0, "clip_range", "> 0")
         c(self.kl_beta >= 0, "kl_beta", ">= 0", "0 disables the KL term.")
         last = self.sde_window_last_start()
-        c(last is None or last < self.num_steps - 1, "sde_window_size",
-          f"a window that never sits on the last step alone (here one starts at step {last})",
-          f"The last step is always the ODE, so that window has nothing to train: keep windows within "
-          f"sde_window_range=[0, {self.num_steps - 1}].")
+        c(
+            last is None or last < self.num_steps - 1,
+            "sde_window_size",
+            f"a window that never sits on the last step alone (here one starts at step {last})",
+            f"The last step is always the ODE, so that window has nothing to train: keep windows within "
+            f"sde_window_range=[0, {self.num_steps - 1}].",
+        )
 
 
 # ---------------------------------------------------------------------------- trainer
@@ -100,8 +121,10 @@ class GRPOTrainer(OnlineTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.config.ratio == "guard" and not self.policy.is_flow:
-            raise ConfigError(f"ratio='guard' (GRPO-Guard) reweights by the flow step −dt; {self.policy.family} is a "
-                              "DDPM model: use ratio='plain'.")
+            raise ConfigError(
+                f"ratio='guard' (GRPO-Guard) reweights by the flow step −dt; {self.policy.family} is a "
+                "DDPM model: use ratio='plain'."
+            )
 
     @property
     def needs_reference(self) -> bool:
@@ -111,8 +134,10 @@ class GRPOTrainer(OnlineTrainer):
         cfg = self.config
         trained = f"window {cfg.sde_window_size}" if cfg.sde_window_size else f"{cfg.timestep_fraction:.0%} of steps"
         ratio = "; GRPO-Guard ratio" if cfg.ratio == "guard" else ""
-        return [self.rollout_summary(),
-                f"updates: {cfg.updates_per_rollout} optimizer steps per rollout; {trained} trained{ratio}"]
+        return [
+            self.rollout_summary(),
+            f"updates: {cfg.updates_per_rollout} optimizer steps per rollout; {trained} trained{ratio}",
+        ]
 
     def train_step(self, step: int) -> dict:
         cfg = self.config
@@ -123,9 +148,13 @@ class GRPOTrainer(OnlineTrainer):
         advantages, zero_std, stats = self.compute_advantages(rollout)
         metrics = {**rollout.metrics, **stats}
         traj, batch = rollout.traj, rollout.batch_size
-        train_steps = select_train_steps(traj.sde_mask.cpu(), batch, cfg.timestep_fraction,
-                                         torch.Generator().manual_seed(self.step_seed(step, 2)),
-                                         window=cfg.sde_window_at(step, cfg.seed)).to(traj.latents.device)
+        train_steps = select_train_steps(
+            traj.sde_mask.cpu(),
+            batch,
+            cfg.timestep_fraction,
+            torch.Generator().manual_seed(self.step_seed(step, 2)),
+            window=cfg.sde_window_at(step, cfg.seed),
+        ).to(traj.latents.device)
         old_log_probs = traj.log_probs.gather(1, train_steps)
         active = (~zero_std).float()
         order = torch.randperm(batch, generator=torch.Generator().manual_seed(self.step_seed(step, 3)))
@@ -134,8 +163,9 @@ class GRPOTrainer(OnlineTrainer):
         t_train = time.perf_counter()
         history: dict[str, list[float]] = {}
         for update in order.tensor_split(cfg.updates_per_rollout) if order.numel() else []:
-            for k, v in self._update(traj, update.to(traj.latents.device), train_steps, old_log_probs,
-                                     advantages, active).items():
+            for k, v in self._update(
+                traj, update.to(traj.latents.device), train_steps, old_log_probs, advantages, active
+            ).items():
                 history.setdefault(k, []).append(v)
         metrics.update({k: sum(v) / len(v) for k, v in history.items()})
         metrics["time_reward"] += t_train - t_reward
@@ -155,11 +185,20 @@ class GRPOTrainer(OnlineTrainer):
                 out = log_prob(self.policy, sub, train_steps[chunk], detach_uncond=cfg.detach_uncond)
                 kl = self._kl(sub, train_steps[chunk], out) if cfg.kl_beta > 0 else None
                 if cfg.ratio == "guard":
-                    loss, m = self._guard_loss(sub, train_steps[chunk], out, old_log_probs[chunk], advantages[chunk],
-                                               kl, active[chunk])
+                    loss, m = self._guard_loss(
+                        sub, train_steps[chunk], out, old_log_probs[chunk], advantages[chunk], kl, active[chunk]
+                    )
                 else:
-                    loss, m = grpo_loss(out.log_probs, old_log_probs[chunk], advantages[chunk], cfg.clip_range,
-                                        kl=kl, kl_beta=cfg.kl_beta, weights=active[chunk], reduction="sum")
+                    loss, m = grpo_loss(
+                        out.log_probs,
+                        old_log_probs[chunk],
+                        advantages[chunk],
+                        cfg.clip_range,
+                        kl=kl,
+                        kl_beta=cfg.kl_beta,
+                        weights=active[chunk],
+                        reduction="sum",
+                    )
                 acc.backward(loss / normaliser)
             share = float(active[chunk].sum()) * train_steps.shape[1] / normaliser
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / normaliser
@@ -174,11 +213,20 @@ class GRPOTrainer(OnlineTrainer):
         μ_old is the rollout's mean of each trained step (``traj.means``) and s the per-sample std.
         """
         rows = torch.arange(traj.batch_size, device=steps.device).unsqueeze(1)
-        log_ratio = guard_log_ratio(out.log_probs, old_log_probs, out.means, traj.means[rows, steps], out.stds,
-                                    traj.spec.reduce)
+        log_ratio = guard_log_ratio(
+            out.log_probs, old_log_probs, out.means, traj.means[rows, steps], out.stds, traj.spec.reduce
+        )
         sigmas = traj.schedule.sigmas.to(steps.device)
-        return grpo_guard_loss(log_ratio, advantages, self.config.clip_range, sigmas[steps] - sigmas[steps + 1], kl=kl,
-                               kl_beta=self.config.kl_beta, weights=weights, reduction="sum")
+        return grpo_guard_loss(
+            log_ratio,
+            advantages,
+            self.config.clip_range,
+            sigmas[steps] - sigmas[steps + 1],
+            kl=kl,
+            kl_beta=self.config.kl_beta,
+            weights=weights,
+            reduction="sum",
+        )
 
     def _kl(self, traj, steps, out):
         """KL of each trained transition to the reference policy's, in the configured form (docs/math.md §2)."""
@@ -195,5 +243,12 @@ class GRPOTrainer(OnlineTrainer):
         return kl
 
 
-__all__ = ["GRPOConfig", "GRPOTrainer", "group_advantages", "grpo_guard_loss", "grpo_loss", "guard_log_ratio",
-           "select_train_steps"]
+__all__ = [
+    "GRPOConfig",
+    "GRPOTrainer",
+    "group_advantages",
+    "grpo_guard_loss",
+    "grpo_loss",
+    "guard_log_ratio",
+    "select_train_steps",
+]

@@ -63,10 +63,12 @@ class NFTTrainer(ForwardProcessTrainer):
     def batch_arithmetic(self) -> list[str]:
         cfg = self.config
         decay = f"d = {cfg.old_decay:g}" if cfg.old_decay is not None else f"decay_type {cfg.decay_type}"
-        return [self.rollout_summary() + " (from the old policy)",
-                f"training: {cfg.num_train_levels()} of {cfg.num_steps} noise levels per sample, cond-only; "
-                f"β {cfg.beta:g}, penalty {cfg.kl_beta:g}; {cfg.updates_per_rollout} optimizer step(s) per rollout; "
-                f"old policy {decay}"]
+        return [
+            self.rollout_summary() + " (from the old policy)",
+            f"training: {cfg.num_train_levels()} of {cfg.num_steps} noise levels per sample, cond-only; "
+            f"β {cfg.beta:g}, penalty {cfg.kl_beta:g}; {cfg.updates_per_rollout} optimizer step(s) per rollout; "
+            f"old policy {decay}",
+        ]
 
     def old_decay(self, optimizer_steps: int) -> float:
         """The old-policy decay after ``optimizer_steps`` steps: ``old_decay`` or ``decay_type``'s schedule."""
@@ -84,9 +86,14 @@ class NFTTrainer(ForwardProcessTrainer):
         gen = torch.Generator().manual_seed(self.step_seed(step, 2))
         slots = torch.stack([torch.randperm(traj.num_steps, generator=gen)[:levels] for _ in range(batch)])
         r = optimality_probability(advantages, cfg.advantage_clip)
-        data = {"x0": traj.final_latents.float(), "r": r, "cond": self.training_conditioning(traj),
-                "sigmas": traj.schedule.sigmas.to(r.device), "timesteps": traj.schedule.timesteps.to(r.device),
-                "slots": slots.to(r.device)}
+        data = {
+            "x0": traj.final_latents.float(),
+            "r": r,
+            "cond": self.training_conditioning(traj),
+            "sigmas": traj.schedule.sigmas.to(r.device),
+            "timesteps": traj.schedule.timesteps.to(r.device),
+            "slots": slots.to(r.device),
+        }
         order = torch.randperm(batch, generator=torch.Generator().manual_seed(self.step_seed(step, 3)))
         history: dict[str, list[float]] = {}
         for update in order.tensor_split(cfg.updates_per_rollout):
@@ -121,8 +128,18 @@ class NFTTrainer(ForwardProcessTrainer):
             sync = contextlib.nullcontext() if n == len(passes) - 1 else acc.no_sync(self.model)
             with sync:
                 v = self.predict(x_t, timesteps, cond)
-                loss, m = nft_loss(v, v_old, x_t, x0, sigma, data["r"][rows], cfg.beta, cfg.advantage_clip,
-                                   v_ref=v_ref, kl_beta=cfg.kl_beta)
+                loss, m = nft_loss(
+                    v,
+                    v_old,
+                    x_t,
+                    x0,
+                    sigma,
+                    data["r"][rows],
+                    cfg.beta,
+                    cfg.advantage_clip,
+                    v_ref=v_ref,
+                    kl_beta=cfg.kl_beta,
+                )
                 share = rows.numel() / (index.numel() * levels)
                 acc.backward(loss * share)
             for key, value in m.items():

@@ -65,17 +65,24 @@ class PRDPConfig(RolloutConfig):
 
     beta: float = config_field(10.0, "β: the regression target is (r_a − r_b)/β (the paper: 10).")
     reward_norm: Literal["none", "group"] = config_field(
-        "none", "'group' standardises the rewards within each group before differencing, as GRPO's "
-        "advantages (not in the paper; β then counts group stds, so one β fits any reward scale).")
+        "none",
+        "'group' standardises the rewards within each group before differencing, as GRPO's "
+        "advantages (not in the paper; β then counts group stds, so one β fits any reward scale).",
+    )
     clip_range: float = config_field(1e-4, "ε of the per-step proximal clip of r̂_θ,i around r̂_old,i.")
     timestep_fraction: float = config_field(
-        1.0, "Share of the SDE steps trained per iteration (the same steps for every sample).")
+        1.0, "Share of the SDE steps trained per iteration (the same steps for every sample)."
+    )
 
     def validate(self) -> None:
         super().validate()
         c = self._check
-        c(self.sampler != "ode", "sampler", "'sde', 'cps' or 'ddim'",
-          "PRDP needs log-probs, which the ODE sampler does not have.")
+        c(
+            self.sampler != "ode",
+            "sampler",
+            "'sde', 'cps' or 'ddim'",
+            "PRDP needs log-probs, which the ODE sampler does not have.",
+        )
         c(self.group_size >= 2, "group_size", ">= 2", "PRDP regresses reward differences within a group.")
         c(self.num_steps >= 2, "num_steps", ">= 2", "The last step is never trained.")
         c(self.beta > 0, "beta", "> 0", "The paper uses beta=10.")
@@ -89,11 +96,12 @@ class PRDPTrainer(OnlineTrainer):
 
     config_class = PRDPConfig
 
-    def __init__(self, policy, reward=None, prompts=None, config: PRDPConfig | None = None, accelerator=None,
-                 **kwargs):
+    def __init__(self, policy, reward=None, prompts=None, config: PRDPConfig | None = None, accelerator=None, **kwargs):
         super().__init__(policy, reward, prompts, config, accelerator, **kwargs)
         if self.reward is None:
-            raise ConfigError("PRDPTrainer needs a reward: pass a visalign Reward or a callable (images, prompts) -> Tensor[B].")
+            raise ConfigError(
+                "PRDPTrainer needs a reward: pass a visalign Reward or a callable (images, prompts) -> Tensor[B]."
+            )
 
     @property
     def needs_reference(self) -> bool:
@@ -102,15 +110,19 @@ class PRDPTrainer(OnlineTrainer):
     def batch_arithmetic(self) -> list[str]:
         cfg = self.config
         pairs = cfg.prompts_per_step * cfg.group_size * (cfg.group_size - 1) // 2
-        return [self.rollout_summary() + f"; {pairs} pairs per rank",
-                f"updates: {cfg.updates_per_rollout} optimizer steps per rollout; β {cfg.beta:g}, ε {cfg.clip_range:g}"]
+        return [
+            self.rollout_summary() + f"; {pairs} pairs per rank",
+            f"updates: {cfg.updates_per_rollout} optimizer steps per rollout; β {cfg.beta:g}, ε {cfg.clip_range:g}",
+        ]
 
     def _chunks(self, batch: int, device) -> list[torch.Tensor]:
         return list(torch.arange(batch, device=device).split(self.config.micro_batch_size or batch))
 
     def _log_probs(self, traj, steps, chunk) -> torch.Tensor:
         with self.accelerator.autocast():
-            return log_prob(self.policy, traj.select(chunk), steps[chunk], detach_uncond=self.config.detach_uncond).log_probs
+            return log_prob(
+                self.policy, traj.select(chunk), steps[chunk], detach_uncond=self.config.detach_uncond
+            ).log_probs
 
     def train_step(self, step: int) -> dict:
         cfg = self.config
@@ -123,8 +135,9 @@ class PRDPTrainer(OnlineTrainer):
         t_train = time.perf_counter()
 
         batch, device = traj.batch_size, traj.latents.device
-        shared = select_train_steps(traj.sde_mask.cpu(), 1, cfg.timestep_fraction,
-                                    torch.Generator().manual_seed(self.step_seed(step, 2)))
+        shared = select_train_steps(
+            traj.sde_mask.cpu(), 1, cfg.timestep_fraction, torch.Generator().manual_seed(self.step_seed(step, 2))
+        )
         steps = shared.expand(batch, -1).to(device)
         chunks = self._chunks(batch, device)
         with self.reference():

@@ -27,8 +27,18 @@ import torch
 
 from visalign.errors import ConfigError
 
-__all__ = ["ARCHITECTURES", "KNOWN_MODELS", "block_lists", "build", "build_pipeline", "config", "num_blocks",
-           "parameter_count", "resolve", "spec"]
+__all__ = [
+    "ARCHITECTURES",
+    "KNOWN_MODELS",
+    "block_lists",
+    "build",
+    "build_pipeline",
+    "config",
+    "num_blocks",
+    "parameter_count",
+    "resolve",
+    "spec",
+]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 ARCHITECTURES: tuple[str, ...] = tuple(sorted(f[:-5] for f in os.listdir(_HERE) if f.endswith(".json")))
@@ -45,8 +55,9 @@ def _load(name: str) -> str:
 def spec(name: str) -> dict:
     """The JSON record of architecture ``name`` (a fresh copy): hub id, family, component configs."""
     if name not in ARCHITECTURES:
-        raise ConfigError(f"Unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)} "
-                          f"(hub ids: {', '.join(KNOWN_MODELS)}).")
+        raise ConfigError(
+            f"Unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)} (hub ids: {', '.join(KNOWN_MODELS)})."
+        )
     return json.loads(_load(name))
 
 
@@ -66,9 +77,11 @@ def resolve(model: str | None = None, architecture: str | None = None) -> str:
         if key.lower() == hub_id.lower():
             return name
     known = ", ".join(f"{hub} ({name})" for hub, name in KNOWN_MODELS.items())
-    raise ConfigError(f"No known architecture for model {model!r}. Known hub ids: {known}. For a fine-tune or a local "
-                      f"copy of one of them, add `architecture: NAME` to the recipe (NAME one of "
-                      f"{', '.join(ARCHITECTURES)}).")
+    raise ConfigError(
+        f"No known architecture for model {model!r}. Known hub ids: {known}. For a fine-tune or a local "
+        f"copy of one of them, add `architecture: NAME` to the recipe (NAME one of "
+        f"{', '.join(ARCHITECTURES)})."
+    )
 
 
 def config(name: str, part: str = "denoiser", depth: int | None = None) -> dict:
@@ -114,8 +127,14 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
-def build(name: str, part: str = "denoiser", device: str | torch.device = "meta", depth: int | None = None,
-          dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
+def build(
+    name: str,
+    part: str = "denoiser",
+    device: str | torch.device = "meta",
+    depth: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> torch.nn.Module:
     """Instantiates one component of architecture ``name`` with random weights, in eval mode.
 
     Args:
@@ -162,16 +181,23 @@ def num_blocks(model: torch.nn.Module) -> int:
 
 
 _TINY_TEXT_WIDTHS = {  # text-encoder overrides whose output widths match the real denoisers' inputs
-    "sd3": {"text_encoder": {"hidden_size": 768, "projection_dim": 768},
-            "text_encoder_2": {"hidden_size": 1280, "projection_dim": 1280},
-            "text_encoder_3": {"d_model": 4096}},
+    "sd3": {
+        "text_encoder": {"hidden_size": 768, "projection_dim": 768},
+        "text_encoder_2": {"hidden_size": 1280, "projection_dim": 1280},
+        "text_encoder_3": {"d_model": 4096},
+    },
     "flux": {"text_encoder": {"hidden_size": 768, "projection_dim": 768}, "text_encoder_2": {"d_model": 4096}},
     "wan-t2v": {"text_encoder": {"d_model": 4096}},
 }
 
 
-def build_pipeline(name: str, depth: int | None = None, device: str | torch.device = "cpu",
-                   dtype: torch.dtype = torch.float32, seed: int = 0):
+def build_pipeline(
+    name: str,
+    depth: int | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+):
     """A stock diffusers pipeline around the real-size denoiser and VAE of ``name``, with random weights.
 
     The real text encoders (T5-XXL, UMT5-XXL, CLIP-G: 5–6B parameters) cannot be built usefully
@@ -186,8 +212,12 @@ def build_pipeline(name: str, depth: int | None = None, device: str | torch.devi
 
     record = spec(name)
     family = record["family"]
-    pipe = tiny_pipeline(family, seed=seed, **_TINY_TEXT_WIDTHS[family],
-                         transformer=build(name, "denoiser", device=device, depth=depth, dtype=dtype, seed=seed),
-                         vae=build(name, "vae", device=device, dtype=dtype, seed=seed + 1),
-                         scheduler=FlowMatchEulerDiscreteScheduler(**record["scheduler"]))
+    pipe = tiny_pipeline(
+        family,
+        seed=seed,
+        **_TINY_TEXT_WIDTHS[family],
+        transformer=build(name, "denoiser", device=device, depth=depth, dtype=dtype, seed=seed),
+        vae=build(name, "vae", device=device, dtype=dtype, seed=seed + 1),
+        scheduler=FlowMatchEulerDiscreteScheduler(**record["scheduler"]),
+    )
     return pipe.to(device=device, dtype=dtype)

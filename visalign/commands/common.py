@@ -1,5 +1,6 @@
 """What several commands share: loading a model or a reward from a command-line spec, gathering prompts,
-and writing or reading a folder of images and videos with its ``prompts.csv``."""
+and writing or reading a folder of images and videos with its ``prompts.csv``.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ def load_policy_for_cli(model: str, dtype: str | None = None, device: str | None
         from visalign.errors import InvalidInputError
 
         if not os.path.exists(lora):
-            raise InvalidInputError(f"--lora {lora} does not exist; pass a folder written by `visalign train` "
-                                    "(OUTPUT_DIR/lora) or any diffusers LoRA.")
+            raise InvalidInputError(
+                f"--lora {lora} does not exist; pass a folder written by `visalign train` "
+                "(OUTPUT_DIR/lora) or any diffusers LoRA."
+            )
         policy.load_lora(lora)  # every expert's file, in the format the family exports
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return policy.to(device)
@@ -66,8 +69,10 @@ def save_media(images, prompts: list[str], out_dir: str) -> list[str]:
 
     os.makedirs(out_dir, exist_ok=True)
     if images.ndim == 5:
-        names = [os.path.basename(save_video(video, os.path.join(out_dir, f"sample_{i:03d}.mp4")))
-                 for i, video in enumerate(images)]
+        names = [
+            os.path.basename(save_video(video, os.path.join(out_dir, f"sample_{i:03d}.mp4")))
+            for i, video in enumerate(images)
+        ]
     else:
         names = []
         for i, array in enumerate(to_uint8(images)):
@@ -100,8 +105,15 @@ def seeded_generators(device, seed: int, count: int):
     return [torch.Generator(device).manual_seed(seed + i) for i in range(count)]
 
 
-MEDIA_SUFFIXES = {".png": "image", ".jpg": "image", ".jpeg": "image", ".webp": "image",
-                  ".mp4": "video", ".gif": "video", ".webm": "video"}
+MEDIA_SUFFIXES = {
+    ".png": "image",
+    ".jpg": "image",
+    ".jpeg": "image",
+    ".webp": "image",
+    ".mp4": "video",
+    ".gif": "video",
+    ".webm": "video",
+}
 
 
 def read_media(path: str):
@@ -135,13 +147,17 @@ def prompts_for(folder: str, files: list[str], prompts_file: str | None) -> tupl
                 prompts_file = os.path.join(folder, name)
                 break
     if prompts_file is None:
-        raise InvalidInputError(f"No prompts for {folder}: pass --prompts FILE (CSV/JSONL with file and prompt columns).")
+        raise InvalidInputError(
+            f"No prompts for {folder}: pass --prompts FILE (CSV/JSONL with file and prompt columns)."
+        )
     if prompts_file.endswith(".json"):
         listed = json.load(open(prompts_file))["prompts"]
         return files, [listed[i % len(listed)] for i in range(len(files))], []
     by_file = {os.path.basename(str(r["file"])): r["prompt"] for r in PromptSource.from_any(prompts_file)}
     named = [f for f in files if f in by_file]
     if not named:
-        raise InvalidInputError(f"{prompts_file} names none of the files in {folder} ({files[:5]}); its `file` "
-                                "column must hold their names.")
+        raise InvalidInputError(
+            f"{prompts_file} names none of the files in {folder} ({files[:5]}); its `file` "
+            "column must hold their names."
+        )
     return named, [by_file[f] for f in named], [f for f in files if f not in by_file]

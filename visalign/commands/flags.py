@@ -1,5 +1,6 @@
 """The sampling flags of ``visalign sample`` and ``visalign steer``, generated from the metadata of
-:class:`~visalign.sampling.SamplingOptions` (names, types, choices, help and defaults written once, there)."""
+:class:`~visalign.sampling.SamplingOptions` (names, types, choices, help and defaults written once, there).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import argparse
 
 def cli_sampling_fields() -> list:
     """The :class:`~visalign.sampling.SamplingOptions` fields that are command-line flags (metadata ``cli``
-    not False)."""
+    not False).
+    """
     import dataclasses
 
     from visalign.sampling import SamplingOptions
@@ -30,8 +32,10 @@ def flag_type(name: str, annotation) -> tuple[type, list | None]:
             return flag_type(name, kinds[0])
     if annotation in (int, float, str, bool):
         return annotation, None
-    raise TypeError(f"SamplingOptions.{name} has type {annotation}, which has no command-line flag; give it "
-                    "metadata={'cli': False}, or teach visalign.cli.flag_type the type.")
+    raise TypeError(
+        f"SamplingOptions.{name} has type {annotation}, which has no command-line flag; give it "
+        "metadata={'cli': False}, or teach visalign.cli.flag_type the type."
+    )
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, **defaults) -> None:
@@ -56,15 +60,22 @@ def add_sampling_options(parser: argparse.ArgumentParser, **defaults) -> None:
         flags = field.metadata.get("flags") or ("--" + field.name.replace("_", "-"),)
         text = f"{field.metadata.get('help', '')} (default: {default})".replace("%", "%%")
         if kind is bool:
-            parser.add_argument(*flags, dest=field.name, action=argparse.BooleanOptionalAction, default=default,
-                                help=text)
+            parser.add_argument(
+                *flags, dest=field.name, action=argparse.BooleanOptionalAction, default=default, help=text
+            )
         else:
             metavar = None if choices else flags[0].lstrip("-").replace("-", "_").upper()
-            parser.add_argument(*flags, dest=field.name, type=kind, choices=choices, default=default, help=text,
-                                metavar=metavar)
+            parser.add_argument(
+                *flags, dest=field.name, type=kind, choices=choices, default=default, help=text, metavar=metavar
+            )
 
 
 def sampling_kwargs_from_args(args, generator) -> dict:
     """The sampling keywords of ``va.sample`` and the steering functions, from the parsed flags."""
-    return {**{f.name: getattr(args, f.name) for f in cli_sampling_fields()}, "generator": generator,
-            "height": args.height, "width": args.width, "num_frames": args.num_frames}
+    return {
+        **{f.name: getattr(args, f.name) for f in cli_sampling_fields()},
+        "generator": generator,
+        "height": args.height,
+        "width": args.width,
+        "num_frames": args.num_frames,
+    }

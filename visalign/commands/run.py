@@ -1,5 +1,6 @@
 """``visalign train``, ``score``, ``serve-reward``, ``demo`` and ``plan``: the commands that run a recipe,
-score a folder, serve a reward, run the demo or plan a run."""
+score a folder, serve a reward, run the demo or plan a run.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 
 from visalign.commands.common import MEDIA_SUFFIXES, prompts_for, read_media, reward_from_spec
+
 
 def cmd_train(args) -> int:
     """Runs the recipe's algorithm; works the same under ``accelerate launch -m visalign train ...``."""
@@ -35,8 +37,10 @@ def cmd_score(args) -> int:
 
     if not os.path.isdir(args.folder):
         what = "is a file, not a folder" if os.path.exists(args.folder) else "does not exist"
-        raise InvalidInputError(f"{args.folder} {what}; pass a folder of images or videos with their prompts, e.g. "
-                                "the --out folder of `visalign sample` or `visalign steer`.")
+        raise InvalidInputError(
+            f"{args.folder} {what}; pass a folder of images or videos with their prompts, e.g. "
+            "the --out folder of `visalign sample` or `visalign steer`."
+        )
     files = sorted(f for f in os.listdir(args.folder) if os.path.splitext(f)[1].lower() in MEDIA_SUFFIXES)
     if not files:
         raise InvalidInputError(f"{args.folder} holds no images or videos ({', '.join(MEDIA_SUFFIXES)}).")
@@ -47,13 +51,13 @@ def cmd_score(args) -> int:
     out_path = args.out or os.path.join(args.folder, "rewards.csv")
     rows = []
     for start in range(0, len(files), args.batch_size):
-        names = files[start:start + args.batch_size]
+        names = files[start : start + args.batch_size]
         media = [read_media(os.path.join(args.folder, n)) for n in names]
         shapes = {tuple(m.shape) for m in media}
         batches = [torch.stack(media)] if len(shapes) == 1 else [m.unsqueeze(0) for m in media]
         offset = 0
         for batch in batches:
-            batch_prompts = prompts[start + offset:start + offset + batch.shape[0]]
+            batch_prompts = prompts[start + offset : start + offset + batch.shape[0]]
             with torch.no_grad():
                 result = call_reward(reward, batch, batch_prompts)
             for i in range(batch.shape[0]):
@@ -81,8 +85,16 @@ def cmd_serve_reward(args) -> int:
     if api_key is None and args.api_key_env != "VISALIGN_REWARD_API_KEY":
         raise ConfigError(f"--api-key-env {args.api_key_env}: that environment variable is not set (or empty).")
     check_bind(args.host, api_key, args.api_key_env)  # before loading a model that may take minutes
-    serve(load_reward(args.spec), args.host, args.port, api_key=api_key, api_key_env=args.api_key_env,
-          max_body_bytes=int(args.max_body_mb * 2**20), device=args.device, log_level=args.log_level)
+    serve(
+        load_reward(args.spec),
+        args.host,
+        args.port,
+        api_key=api_key,
+        api_key_env=args.api_key_env,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        device=args.device,
+        log_level=args.log_level,
+    )
     return 0
 
 
@@ -90,8 +102,13 @@ def cmd_demo(args) -> int:
     """Runs the offline demo (:func:`visalign.demo.run_demo`) and prints where its report is."""
     from visalign.demo import run_demo
 
-    path = run_demo(out_dir=args.out, seed=args.seed, max_steps=args.max_steps, eval_every=args.eval_every,
-                    num_eval_prompts=args.eval_prompts)
+    path = run_demo(
+        out_dir=args.out,
+        seed=args.seed,
+        max_steps=args.max_steps,
+        eval_every=args.eval_every,
+        num_eval_prompts=args.eval_prompts,
+    )
     print(f"Report: {path}")
     return 0
 
@@ -108,6 +125,17 @@ def cmd_plan(args) -> int:
     print(format_plan(plan) + f"\nattention backend: {backend}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"workload": vars(workload), "gpus": plan.gpus, "measured": plan.measured, "bytes": plan.rows,
-                       "flops": plan.flops, "notes": plan.notes}, f, indent=2, default=str)
+            json.dump(
+                {
+                    "workload": vars(workload),
+                    "gpus": plan.gpus,
+                    "measured": plan.measured,
+                    "bytes": plan.rows,
+                    "flops": plan.flops,
+                    "notes": plan.notes,
+                },
+                f,
+                indent=2,
+                default=str,
+            )
     return 0

@@ -14,8 +14,17 @@ import torch
 
 from visalign.errors import ConfigError
 
-__all__ = ["anchor_loss", "awm_advantages", "awm_log_weight", "awm_loss", "awm_policy_loss", "ema_anchor_decay",
-           "matching_error", "num_usable_strata", "stratified_indices"]
+__all__ = [
+    "anchor_loss",
+    "awm_advantages",
+    "awm_log_weight",
+    "awm_loss",
+    "awm_policy_loss",
+    "ema_anchor_decay",
+    "matching_error",
+    "num_usable_strata",
+    "stratified_indices",
+]
 
 _TINY = 1e-10
 
@@ -23,8 +32,9 @@ _TINY = 1e-10
 def awm_advantages(advantages: torch.Tensor, clip_max: float = 5.0) -> torch.Tensor:
     """clip(A, ±clip_max)/clip_max ∈ [−1, 1], the official rescale (Flow-Factory drops the /clip_max)."""
     if clip_max is None or clip_max <= 0:
-        raise ConfigError(f"AWM rescales advantages by clip_max, which must be > 0; got {clip_max!r}. "
-                          "The official value is 5.")
+        raise ConfigError(
+            f"AWM rescales advantages by clip_max, which must be > 0; got {clip_max!r}. The official value is 5."
+        )
     return advantages.float().clamp(-clip_max, clip_max) / clip_max
 
 
@@ -40,8 +50,13 @@ def num_usable_strata(num_steps: int, fraction: float = 0.9, mode: str = "discre
     return max(0, top - start)
 
 
-def stratified_indices(num_steps: int, num_strata: int, fraction: float = 0.9, mode: str = "discrete_wo_init",
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+def stratified_indices(
+    num_steps: int,
+    num_strata: int,
+    fraction: float = 0.9,
+    mode: str = "discrete_wo_init",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """One rollout-step index per stratum, shape (K,) (docs/math.md §9).
 
     The boundaries are b_k = ⌊start + k·(top − start)/K⌋ for k = 0..K with top = ⌊S·fraction⌋ and
@@ -54,7 +69,8 @@ def stratified_indices(num_steps: int, num_strata: int, fraction: float = 0.9, m
     if num_strata < 1 or num_strata > top - start:
         raise ConfigError(
             f"{num_strata} noise-level strata do not fit {num_steps} steps: {mode} with timestep_fraction={fraction} "
-            f"leaves {max(0, top - start)} step indices. Use num_strata <= {max(0, top - start)} or more num_steps.")
+            f"leaves {max(0, top - start)} step indices. Use num_strata <= {max(0, top - start)} or more num_steps."
+        )
     bounds = torch.tensor([start + (k * (top - start)) // num_strata for k in range(num_strata + 1)], dtype=torch.long)
     lower, upper = bounds[:-1], bounds[1:]
     u = torch.rand(num_strata, generator=generator, dtype=torch.float64)
@@ -79,7 +95,7 @@ def awm_log_weight(m: torch.Tensor, sigma: torch.Tensor | float, weighting: str 
     if power <= 0:
         raise ConfigError(f"ghuber_power must be > 0, got {power!r}; AWM uses 0.25.")
     s = torch.as_tensor(sigma, dtype=torch.float64, device=m.device)
-    return -s * ((m.double() + _TINY) ** power - _TINY ** power) / power
+    return -s * ((m.double() + _TINY) ** power - _TINY**power) / power
 
 
 def awm_policy_loss(log_w: torch.Tensor, old_log_w: torch.Tensor, advantages: torch.Tensor, clip_range: float = 1.0):
@@ -101,10 +117,20 @@ def anchor_loss(v: torch.Tensor, v_anchor: torch.Tensor | None) -> torch.Tensor:
     return (v.float() - v_anchor.float().detach()).pow(2).flatten(1).mean(dim=1).mean()
 
 
-def awm_loss(v: torch.Tensor, target: torch.Tensor, sigma: torch.Tensor | float, advantages: torch.Tensor,
-             old_log_w: torch.Tensor | None = None, clip_range: float = 1.0, weighting: str = "ghuber",
-             power: float = 0.25, v_ref: torch.Tensor | None = None, ref_beta: float = 0.0,
-             v_ema: torch.Tensor | None = None, ema_beta: float = 0.0):
+def awm_loss(
+    v: torch.Tensor,
+    target: torch.Tensor,
+    sigma: torch.Tensor | float,
+    advantages: torch.Tensor,
+    old_log_w: torch.Tensor | None = None,
+    clip_range: float = 1.0,
+    weighting: str = "ghuber",
+    power: float = 0.25,
+    v_ref: torch.Tensor | None = None,
+    ref_beta: float = 0.0,
+    v_ema: torch.Tensor | None = None,
+    ema_beta: float = 0.0,
+):
     """The AWM loss of one noise level per sample (docs/math.md §9).
 
     ``policy + ref_beta·mean (v − v_ref)² + ema_beta·mean (v − v_ema)²``, the policy term of
@@ -135,10 +161,15 @@ def awm_loss(v: torch.Tensor, target: torch.Tensor, sigma: torch.Tensor | float,
     if v_ema is not None and ema_beta:
         loss = loss + ema_beta * ema
     with torch.no_grad():
-        metrics = {"loss": float(loss), "policy_loss": float(policy), "matching": float(m.mean()),
-                   "ratio_mean": float(ratio.mean()),
-                   "clipfrac": float(((ratio - 1).abs() > clip_range).float().mean()),
-                   "ref_anchor": float(ref), "ema_anchor": float(ema)}
+        metrics = {
+            "loss": float(loss),
+            "policy_loss": float(policy),
+            "matching": float(m.mean()),
+            "ratio_mean": float(ratio.mean()),
+            "clipfrac": float(((ratio - 1).abs() > clip_range).float().mean()),
+            "ref_anchor": float(ref),
+            "ema_anchor": float(ema),
+        }
     return loss, metrics
 
 

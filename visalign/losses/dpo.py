@@ -19,8 +19,15 @@ def prediction_errors(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
 
 
-def dpo_loss(err_w: torch.Tensor, err_l: torch.Tensor, ref_err_w: torch.Tensor, ref_err_l: torch.Tensor,
-             beta: float | torch.Tensor, weights: torch.Tensor | None = None, reduction: str = "mean"):
+def dpo_loss(
+    err_w: torch.Tensor,
+    err_l: torch.Tensor,
+    ref_err_w: torch.Tensor,
+    ref_err_l: torch.Tensor,
+    beta: float | torch.Tensor,
+    weights: torch.Tensor | None = None,
+    reduction: str = "mean",
+):
     """The Diffusion-/Flow-DPO loss (docs/math.md §3).
 
     ``z = −½·β·[(e_θ,w − e_ref,w) − (e_θ,l − e_ref,l)]``, loss = mean over pairs of −log σ(z) (the
@@ -48,9 +55,15 @@ def dpo_loss(err_w: torch.Tensor, err_l: torch.Tensor, ref_err_w: torch.Tensor, 
     loss = total / count if reduction == "mean" else total
     with torch.no_grad():
         mean = lambda t: float((w * t.float()).sum() / count)  # noqa: E731
-        metrics = {"loss": mean(-F.logsigmoid(z)), "implicit_acc": mean(z > 0), "reward_margin": mean(z),
-                   "err_chosen": mean(err_w), "err_rejected": mean(err_l), "ref_err_chosen": mean(ref_err_w),
-                   "ref_err_rejected": mean(ref_err_l)}
+        metrics = {
+            "loss": mean(-F.logsigmoid(z)),
+            "implicit_acc": mean(z > 0),
+            "reward_margin": mean(z),
+            "err_chosen": mean(err_w),
+            "err_rejected": mean(err_l),
+            "ref_err_chosen": mean(ref_err_w),
+            "ref_err_rejected": mean(ref_err_l),
+        }
     return loss, metrics
 
 
@@ -73,8 +86,12 @@ def dpo_beta(beta: float, schedule: str, level: torch.Tensor, prediction_type: s
         return torch.full_like(level, float(beta))
     if schedule != "eps":
         raise ConfigError(f"beta_schedule must be 'constant' or 'eps'; got {schedule!r}.")
-    weight = {"velocity": lambda: (1.0 - level) ** 2, "epsilon": lambda: torch.ones_like(level),
-              "v_prediction": lambda: level, "sample": lambda: level / (1.0 - level)}
+    weight = {
+        "velocity": lambda: (1.0 - level) ** 2,
+        "epsilon": lambda: torch.ones_like(level),
+        "v_prediction": lambda: level,
+        "sample": lambda: level / (1.0 - level),
+    }
     if prediction_type not in weight:
         raise ConfigError(f"Unknown prediction_type {prediction_type!r}; expected one of {sorted(weight)}.")
     return beta * weight[prediction_type]()

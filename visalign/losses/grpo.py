@@ -16,8 +16,14 @@ from visalign.errors import ConfigError
 __all__ = ["flow_grpo_kl", "group_advantages", "grpo_guard_loss", "grpo_loss", "guard_log_ratio", "select_train_steps"]
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, std: str = "group", clip: float | None = 5.0,
-                     eps: float = 1e-4, zero_std_tol: float = 1e-6):
+def group_advantages(
+    rewards: torch.Tensor,
+    group_size: int,
+    std: str = "group",
+    clip: float | None = 5.0,
+    eps: float = 1e-4,
+    zero_std_tol: float = 1e-6,
+):
     """Group-relative advantages A = (r − mean_group)/(std + eps), clipped to ±clip.
 
     Args:
@@ -50,9 +56,16 @@ def group_advantages(rewards: torch.Tensor, group_size: int, std: str = "group",
     return advantages.reshape(-1), zero_std
 
 
-def grpo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor, clip_range: float,
-              kl: torch.Tensor | None = None, kl_beta: float = 0.0, weights: torch.Tensor | None = None,
-              reduction: str = "mean"):
+def grpo_loss(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_range: float,
+    kl: torch.Tensor | None = None,
+    kl_beta: float = 0.0,
+    weights: torch.Tensor | None = None,
+    reduction: str = "mean",
+):
     """The PPO-clipped GRPO objective over trained steps (docs/math.md §2).
 
     ``max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)) + β·KL`` per (sample, step), with ρ = exp(log π − log π_old).
@@ -86,8 +99,9 @@ def grpo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: 
         mask = w > 0
         pick = (lambda t: t[mask]) if bool(mask.any()) else (lambda t: t.flatten()[:0])
         metrics = {
-            "policy_loss": float((((-adv * ratio).maximum(-adv * ratio.clamp(1 - clip_range, 1 + clip_range))) * w)
-                                 .sum() / count),
+            "policy_loss": float(
+                (((-adv * ratio).maximum(-adv * ratio.clamp(1 - clip_range, 1 + clip_range))) * w).sum() / count
+            ),
             "clipfrac": float(((ratio - 1).abs() > clip_range).float()[mask].mean()) if bool(mask.any()) else 0.0,
             "approx_kl": float(0.5 * pick(log_ratio).pow(2).mean()) if bool(mask.any()) else 0.0,
             "ratio_mean": float(pick(ratio).mean()) if bool(mask.any()) else 1.0,
@@ -96,8 +110,13 @@ def grpo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: 
     return loss, metrics
 
 
-def select_train_steps(sde_mask: torch.Tensor, batch: int, fraction: float, generator: torch.Generator | None,
-                       window: tuple[int, int] | None = None) -> torch.Tensor:
+def select_train_steps(
+    sde_mask: torch.Tensor,
+    batch: int,
+    fraction: float,
+    generator: torch.Generator | None,
+    window: tuple[int, int] | None = None,
+) -> torch.Tensor:
     """Which transitions each sample trains on, as a (B, k) long tensor (docs/math.md §2).
 
     Never the last step. With an SDE window: every stochastic step of the window. Otherwise a
@@ -129,8 +148,14 @@ def flow_grpo_kl(kl: torch.Tensor, minus_dt: torch.Tensor) -> torch.Tensor:
     return kl * minus_dt.to(kl.dtype)
 
 
-def guard_log_ratio(log_probs: torch.Tensor, old_log_probs: torch.Tensor, means: torch.Tensor,
-                    old_means: torch.Tensor, std: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
+def guard_log_ratio(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    means: torch.Tensor,
+    old_means: torch.Tensor,
+    std: torch.Tensor,
+    reduce: str = "mean",
+) -> torch.Tensor:
     """GRPO-Guard's RatioNorm: the normalised log-ratio log ρ̃ of each trained transition (docs/math.md §11).
 
     ``log ρ̃ = s·[log π_θ − log π_old + R(δ²)/(2s²)]`` with δ = μ_θ − μ_old, s the step's std and R
@@ -158,9 +183,16 @@ def guard_log_ratio(log_probs: torch.Tensor, old_log_probs: torch.Tensor, means:
     return s * (log_probs.float() - old_log_probs.float() + sq / (2 * s * s))
 
 
-def grpo_guard_loss(log_ratio: torch.Tensor, advantages: torch.Tensor, clip_range: float, minus_dt: torch.Tensor,
-                    kl: torch.Tensor | None = None, kl_beta: float = 0.0, weights: torch.Tensor | None = None,
-                    reduction: str = "mean"):
+def grpo_guard_loss(
+    log_ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_range: float,
+    minus_dt: torch.Tensor,
+    kl: torch.Tensor | None = None,
+    kl_beta: float = 0.0,
+    weights: torch.Tensor | None = None,
+    reduction: str = "mean",
+):
     """GRPO-Guard's objective: the PPO clip of :func:`grpo_loss` on ρ̃, each policy term divided by −dt.
 
     ``max(−A·ρ̃, −A·clip(ρ̃, 1−ε, 1+ε))/(−dt) + β·KL`` per (sample, step): the gradient
@@ -178,8 +210,9 @@ def grpo_guard_loss(log_ratio: torch.Tensor, advantages: torch.Tensor, clip_rang
         ``(loss, metrics)``: the metrics of :func:`grpo_loss` on ρ̃ (``clipfrac``, ``approx_kl``,
         ``ratio_mean`` are of ρ̃), with ``policy_loss`` the reweighted policy term.
     """
-    _, metrics = grpo_loss(log_ratio.detach(), torch.zeros_like(log_ratio), advantages, clip_range, kl=kl,
-                           kl_beta=kl_beta, weights=weights)
+    _, metrics = grpo_loss(
+        log_ratio.detach(), torch.zeros_like(log_ratio), advantages, clip_range, kl=kl, kl_beta=kl_beta, weights=weights
+    )
     ratio = torch.exp(log_ratio)
     adv = advantages.unsqueeze(1).to(ratio.dtype)
     policy = torch.maximum(-adv * ratio, -adv * ratio.clamp(1.0 - clip_range, 1.0 + clip_range))

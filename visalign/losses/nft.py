@@ -19,8 +19,14 @@ import torch
 
 from visalign.errors import ConfigError
 
-__all__ = ["OLD_DECAY_SCHEDULES", "adaptive_weight", "implicit_velocities", "nft_loss", "old_policy_decay",
-           "optimality_probability"]
+__all__ = [
+    "OLD_DECAY_SCHEDULES",
+    "adaptive_weight",
+    "implicit_velocities",
+    "nft_loss",
+    "old_policy_decay",
+    "optimality_probability",
+]
 
 # decay_type → (flat steps, rate per optimizer step, cap): d(s) = 0 for s < flat, else min(rate·(s − flat), cap).
 OLD_DECAY_SCHEDULES = {0: (0, 0.0, 0.0), 1: (0, 0.001, 0.5), 2: (75, 0.0075, 0.999)}
@@ -55,9 +61,19 @@ def _per_sample(values: torch.Tensor) -> torch.Tensor:
     return values.flatten(1).mean(dim=1)
 
 
-def nft_loss(v: torch.Tensor, v_old: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor | float,
-             r: torch.Tensor, beta: float = 1.0, clip_max: float = 5.0, v_ref: torch.Tensor | None = None,
-             kl_beta: float = 0.0, adaptive_weights: bool = True):
+def nft_loss(
+    v: torch.Tensor,
+    v_old: torch.Tensor,
+    x_t: torch.Tensor,
+    x0: torch.Tensor,
+    sigma: torch.Tensor | float,
+    r: torch.Tensor,
+    beta: float = 1.0,
+    clip_max: float = 5.0,
+    v_ref: torch.Tensor | None = None,
+    kl_beta: float = 0.0,
+    adaptive_weights: bool = True,
+):
     """The DiffusionNFT loss of one noise level per sample (docs/math.md §8).
 
     With x̂± = x_t − σ·v±, w± = max(mean_dims |x̂± − x0|, 1e-5) (detached, float64) and
@@ -102,8 +118,12 @@ def nft_loss(v: torch.Tensor, v_old: torch.Tensor, x_t: torch.Tensor, x0: torch.
     loss = policy + kl_beta * kl if kl is not None and kl_beta else policy
     with torch.no_grad():
         metrics = {
-            "loss": float(loss), "policy_loss": float(policy), "kl": float(kl) if kl is not None else 0.0,
-            "loss_pos": float(loss_pos.mean()), "loss_neg": float(loss_neg.mean()), "r_mean": float(r.mean()),
+            "loss": float(loss),
+            "policy_loss": float(policy),
+            "kl": float(kl) if kl is not None else 0.0,
+            "loss_pos": float(loss_pos.mean()),
+            "loss_neg": float(loss_neg.mean()),
+            "r_mean": float(r.mean()),
             "old_deviation": float((v.float() - v_old.float()).pow(2).mean()),
         }
     return loss, metrics

@@ -23,8 +23,14 @@ def pair_indices(num_samples: int, group_size: int, device=None) -> tuple[torch.
     return (offsets + within[:, 0]).reshape(-1), (offsets + within[:, 1]).reshape(-1)
 
 
-def prdp_loss(log_ratios: torch.Tensor, old_log_ratios: torch.Tensor, rewards: torch.Tensor, group_size: int,
-              beta: float, clip_range: float):
+def prdp_loss(
+    log_ratios: torch.Tensor,
+    old_log_ratios: torch.Tensor,
+    rewards: torch.Tensor,
+    group_size: int,
+    beta: float,
+    clip_range: float,
+):
     """The PRDP objective (docs/math.md §4).
 
     Args:
@@ -50,8 +56,11 @@ def prdp_loss(log_ratios: torch.Tensor, old_log_ratios: torch.Tensor, rewards: t
     loss_clip = ((pred_clip[a] - pred_clip[b]) - target) ** 2
     loss = torch.maximum(loss_plain, loss_clip).mean()
     with torch.no_grad():
-        metrics = {"loss": float(loss), "loss_unclipped": float(loss_plain.mean()),
-                   "clipfrac": float(((log_ratios - old).abs() > clip_range).float().mean()),
-                   "clipped_pair_frac": float((loss_clip > loss_plain).float().mean()),
-                   "pred_reward_mean": float(pred.mean())}
+        metrics = {
+            "loss": float(loss),
+            "loss_unclipped": float(loss_plain.mean()),
+            "clipfrac": float(((log_ratios - old).abs() > clip_range).float().mean()),
+            "clipped_pair_frac": float((loss_clip > loss_plain).float().mean()),
+            "pred_reward_mean": float(pred.mean()),
+        }
     return loss, metrics

@@ -4,13 +4,31 @@
 wraps. Each family lives in its own file; importing this package registers all of them.
 """
 
+# Importing the family modules registers their adapters.
+from visalign.pipelines import (  # noqa: E402,F401  # noqa: E402,F401  # noqa: E402,F401
+    flux,
+    flux2,
+    hunyuan_video15,
+    kontext,
+    qwen_image,
+    qwen_image_edit,
+    sd3,
+    stable_diffusion,
+    wan,
+    wan22,
+    z_image,
+)
 from visalign.pipelines.base import Conditioning, Geometry, Policy, Schedule
 from visalign.pipelines.registry import adapter_for, load, register_adapter, supported_pipelines, wrap
 
-# Importing the family modules registers their adapters.
-from visalign.pipelines import flux, sd3, stable_diffusion, wan  # noqa: E402,F401
-from visalign.pipelines import flux2, kontext, qwen_image, qwen_image_edit, z_image  # noqa: E402,F401
-from visalign.pipelines import hunyuan_video15, wan22  # noqa: E402,F401
-
-__all__ = ["Conditioning", "Geometry", "Policy", "Schedule", "adapter_for", "load", "register_adapter",
-           "supported_pipelines", "wrap"]
+__all__ = [
+    "Conditioning",
+    "Geometry",
+    "Policy",
+    "Schedule",
+    "adapter_for",
+    "load",
+    "register_adapter",
+    "supported_pipelines",
+    "wrap",
+]

@@ -27,8 +27,13 @@ import torch
 
 from visalign.errors import ConfigError, MissingDependencyError
 
-__all__ = ["ATTENTION_BACKENDS", "DispatchJointAttnProcessor", "apply_attention_backend", "check_attention_backend",
-           "resolve_attention_backend"]
+__all__ = [
+    "ATTENTION_BACKENDS",
+    "DispatchJointAttnProcessor",
+    "apply_attention_backend",
+    "check_attention_backend",
+    "resolve_attention_backend",
+]
 
 #: visalign's names → diffusers' AttentionBackendName values.
 ATTENTION_BACKENDS = {"sdpa": "native", "native": "native", "xformers": "xformers", "flash": "flash", "sage": "sage"}
@@ -40,8 +45,10 @@ def resolve_attention_backend(name: str | None) -> str:
     """visalign's canonical name (``sdpa``, ``xformers``, ``flash`` or ``sage``); None means sdpa."""
     key = "sdpa" if name is None else str(name).strip().lower()
     if key not in ATTENTION_BACKENDS:
-        raise ConfigError(f"Unknown attention_backend {name!r}; use one of {', '.join(ATTENTION_BACKENDS)} "
-                          "(sdpa is PyTorch's scaled_dot_product_attention, the default).")
+        raise ConfigError(
+            f"Unknown attention_backend {name!r}; use one of {', '.join(ATTENTION_BACKENDS)} "
+            "(sdpa is PyTorch's scaled_dot_product_attention, the default)."
+        )
     return "sdpa" if ATTENTION_BACKENDS[key] == "native" else key
 
 
@@ -55,8 +62,10 @@ def check_attention_backend(name: str | None) -> str:
     try:
         importlib.import_module(package)
     except Exception as exc:  # ImportError, or a broken build raising something else
-        raise MissingDependencyError(f"attention_backend={backend!r} needs the package '{package}', which could not "
-                                     f"be imported ({type(exc).__name__}: {exc}). {hint}") from exc
+        raise MissingDependencyError(
+            f"attention_backend={backend!r} needs the package '{package}', which could not "
+            f"be imported ({type(exc).__name__}: {exc}). {hint}"
+        ) from exc
     from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
 
     try:  # diffusers' own check: the installed version is one its dispatcher supports
@@ -90,8 +99,14 @@ class DispatchJointAttnProcessor:
         q, k, v = project(hidden_states, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k)
         tokens = q.shape[1]
         if encoder_hidden_states is not None:
-            cq, ck, cv = project(encoder_hidden_states, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj,
-                                 attn.norm_added_q, attn.norm_added_k)
+            cq, ck, cv = project(
+                encoder_hidden_states,
+                attn.add_q_proj,
+                attn.add_k_proj,
+                attn.add_v_proj,
+                attn.norm_added_q,
+                attn.norm_added_k,
+            )
             q, k, v = torch.cat([q, cq], 1), torch.cat([k, ck], 1), torch.cat([v, cv], 1)
         out = dispatch_attention_fn(q, k, v, backend=self._attention_backend).flatten(2, 3).to(q.dtype)
         image = attn.to_out[1](attn.to_out[0](out[:, :tokens]))
@@ -166,6 +181,8 @@ def _apply_to_model(model, backend: str) -> None:
             model.enable_xformers_memory_efficient_attention()
         elif unsupported:
             _restore_stock(model)
-            raise ConfigError(f"attention_backend={backend!r}: {type(model).__name__} uses attention processors "
-                              f"({', '.join(unsupported)}) that do not go through diffusers' attention dispatcher; "
-                              "on this model use 'sdpa' or 'xformers'.")
+            raise ConfigError(
+                f"attention_backend={backend!r}: {type(model).__name__} uses attention processors "
+                f"({', '.join(unsupported)}) that do not go through diffusers' attention dispatcher; "
+                "on this model use 'sdpa' or 'xformers'."
+            )

@@ -21,7 +21,8 @@ Family adapters subclass Policy in one file per family and register themselves b
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 
@@ -153,13 +154,15 @@ class Policy:
     def dtype(self) -> torch.dtype:
         return self.denoiser.dtype
 
-    def to(self, *args, **kwargs) -> "Policy":
+    def to(self, *args, **kwargs) -> Policy:
         self.pipe.to(*args, **kwargs)
         return self
 
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.denoiser.parameters())
-        return f"{type(self).__name__}(family={self.family!r}, pipeline={type(self.pipe).__name__}, denoiser_params={n:,})"
+        return (
+            f"{type(self).__name__}(family={self.family!r}, pipeline={type(self.pipe).__name__}, denoiser_params={n:,})"
+        )
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -198,9 +201,15 @@ class Policy:
         return num_frames
 
     # ------------------------------------------------------------------ abstract family hooks
-    def encode_prompt(self, prompts: list[str], negative_prompts: list[str] | None = None,
-                      guidance_scale: float | None = None, images: torch.Tensor | None = None,
-                      geometry: Geometry | None = None, **kwargs) -> Conditioning:
+    def encode_prompt(
+        self,
+        prompts: list[str],
+        negative_prompts: list[str] | None = None,
+        guidance_scale: float | None = None,
+        images: torch.Tensor | None = None,
+        geometry: Geometry | None = None,
+        **kwargs,
+    ) -> Conditioning:
         """Encodes a batch of prompts (and, for I2V, conditioning images) into a Conditioning."""
         raise NotImplementedError
 
@@ -218,8 +227,9 @@ class Policy:
         """Initial noise in the denoiser's layout, float32, drawn as the stock pipeline draws it."""
         from diffusers.utils.torch_utils import randn_tensor
 
-        noise = randn_tensor(self.noise_shape(batch_size, geometry), generator=generator,
-                             device=self.device, dtype=torch.float32)
+        noise = randn_tensor(
+            self.noise_shape(batch_size, geometry), generator=generator, device=self.device, dtype=torch.float32
+        )
         return self.to_model_layout(noise) * self.init_noise_sigma
 
     def latent_shape(self, batch_size: int, geometry: Geometry) -> tuple[int, ...]:
@@ -230,8 +240,9 @@ class Policy:
     def schedule(self, num_steps: int, geometry: Geometry) -> Schedule:
         raise NotImplementedError
 
-    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, kwargs: dict[str, Any],
-                shared: dict[str, Any]) -> torch.Tensor:
+    def forward(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, kwargs: dict[str, Any], shared: dict[str, Any]
+    ) -> torch.Tensor:
         """One denoiser call for one branch. ``timesteps`` is (B,) in scheduler units."""
         raise NotImplementedError
 
@@ -297,8 +308,9 @@ class Policy:
         return pipe
 
     # ------------------------------------------------------------------ shared behaviour
-    def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning,
-                detach_uncond: bool = False) -> torch.Tensor:
+    def predict(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning, detach_uncond: bool = False
+    ) -> torch.Tensor:
         """The guided model output for a batch of states, in float32.
 
         Args:
@@ -325,8 +337,9 @@ class Policy:
             cond = self.forward(latents, timesteps, conditioning.cond, conditioning.shared).float()
         elif self.cfg_batched:
             both = _cat_batched([conditioning.uncond, conditioning.cond])
-            out = self.forward(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), both,
-                               conditioning.shared).float()
+            out = self.forward(
+                torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), both, conditioning.shared
+            ).float()
             uncond, cond = out.chunk(2)
         else:
             cond = self.forward(latents, timesteps, conditioning.cond, conditioning.shared).float()
@@ -342,8 +355,15 @@ class Policy:
         return conditioning.guidance_scale
 
     # ------------------------------------------------------------------ LoRA
-    def add_lora(self, rank: int = 8, alpha: float | None = None, target_modules: Sequence[str] | None = None,
-                 dropout: float = 0.0, adapter_name: str = "default", init_lora_weights=True) -> None:
+    def add_lora(
+        self,
+        rank: int = 8,
+        alpha: float | None = None,
+        target_modules: Sequence[str] | None = None,
+        dropout: float = 0.0,
+        adapter_name: str = "default",
+        init_lora_weights=True,
+    ) -> None:
         """Attaches a peft LoRA adapter to every trainable denoiser; only its weights stay trainable.
 
         Args:
@@ -359,9 +379,11 @@ class Policy:
         if rank < 1:
             raise ConfigError(f"LoRA rank must be >= 1, got {rank}.")
         config = LoraConfig(
-            r=rank, lora_alpha=rank if alpha is None else alpha,
+            r=rank,
+            lora_alpha=rank if alpha is None else alpha,
             target_modules=list(target_modules or self.default_lora_targets),
-            lora_dropout=dropout, init_lora_weights=init_lora_weights,
+            lora_dropout=dropout,
+            init_lora_weights=init_lora_weights,
         )
         if any(adapter_name in (getattr(d, "peft_config", None) or {}) for d in self.trainable_denoisers().values()):
             # E.g. a notebook cell that builds a trainer run twice on the same policy.
@@ -375,7 +397,8 @@ class Policy:
                 f"resume='latest' from its output_dir), or save it first with policy.save_lora(folder); "
                 f"to start over without this warning, call policy.remove_lora() before building a new trainer "
                 f"or load a fresh policy.",
-                UserWarning, stacklevel=2,
+                UserWarning,
+                stacklevel=2,
             )
         for denoiser in self.trainable_denoisers().values():
             denoiser.requires_grad_(False)
@@ -388,11 +411,15 @@ class Policy:
         The last adapter is unloaded entirely (the original layers are restored); with several,
         only ``adapter_name`` is deleted and the remaining ones stay active.
         """
-        holders = {n: d for n, d in self.trainable_denoisers().items()
-                   if adapter_name in (getattr(d, "peft_config", None) or {})}
+        holders = {
+            n: d
+            for n, d in self.trainable_denoisers().items()
+            if adapter_name in (getattr(d, "peft_config", None) or {})
+        }
         if not holders:
-            names = sorted({name for d in self.trainable_denoisers().values()
-                            for name in (getattr(d, "peft_config", None) or {})})
+            names = sorted(
+                {name for d in self.trainable_denoisers().values() for name in (getattr(d, "peft_config", None) or {})}
+            )
             raise ConfigError(
                 f"remove_lora({adapter_name!r}): the policy has no adapter of that name "
                 f"(adapters: {names or 'none'}). Call policy.add_lora() to attach one."
@@ -440,8 +467,11 @@ class Policy:
         """A clear error when some trainable denoiser lacks the adapter (e.g. a LoRA for one expert only)."""
         if not self.has_lora:
             raise ConfigError(f"{action} needs a LoRA adapter; call policy.add_lora() first.")
-        missing = [n for n, d in self.trainable_denoisers().items()
-                   if adapter_name not in (getattr(d, "peft_config", None) or {})]
+        missing = [
+            n
+            for n, d in self.trainable_denoisers().items()
+            if adapter_name not in (getattr(d, "peft_config", None) or {})
+        ]
         if missing:
             have = [n for n in self.trainable_denoisers() if n not in missing]
             raise ConfigError(

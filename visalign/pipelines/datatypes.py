@@ -1,11 +1,13 @@
 """The small data types a Policy hands the sampler: the output size (:class:`Geometry`), the
-discretisation of one run (:class:`Schedule`) and the encoded prompts (:class:`Conditioning`)."""
+discretisation of one run (:class:`Schedule`) and the encoded prompts (:class:`Conditioning`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -51,10 +53,14 @@ class Schedule:
         """The noise level of the state at ``step``: σ (flow) or ᾱ_t (DDPM), as :meth:`Policy.add_noise` takes it."""
         return self.sigmas[step] if self.is_flow else self.alphas_cumprod[step]
 
-    def to(self, device) -> "Schedule":
+    def to(self, device) -> Schedule:
         return dataclasses.replace(
-            self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
-                     if isinstance(getattr(self, f.name), torch.Tensor)}
+            self,
+            **{
+                f.name: getattr(self, f.name).to(device)
+                for f in dataclasses.fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)
+            },
         )
 
 
@@ -108,28 +114,28 @@ class Conditioning:
 
         return first_len(self.cond)
 
-    def _map(self, fn) -> "Conditioning":
+    def _map(self, fn) -> Conditioning:
         return dataclasses.replace(
             self,
             cond=_map_batched(self.cond, fn),
             uncond=None if self.uncond is None else _map_batched(self.uncond, fn),
         )
 
-    def select(self, index) -> "Conditioning":
+    def select(self, index) -> Conditioning:
         """The conditioning of the samples at ``index`` (an int tensor, list or slice)."""
         if isinstance(index, (list, tuple)):
             index = torch.as_tensor(index, dtype=torch.long)
         return self._map(lambda t: t[index.to(t.device) if isinstance(index, torch.Tensor) else index])
 
-    def repeat_interleave(self, repeats: int) -> "Conditioning":
+    def repeat_interleave(self, repeats: int) -> Conditioning:
         """Each sample repeated ``repeats`` times in place (prompt p → rows p·G … p·G+G−1)."""
         return self._map(lambda t: t.repeat_interleave(repeats, dim=0))
 
-    def detach(self) -> "Conditioning":
+    def detach(self) -> Conditioning:
         return self._map(lambda t: t.detach())
 
     @staticmethod
-    def cat(items: Sequence["Conditioning"]) -> "Conditioning":
+    def cat(items: Sequence[Conditioning]) -> Conditioning:
         """Concatenates conditionings of the same policy and settings along the batch."""
         first = items[0]
         return dataclasses.replace(

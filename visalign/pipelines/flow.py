@@ -12,9 +12,9 @@ import logging
 
 import torch
 
+from visalign import steps as S
 from visalign.errors import ConfigError
 from visalign.pipelines.base import Geometry, Policy, Schedule
-from visalign import steps as S
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +43,12 @@ class FlowPolicy(Policy):
             num_train_timesteps=config.get("num_train_timesteps", 1000),
             shift=config.get("flow_shift", 1.0),
         )
-        logger.info("Sampling %s with FlowMatchEulerDiscreteScheduler(shift=%s) in place of %s.",
-                    self.family, euler.config.shift, type(scheduler).__name__)
+        logger.info(
+            "Sampling %s with FlowMatchEulerDiscreteScheduler(shift=%s) in place of %s.",
+            self.family,
+            euler.config.shift,
+            type(scheduler).__name__,
+        )
         return euler
 
     def _set_timesteps_kwargs(self, num_steps: int, geometry: Geometry) -> dict:

@@ -31,8 +31,7 @@ class FluxPolicy(FlowPolicy):
     default_guidance_scale = 3.5
     cfg_batched = False
     embedded_guidance = True
-    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0",
-                            "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
     def __init__(self, pipe, max_sequence_length: int = 512):
         super().__init__(pipe)
@@ -57,16 +56,27 @@ class FluxPolicy(FlowPolicy):
         h, w = self._latent_hw(geometry)
         sigmas = None if config.get("use_flow_sigmas") else np.linspace(1.0, 1 / num_steps, num_steps)
         mu = calculate_shift(
-            (h // 2) * (w // 2), config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5), config.get("max_shift", 1.15),
+            (h // 2) * (w // 2),
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
         )
         if sigmas is None:
             return {"num_inference_steps": num_steps, "mu": mu}
         return {"sigmas": sigmas, "mu": mu}
 
     # ----------------------------------------------------------------- text
-    def encode_prompt(self, prompts, negative_prompts=None, guidance_scale=None, images=None,
-                      geometry=None, true_cfg_scale: float = 1.0, **kwargs) -> Conditioning:
+    def encode_prompt(
+        self,
+        prompts,
+        negative_prompts=None,
+        guidance_scale=None,
+        images=None,
+        geometry=None,
+        true_cfg_scale: float = 1.0,
+        **kwargs,
+    ) -> Conditioning:
         """Encodes prompts; ``guidance_scale`` is the embedded guidance, ``true_cfg_scale`` real CFG."""
         scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
         geometry = geometry or self.default_geometry()
@@ -74,8 +84,12 @@ class FluxPolicy(FlowPolicy):
 
         def encode(texts):
             embeds, pooled, text_ids = self.pipe.encode_prompt(
-                prompt=list(texts), prompt_2=None, device=self.device, num_images_per_prompt=1,
-                max_sequence_length=length, **kwargs,
+                prompt=list(texts),
+                prompt_2=None,
+                device=self.device,
+                num_images_per_prompt=1,
+                max_sequence_length=length,
+                **kwargs,
             )
             return {"encoder_hidden_states": embeds, "pooled_projections": pooled}, text_ids
 
@@ -89,8 +103,9 @@ class FluxPolicy(FlowPolicy):
                 uncond["guidance"] = cond["guidance"]
         h, w = self._latent_hw(geometry)
         image_ids = self.pipe._prepare_latent_image_ids(len(prompts), h // 2, w // 2, self.device, text_ids.dtype)
-        return Conditioning(cond=cond, uncond=uncond, guidance_scale=true_cfg_scale,
-                            shared={"txt_ids": text_ids, "img_ids": image_ids})
+        return Conditioning(
+            cond=cond, uncond=uncond, guidance_scale=true_cfg_scale, shared={"txt_ids": text_ids, "img_ids": image_ids}
+        )
 
     # ----------------------------------------------------------------- latents
     def pack(self, latents: torch.Tensor) -> torch.Tensor:
@@ -112,8 +127,9 @@ class FluxPolicy(FlowPolicy):
     def forward(self, latents, timesteps, kwargs, shared):
         # Stock casts t to the model dtype before dividing by 1000 (PITFALLS, "Timestep dtype").
         t = timesteps.to(self.dtype) / 1000
-        return self.run_denoiser(hidden_states=latents.to(self.dtype), timestep=t, return_dict=False,
-                             **kwargs, **shared)[0]
+        return self.run_denoiser(
+            hidden_states=latents.to(self.dtype), timestep=t, return_dict=False, **kwargs, **shared
+        )[0]
 
     def decode(self, latents, geometry):
         return self._decode_unpacked(self.unpack(latents, geometry))

@@ -52,8 +52,17 @@ class Flux2Policy(FlowPolicy):
     embedded_guidance = True
     # The double-stream attention projections, and the single-stream blocks' fused QKV+MLP input
     # projection, so that the LoRA reaches the single-stream blocks (most of FLUX.2's layers).
-    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
-                            "to_add_out", "to_qkv_mlp_proj")
+    default_lora_targets = (
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "add_q_proj",
+        "add_k_proj",
+        "add_v_proj",
+        "to_add_out",
+        "to_qkv_mlp_proj",
+    )
     stock_text_layers: tuple[int, ...] = (10, 20, 30)
 
     def __init__(self, pipe, max_sequence_length: int = 512, text_encoder_out_layers: tuple[int, ...] | None = None):
@@ -66,7 +75,8 @@ class Flux2Policy(FlowPolicy):
         names = {k.__name__ for k in type(self.pipe).__mro__}
         if names & {"Flux2KleinInpaintPipeline", "Flux2KleinKVPipeline"}:
             raise UnsupportedPipelineError(
-                f"{type(self.pipe).__name__} is not supported by visalign; use Flux2Pipeline or Flux2KleinPipeline.")
+                f"{type(self.pipe).__name__} is not supported by visalign; use Flux2Pipeline or Flux2KleinPipeline."
+            )
 
     @property
     def spatial_multiple(self) -> int:
@@ -92,16 +102,22 @@ class Flux2Policy(FlowPolicy):
 
     # ----------------------------------------------------------------- text
     def _encode_text(self, texts: list[str], length: int, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.pipe.encode_prompt(prompt=list(texts), device=self.device, num_images_per_prompt=1,
-                                       max_sequence_length=length,
-                                       text_encoder_out_layers=self.text_encoder_out_layers, **kwargs)
+        return self.pipe.encode_prompt(
+            prompt=list(texts),
+            device=self.device,
+            num_images_per_prompt=1,
+            max_sequence_length=length,
+            text_encoder_out_layers=self.text_encoder_out_layers,
+            **kwargs,
+        )
 
     def _uncond(self, prompts, negative_prompts, scale, length, **kwargs):
         """The unconditional text inputs, or None without CFG ([dev] never runs CFG)."""
         return None
 
-    def encode_prompt(self, prompts, negative_prompts=None, guidance_scale=None, images=None,
-                      geometry=None, **kwargs) -> Conditioning:
+    def encode_prompt(
+        self, prompts, negative_prompts=None, guidance_scale=None, images=None, geometry=None, **kwargs
+    ) -> Conditioning:
         scale = self.default_guidance_scale if guidance_scale is None else float(guidance_scale)
         geometry = geometry or self.default_geometry()
         length = kwargs.pop("max_sequence_length", self.max_sequence_length)
@@ -112,8 +128,12 @@ class Flux2Policy(FlowPolicy):
         uncond = self._uncond(prompts, negative_prompts, scale, length, **kwargs)
         h, w = self._token_hw(geometry)
         img_ids = self.pipe._prepare_latent_ids(torch.empty(1, 1, h, w, device="meta"))[0].to(self.device)
-        return Conditioning(cond=cond, uncond=uncond, guidance_scale=scale if uncond is not None else 1.0,
-                            shared={"txt_ids": text_ids[0], "img_ids": img_ids})
+        return Conditioning(
+            cond=cond,
+            uncond=uncond,
+            guidance_scale=scale if uncond is not None else 1.0,
+            shared={"txt_ids": text_ids[0], "img_ids": img_ids},
+        )
 
     # ----------------------------------------------------------------- latents
     def noise_shape(self, batch_size, geometry):
@@ -123,10 +143,10 @@ class Flux2Policy(FlowPolicy):
         return self.pipe._pack_latents(latents)
 
     def forward(self, latents, timesteps, kwargs, shared):
+        dtype = self.dtype  # one lookup per call: a module's dtype walks its parameters
         # Stock casts t to the latents' (model) dtype before dividing by 1000.
-        t = timesteps.to(self.dtype) / 1000
-        out = self.run_denoiser(hidden_states=latents.to(self.dtype), timestep=t, return_dict=False,
-                                **kwargs, **shared)[0]
+        t = timesteps.to(dtype) / 1000
+        out = self.run_denoiser(hidden_states=latents.to(dtype), timestep=t, return_dict=False, **kwargs, **shared)[0]
         return out[:, : latents.shape[1]]
 
     def _bn_stats(self, like: torch.Tensor):

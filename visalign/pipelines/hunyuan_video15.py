@@ -58,8 +58,7 @@ class HunyuanVideo15Policy(FlowPolicy):
     pipeline_class_names = ("HunyuanVideo15Pipeline",)
     is_video = True
     cfg_batched = False  # the guider runs the conditional and unconditional forwards separately
-    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
-                            "to_add_out")
+    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
     def _validate_pipeline(self) -> None:
         super()._validate_pipeline()
@@ -90,7 +89,8 @@ class HunyuanVideo15Policy(FlowPolicy):
 
     def default_geometry(self) -> Geometry:
         height, width = self.pipe.video_processor.calculate_default_height_width(
-            _ASPECT_RATIO[1], _ASPECT_RATIO[0], self.pipe.target_size)
+            _ASPECT_RATIO[1], _ASPECT_RATIO[0], self.pipe.target_size
+        )
         return Geometry(int(height), int(width), 121)
 
     def validate_num_frames(self, num_frames: int) -> int:
@@ -118,12 +118,18 @@ class HunyuanVideo15Policy(FlowPolicy):
 
     def _text(self, prompts):
         embeds, mask, embeds_2, mask_2 = self.pipe.encode_prompt(
-            prompt=prompts, device=self.device, dtype=self.dtype, batch_size=len(prompts))
-        return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask,
-                "encoder_hidden_states_2": embeds_2, "encoder_attention_mask_2": mask_2}
+            prompt=prompts, device=self.device, dtype=self.dtype, batch_size=len(prompts)
+        )
+        return {
+            "encoder_hidden_states": embeds,
+            "encoder_attention_mask": mask,
+            "encoder_hidden_states_2": embeds_2,
+            "encoder_attention_mask_2": mask_2,
+        }
 
-    def encode_prompt(self, prompts, negative_prompts=None, guidance_scale=None, images=None,
-                      geometry=None, **kwargs) -> Conditioning:
+    def encode_prompt(
+        self, prompts, negative_prompts=None, guidance_scale=None, images=None, geometry=None, **kwargs
+    ) -> Conditioning:
         if kwargs:
             raise InvalidInputError(f"{self.family} takes no encoding options; got {sorted(kwargs)}.")
         guider = self._check_guider()
@@ -150,11 +156,18 @@ class HunyuanVideo15Policy(FlowPolicy):
             mask[:, :, 0] = 1.0
         image_embeds = kwargs.pop("image_embeds", None)
         if image_embeds is None:  # text-to-video: zero image tokens, which the transformer masks out
-            image_embeds = latents.new_zeros(batch, self.pipe.vision_num_semantic_tokens,
-                                             self.pipe.vision_states_dim, dtype=self.dtype)
+            image_embeds = latents.new_zeros(
+                batch, self.pipe.vision_num_semantic_tokens, self.pipe.vision_states_dim, dtype=self.dtype
+            )
         hidden = torch.cat([latents.to(self.dtype), condition, mask], dim=1)
-        return self.run_denoiser(hidden_states=hidden, image_embeds=image_embeds, timestep=timesteps.to(self.dtype),
-                                 return_dict=False, **kwargs, **shared)[0]
+        return self.run_denoiser(
+            hidden_states=hidden,
+            image_embeds=image_embeds,
+            timestep=timesteps.to(self.dtype),
+            return_dict=False,
+            **kwargs,
+            **shared,
+        )[0]
 
     # ----------------------------------------------------------------- VAE
     def _latent_affine(self):
@@ -162,14 +175,14 @@ class HunyuanVideo15Policy(FlowPolicy):
 
     def decode(self, latents, geometry):
         z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
-        video = torch.cat([self.vae.decode(z[i:i + 1], return_dict=False)[0] for i in range(z.shape[0])])
+        video = torch.cat([self.vae.decode(z[i : i + 1], return_dict=False)[0] for i in range(z.shape[0])])
         return (video.float().permute(0, 2, 1, 3, 4) / 2 + 0.5).clamp(0, 1)
 
     def _encode_video(self, video: torch.Tensor, generator=None, sample: bool = False) -> torch.Tensor:
         """[-1, 1] video (B, 3, T, H, W) → scaled latents, one sample at a time (see the module docstring)."""
         latents = []
         for i in range(video.shape[0]):
-            dist = self.vae.encode(video[i:i + 1].to(self.vae.dtype)).latent_dist
+            dist = self.vae.encode(video[i : i + 1].to(self.vae.dtype)).latent_dist
             latents.append(dist.sample(generator) if sample else dist.mode())
         return torch.cat(latents).float() * self.vae.config.scaling_factor
 
@@ -181,8 +194,9 @@ class HunyuanVideo15Policy(FlowPolicy):
     def _write_lora(self, save_directory, name, state, metadata) -> None:
         from diffusers.loaders.lora_base import LoraBaseMixin
 
-        LoraBaseMixin._save_lora_weights(save_directory, lora_layers={name: state}, lora_metadata={name: metadata},
-                                         safe_serialization=True)
+        LoraBaseMixin._save_lora_weights(
+            save_directory, lora_layers={name: state}, lora_metadata={name: metadata}, safe_serialization=True
+        )
 
     def load_lora(self, path: str, adapter_name: str | None = None) -> None:
         """``pipe.transformer.load_lora_adapter(path, ...)``: diffusers has no pipeline LoRA loader here.
@@ -211,10 +225,12 @@ class HunyuanVideo15I2VPolicy(HunyuanVideo15Policy):
         for part in ("image_encoder", "feature_extractor"):
             if getattr(self.pipe, part, None) is None:
                 raise InvalidInputError(
-                    f"This {name} has no '{part}'; image-to-video needs it. Load the full pipeline.")
+                    f"This {name} has no '{part}'; image-to-video needs it. Load the full pipeline."
+                )
 
-    def encode_prompt(self, prompts, negative_prompts=None, guidance_scale=None, images=None,
-                      geometry=None, **kwargs) -> Conditioning:
+    def encode_prompt(
+        self, prompts, negative_prompts=None, guidance_scale=None, images=None, geometry=None, **kwargs
+    ) -> Conditioning:
         if images is None:
             raise InvalidInputError(
                 f"{self.family} needs a first frame per prompt: pass images=Tensor(B, 3, H, W) in [0, 1]."
@@ -236,10 +252,11 @@ class HunyuanVideo15I2VPolicy(HunyuanVideo15Policy):
             return images
         scale = max(geometry.height / height, geometry.width / width)
         size = (max(geometry.height, round(height * scale)), max(geometry.width, round(width * scale)))
-        images = torch.nn.functional.interpolate(images, size=size, mode="bilinear", antialias=True,
-                                                 align_corners=False)
+        images = torch.nn.functional.interpolate(
+            images, size=size, mode="bilinear", antialias=True, align_corners=False
+        )
         top, left = (size[0] - geometry.height) // 2, (size[1] - geometry.width) // 2
-        return images[..., top:top + geometry.height, left:left + geometry.width].clamp(0, 1)
+        return images[..., top : top + geometry.height, left : left + geometry.width].clamp(0, 1)
 
     def image_latent(self, images: torch.Tensor, geometry: Geometry) -> torch.Tensor:
         """The first frame's VAE latent (B, C, 1, h, w): the mode × ``scaling_factor``, as stock's."""
@@ -253,7 +270,8 @@ class HunyuanVideo15I2VPolicy(HunyuanVideo15Policy):
         arrays = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         pil = [Image.fromarray(a) for a in arrays]
         encoder = self.pipe.image_encoder
-        inputs = self.pipe.feature_extractor.preprocess(images=pil, do_resize=True, return_tensors="pt",
-                                                        do_convert_rgb=True)
+        inputs = self.pipe.feature_extractor.preprocess(
+            images=pil, do_resize=True, return_tensors="pt", do_convert_rgb=True
+        )
         inputs = inputs.to(device=encoder.device, dtype=next(encoder.parameters()).dtype)
         return encoder(**inputs).last_hidden_state.to(device=self.device, dtype=self.dtype)

@@ -56,7 +56,8 @@ class FluxKontextPolicy(FluxPolicy):
         super()._validate_pipeline()
         if any(k.__name__ == "FluxKontextInpaintPipeline" for k in type(self.pipe).__mro__):
             raise UnsupportedPipelineError(
-                "FluxKontextInpaintPipeline (masked editing) is not supported by visalign; use FluxKontextPipeline.")
+                "FluxKontextInpaintPipeline (masked editing) is not supported by visalign; use FluxKontextPipeline."
+            )
 
     def source_size(self, images: torch.Tensor) -> tuple[int, int]:
         """(height, width) the sources are encoded at, as stock computes it."""
@@ -71,22 +72,35 @@ class FluxKontextPolicy(FluxPolicy):
             raise InvalidInputError(
                 f"{self.family}: source images of {height}x{width} px; their height and width must be multiples "
                 f"of {m} (VAE factor x 2x2 packing). Resize them, e.g. to {near(height)}x{near(width)}, or wrap "
-                f"with va.wrap(pipe, auto_resize=True) to snap them to Kontext's preferred resolutions.")
+                f"with va.wrap(pipe, auto_resize=True) to snap them to Kontext's preferred resolutions."
+            )
         return height // m * m, width // m * m
 
-    def encode_prompt(self, prompts, negative_prompts=None, guidance_scale=None, images=None,
-                      geometry=None, true_cfg_scale: float = 1.0, **kwargs) -> Conditioning:
+    def encode_prompt(
+        self,
+        prompts,
+        negative_prompts=None,
+        guidance_scale=None,
+        images=None,
+        geometry=None,
+        true_cfg_scale: float = 1.0,
+        **kwargs,
+    ) -> Conditioning:
         """Encodes the instructions (as FLUX.1) and the sources' packed latents and position ids."""
         if images is None:
             raise InvalidInputError(
                 f"{self.family} edits images: pass the source images, images=Tensor(B, 3, H, W) in [0, 1], "
-                f"one per instruction (va.sample(policy, instructions, images=sources)).")
+                f"one per instruction (va.sample(policy, instructions, images=sources))."
+            )
         if images.shape[0] != len(prompts):
-            raise InvalidInputError(f"Got {images.shape[0]} source images for {len(prompts)} instructions; "
-                                    f"pass one source image per instruction.")
+            raise InvalidInputError(
+                f"Got {images.shape[0]} source images for {len(prompts)} instructions; "
+                f"pass one source image per instruction."
+            )
         height, width = self.source_size(images)
-        conditioning = super().encode_prompt(prompts, negative_prompts, guidance_scale, None, geometry,
-                                             true_cfg_scale=true_cfg_scale, **kwargs)
+        conditioning = super().encode_prompt(
+            prompts, negative_prompts, guidance_scale, None, geometry, true_cfg_scale=true_cfg_scale, **kwargs
+        )
         processor = self.pipe.image_processor
         pixels = processor.preprocess([processor.resize(im, height, width) for im in to_pil(images)], height, width)
         source = self.pipe._encode_vae_image(pixels.to(self.vae.device, self.vae.dtype), None)

@@ -80,8 +80,7 @@ class QwenImagePolicy(FlowPolicy):
     pipeline_class_names = ("QwenImagePipeline",)
     default_guidance_scale = 4.0  # stock's true_cfg_scale
     cfg_batched = False  # stock runs the conditional and negative forwards separately
-    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
-                            "to_add_out")
+    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
     def __init__(self, pipe, negative_prompt: str = DEFAULT_NEGATIVE_PROMPT, max_sequence_length: int = 512):
         super().__init__(pipe)
@@ -91,13 +90,15 @@ class QwenImagePolicy(FlowPolicy):
     def _validate_pipeline(self):
         super()._validate_pipeline()
         config = self.denoiser.config
-        unsupported = [name for name in ("guidance_embeds", "use_additional_t_cond", "use_layer3d_rope")
-                       if config.get(name)]
+        unsupported = [
+            name for name in ("guidance_embeds", "use_additional_t_cond", "use_layer3d_rope") if config.get(name)
+        ]
         if unsupported:
             raise UnsupportedPipelineError(
                 f"{type(self.pipe).__name__} has a transformer with {', '.join(unsupported)}=True (a guidance-"
                 f"distilled or layered Qwen-Image variant), which visalign does not support. Use Qwen-Image "
-                f"(Qwen/Qwen-Image) or Qwen-Image-Edit (Qwen/Qwen-Image-Edit, Qwen/Qwen-Image-Edit-2509).")
+                f"(Qwen/Qwen-Image) or Qwen-Image-Edit (Qwen/Qwen-Image-Edit, Qwen/Qwen-Image-Edit-2509)."
+            )
 
     @property
     def spatial_multiple(self) -> int:
@@ -117,23 +118,26 @@ class QwenImagePolicy(FlowPolicy):
         config = self.flow_scheduler().config
         h, w = self._latent_hw(geometry)
         mu = calculate_shift(
-            (h // 2) * (w // 2), config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5), config.get("max_shift", 1.15),
+            (h // 2) * (w // 2),
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
         )
         return {"sigmas": np.linspace(1.0, 1 / num_steps, num_steps), "mu": mu}
 
     # ----------------------------------------------------------------- text
     def _encode_text(self, texts: list[str], length: int, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.pipe.encode_prompt(prompt=list(texts), device=self.device, num_images_per_prompt=1,
-                                       max_sequence_length=length, **kwargs)
+        return self.pipe.encode_prompt(
+            prompt=list(texts), device=self.device, num_images_per_prompt=1, max_sequence_length=length, **kwargs
+        )
 
     def _text_conditioning(self, prompts, negative_prompts, scale, length, **kwargs):
         """(cond, uncond) text kwargs, padded to one length so that they batch together."""
         embeds, mask = self._encode_text(prompts, length, **kwargs)
         negative = negative_mask = None
         if scale > 1:
-            negatives = ([self.negative_prompt] * len(prompts) if negative_prompts is None
-                         else list(negative_prompts))
+            negatives = [self.negative_prompt] * len(prompts) if negative_prompts is None else list(negative_prompts)
             negative, negative_mask = self._encode_text(negatives, length, **kwargs)
         longest = max(embeds.shape[1], 0 if negative is None else negative.shape[1])
         embeds, mask = pad_text(embeds, mask, longest)
@@ -144,16 +148,18 @@ class QwenImagePolicy(FlowPolicy):
             uncond = {"encoder_hidden_states": negative, "encoder_hidden_states_mask": negative_mask}
         return cond, uncond
 
-    def encode_prompt(self, prompts, negative_prompts=None, guidance_scale=None, images=None,
-                      geometry=None, **kwargs) -> Conditioning:
+    def encode_prompt(
+        self, prompts, negative_prompts=None, guidance_scale=None, images=None, geometry=None, **kwargs
+    ) -> Conditioning:
         """Encodes prompts; ``guidance_scale`` > 1 runs true CFG against the negative prompts."""
         scale = self.default_guidance_scale if guidance_scale is None else float(guidance_scale)
         geometry = geometry or self.default_geometry()
         length = kwargs.pop("max_sequence_length", self.max_sequence_length)
         cond, uncond = self._text_conditioning(prompts, negative_prompts, scale, length, **kwargs)
         h, w = self._latent_hw(geometry)
-        return Conditioning(cond=cond, uncond=uncond, guidance_scale=scale,
-                            shared={"img_shapes": ((1, h // 2, w // 2),)})
+        return Conditioning(
+            cond=cond, uncond=uncond, guidance_scale=scale, shared={"img_shapes": ((1, h // 2, w // 2),)}
+        )
 
     # ----------------------------------------------------------------- model
     def predict(self, latents, timesteps, conditioning, detach_uncond=False):
@@ -169,8 +175,9 @@ class QwenImagePolicy(FlowPolicy):
             cond = self.forward(latents, timesteps, conditioning.cond, conditioning.shared).float()
         elif self.cfg_batched:
             both = _cat_batched([conditioning.uncond, conditioning.cond])
-            out = self.forward(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), both,
-                               conditioning.shared).float()
+            out = self.forward(
+                torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), both, conditioning.shared
+            ).float()
             uncond, cond = out.chunk(2)
         else:
             cond = self.forward(latents, timesteps, conditioning.cond, conditioning.shared).float()
@@ -178,18 +185,20 @@ class QwenImagePolicy(FlowPolicy):
         combined = uncond + conditioning.guidance_scale * (cond - uncond)
         return combined * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True))
 
-    def _model_input(self, latents: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, dict]:
+    def _model_input(self, latents: torch.Tensor, kwargs: dict, dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
         """The denoiser's hidden states and the remaining keyword inputs (edit adapters append the source)."""
-        return latents.to(self.dtype), kwargs
+        return latents.to(dtype), kwargs
 
     def forward(self, latents, timesteps, kwargs, shared):
+        dtype = self.dtype  # one lookup per call: a module's dtype walks its parameters
         shared = dict(shared)
         img_shapes = [list(shared.pop("img_shapes"))] * latents.shape[0]
-        hidden, kwargs = self._model_input(latents, trim_text(kwargs))
+        hidden, kwargs = self._model_input(latents, trim_text(kwargs), dtype)
         # Stock casts t to the latents' (model) dtype before dividing by 1000.
-        t = timesteps.to(self.dtype) / 1000
-        out = self.run_denoiser(hidden_states=hidden, timestep=t, img_shapes=img_shapes, return_dict=False,
-                                **kwargs, **shared)[0]
+        t = timesteps.to(dtype) / 1000
+        out = self.run_denoiser(
+            hidden_states=hidden, timestep=t, img_shapes=img_shapes, return_dict=False, **kwargs, **shared
+        )[0]
         return out[:, : latents.shape[1]]
 
     # ----------------------------------------------------------------- latents

@@ -87,24 +87,28 @@ class QwenImageEditPolicy(QwenImagePolicy):
         if "QwenImageEditInpaintPipeline" in names:
             raise UnsupportedPipelineError(
                 "QwenImageEditInpaintPipeline (masked editing) is not supported by visalign; use "
-                "QwenImageEditPipeline or QwenImageEditPlusPipeline.")
+                "QwenImageEditPipeline or QwenImageEditPlusPipeline."
+            )
         if getattr(self.pipe, "processor", None) is None:
             raise UnsupportedPipelineError(
                 f"{type(self.pipe).__name__} has no 'processor' (the Qwen2-VL processor that shows the source "
-                f"image to the text encoder); load the full pipeline.")
+                f"image to the text encoder); load the full pipeline."
+            )
 
     def check_sources(self, images: torch.Tensor | None) -> torch.Tensor:
         """Validates the source images: one (3, H, W) image in [0, 1] per prompt, sides of at least 32 px."""
         if images is None:
             raise InvalidInputError(
                 f"{self.family} edits images: pass the source images, images=Tensor(B, 3, H, W) in [0, 1], "
-                f"one per instruction (va.sample(policy, instructions, images=sources)).")
+                f"one per instruction (va.sample(policy, instructions, images=sources))."
+            )
         height, width = images.shape[-2:]
         if min(height, width) < 32 or max(height, width) > 200 * min(height, width):
             raise InvalidInputError(
                 f"{self.family}: a source image of {height}x{width} px cannot be edited; each side must be at "
                 f"least 32 px and the aspect ratio at most 200 (the Qwen2-VL image processor's limits). "
-                f"Resize the sources, e.g. to the output size.")
+                f"Resize the sources, e.g. to the output size."
+            )
         return images
 
     def source_dims(self, images: torch.Tensor, geometry: Geometry) -> tuple[int, int]:
@@ -113,13 +117,16 @@ class QwenImageEditPolicy(QwenImagePolicy):
         area = self.source_area or geometry.height * geometry.width
         return calculate_dimensions(area, width / height)
 
-    def encode_prompt(self, prompts, negative_prompts=None, guidance_scale=None, images=None,
-                      geometry=None, **kwargs) -> Conditioning:
+    def encode_prompt(
+        self, prompts, negative_prompts=None, guidance_scale=None, images=None, geometry=None, **kwargs
+    ) -> Conditioning:
         """Encodes the instructions with their source images (VLM) and the sources' VAE latents."""
         images = self.check_sources(images)
         if images.shape[0] != len(prompts):
-            raise InvalidInputError(f"Got {images.shape[0]} source images for {len(prompts)} instructions; "
-                                    f"pass one source image per instruction.")
+            raise InvalidInputError(
+                f"Got {images.shape[0]} source images for {len(prompts)} instructions; "
+                f"pass one source image per instruction."
+            )
         scale = self.default_guidance_scale if guidance_scale is None else float(guidance_scale)
         geometry = geometry or self.default_geometry()
         length = kwargs.pop("max_sequence_length", self.max_sequence_length)
@@ -147,18 +154,33 @@ class QwenImageEditPolicy(QwenImagePolicy):
 
     def _encode_text(self, texts, length, images=None, **kwargs):
         if not self.plus:
-            return self.pipe.encode_prompt(prompt=list(texts), image=images, device=self.device,
-                                           num_images_per_prompt=1, max_sequence_length=length, **kwargs)
+            return self.pipe.encode_prompt(
+                prompt=list(texts),
+                image=images,
+                device=self.device,
+                num_images_per_prompt=1,
+                max_sequence_length=length,
+                **kwargs,
+            )
         # Edit-Plus numbers the pictures of one prompt ("Picture 1: ..."), so each sample is encoded
         # on its own, as stock encodes its single prompt, then padded to a batch.
-        parts = [self.pipe.encode_prompt(prompt=[text], image=[image], device=self.device, num_images_per_prompt=1,
-                                         max_sequence_length=length, **kwargs) for text, image in zip(texts, images)]
+        parts = [
+            self.pipe.encode_prompt(
+                prompt=[text],
+                image=[image],
+                device=self.device,
+                num_images_per_prompt=1,
+                max_sequence_length=length,
+                **kwargs,
+            )
+            for text, image in zip(texts, images)
+        ]
         longest = max(e.shape[1] for e, _ in parts)
         padded = [pad_text(e, m, longest) for e, m in parts]
         mask = torch.cat([m for _, m in padded])
         return torch.cat([e for e, _ in padded]), (None if bool(mask.all()) else mask)
 
-    def _model_input(self, latents, kwargs):
+    def _model_input(self, latents, kwargs, dtype):
         kwargs = dict(kwargs)
         source = kwargs.pop("image_latents")
-        return torch.cat([latents.to(self.dtype), source.to(self.dtype)], dim=1), kwargs
+        return torch.cat([latents.to(dtype), source.to(dtype)], dim=1), kwargs

@@ -75,8 +75,12 @@ def wrap(pipe, **kwargs):
     return adapter_for(pipe)(pipe, **kwargs)
 
 
-def load(pretrained_model_name_or_path: str, policy_kwargs: dict | None = None, attention_backend: str | None = None,
-         **from_pretrained_kwargs):
+def load(
+    pretrained_model_name_or_path: str,
+    policy_kwargs: dict | None = None,
+    attention_backend: str | None = None,
+    **from_pretrained_kwargs,
+):
     """Loads a pipeline with ``DiffusionPipeline.from_pretrained`` and wraps it.
 
     Args:
@@ -122,9 +126,14 @@ _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
 
 def _looks_like_path(name: str) -> bool:
     """Whether ``name`` can only be a local path (never a hub id, which is ``name`` or ``org/name``)."""
-    return (name in (".", "..") or name.startswith(("/", "./", "../", "~", ".\\", "..\\"))
-            or bool(_WINDOWS_DRIVE.match(name)) or "\\" in name or name.count("/") >= 2
-            or (os.sep != "/" and os.sep in name))
+    return (
+        name in (".", "..")
+        or name.startswith(("/", "./", "../", "~", ".\\", "..\\"))
+        or bool(_WINDOWS_DRIVE.match(name))
+        or "\\" in name
+        or name.count("/") >= 2
+        or (os.sep != "/" and os.sep in name)
+    )
 
 
 def _check_local_source(name):
@@ -146,13 +155,16 @@ def _check_local_source(name):
         if os.path.exists(os.path.join(name, "model_index.json")):
             return name
         hint = ""
-        inner = sorted(os.path.join(name, d) for d in os.listdir(name)
-                       if os.path.exists(os.path.join(name, d, "model_index.json")))
+        inner = sorted(
+            os.path.join(name, d) for d in os.listdir(name) if os.path.exists(os.path.join(name, d, "model_index.json"))
+        )
         if inner:
             hint = f" The pipeline folder seems to be {inner[0]!r}: pass that."
         elif any(f.endswith("lora_weights.safetensors") for f in os.listdir(name)):
-            hint = (" It holds LoRA weights: load the base model with va.load(...) and call "
-                    "policy.pipe.load_lora_weights(folder) (on the command line: --lora FOLDER).")
+            hint = (
+                " It holds LoRA weights: load the base model with va.load(...) and call "
+                "policy.pipe.load_lora_weights(folder) (on the command line: --lora FOLDER)."
+            )
         raise InvalidInputError(
             f"va.load({name!r}): the folder exists but has no model_index.json, so it is not a diffusers "
             f"pipeline folder.{hint} Pass a local folder written by save_pretrained or a hub id."

@@ -12,10 +12,10 @@ import logging
 
 import torch
 
+from visalign import steps as S
 from visalign.errors import ConfigError
 from visalign.pipelines.base import Conditioning, Geometry, Policy, Schedule
 from visalign.pipelines.registry import register_adapter
-from visalign import steps as S
 
 logger = logging.getLogger(__name__)
 
@@ -97,9 +97,7 @@ class _UNetPolicy(Policy):
 
     # ----------------------------------------------------------------- model call
     def forward(self, latents, timesteps, kwargs, shared):
-        return self.run_denoiser(
-            latents.to(self.dtype), timesteps.long(), return_dict=False, **kwargs, **shared
-        )[0]
+        return self.run_denoiser(latents.to(self.dtype), timesteps.long(), return_dict=False, **kwargs, **shared)[0]
 
     def _do_cfg(self, guidance_scale: float) -> bool:
         # Stock applies CFG only above 1 and never for guidance-distilled UNets (time_cond_proj_dim).
@@ -119,8 +117,10 @@ class _UNetPolicy(Policy):
         mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
         if mean is not None and std is not None:  # SDXL-style per-channel statistics
             view = (1, len(mean), 1, 1)
-            return (torch.tensor(std, device=self.vae.device).view(view) / config.scaling_factor,
-                    torch.tensor(mean, device=self.vae.device).view(view))
+            return (
+                torch.tensor(std, device=self.vae.device).view(view) / config.scaling_factor,
+                torch.tensor(mean, device=self.vae.device).view(view),
+            )
         return 1.0 / config.scaling_factor, 0.0
 
     def decode(self, latents: torch.Tensor, geometry: Geometry) -> torch.Tensor:
@@ -144,13 +144,12 @@ class StableDiffusionPolicy(_UNetPolicy):
     pipeline_class_names = ("StableDiffusionPipeline",)
     default_guidance_scale = 7.5
 
-    def encode_prompt(self, prompts, negative_prompts=None, guidance_scale=None, images=None,
-                      geometry=None, **kwargs) -> Conditioning:
+    def encode_prompt(
+        self, prompts, negative_prompts=None, guidance_scale=None, images=None, geometry=None, **kwargs
+    ) -> Conditioning:
         scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
         do_cfg = self._do_cfg(scale)
-        embeds, negative = self.pipe.encode_prompt(
-            list(prompts), self.device, 1, do_cfg, negative_prompts, **kwargs
-        )
+        embeds, negative = self.pipe.encode_prompt(list(prompts), self.device, 1, do_cfg, negative_prompts, **kwargs)
         extra = self._timestep_cond(scale, len(prompts))
         return Conditioning(
             cond={"encoder_hidden_states": embeds, **extra},
@@ -171,28 +170,54 @@ class StableDiffusionXLPolicy(_UNetPolicy):
         size = self.pipe.default_sample_size * self.pipe.vae_scale_factor
         return Geometry(size, size)
 
-    def encode_prompt(self, prompts, negative_prompts=None, guidance_scale=None, images=None,
-                      geometry=None, original_size=None, crops_coords_top_left=(0, 0), target_size=None,
-                      **kwargs) -> Conditioning:
+    def encode_prompt(
+        self,
+        prompts,
+        negative_prompts=None,
+        guidance_scale=None,
+        images=None,
+        geometry=None,
+        original_size=None,
+        crops_coords_top_left=(0, 0),
+        target_size=None,
+        **kwargs,
+    ) -> Conditioning:
         scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
         do_cfg = self._do_cfg(scale)
         geometry = geometry or self.default_geometry()
         embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
-            prompt=list(prompts), device=self.device, num_images_per_prompt=1,
-            do_classifier_free_guidance=do_cfg, negative_prompt=negative_prompts, **kwargs,
+            prompt=list(prompts),
+            device=self.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=do_cfg,
+            negative_prompt=negative_prompts,
+            **kwargs,
         )
         size = (geometry.height, geometry.width)
-        projection_dim = (int(pooled.shape[-1]) if self.pipe.text_encoder_2 is None
-                          else self.pipe.text_encoder_2.config.projection_dim)
-        time_ids = self.pipe._get_add_time_ids(
-            tuple(original_size or size), tuple(crops_coords_top_left), tuple(target_size or size),
-            dtype=embeds.dtype, text_encoder_projection_dim=projection_dim,
-        ).to(self.device).repeat(len(prompts), 1)
+        projection_dim = (
+            int(pooled.shape[-1])
+            if self.pipe.text_encoder_2 is None
+            else self.pipe.text_encoder_2.config.projection_dim
+        )
+        time_ids = (
+            self.pipe._get_add_time_ids(
+                tuple(original_size or size),
+                tuple(crops_coords_top_left),
+                tuple(target_size or size),
+                dtype=embeds.dtype,
+                text_encoder_projection_dim=projection_dim,
+            )
+            .to(self.device)
+            .repeat(len(prompts), 1)
+        )
         extra = self._timestep_cond(scale, len(prompts))
 
         def branch(hidden, pooled_embeds):
-            return {"encoder_hidden_states": hidden,
-                    "added_cond_kwargs": {"text_embeds": pooled_embeds, "time_ids": time_ids}, **extra}
+            return {
+                "encoder_hidden_states": hidden,
+                "added_cond_kwargs": {"text_embeds": pooled_embeds, "time_ids": time_ids},
+                **extra,
+            }
 
         return Conditioning(
             cond=branch(embeds, pooled),

@@ -39,7 +39,7 @@ def _require_transformers_5():
         raise MissingDependencyError(
             f"visalign builds its offline tokenizers with the transformers 5 API, but "
             f"transformers {transformers.__version__} is installed. Upgrade it with "
-            f"`pip install -U \"transformers>=5\"`."
+            f'`pip install -U "transformers>=5"`.'
         )
     return transformers
 
@@ -50,8 +50,7 @@ def _byte_symbols() -> list[str]:
     Bytes that are printable stay themselves; the others are moved to code points from 256 on, so
     every byte has a visible, non-whitespace symbol (the GPT-2 / CLIP convention).
     """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     symbols, extra = {}, 0
     for byte in range(256):
         if byte in printable:
@@ -71,7 +70,7 @@ def _apply_merges(symbols: list[str], merges: list[tuple[str, str]]) -> list[str
         if not ranked:
             break
         _, i = min(ranked)
-        symbols = [*symbols[:i], symbols[i] + symbols[i + 1], *symbols[i + 2:]]
+        symbols = [*symbols[:i], symbols[i] + symbols[i + 1], *symbols[i + 2 :]]
     return symbols
 
 

@@ -47,10 +47,18 @@ class _WanPolicy(FlowPolicy):
     def accepts(cls, pipe) -> bool:
         return wan_variant(pipe) == cls.wan_variant
 
-    def __init__(self, pipe, max_sequence_length: int = 512, expert_lora: str | None = None,
-                 guidance_scale_2: float | None = None):
-        given = [name for name, value in (("expert_lora", expert_lora), ("guidance_scale_2", guidance_scale_2))
-                 if value is not None]
+    def __init__(
+        self,
+        pipe,
+        max_sequence_length: int = 512,
+        expert_lora: str | None = None,
+        guidance_scale_2: float | None = None,
+    ):
+        given = [
+            name
+            for name, value in (("expert_lora", expert_lora), ("guidance_scale_2", guidance_scale_2))
+            if value is not None
+        ]
         if given:
             raise ConfigError(
                 f"{' and '.join(given)} {'is an option' if len(given) == 1 else 'are options'} of the two-expert "
@@ -99,8 +107,12 @@ class _WanPolicy(FlowPolicy):
             raise self._missing_ftfy()
         try:
             embeds, negative = self.pipe.encode_prompt(
-                prompt=list(prompts), negative_prompt=negative_prompts, do_classifier_free_guidance=do_cfg,
-                num_videos_per_prompt=1, max_sequence_length=length, device=self.device,
+                prompt=list(prompts),
+                negative_prompt=negative_prompts,
+                do_classifier_free_guidance=do_cfg,
+                num_videos_per_prompt=1,
+                max_sequence_length=length,
+                device=self.device,
             )
         except NameError as exc:  # ftfy installed after diffusers' Wan module was imported
             if "ftfy" in str(exc):
@@ -109,12 +121,14 @@ class _WanPolicy(FlowPolicy):
         cast = lambda t: None if t is None else t.to(self.dtype)  # noqa: E731
         return cast(embeds), cast(negative)
 
-    def encode_prompt(self, prompts, negative_prompts=None, guidance_scale=None, images=None,
-                      geometry=None, **kwargs) -> Conditioning:
+    def encode_prompt(
+        self, prompts, negative_prompts=None, guidance_scale=None, images=None, geometry=None, **kwargs
+    ) -> Conditioning:
         scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
         do_cfg = scale > 1
         embeds, negative = self._encode_text(
-            prompts, negative_prompts, do_cfg, kwargs.pop("max_sequence_length", self.max_sequence_length))
+            prompts, negative_prompts, do_cfg, kwargs.pop("max_sequence_length", self.max_sequence_length)
+        )
         return Conditioning(
             cond={"encoder_hidden_states": embeds},
             uncond={"encoder_hidden_states": negative} if do_cfg else None,
@@ -122,8 +136,9 @@ class _WanPolicy(FlowPolicy):
         )
 
     def forward(self, latents, timesteps, kwargs, shared):
-        return self.run_denoiser(hidden_states=latents.to(self.dtype), timestep=timesteps.float(),
-                             return_dict=False, **kwargs, **shared)[0]
+        return self.run_denoiser(
+            hidden_states=latents.to(self.dtype), timestep=timesteps.float(), return_dict=False, **kwargs, **shared
+        )[0]
 
     # ----------------------------------------------------------------- VAE
     def _latent_stats(self, like: torch.Tensor):
@@ -169,8 +184,9 @@ class WanI2VPolicy(_WanPolicy):
     def _latent_channels(self) -> int:
         return self.vae.config.z_dim
 
-    def encode_prompt(self, prompts, negative_prompts=None, guidance_scale=None, images=None,
-                      geometry=None, **kwargs) -> Conditioning:
+    def encode_prompt(
+        self, prompts, negative_prompts=None, guidance_scale=None, images=None, geometry=None, **kwargs
+    ) -> Conditioning:
         if images is None:
             raise InvalidInputError(
                 "wan-i2v needs a conditioning image per prompt: pass images=Tensor(B, 3, H, W) in [0, 1]."
@@ -189,8 +205,9 @@ class WanI2VPolicy(_WanPolicy):
         """CLIP vision features (penultimate hidden state) of each image, as stock's encode_image."""
         encoder = self.pipe.image_encoder
         # The processor sees the same [0, 1] floats stock gets from a PIL image after its rescale.
-        inputs = self.pipe.image_processor(images=list(images.float().cpu()), do_rescale=False,
-                                           return_tensors="pt").to(encoder.device)
+        inputs = self.pipe.image_processor(images=list(images.float().cpu()), do_rescale=False, return_tensors="pt").to(
+            encoder.device
+        )
         hidden = encoder(**inputs, output_hidden_states=True).hidden_states[-2]
         return hidden.to(device=self.device, dtype=self.dtype)
 
@@ -216,5 +233,6 @@ class WanI2VPolicy(_WanPolicy):
         kwargs = dict(kwargs)
         condition = kwargs.pop("image_condition")
         hidden = torch.cat([latents.to(self.dtype), condition], dim=1)
-        return self.run_denoiser(hidden_states=hidden, timestep=timesteps.float(), return_dict=False,
-                             **kwargs, **shared)[0]
+        return self.run_denoiser(
+            hidden_states=hidden, timestep=timesteps.float(), return_dict=False, **kwargs, **shared
+        )[0]

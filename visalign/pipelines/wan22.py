@@ -66,8 +66,11 @@ class ExpertConditioning(Conditioning):
 
 
 def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and \
-        torch.distributed.get_world_size() > 1
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
 
 
 class ExpertRouter(torch.nn.Module):
@@ -101,8 +104,10 @@ class ExpertRouter(torch.nn.Module):
 
     @staticmethod
     def _rows(kwargs: dict, index: torch.Tensor, batch: int) -> dict:
-        return {k: v[index] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == batch else v
-                for k, v in kwargs.items()}
+        return {
+            k: v[index] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == batch else v
+            for k, v in kwargs.items()
+        }
 
     def _tie_idle(self, out: torch.Tensor, idle: torch.nn.Module) -> torch.Tensor:
         if not (torch.is_grad_enabled() and _distributed()):
@@ -123,10 +128,18 @@ class ExpertRouter(torch.nn.Module):
             out = expert(hidden_states=hidden_states, timestep=timestep, return_dict=False, **kwargs)[0]
             return (self._tie_idle(out, idle),)
         rows_high, rows_low = torch.nonzero(high).flatten(), torch.nonzero(~high).flatten()
-        out_high = self.transformer(hidden_states=hidden_states[rows_high], timestep=timestep[rows_high],
-                                    return_dict=False, **self._rows(kwargs, rows_high, batch))[0]
-        out_low = self.transformer_2(hidden_states=hidden_states[rows_low], timestep=timestep[rows_low],
-                                     return_dict=False, **self._rows(kwargs, rows_low, batch))[0]
+        out_high = self.transformer(
+            hidden_states=hidden_states[rows_high],
+            timestep=timestep[rows_high],
+            return_dict=False,
+            **self._rows(kwargs, rows_high, batch),
+        )[0]
+        out_low = self.transformer_2(
+            hidden_states=hidden_states[rows_low],
+            timestep=timestep[rows_low],
+            return_dict=False,
+            **self._rows(kwargs, rows_low, batch),
+        )[0]
         order = torch.argsort(torch.cat([rows_high, rows_low]))
         return (torch.cat([out_high, out_low])[order],)
 
@@ -137,8 +150,13 @@ class _TwoExperts:
     wan_variant = "experts"
     _denoiser_kind = "expert"
 
-    def __init__(self, pipe, max_sequence_length: int = 512, expert_lora: str = "per_expert",
-                 guidance_scale_2: float | None = None):
+    def __init__(
+        self,
+        pipe,
+        max_sequence_length: int = 512,
+        expert_lora: str = "per_expert",
+        guidance_scale_2: float | None = None,
+    ):
         if expert_lora not in EXPERT_LORA:
             raise ConfigError(
                 f"expert_lora={expert_lora!r} is not an option; use 'per_expert' (one LoRA for each expert) "
@@ -188,8 +206,12 @@ class _TwoExperts:
 
     def training_module(self) -> ExpertRouter:
         pipe, router = self.pipe, self._router
-        stale = router is None or router.transformer is not pipe.transformer or \
-            router.transformer_2 is not pipe.transformer_2 or router.boundary != self.boundary_timestep
+        stale = (
+            router is None
+            or router.transformer is not pipe.transformer
+            or router.transformer_2 is not pipe.transformer_2
+            or router.boundary != self.boundary_timestep
+        )
         if stale:
             router = self._router = ExpertRouter(pipe.transformer, pipe.transformer_2, self.boundary_timestep)
         return router
@@ -203,13 +225,23 @@ class _TwoExperts:
             return first
         if not bool(high.any()):
             return second
-        return torch.where(high, torch.tensor(float(first), device=high.device),
-                           torch.tensor(float(second), device=high.device))
+        return torch.where(
+            high, torch.tensor(float(first), device=high.device), torch.tensor(float(second), device=high.device)
+        )
 
-    def encode_prompt(self, prompts, negative_prompts=None, guidance_scale=None, images=None, geometry=None,
-                      guidance_scale_2=None, **kwargs) -> ExpertConditioning:
-        conditioning = super().encode_prompt(prompts, negative_prompts, guidance_scale, images=images,
-                                             geometry=geometry, **kwargs)
+    def encode_prompt(
+        self,
+        prompts,
+        negative_prompts=None,
+        guidance_scale=None,
+        images=None,
+        geometry=None,
+        guidance_scale_2=None,
+        **kwargs,
+    ) -> ExpertConditioning:
+        conditioning = super().encode_prompt(
+            prompts, negative_prompts, guidance_scale, images=images, geometry=geometry, **kwargs
+        )
         second = self.guidance_scale_2 if guidance_scale_2 is None else guidance_scale_2
         fields = {f.name: getattr(conditioning, f.name) for f in dataclasses.fields(Conditioning)}
         return ExpertConditioning(**fields, guidance_scale_2=None if second is None else float(second))
@@ -235,8 +267,13 @@ class _TwoExperts:
         # Stock loads the second expert's LoRA from "transformer."-prefixed keys with
         # load_into_transformer_2=True, so each expert gets its own file under the same prefix.
         weight_name = None if name == "transformer" else TRANSFORMER_2_WEIGHT_NAME
-        type(self.pipe).save_lora_weights(save_directory, transformer_lora_layers=state, weight_name=weight_name,
-                                          transformer_lora_adapter_metadata=metadata, safe_serialization=True)
+        type(self.pipe).save_lora_weights(
+            save_directory,
+            transformer_lora_layers=state,
+            weight_name=weight_name,
+            transformer_lora_adapter_metadata=metadata,
+            safe_serialization=True,
+        )
 
     def load_lora(self, path: str, adapter_name: str | None = None) -> None:
         """Loads a two-expert LoRA written by :meth:`save_lora` into both experts."""
@@ -249,8 +286,9 @@ class _TwoExperts:
                 f"policy.pipe.load_lora_weights(path, load_into_transformer_2=True) (low-noise expert)."
             )
         self.pipe.load_lora_weights(path, adapter_name=adapter_name)
-        self.pipe.load_lora_weights(path, weight_name=TRANSFORMER_2_WEIGHT_NAME, adapter_name=adapter_name,
-                                    load_into_transformer_2=True)
+        self.pipe.load_lora_weights(
+            path, weight_name=TRANSFORMER_2_WEIGHT_NAME, adapter_name=adapter_name, load_into_transformer_2=True
+        )
 
 
 @register_adapter
@@ -275,7 +313,7 @@ def _token_timesteps(timesteps: torch.Tensor, latents: torch.Tensor, patch: tupl
     mask = torch.ones(frames, height, width, device=latents.device, dtype=torch.float32)
     if clean_first:
         mask[0] = 0
-    tokens = mask[::patch[0], ::patch[1], ::patch[2]].flatten()
+    tokens = mask[:: patch[0], :: patch[1], :: patch[2]].flatten()
     return tokens.unsqueeze(0) * timesteps.float().reshape(-1, 1)
 
 
@@ -303,8 +341,9 @@ class Wan22TI2VPolicy(WanT2VPolicy):
 
     def forward(self, latents, timesteps, kwargs, shared):
         timestep = _token_timesteps(timesteps, latents, self.denoiser.config.patch_size, clean_first=False)
-        return self.run_denoiser(hidden_states=latents.to(self.dtype), timestep=timestep, return_dict=False,
-                                 **kwargs, **shared)[0]
+        return self.run_denoiser(
+            hidden_states=latents.to(self.dtype), timestep=timestep, return_dict=False, **kwargs, **shared
+        )[0]
 
 
 @register_adapter
@@ -323,8 +362,9 @@ class Wan22TI2VI2VPolicy(_WanPolicy):
     def _latent_channels(self) -> int:
         return self.vae.config.z_dim
 
-    def encode_prompt(self, prompts, negative_prompts=None, guidance_scale=None, images=None,
-                      geometry=None, **kwargs) -> Conditioning:
+    def encode_prompt(
+        self, prompts, negative_prompts=None, guidance_scale=None, images=None, geometry=None, **kwargs
+    ) -> Conditioning:
         if images is None:
             raise InvalidInputError(
                 f"{self.family} needs a first frame per prompt: pass images=Tensor(B, 3, H, W) in [0, 1]."

@@ -68,8 +68,11 @@ class ZImagePolicy(FlowPolicy):
         config = self.flow_scheduler().config
         h, w = self._latent_hw(geometry)
         mu = calculate_shift(
-            (h // 2) * (w // 2), config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5), config.get("max_shift", 1.15),
+            (h // 2) * (w // 2),
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
         )
         return {"sigmas": get_default_z_image_sigmas(num_steps), "mu": mu}
 
@@ -84,20 +87,24 @@ class ZImagePolicy(FlowPolicy):
         lengths = torch.tensor([e.shape[0] for e in embeds], device=embeds[0].device)
         return {"cap_feats": torch.stack(rows), "cap_lengths": lengths}
 
-    def encode_prompt(self, prompts, negative_prompts=None, guidance_scale=None, images=None,
-                      geometry=None, **kwargs) -> Conditioning:
+    def encode_prompt(
+        self, prompts, negative_prompts=None, guidance_scale=None, images=None, geometry=None, **kwargs
+    ) -> Conditioning:
         """Encodes prompts; ``guidance_scale`` > 1 runs CFG against the negative prompts (default ``""``)."""
         scale = self.default_guidance_scale if guidance_scale is None else float(guidance_scale)
         length = kwargs.pop("max_sequence_length", self.max_sequence_length)
         embeds = self._encode_text(prompts, length)
         negative = None
         if scale > 1:
-            negative = self._encode_text(list(negative_prompts) if negative_prompts is not None
-                                         else [""] * len(prompts), length)
+            negative = self._encode_text(
+                list(negative_prompts) if negative_prompts is not None else [""] * len(prompts), length
+            )
         longest = max(e.shape[0] for e in embeds + (negative or []))
-        return Conditioning(cond=self._stack(embeds, longest),
-                            uncond=None if negative is None else self._stack(negative, longest),
-                            guidance_scale=scale)
+        return Conditioning(
+            cond=self._stack(embeds, longest),
+            uncond=None if negative is None else self._stack(negative, longest),
+            guidance_scale=scale,
+        )
 
     # ----------------------------------------------------------------- model
     def forward(self, latents, timesteps, kwargs, shared):
@@ -115,8 +122,7 @@ class ZImagePolicy(FlowPolicy):
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(latents.shape[0])
         both = _cat_batched([conditioning.cond, conditioning.uncond])
-        out = self.forward(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), both,
-                           conditioning.shared)
+        out = self.forward(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), both, conditioning.shared)
         # forward returned −(model output); stock mixes the model outputs, which is the same up to sign.
         cond, uncond = (-out).chunk(2)
         return -(cond + (conditioning.guidance_scale - 1) * (cond - uncond))

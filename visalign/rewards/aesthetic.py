@@ -21,8 +21,9 @@ from visalign.rewards.loading import load_state_dict
 
 __all__ = ["Aesthetic", "AestheticMLP", "AESTHETIC_URL"]
 
-AESTHETIC_URL = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
-                 "sac+logos+ava1-l14-linearMSE.pth")
+AESTHETIC_URL = (
+    "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac+logos+ava1-l14-linearMSE.pth"
+)
 
 
 class AestheticMLP(nn.Module):
@@ -37,9 +38,12 @@ class AestheticMLP(nn.Module):
         super().__init__()
         self.input_dim = input_dim
         self.layers = nn.Sequential(
-            nn.Linear(input_dim, 1024), nn.Dropout(0.2),
-            nn.Linear(1024, 128), nn.Dropout(0.2),
-            nn.Linear(128, 64), nn.Dropout(0.1),
+            nn.Linear(input_dim, 1024),
+            nn.Dropout(0.2),
+            nn.Linear(1024, 128),
+            nn.Dropout(0.2),
+            nn.Linear(128, 64),
+            nn.Dropout(0.1),
             nn.Linear(64, 16),
             nn.Linear(16, 1),
         )
@@ -49,12 +53,12 @@ class AestheticMLP(nn.Module):
         return self.layers(embeddings).squeeze(-1)
 
     @classmethod
-    def from_state_dict(cls, state_dict: dict[str, torch.Tensor]) -> "AestheticMLP":
+    def from_state_dict(cls, state_dict: dict[str, torch.Tensor]) -> AestheticMLP:
         """Builds the MLP with the input size the weights imply and loads them strictly."""
         if "layers.0.weight" not in state_dict:
             raise CheckpointError(
-                "not an aesthetic-predictor state dict: no 'layers.0.weight' among keys "
-                f"{sorted(state_dict)[:6]}...")
+                f"not an aesthetic-predictor state dict: no 'layers.0.weight' among keys {sorted(state_dict)[:6]}..."
+            )
         mlp = cls(int(state_dict["layers.0.weight"].shape[1]))
         try:
             mlp.load_state_dict(state_dict)
@@ -85,11 +89,18 @@ class Aesthetic(Reward):
     default_name = "aesthetic"
     needs_prompts = False
 
-    def __init__(self, predictor: Any = AESTHETIC_URL,
-                 clip_model: Any = "openai/clip-vit-large-patch14", processor: Any = None, *,
-                 predictor_filename: str | None = None, batch_size: int | None = 32,
-                 torch_dtype: torch.dtype | None = None, name: str | None = None,
-                 differentiable: bool = True):
+    def __init__(
+        self,
+        predictor: Any = AESTHETIC_URL,
+        clip_model: Any = "openai/clip-vit-large-patch14",
+        processor: Any = None,
+        *,
+        predictor_filename: str | None = None,
+        batch_size: int | None = 32,
+        torch_dtype: torch.dtype | None = None,
+        name: str | None = None,
+        differentiable: bool = True,
+    ):
         super().__init__(name=name, differentiable=differentiable, batch_size=batch_size)
         self.clip = CLIPEmbedder(clip_model, processor, torch_dtype=torch_dtype, vision_only=True)
         if not isinstance(predictor, nn.Module):

@@ -30,7 +30,8 @@ a plain constant tensor.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,6 +49,7 @@ __all__ = [
     "is_differentiable",
     "freeze",
 ]
+
 
 # ----------------------------------------------------------------------------- helpers
 def freeze(module: nn.Module) -> nn.Module:
@@ -67,12 +69,10 @@ def _accepted_kwargs(fn: Callable) -> set[str] | None:
         return None
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     skip = {p.name for p in positional[:2]}
-    return {p.name for p in params
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in skip}
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in skip}
 
 
-def _slice_conditioning(conditioning: Mapping[str, Any], batch: int, start: int, stop: int
-                        ) -> dict[str, Any]:
+def _slice_conditioning(conditioning: Mapping[str, Any], batch: int, start: int, stop: int) -> dict[str, Any]:
     """Slices per-sample conditioning (tensors with first dim ``batch``, lists of ``batch``)."""
     out = {}
     for key, value in conditioning.items():
@@ -99,7 +99,8 @@ class _RefuseBackward(torch.autograd.Function):
             f"reward '{ctx.reward_name}' is not differentiable (differentiable=False), so no "
             "gradient flows from its scores to the images. Detach the scores (e.g. to use them "
             "as GRPO/DPO advantages), or use a differentiable reward for DRaFT and reward "
-            "guidance.")
+            "guidance."
+        )
 
 
 # ----------------------------------------------------------------------------- Reward
@@ -134,12 +135,17 @@ class Reward(nn.Module):
     input_kind: str = "image"
     needs_prompts: bool = True
 
-    def __init__(self, *, name: str | None = None, differentiable: bool | None = None,
-                 batch_size: int | None = None, check_range: bool = True):
+    def __init__(
+        self,
+        *,
+        name: str | None = None,
+        differentiable: bool | None = None,
+        batch_size: int | None = None,
+        check_range: bool = True,
+    ):
         super().__init__()
         self.name = name or self.default_name
-        self.differentiable = (self.default_differentiable if differentiable is None
-                               else bool(differentiable))
+        self.differentiable = self.default_differentiable if differentiable is None else bool(differentiable)
         if batch_size is not None and int(batch_size) < 1:
             raise InvalidInputError(f"{self.name}: batch_size must be >= 1 or None; got {batch_size}.")
         self.batch_size = None if batch_size is None else int(batch_size)
@@ -151,8 +157,7 @@ class Reward(nn.Module):
         """Scores one chunk of validated input; returns a tensor of shape (chunk,)."""
         raise NotImplementedError
 
-    def score_parts(self, images: torch.Tensor, prompts: list[str] | None, **conditioning
-                    ) -> RewardResult:
+    def score_parts(self, images: torch.Tensor, prompts: list[str] | None, **conditioning) -> RewardResult:
         """Scores one chunk with its named parts. The default has no parts: it wraps :meth:`score`.
 
         A reward whose score is a weighted sum of natural parts (:class:`~visalign.rewards.Combined`,
@@ -186,8 +191,7 @@ class Reward(nn.Module):
             self.to(device)
             self._placed_on = device
 
-    def forward(self, images: torch.Tensor, prompts: Sequence[str] | None = None,
-                **conditioning) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, prompts: Sequence[str] | None = None, **conditioning) -> torch.Tensor:
         """Scores a batch.
 
         Args:
@@ -202,8 +206,7 @@ class Reward(nn.Module):
         """
         return self.evaluate(images, prompts, **conditioning).total
 
-    def evaluate(self, images: torch.Tensor, prompts: Sequence[str] | None = None,
-                 **conditioning) -> RewardResult:
+    def evaluate(self, images: torch.Tensor, prompts: Sequence[str] | None = None, **conditioning) -> RewardResult:
         """Scores a batch like calling the reward, and returns the scores with their named parts.
 
         Takes the arguments of :meth:`forward`. Returns a :class:`RewardResult` whose ``total`` is
@@ -219,8 +222,8 @@ class Reward(nn.Module):
             unknown = sorted(set(conditioning) - accepted)
             if unknown:
                 raise InvalidInputError(
-                    f"{self.name}: unexpected conditioning {unknown}; this reward takes "
-                    f"{sorted(accepted) or 'none'}.")
+                    f"{self.name}: unexpected conditioning {unknown}; this reward takes {sorted(accepted) or 'none'}."
+                )
         self.place(images.device)
         if self.differentiable:
             result = self._chunked(images, prompts, conditioning)
@@ -246,8 +249,7 @@ class Reward(nn.Module):
         return RewardResult.cat(outs)
 
     def extra_repr(self) -> str:
-        return (f"name={self.name!r}, differentiable={self.differentiable}, "
-                f"batch_size={self.batch_size}")
+        return f"name={self.name!r}, differentiable={self.differentiable}, batch_size={self.batch_size}"
 
 
 class FunctionReward(Reward):
@@ -263,15 +265,21 @@ class FunctionReward(Reward):
 
     input_kind = "any"
 
-    def __init__(self, fn: Callable, *, name: str | None = None,
-                 differentiable: bool | None = None, input_kind: str = "any",
-                 needs_prompts: bool = False, batch_size: int | None = None):
+    def __init__(
+        self,
+        fn: Callable,
+        *,
+        name: str | None = None,
+        differentiable: bool | None = None,
+        input_kind: str = "any",
+        needs_prompts: bool = False,
+        batch_size: int | None = None,
+    ):
         if not callable(fn):
             raise InvalidInputError(f"a reward must be callable; got {type(fn).__name__}.")
         if differentiable is None:
             differentiable = getattr(fn, "differentiable", True)
-        super().__init__(name=name or reward_name(fn), differentiable=differentiable,
-                         batch_size=batch_size)
+        super().__init__(name=name or reward_name(fn), differentiable=differentiable, batch_size=batch_size)
         self.fn = fn
         self.input_kind = input_kind
         self.needs_prompts = needs_prompts
@@ -299,10 +307,10 @@ def is_differentiable(reward: Any) -> bool:
     return bool(getattr(reward, "differentiable", True))
 
 
-def as_reward(reward: Any, *, name: str | None = None, differentiable: bool | None = None
-              ) -> Reward:
+def as_reward(reward: Any, *, name: str | None = None, differentiable: bool | None = None) -> Reward:
     """Returns ``reward`` itself if it is a :class:`Reward`, else wraps the callable in
-    :class:`FunctionReward`."""
+    :class:`FunctionReward`.
+    """
     if isinstance(reward, Reward) and name is None and differentiable is None:
         return reward
     if isinstance(reward, Reward):
@@ -314,8 +322,7 @@ def as_reward(reward: Any, *, name: str | None = None, differentiable: bool | No
     return FunctionReward(reward, name=name, differentiable=differentiable)
 
 
-def call_reward(reward: Any, images: torch.Tensor, prompts: Sequence[str] | None,
-                **conditioning) -> RewardResult:
+def call_reward(reward: Any, images: torch.Tensor, prompts: Sequence[str] | None, **conditioning) -> RewardResult:
     """Scores a batch with a :class:`Reward` or a plain callable: visalign's one internal call path.
 
     Trainers, steering and the CLI call every reward through here. Conditioning keywords the
@@ -342,10 +349,10 @@ def call_reward(reward: Any, images: torch.Tensor, prompts: Sequence[str] | None
     if not callable(reward):
         raise InvalidInputError(
             f"a reward must be a visalign Reward or a callable (images, prompts) -> Tensor[B]; "
-            f"got {type(reward).__name__}.")
+            f"got {type(reward).__name__}."
+        )
     name = reward_name(reward)
-    accepted = (reward.accepted_conditioning if isinstance(reward, Reward)
-                else _accepted_kwargs(reward))
+    accepted = reward.accepted_conditioning if isinstance(reward, Reward) else _accepted_kwargs(reward)
     if accepted is not None:
         conditioning = {k: v for k, v in conditioning.items() if k in accepted}
     if isinstance(reward, Reward):

@@ -20,8 +20,7 @@ RANGE_TOLERANCE = 1e-3
 
 
 # ----------------------------------------------------------------------------- validation
-def check_images(images: Any, kind: str = "image", *, name: str = "reward",
-                 check_range: bool = True) -> torch.Tensor:
+def check_images(images: Any, kind: str = "image", *, name: str = "reward", check_range: bool = True) -> torch.Tensor:
     """Checks that ``images`` is a float pixel batch in [0, 1] and returns it unchanged.
 
     Args:
@@ -38,13 +37,12 @@ def check_images(images: Any, kind: str = "image", *, name: str = "reward",
         raise InvalidInputError(
             f"{where}images must be a torch.Tensor of floats in [0, 1] shaped (B, 3, H, W) "
             f"(or (B, T, 3, H, W) for video); got {type(images).__name__}. Convert PIL/numpy "
-            "images with torch.from_numpy(np.asarray(img)).permute(2, 0, 1) / 255.")
+            "images with torch.from_numpy(np.asarray(img)).permute(2, 0, 1) / 255."
+        )
     if not images.is_floating_point():
         hint = " Divide uint8 images by 255." if images.dtype == torch.uint8 else ""
-        raise InvalidInputError(
-            f"{where}images must be floating point in [0, 1]; got dtype {images.dtype}.{hint}")
-    expected = {"image": "(B, 3, H, W)", "video": "(B, T, 3, H, W)",
-                "any": "(B, 3, H, W) or (B, T, 3, H, W)"}[kind]
+        raise InvalidInputError(f"{where}images must be floating point in [0, 1]; got dtype {images.dtype}.{hint}")
+    expected = {"image": "(B, 3, H, W)", "video": "(B, T, 3, H, W)", "any": "(B, 3, H, W) or (B, T, 3, H, W)"}[kind]
     ranks = {"image": (4,), "video": (5,), "any": (4, 5)}[kind]
     shape = tuple(images.shape)
     if images.dim() not in ranks:
@@ -52,20 +50,24 @@ def check_images(images: Any, kind: str = "image", *, name: str = "reward",
             raise InvalidInputError(
                 f"{where}this is an image reward and expects {expected}, but got a video batch of "
                 f"shape {shape}. Wrap it: SegmentalVideoReward(reward, segments=4) scores videos "
-                "frame by frame.")
+                "frame by frame."
+            )
         if kind == "video" and images.dim() == 4:
             raise InvalidInputError(
                 f"{where}this is a video reward and expects {expected}; got {shape}. For a batch of "
-                "single frames use images[:, None].")
+                "single frames use images[:, None]."
+            )
         hint = " Add the batch dimension with images[None]." if images.dim() in (3, 4) else ""
         raise InvalidInputError(
-            f"{where}expected images shaped {expected}; got rank {images.dim()} with shape "
-            f"{shape}.{hint}")
+            f"{where}expected images shaped {expected}; got rank {images.dim()} with shape {shape}.{hint}"
+        )
     channels = shape[-3]
     if channels != 3:
         if shape[-1] == 3:
-            hint = " The tensor looks channels-last: move channels with .permute(0, 3, 1, 2) " \
-                   "(video: .permute(0, 1, 4, 2, 3))."
+            hint = (
+                " The tensor looks channels-last: move channels with .permute(0, 3, 1, 2) "
+                "(video: .permute(0, 1, 4, 2, 3))."
+            )
         elif channels == 1:
             hint = " For grayscale, repeat the channel: images.expand(..., 3, H, W)."
         elif channels == 4:
@@ -73,8 +75,8 @@ def check_images(images: Any, kind: str = "image", *, name: str = "reward",
         else:
             hint = ""
         raise InvalidInputError(
-            f"{where}expected 3 (RGB) channels at dim -3 of {expected}; got {channels} in shape "
-            f"{shape}.{hint}")
+            f"{where}expected 3 (RGB) channels at dim -3 of {expected}; got {channels} in shape {shape}.{hint}"
+        )
     if shape[0] == 0:
         raise InvalidInputError(f"{where}got an empty batch (shape {shape}).")
     if check_range:
@@ -85,19 +87,19 @@ def check_images(images: Any, kind: str = "image", *, name: str = "reward",
             raise InvalidInputError(f"{where}images contain NaN.")
         if lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
             if lo >= -1 - RANGE_TOLERANCE and hi <= 1 + RANGE_TOLERANCE:
-                hint = (" They look like [-1, 1] (a VAE decoder's raw output): map them with "
-                        "(images + 1) / 2, or clamp to [0, 1].")
+                hint = (
+                    " They look like [-1, 1] (a VAE decoder's raw output): map them with "
+                    "(images + 1) / 2, or clamp to [0, 1]."
+                )
             elif lo >= 0 and hi <= 255:
                 hint = " They look like [0, 255]: divide by 255."
             else:
                 hint = " Clamp or rescale them to [0, 1]."
-            raise InvalidInputError(
-                f"{where}image values must lie in [0, 1]; got min {lo:.4g}, max {hi:.4g}.{hint}")
+            raise InvalidInputError(f"{where}image values must lie in [0, 1]; got min {lo:.4g}, max {hi:.4g}.{hint}")
     return images
 
 
-def check_prompts(prompts: Any, batch: int, *, name: str = "reward",
-                  required: bool = True) -> list[str] | None:
+def check_prompts(prompts: Any, batch: int, *, name: str = "reward", required: bool = True) -> list[str] | None:
     """Checks that ``prompts`` is a list of ``batch`` strings and returns it as a list.
 
     Args:
@@ -117,27 +119,26 @@ def check_prompts(prompts: Any, batch: int, *, name: str = "reward",
     if isinstance(prompts, str):
         raise InvalidInputError(
             f"{where}prompts must be a list of strings, one per image; got a single str. "
-            f"Pass [prompt] * {batch} to use it for every image.")
+            f"Pass [prompt] * {batch} to use it for every image."
+        )
     if not isinstance(prompts, (list, tuple)):
-        raise InvalidInputError(
-            f"{where}prompts must be a list of strings; got {type(prompts).__name__}.")
+        raise InvalidInputError(f"{where}prompts must be a list of strings; got {type(prompts).__name__}.")
     if len(prompts) == 0:
-        raise InvalidInputError(
-            f"{where}got an empty prompt list for {batch} image(s); pass one prompt per image.")
+        raise InvalidInputError(f"{where}got an empty prompt list for {batch} image(s); pass one prompt per image.")
     bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
     if bad:
         raise InvalidInputError(
-            f"{where}every prompt must be a str; item {bad[0]} is "
-            f"{type(prompts[bad[0]]).__name__}.")
+            f"{where}every prompt must be a str; item {bad[0]} is {type(prompts[bad[0]]).__name__}."
+        )
     if len(prompts) != batch:
         raise InvalidInputError(
             f"{where}got {len(prompts)} prompts for {batch} images; pass exactly one prompt per "
-            "image (repeat a prompt for each of its samples).")
+            "image (repeat a prompt for each of its samples)."
+        )
     return list(prompts)
 
 
-def check_scores(scores: Any, batch: int, device: torch.device, *, name: str = "reward"
-                 ) -> torch.Tensor:
+def check_scores(scores: Any, batch: int, device: torch.device, *, name: str = "reward") -> torch.Tensor:
     """Checks a reward's output and returns it as float32 on ``device``.
 
     Raises:
@@ -148,17 +149,16 @@ def check_scores(scores: Any, batch: int, device: torch.device, *, name: str = "
             scores = torch.as_tensor(scores)
         except Exception as exc:
             raise RewardError(
-                f"reward '{name}' returned {type(scores).__name__}; expected a Tensor of shape "
-                f"({batch},).") from exc
+                f"reward '{name}' returned {type(scores).__name__}; expected a Tensor of shape ({batch},)."
+            ) from exc
     if tuple(scores.shape) != (batch,):
         hint = " Squeeze the last dim with .squeeze(-1)." if tuple(scores.shape) == (batch, 1) else ""
         raise RewardError(
-            f"reward '{name}' returned shape {tuple(scores.shape)}; expected ({batch},), one score "
-            f"per sample.{hint}")
+            f"reward '{name}' returned shape {tuple(scores.shape)}; expected ({batch},), one score per sample.{hint}"
+        )
     if not (scores.is_floating_point() or scores.dtype in (torch.int32, torch.int64, torch.bool)):
         raise RewardError(f"reward '{name}' returned dtype {scores.dtype}; expected real numbers.")
     scores = scores.to(device=device, dtype=torch.float32)
     if not bool(torch.isfinite(scores.detach()).all()):
-        raise RewardError(
-            f"reward '{name}' returned non-finite values {scores.detach().cpu().tolist()}.")
+        raise RewardError(f"reward '{name}' returned non-finite values {scores.detach().cpu().tolist()}.")
     return scores

@@ -48,8 +48,9 @@ class CLIPEmbedder(torch.nn.Module):
         vision_only: load ``CLIPVisionModelWithProjection`` from a hub id (for image-only rewards).
     """
 
-    def __init__(self, model: Any, processor: Any = None, *, torch_dtype: torch.dtype | None = None,
-                 vision_only: bool = False):
+    def __init__(
+        self, model: Any, processor: Any = None, *, torch_dtype: torch.dtype | None = None, vision_only: bool = False
+    ):
         super().__init__()
         from transformers import CLIPModel, CLIPProcessor, CLIPVisionModelWithProjection
 
@@ -58,8 +59,7 @@ class CLIPEmbedder(torch.nn.Module):
             kwargs["config"] = _vision_config(model)
         cls = CLIPVisionModelWithProjection if vision_only else CLIPModel
         with _quiet_if(vision_only):  # the text tower's weights are unexpected there, by design
-            self.model = freeze(from_pretrained(cls, model, what="CLIP model",
-                                                torch_dtype=torch_dtype, **kwargs))
+            self.model = freeze(from_pretrained(cls, model, what="CLIP model", torch_dtype=torch_dtype, **kwargs))
         if processor is None and isinstance(model, (str, os.PathLike)):
             processor = model
         if isinstance(processor, (str, os.PathLike)):
@@ -88,16 +88,19 @@ class CLIPEmbedder(torch.nn.Module):
     def text_features(self, prompts: list[str], normalize: bool = True) -> torch.Tensor:
         """Embeds prompts (truncated to the tokenizer's maximum); each distinct prompt once."""
         if self.tokenizer is None:
-            raise ConfigError("this CLIP reward has no tokenizer: pass processor= (a CLIPProcessor "
-                              "or its hub id) to encode prompts.")
+            raise ConfigError(
+                "this CLIP reward has no tokenizer: pass processor= (a CLIPProcessor or its hub id) to encode prompts."
+            )
         unique = list(dict.fromkeys(prompts))
         device = next(self.model.parameters()).device
         max_len = getattr(self.tokenizer, "model_max_length", 77)
         max_len = 77 if max_len is None or max_len > 10_000 else max_len
-        tokens = self.tokenizer(unique, padding=True, truncation=True, max_length=max_len,
-                                return_tensors="pt").to(device)
-        feats = _features(self.model.get_text_features(
-            input_ids=tokens["input_ids"], attention_mask=tokens.get("attention_mask"))).float()
+        tokens = self.tokenizer(unique, padding=True, truncation=True, max_length=max_len, return_tensors="pt").to(
+            device
+        )
+        feats = _features(
+            self.model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens.get("attention_mask"))
+        ).float()
         if normalize:
             feats = feats / feats.norm(dim=-1, keepdim=True)
         position = {p: i for i, p in enumerate(unique)}
@@ -172,10 +175,18 @@ class CLIPScore(Reward):
     default_name = "clipscore"
     VARIANTS = ("hessel", "cosine", "torchmetrics")
 
-    def __init__(self, model: Any = "openai/clip-vit-base-patch32", processor: Any = None, *,
-                 variant: str = "hessel", prefix: str | None = None, batch_size: int | None = 32,
-                 torch_dtype: torch.dtype | None = None, name: str | None = None,
-                 differentiable: bool = True):
+    def __init__(
+        self,
+        model: Any = "openai/clip-vit-base-patch32",
+        processor: Any = None,
+        *,
+        variant: str = "hessel",
+        prefix: str | None = None,
+        batch_size: int | None = 32,
+        torch_dtype: torch.dtype | None = None,
+        name: str | None = None,
+        differentiable: bool = True,
+    ):
         if variant not in self.VARIANTS:
             raise ConfigError(f"CLIPScore variant must be one of {self.VARIANTS}; got {variant!r}.")
         super().__init__(name=name, differentiable=differentiable, batch_size=batch_size)
@@ -208,10 +219,16 @@ class PickScore(Reward):
 
     default_name = "pickscore"
 
-    def __init__(self, model: Any = "yuvalkirstain/PickScore_v1",
-                 processor: Any = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", *,
-                 batch_size: int | None = 16, torch_dtype: torch.dtype | None = None,
-                 name: str | None = None, differentiable: bool = True):
+    def __init__(
+        self,
+        model: Any = "yuvalkirstain/PickScore_v1",
+        processor: Any = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+        *,
+        batch_size: int | None = 16,
+        torch_dtype: torch.dtype | None = None,
+        name: str | None = None,
+        differentiable: bool = True,
+    ):
         super().__init__(name=name, differentiable=differentiable, batch_size=batch_size)
         self.clip = CLIPEmbedder(model, processor, torch_dtype=torch_dtype)
 

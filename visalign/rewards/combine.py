@@ -14,7 +14,8 @@ component (``w_k * n_k(r_k)``, which add up to the total), every raw score ``r_k
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -59,14 +60,14 @@ class RunningNorm(nn.Module):
         elif self.momentum is None:
             total = self.count + n
             delta = b_mean - self.mean
-            m2 = self.var * self.count + b_var * n + delta ** 2 * self.count * n / total
+            m2 = self.var * self.count + b_var * n + delta**2 * self.count * n / total
             self.mean.add_(delta * n / total)
             self.var.copy_(m2 / total)
         else:
             m = self.momentum
             delta = b_mean - self.mean
             self.mean.add_(m * delta)
-            self.var.copy_((1 - m) * self.var + m * b_var + m * (1 - m) * delta ** 2)
+            self.var.copy_((1 - m) * self.var + m * b_var + m * (1 - m) * delta**2)
         self.count.add_(n)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,8 +108,15 @@ class Combined(Reward):
     default_name = "combined"
     input_kind = "any"
 
-    def __init__(self, rewards: Mapping[str, Any], *, normalize: bool = False,
-                 momentum: float | None = None, eps: float = 1e-6, name: str | None = None):
+    def __init__(
+        self,
+        rewards: Mapping[str, Any],
+        *,
+        normalize: bool = False,
+        momentum: float | None = None,
+        eps: float = 1e-6,
+        name: str | None = None,
+    ):
         if not rewards:
             raise ConfigError("Combined needs at least one reward.")
         members, weights = {}, {}
@@ -117,14 +125,12 @@ class Combined(Reward):
                 raise ConfigError(f"reward names must be non-empty strings without '.'; got {key!r}.")
             reward, weight = value if isinstance(value, tuple) else (value, 1.0)
             members[key], weights[key] = reward, float(weight)
-        super().__init__(name=name, differentiable=all(map(is_differentiable, members.values())),
-                         batch_size=None)
+        super().__init__(name=name, differentiable=all(map(is_differentiable, members.values())), batch_size=None)
         self.rewards = nn.ModuleDict({k: as_reward(r) for k, r in members.items()})
         self.weights = weights
         self.needs_prompts = any(getattr(r, "needs_prompts", True) for r in self.rewards.values())
         self.normalize = normalize
-        self.norms = nn.ModuleDict({k: RunningNorm(momentum, eps) for k in members}) \
-            if normalize else None
+        self.norms = nn.ModuleDict({k: RunningNorm(momentum, eps) for k in members}) if normalize else None
         self.update_stats = True
 
     @property
@@ -141,8 +147,9 @@ class Combined(Reward):
         """The names of the members through which no gradient flows."""
         return [key for key, reward in self.rewards.items() if not is_differentiable(reward)]
 
-    def score_parts(self, images: torch.Tensor, prompts: list[str] | None, *,
-                    update_stats: bool | None = None, **conditioning) -> RewardResult:
+    def score_parts(
+        self, images: torch.Tensor, prompts: list[str] | None, *, update_stats: bool | None = None, **conditioning
+    ) -> RewardResult:
         update = self.update_stats if update_stats is None else update_stats
         raw, comps = {}, {}
         for key, reward in self.rewards.items():

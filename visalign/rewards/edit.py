@@ -21,8 +21,9 @@ The total is ``instruction + preservation_weight · preservation``; both parts a
 
 The source images come as ``source_images=`` (a (B, 3, H, W) tensor in [0, 1]; e.g.
 ``va.best_of_n(policy, instructions, reward, images=sources, reward_kwargs={"source_images": sources})``),
-or from a prompt file's ``image`` column (what trainers pass: PIL images or file paths, absolute
-or relative to the working directory). Sources are resized to the edited images' size.
+or from a prompt file's ``image`` column (what trainers pass today: PIL images or file paths;
+relative paths resolve against ``image_dir``, else the working directory). Sources are resized to
+the edited images' size.
 
 Recipe name: ``reward: {edit: {type: EditReward, model: Qwen/Qwen2.5-VL-7B-Instruct}}``.
 """
@@ -43,8 +44,9 @@ from visalign.rewards.result import RewardResult
 __all__ = ["EditReward", "DEFAULT_EDIT_QUESTION", "pixel_similarity"]
 
 DEFAULT_EDIT_QUESTION = (
-    'The first image is the original and the second image is an edited version of it. Does the second image '
-    'apply the instruction "{prompt}" to the first image, changing nothing else? Please answer yes or no.')
+    "The first image is the original and the second image is an edited version of it. Does the second image "
+    'apply the instruction "{prompt}" to the first image, changing nothing else? Please answer yes or no.'
+)
 
 
 def pixel_similarity(images: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
@@ -64,6 +66,8 @@ class EditReward(Reward):
         preservation_weight: the weight of the preservation term (default 0.2; 0 turns it off).
         clip_model, clip_processor: the CLIP model of ``"clip"`` preservation (hub id, folder or
             built model; default ``"openai/clip-vit-large-patch14"``, as Flow-GRPO's similarity).
+        image_dir: the folder relative paths of an ``image`` column resolve against (a recipe's
+            prompt-file folder); None: the working directory.
         normalize, system_prompt, yes_words, no_words: as for :class:`~visalign.rewards.YesTokenReward`.
         batch_size, torch_dtype, name: as for every :class:`Reward`.
     """
@@ -71,31 +75,60 @@ class EditReward(Reward):
     default_name = "edit"
     default_differentiable = False
 
-    def __init__(self, model: Any, processor: Any = None, *, question: str = DEFAULT_EDIT_QUESTION,
-                 preservation: str | None = "clip", preservation_weight: float = 0.2,
-                 clip_model: Any = "openai/clip-vit-large-patch14", clip_processor: Any = None,
-                 normalize: bool = True, system_prompt: str | None = None,
-                 yes_words: Sequence[str] = ("yes",), no_words: Sequence[str] = ("no",),
-                 batch_size: int | None = 8, torch_dtype: torch.dtype | None = None, name: str | None = None):
+    def __init__(
+        self,
+        model: Any,
+        processor: Any = None,
+        *,
+        question: str = DEFAULT_EDIT_QUESTION,
+        preservation: str | None = "clip",
+        preservation_weight: float = 0.2,
+        clip_model: Any = "openai/clip-vit-large-patch14",
+        clip_processor: Any = None,
+        image_dir: str | None = None,
+        normalize: bool = True,
+        system_prompt: str | None = None,
+        yes_words: Sequence[str] = ("yes",),
+        no_words: Sequence[str] = ("no",),
+        batch_size: int | None = 8,
+        torch_dtype: torch.dtype | str | None = None,
+        name: str | None = None,
+    ):
         super().__init__(name=name, differentiable=False, batch_size=batch_size)
         from visalign.rewards.vlm import YesTokenReward
 
+        if isinstance(torch_dtype, str):  # a recipe writes "bfloat16"
+            torch_dtype = getattr(torch, torch_dtype)
         if preservation not in ("clip", "pixel", None):
             raise ConfigError(f"EditReward: preservation must be 'clip', 'pixel' or None; got {preservation!r}.")
         if preservation_weight < 0:
             raise ConfigError(f"EditReward: preservation_weight must be >= 0; got {preservation_weight}.")
-        self.judge = YesTokenReward(model, processor, mode="pairwise", pairwise_question=question,
-                                    normalize=normalize, system_prompt=system_prompt, yes_words=yes_words,
-                                    no_words=no_words, batch_size=None, torch_dtype=torch_dtype,
-                                    name=f"{self.name}/instruction")
+        self.judge = YesTokenReward(
+            model,
+            processor,
+            mode="pairwise",
+            pairwise_question=question,
+            normalize=normalize,
+            system_prompt=system_prompt,
+            yes_words=yes_words,
+            no_words=no_words,
+            batch_size=None,
+            torch_dtype=torch_dtype,
+            name=f"{self.name}/instruction",
+        )
+        self.image_dir = image_dir
         self.preservation = preservation if preservation_weight > 0 else None
         self.preservation_weight = float(preservation_weight) if self.preservation else 0.0
         self.clip = None
         if self.preservation == "clip":
             from visalign.rewards.clip import CLIPEmbedder
 
-            self.clip = CLIPEmbedder(clip_model, clip_processor, torch_dtype=torch_dtype,
-                                     vision_only=isinstance(clip_model, (str, os.PathLike)))
+            self.clip = CLIPEmbedder(
+                clip_model,
+                clip_processor,
+                torch_dtype=torch_dtype,
+                vision_only=isinstance(clip_model, (str, os.PathLike)),
+            )
 
     def sources(self, images: torch.Tensor, source_images: Any = None, image: Any = None) -> torch.Tensor:
         """The source images as a (B, 3, H, W) tensor at the edited images' size."""
@@ -107,20 +140,26 @@ class EditReward(Reward):
                 from visalign.training.prompts import load_images
 
                 values = list(image) if isinstance(image, (list, tuple)) else [image]
-                source_images = load_images([{"image": v} for v in values], "image", size=size)
+                source_images = load_images(
+                    [{"image": v} for v in values], "image", base_dir=getattr(self, "image_dir", None), size=size
+                )
         if source_images is None:
             raise InvalidInputError(
                 f"{self.name} scores an edit against its source image: pass source_images=Tensor(B, 3, H, W) in "
                 f"[0, 1] (steering: reward_kwargs={{'source_images': sources}}), or train from a prompt file "
-                f"with an 'image' column.")
+                f"with an 'image' column."
+            )
         source_images = check_images(source_images, "image", name=f"{self.name} source_images")
         if source_images.shape[0] != batch:
-            raise InvalidInputError(f"{self.name}: got {source_images.shape[0]} source images for {batch} "
-                                    f"edited images; pass one source per edited image.")
+            raise InvalidInputError(
+                f"{self.name}: got {source_images.shape[0]} source images for {batch} "
+                f"edited images; pass one source per edited image."
+            )
         source_images = source_images.to(images.device, torch.float32)
         if tuple(source_images.shape[-2:]) != size:
-            source_images = torch.nn.functional.interpolate(source_images, size=size, mode="bilinear",
-                                                            antialias=True, align_corners=False).clamp(0, 1)
+            source_images = torch.nn.functional.interpolate(
+                source_images, size=size, mode="bilinear", antialias=True, align_corners=False
+            ).clamp(0, 1)
         return source_images
 
     def preservation_score(self, images: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
@@ -133,8 +172,9 @@ class EditReward(Reward):
         a, b = both.chunk(2)
         return (a * b).sum(-1)
 
-    def score_parts(self, images: torch.Tensor, prompts: list[str], source_images: Any = None,
-                    image: Any = None) -> RewardResult:
+    def score_parts(
+        self, images: torch.Tensor, prompts: list[str], source_images: Any = None, image: Any = None
+    ) -> RewardResult:
         sources = self.sources(images, source_images, image)
         instruction = self.judge.score(images, list(prompts), reference_images=sources).float()
         parts = {"instruction": instruction}
@@ -145,6 +185,7 @@ class EditReward(Reward):
         components = {k: weights[k] * v for k, v in parts.items()}
         return RewardResult(sum(components.values()), components, parts, weights)
 
-    def score(self, images: torch.Tensor, prompts: list[str], source_images: Any = None,
-              image: Any = None) -> torch.Tensor:
+    def score(
+        self, images: torch.Tensor, prompts: list[str], source_images: Any = None, image: Any = None
+    ) -> torch.Tensor:
         return self.score_parts(images, prompts, source_images, image).total

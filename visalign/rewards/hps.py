@@ -48,10 +48,18 @@ class HPSv2(Reward):
 
     default_name = "hpsv2"
 
-    def __init__(self, checkpoint: Any = None, *, version: str = "v2.1", model: Any = "ViT-H-14",
-                 tokenizer: Any = None, batch_size: int | None = 16,
-                 torch_dtype: torch.dtype | None = None, name: str | None = None,
-                 differentiable: bool = True):
+    def __init__(
+        self,
+        checkpoint: Any = None,
+        *,
+        version: str = "v2.1",
+        model: Any = "ViT-H-14",
+        tokenizer: Any = None,
+        batch_size: int | None = 16,
+        torch_dtype: torch.dtype | None = None,
+        name: str | None = None,
+        differentiable: bool = True,
+    ):
         super().__init__(name=name, differentiable=differentiable, batch_size=batch_size)
         open_clip = require("open_clip", "openclip", "HPSv2")
         if version not in HPS_FILES:
@@ -63,13 +71,12 @@ class HPSv2(Reward):
                 checkpoint = HPS_REPO
         if checkpoint is not None:
             filename = HPS_FILES[version]
-            sd = load_state_dict(checkpoint, filename if isinstance(checkpoint, (str, os.PathLike))
-                                 else None)
+            sd = load_state_dict(checkpoint, filename if isinstance(checkpoint, (str, os.PathLike)) else None)
             missing, unexpected = model.load_state_dict(sd, strict=False)
             if missing or unexpected:
                 raise CheckpointError(
-                    f"HPSv2 checkpoint does not fit the model: missing {missing[:5]}, "
-                    f"unexpected {unexpected[:5]}.")
+                    f"HPSv2 checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}."
+                )
         if torch_dtype is not None:
             model = model.to(torch_dtype)
         self.model = freeze(model)
@@ -80,8 +87,7 @@ class HPSv2(Reward):
         size = getattr(visual, "image_size", 224)
         size = size[0] if isinstance(size, (tuple, list)) else size
         cfg = getattr(visual, "preprocess_cfg", None) or {}
-        self.transform = ImageTransform.hps(int(size), cfg.get("mean", CLIP_MEAN),
-                                            cfg.get("std", CLIP_STD))
+        self.transform = ImageTransform.hps(int(size), cfg.get("mean", CLIP_MEAN), cfg.get("std", CLIP_STD))
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         dtype = next(self.model.parameters()).dtype

@@ -26,8 +26,7 @@ from visalign.rewards.loading import load_state_dict
 from visalign.rewards.qwen_inputs import QwenInputBuilder, add_reward_tokens, load_tokenizer
 from visalign.rewards.qwen_reward_head import QwenRewardHeadModel, empty_backbone
 
-__all__ = ["HPSv3", "HPSV3_REPO", "HPSV3_FILE", "HPSV3_BASE", "HPSV3_INSTRUCTION",
-           "HPSV3_SUFFIX", "hpsv3_head"]
+__all__ = ["HPSv3", "HPSV3_REPO", "HPSV3_FILE", "HPSV3_BASE", "HPSV3_INSTRUCTION", "HPSV3_SUFFIX", "hpsv3_head"]
 
 HPSV3_REPO = "MizzenAI/HPSv3"
 HPSV3_FILE = "HPSv3.safetensors"
@@ -68,7 +67,8 @@ HPSV3_INSTRUCTION = (
     "deviations may be acceptable, but critical attributes should be preserved.\n"
     "- **Semantic Coherence**: Evaluate whether the overall meaning and intent of the prompt are "
     "captured in the image. The generated content should not introduce elements that conflict "
-    "with or distort the original description.\nTextual prompt - {text_prompt}\n\n\n")
+    "with or distort the original description.\nTextual prompt - {text_prompt}\n\n\n"
+)
 HPSV3_SUFFIX = "\nPlease provide the overall ratings of this image: <|Reward|>\n\nEND\n"
 
 
@@ -76,8 +76,9 @@ def hpsv3_head(hidden_size: int, dropout: float = 0.05) -> nn.Sequential:
     """HPSv3's head: ``Linear(h, 1024) ReLU Dropout Linear(1024, 16) ReLU Linear(16, 2)`` (keys
     ``rm_head.{0,3,5}.*`` in the checkpoint), outputs (mu, sigma).
     """
-    return nn.Sequential(nn.Linear(hidden_size, 1024), nn.ReLU(), nn.Dropout(dropout),
-                         nn.Linear(1024, 16), nn.ReLU(), nn.Linear(16, 2))
+    return nn.Sequential(
+        nn.Linear(hidden_size, 1024), nn.ReLU(), nn.Dropout(dropout), nn.Linear(1024, 16), nn.ReLU(), nn.Linear(16, 2)
+    )
 
 
 class HPSv3(Reward):
@@ -111,12 +112,23 @@ class HPSv3(Reward):
 
     default_name = "hpsv3"
 
-    def __init__(self, checkpoint: Any = None, *, model: Any = None, tokenizer: Any = None,
-                 base: str = HPSV3_BASE, filename: str = HPSV3_FILE,
-                 instruction: str = HPSV3_INSTRUCTION, suffix: str = HPSV3_SUFFIX,
-                 pixels: int = HPSV3_PIXELS, chat_template: str | None = None,
-                 batch_size: int | None = 4, torch_dtype: torch.dtype | None = None,
-                 name: str | None = None, differentiable: bool = True):
+    def __init__(
+        self,
+        checkpoint: Any = None,
+        *,
+        model: Any = None,
+        tokenizer: Any = None,
+        base: str = HPSV3_BASE,
+        filename: str = HPSV3_FILE,
+        instruction: str = HPSV3_INSTRUCTION,
+        suffix: str = HPSV3_SUFFIX,
+        pixels: int = HPSV3_PIXELS,
+        chat_template: str | None = None,
+        batch_size: int | None = 4,
+        torch_dtype: torch.dtype | None = None,
+        name: str | None = None,
+        differentiable: bool = True,
+    ):
         super().__init__(name=name, differentiable=differentiable, batch_size=batch_size)
         if HPSV3_TOKEN not in suffix and HPSV3_TOKEN not in instruction:
             raise ConfigError(f"the HPSv3 prompt must hold the reward token {HPSV3_TOKEN}.")
@@ -126,8 +138,7 @@ class HPSv3(Reward):
             checkpoint = HPSV3_REPO
         sd = None
         if checkpoint is not None:
-            sd = load_state_dict(checkpoint, filename if isinstance(checkpoint, (str, os.PathLike))
-                                 else None)
+            sd = load_state_dict(checkpoint, filename if isinstance(checkpoint, (str, os.PathLike)) else None)
         if model is None:
             from transformers import AutoConfig
 
@@ -136,26 +147,26 @@ class HPSv3(Reward):
             config = from_pretrained(AutoConfig, base, what="Qwen2-VL config")
             embed = next((v for k, v in sd.items() if k.endswith("embed_tokens.weight")), None)
             backbone = empty_backbone(config, None if embed is None else int(embed.shape[0]))
-            model = QwenRewardHeadModel(backbone, hpsv3_head(config.text_config.hidden_size),
-                                        token_ids)
+            model = QwenRewardHeadModel(backbone, hpsv3_head(config.text_config.hidden_size), token_ids)
         elif not isinstance(model, QwenRewardHeadModel):
             hidden = int(_text_config(model).hidden_size)
             model = QwenRewardHeadModel(model, hpsv3_head(hidden), token_ids)
         if model.reward_token_ids != token_ids:
-            raise ConfigError(f"the model reads tokens {model.reward_token_ids} but the tokenizer "
-                              f"maps {HPSV3_TOKEN} to {token_ids}.")
+            raise ConfigError(
+                f"the model reads tokens {model.reward_token_ids} but the tokenizer maps {HPSV3_TOKEN} to {token_ids}."
+            )
         if sd is not None:
             model.load_checkpoint(sd)
         vocab = int(model.backbone.get_input_embeddings().weight.shape[0])
         if len(self.tokenizer) > vocab:
-            raise ConfigError(f"the tokenizer has {len(self.tokenizer)} tokens but the model's "
-                              f"embedding only {vocab}.")
+            raise ConfigError(f"the tokenizer has {len(self.tokenizer)} tokens but the model's embedding only {vocab}.")
         if torch_dtype is not None:
             model.backbone.to(torch_dtype)
         self.model = freeze(model)
         self.instruction, self.suffix = instruction, suffix
-        self.inputs = QwenInputBuilder(self.tokenizer, model.config, chat_template=chat_template,
-                                       min_pixels=pixels, max_pixels=pixels)
+        self.inputs = QwenInputBuilder(
+            self.tokenizer, model.config, chat_template=chat_template, min_pixels=pixels, max_pixels=pixels
+        )
 
     def prompt_text(self, prompt: str) -> str:
         """The user turn's text for ``prompt`` (before the chat template)."""
@@ -163,8 +174,7 @@ class HPSv3(Reward):
 
     def predict(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu, sigma), each (B,) float32, for [0, 1] images (B, 3, H, W)."""
-        inputs = self.inputs.build([im[None] for im in images],
-                                   [self.prompt_text(p) for p in prompts], "image")
+        inputs = self.inputs.build([im[None] for im in images], [self.prompt_text(p) for p in prompts], "image")
         out = self.model(**inputs)[:, 0]
         return out[:, 0], out[:, 1]
 

@@ -36,9 +36,17 @@ from visalign.rewards.base import Reward, freeze
 from visalign.rewards.loading import from_pretrained, load_state_dict
 from visalign.rewards.preprocess import CLIP_MEAN, CLIP_STD, normalize, resize_shortest_side
 
-__all__ = ["ImageReward", "ImageRewardModel", "IMAGE_REWARD_REPO", "IMAGE_REWARD_FILE",
-           "IMAGE_REWARD_MEAN", "IMAGE_REWARD_STD", "map_released_key", "blip_reward_configs",
-           "tiny_image_reward"]
+__all__ = [
+    "ImageReward",
+    "ImageRewardModel",
+    "IMAGE_REWARD_REPO",
+    "IMAGE_REWARD_FILE",
+    "IMAGE_REWARD_MEAN",
+    "IMAGE_REWARD_STD",
+    "map_released_key",
+    "blip_reward_configs",
+    "tiny_image_reward",
+]
 
 IMAGE_REWARD_REPO = "THUDM/ImageReward"
 IMAGE_REWARD_FILE = "ImageReward.pt"
@@ -57,8 +65,7 @@ _VISION_RULES = [
     (re.compile(r"^blocks\.(\d+)\.norm1\.(weight|bias)$"), r"encoder.layers.\1.layer_norm1.\2"),
     (re.compile(r"^blocks\.(\d+)\.norm2\.(weight|bias)$"), r"encoder.layers.\1.layer_norm2.\2"),
     (re.compile(r"^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$"), r"encoder.layers.\1.self_attn.qkv.\2"),
-    (re.compile(r"^blocks\.(\d+)\.attn\.proj\.(weight|bias)$"),
-     r"encoder.layers.\1.self_attn.projection.\2"),
+    (re.compile(r"^blocks\.(\d+)\.attn\.proj\.(weight|bias)$"), r"encoder.layers.\1.self_attn.projection.\2"),
     (re.compile(r"^blocks\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)$"), r"encoder.layers.\1.mlp.\2.\3"),
     (re.compile(r"^norm\.(weight|bias)$"), r"post_layernorm.\1"),
 ]
@@ -73,9 +80,9 @@ def map_released_key(key: str) -> str | None:
     if key.startswith(_DROPPED_PREFIXES) or key.endswith("position_ids"):
         return None
     if key.startswith("blip.text_encoder."):
-        return "text." + key[len("blip.text_encoder."):]
+        return "text." + key[len("blip.text_encoder.") :]
     if key.startswith("blip.visual_encoder."):
-        rest = key[len("blip.visual_encoder."):]
+        rest = key[len("blip.visual_encoder.") :]
         for pattern, target in _VISION_RULES:
             if pattern.match(rest):
                 return "vision." + pattern.sub(target, rest)
@@ -88,10 +95,10 @@ def map_released_key(key: str) -> str | None:
 def _inverse_key(name: str) -> str:
     """The released name of an :class:`ImageRewardModel` parameter (inverse of the map)."""
     if name.startswith("text."):
-        return "blip.text_encoder." + name[len("text."):]
+        return "blip.text_encoder." + name[len("text.") :]
     if name.startswith("mlp."):
         return name
-    rest = name[len("vision."):]
+    rest = name[len("vision.") :]
     inverse = [
         (r"^embeddings\.class_embedding$", "cls_token"),
         (r"^embeddings\.position_embedding$", "pos_embed"),
@@ -116,11 +123,26 @@ def blip_reward_configs(**overrides) -> tuple[Any, Any]:
     """
     from transformers import BlipTextConfig, BlipVisionConfig
 
-    vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                  num_attention_heads=16, image_size=224, patch_size=16, layer_norm_eps=1e-6)
-    text = dict(vocab_size=30524, hidden_size=768, encoder_hidden_size=1024, intermediate_size=3072,
-                num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=512,
-                layer_norm_eps=1e-12, is_decoder=True)
+    vision = dict(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=224,
+        patch_size=16,
+        layer_norm_eps=1e-6,
+    )
+    text = dict(
+        vocab_size=30524,
+        hidden_size=768,
+        encoder_hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=512,
+        layer_norm_eps=1e-12,
+        is_decoder=True,
+    )
     vision.update(overrides.get("vision", {}))
     text.update(overrides.get("text", {}))
     return BlipVisionConfig(**vision), BlipTextConfig(**text)
@@ -141,21 +163,28 @@ class ImageRewardModel(nn.Module):
     def __init__(self, vision: nn.Module, text: nn.Module, mlp: nn.Module | None = None):
         super().__init__()
         if getattr(text, "pooler", None) is not None:
-            raise ConfigError("ImageReward's text encoder has no pooler: build it with "
-                              "BlipTextModel(config, add_pooling_layer=False).")
+            raise ConfigError(
+                "ImageReward's text encoder has no pooler: build it with "
+                "BlipTextModel(config, add_pooling_layer=False)."
+            )
         tcfg, vcfg = text.config, vision.config
         if not getattr(tcfg, "is_decoder", False):
-            raise ConfigError("ImageReward's text encoder needs cross-attention layers: build its "
-                              "BlipTextConfig with is_decoder=True (the default).")
+            raise ConfigError(
+                "ImageReward's text encoder needs cross-attention layers: build its "
+                "BlipTextConfig with is_decoder=True (the default)."
+            )
         if int(tcfg.encoder_hidden_size) != int(vcfg.hidden_size):
-            raise ConfigError(f"text encoder_hidden_size ({tcfg.encoder_hidden_size}) must equal "
-                              f"the vision width ({vcfg.hidden_size}).")
+            raise ConfigError(
+                f"text encoder_hidden_size ({tcfg.encoder_hidden_size}) must equal "
+                f"the vision width ({vcfg.hidden_size})."
+            )
         self.vision, self.text = vision, text
         self.mlp = mlp if mlp is not None else AestheticMLP(int(tcfg.hidden_size))
 
     @classmethod
-    def from_configs(cls, vision_config: Any = None, text_config: Any = None, *,
-                     empty: bool = False) -> ImageRewardModel:
+    def from_configs(
+        cls, vision_config: Any = None, text_config: Any = None, *, empty: bool = False
+    ) -> ImageRewardModel:
         """Builds the model from BLIP configs (default: the released sizes), randomly initialised,
         or with parameters on the meta device when ``empty`` (to be filled by a strict load).
         """
@@ -168,8 +197,7 @@ class ImageRewardModel(nn.Module):
             from accelerate import init_empty_weights
 
             with init_empty_weights():
-                return cls(BlipVisionModel(vision_config),
-                           BlipTextModel(text_config, add_pooling_layer=False))
+                return cls(BlipVisionModel(vision_config), BlipTextModel(text_config, add_pooling_layer=False))
         return cls(BlipVisionModel(vision_config), BlipTextModel(text_config, add_pooling_layer=False))
 
     @property
@@ -177,19 +205,25 @@ class ImageRewardModel(nn.Module):
         size = self.vision.config.image_size
         return int(size[0] if isinstance(size, (list, tuple)) else size)
 
-    def features(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor) -> torch.Tensor:
+    def features(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         """The text encoder's first-token hidden state, (B, text width), with cross-attention to
         the image tokens of ``pixel_values`` (already preprocessed).
         """
         image_embeds = self.vision(pixel_values=pixel_values).last_hidden_state
         image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        out = self.text(input_ids=input_ids, attention_mask=attention_mask,
-                        encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask)
+        out = self.text(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=image_mask,
+        )
         return out.last_hidden_state[:, 0]
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         """The raw MLP output, (B,) float32 (not yet standardised)."""
         h = self.features(pixel_values, input_ids, attention_mask)
         return self.mlp(h.float())
@@ -197,8 +231,7 @@ class ImageRewardModel(nn.Module):
     # -- checkpoints -----------------------------------------------------------------------------
     def released_state_dict(self) -> dict[str, torch.Tensor]:
         """This model's weights under the names of the released ``ImageReward.pt``."""
-        return {_inverse_key(k): v for k, v in self.state_dict().items()
-                if not k.endswith("position_ids")}
+        return {_inverse_key(k): v for k, v in self.state_dict().items() if not k.endswith("position_ids")}
 
     def load_released(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Loads a state dict in the released naming, strictly.
@@ -219,27 +252,32 @@ class ImageRewardModel(nn.Module):
         own = {k: v for k, v in self.state_dict().items() if not k.endswith("position_ids")}
         unexpected = unknown + sorted(set(mapped) - set(own))
         missing = sorted(set(own) - set(mapped))
-        shapes = [f"{k}: checkpoint {tuple(mapped[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in sorted(set(own) & set(mapped)) if tuple(mapped[k].shape) != tuple(own[k].shape)]
+        shapes = [
+            f"{k}: checkpoint {tuple(mapped[k].shape)} vs model {tuple(own[k].shape)}"
+            for k in sorted(set(own) & set(mapped))
+            if tuple(mapped[k].shape) != tuple(own[k].shape)
+        ]
         if unexpected or missing or shapes:
             parts = []
             if unexpected:
-                parts.append(f"{len(unexpected)} key(s) of the checkpoint map to no parameter, e.g. "
-                             f"{unexpected[:5]}")
+                parts.append(f"{len(unexpected)} key(s) of the checkpoint map to no parameter, e.g. {unexpected[:5]}")
             if missing:
-                parts.append(f"{len(missing)} parameter(s) are not in the checkpoint, e.g. "
-                             f"{[_safe_inverse(k) for k in missing[:5]]}")
+                parts.append(
+                    f"{len(missing)} parameter(s) are not in the checkpoint, e.g. "
+                    f"{[_safe_inverse(k) for k in missing[:5]]}"
+                )
             if shapes:
                 parts.append(f"{len(shapes)} shape mismatch(es), e.g. {shapes[:3]}")
             raise CheckpointError(
-                "the ImageReward checkpoint does not match the BLIP + MLP model: " + "; ".join(parts)
+                "the ImageReward checkpoint does not match the BLIP + MLP model: "
+                + "; ".join(parts)
                 + ". Expected the released ImageReward.pt naming (blip.visual_encoder.*, "
-                "blip.text_encoder.*, mlp.layers.*) and the configs of blip_reward_configs().")
+                "blip.text_encoder.*, mlp.layers.*) and the configs of blip_reward_configs()."
+            )
         meta = any(p.is_meta for p in self.parameters())
         ref = next(self.parameters())
         dtype = None if meta else ref.dtype
-        mapped = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
-                  for k, v in mapped.items()}
+        mapped = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in mapped.items()}
         self.load_state_dict(mapped, strict=False, assign=meta)
 
 
@@ -273,7 +311,7 @@ def _crop_center(images: torch.Tensor, size: int) -> torch.Tensor:
         images = pad_to_size(images, (max(h, size), max(w, size)))
         h, w = images.shape[-2:]
     top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-    return images[..., top:top + size, left:left + size]
+    return images[..., top : top + size, left : left + size]
 
 
 class ImageReward(Reward):
@@ -308,19 +346,26 @@ class ImageReward(Reward):
 
     default_name = "image_reward"
 
-    def __init__(self, checkpoint: Any = None, *, model: ImageRewardModel | None = None,
-                 tokenizer: Any = "bert-base-uncased", filename: str = IMAGE_REWARD_FILE,
-                 max_length: int = TEXT_MAX_LENGTH, batch_size: int | None = 16,
-                 torch_dtype: torch.dtype | None = None, name: str | None = None,
-                 differentiable: bool = True):
+    def __init__(
+        self,
+        checkpoint: Any = None,
+        *,
+        model: ImageRewardModel | None = None,
+        tokenizer: Any = "bert-base-uncased",
+        filename: str = IMAGE_REWARD_FILE,
+        max_length: int = TEXT_MAX_LENGTH,
+        batch_size: int | None = 16,
+        torch_dtype: torch.dtype | None = None,
+        name: str | None = None,
+        differentiable: bool = True,
+    ):
         super().__init__(name=name, differentiable=differentiable, batch_size=batch_size)
         if model is not None and not isinstance(model, ImageRewardModel):
             raise ConfigError(f"model must be an ImageRewardModel; got {type(model).__name__}.")
         if model is None and checkpoint is None:
             checkpoint = IMAGE_REWARD_REPO
         if checkpoint is not None:
-            sd = load_state_dict(checkpoint, filename if isinstance(checkpoint, (str, os.PathLike))
-                                 else None)
+            sd = load_state_dict(checkpoint, filename if isinstance(checkpoint, (str, os.PathLike)) else None)
             if model is None:
                 model = ImageRewardModel.from_configs(*_configs_for(sd), empty=True)
             model.load_released(sd)
@@ -331,8 +376,10 @@ class ImageReward(Reward):
         self.tokenizer = _bert_tokenizer(tokenizer)
         vocab = int(model.text.config.vocab_size)
         if len(self.tokenizer) > vocab:
-            raise ConfigError(f"the tokenizer has {len(self.tokenizer)} tokens but the text encoder "
-                              f"only {vocab}; pass the tokenizer the model was trained with.")
+            raise ConfigError(
+                f"the tokenizer has {len(self.tokenizer)} tokens but the text encoder "
+                f"only {vocab}; pass the tokenizer the model was trained with."
+            )
         self.max_length = int(max_length)
         self.mean, self.std = IMAGE_REWARD_MEAN, IMAGE_REWARD_STD
 
@@ -347,10 +394,10 @@ class ImageReward(Reward):
 
     def tokenize(self, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         """Token ids and mask, padded to ``max_length`` (35) and truncated."""
-        enc = self.tokenizer(list(prompts), padding="max_length", truncation=True,
-                             max_length=self.max_length, return_tensors="pt")
-        return {"input_ids": enc["input_ids"].to(device),
-                "attention_mask": enc["attention_mask"].to(device)}
+        enc = self.tokenizer(
+            list(prompts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         dtype = next(self.model.vision.parameters()).dtype
@@ -364,10 +411,12 @@ def _configs_for(state_dict: Mapping[str, torch.Tensor]) -> tuple[Any, Any]:
     """The BLIP configs of the released architecture, with the vocabulary and depths the
     checkpoint implies (so that a mismatch shows as named keys, not as a size error).
     """
-    vision_layers = {int(m.group(1)) for k in state_dict
-                     if (m := re.match(r"blip\.visual_encoder\.blocks\.(\d+)\.", k))}
-    text_layers = {int(m.group(1)) for k in state_dict
-                   if (m := re.match(r"blip\.text_encoder\.encoder\.layer\.(\d+)\.", k))}
+    vision_layers = {
+        int(m.group(1)) for k in state_dict if (m := re.match(r"blip\.visual_encoder\.blocks\.(\d+)\.", k))
+    }
+    text_layers = {
+        int(m.group(1)) for k in state_dict if (m := re.match(r"blip\.text_encoder\.encoder\.layer\.(\d+)\.", k))
+    }
     word = state_dict.get("blip.text_encoder.embeddings.word_embeddings.weight")
     text = {}
     if word is not None:
@@ -388,23 +437,71 @@ def tiny_image_reward(seed: int = 0, image_size: int = 32) -> tuple[ImageRewardM
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "an", "the", "photo", "of",
-             "red", "green", "blue", "cat", "dog", "cube", "sphere", "on", "in", "with", "number",
-             "painting", "picture", "big", "small"] + [str(i) for i in range(10)]
+    words = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        "a",
+        "an",
+        "the",
+        "photo",
+        "of",
+        "red",
+        "green",
+        "blue",
+        "cat",
+        "dog",
+        "cube",
+        "sphere",
+        "on",
+        "in",
+        "with",
+        "number",
+        "painting",
+        "picture",
+        "big",
+        "small",
+    ] + [str(i) for i in range(10)]
     vocab = {w: i for i, w in enumerate(words)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-                                        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
     torch.manual_seed(seed)
     vcfg, tcfg = blip_reward_configs(
-        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    image_size=image_size, patch_size=8, initializer_range=0.02),
-        text=dict(vocab_size=len(words) + 2, hidden_size=32, encoder_hidden_size=32,
-                  intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  max_position_embeddings=40, bos_token_id=len(words), pad_token_id=0,
-                  sep_token_id=vocab["[SEP]"], eos_token_id=vocab["[SEP]"]))
+        vision=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=image_size,
+            patch_size=8,
+            initializer_range=0.02,
+        ),
+        text=dict(
+            vocab_size=len(words) + 2,
+            hidden_size=32,
+            encoder_hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=40,
+            bos_token_id=len(words),
+            pad_token_id=0,
+            sep_token_id=vocab["[SEP]"],
+            eos_token_id=vocab["[SEP]"],
+        ),
+    )
     model = ImageRewardModel.from_configs(vcfg, tcfg).eval()
     return model, tokenizer

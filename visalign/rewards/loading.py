@@ -12,8 +12,9 @@ Every reward takes its model as one of:
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -47,13 +48,15 @@ def resolve_file(source: str | os.PathLike, filename: str | None = None) -> Path
             try:
                 torch.hub.download_url_to_file(text, str(target), progress=False)
             except Exception as exc:
-                raise CheckpointError(f"could not download {text}: {exc}. Download the file "
-                                      "yourself and pass its local path.") from exc
+                raise CheckpointError(
+                    f"could not download {text}: {exc}. Download the file yourself and pass its local path."
+                ) from exc
         return target
     if filename is None:
         raise CheckpointError(
             f"{text!r} is not a local file or folder; to load from the Hugging Face hub pass the "
-            "repo id together with the file name.")
+            "repo id together with the file name."
+        )
     try:
         from huggingface_hub import hf_hub_download
 
@@ -61,7 +64,8 @@ def resolve_file(source: str | os.PathLike, filename: str | None = None) -> Path
     except Exception as exc:
         raise CheckpointError(
             f"could not find {filename!r} in hub repo {text!r} ({type(exc).__name__}: {exc}). "
-            "Pass a local path to the file instead.") from exc
+            "Pass a local path to the file instead."
+        ) from exc
 
 
 def load_state_dict(source: Any, filename: str | None = None) -> dict[str, torch.Tensor]:
@@ -86,12 +90,11 @@ def load_state_dict(source: Any, filename: str | None = None) -> dict[str, torch
     if isinstance(sd.get("state_dict"), Mapping):
         sd = dict(sd["state_dict"])
     if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
     return sd
 
 
-def from_pretrained(cls: Any, source: Any, *, what: str, torch_dtype: torch.dtype | None = None,
-                    **kwargs) -> Any:
+def from_pretrained(cls: Any, source: Any, *, what: str, torch_dtype: torch.dtype | None = None, **kwargs) -> Any:
     """``cls.from_pretrained(source)`` with visalign's error message; modules pass through."""
     if not isinstance(source, (str, os.PathLike)):
         return source
@@ -103,12 +106,14 @@ def from_pretrained(cls: Any, source: Any, *, what: str, torch_dtype: torch.dtyp
         raise CheckpointError(
             f"could not load the {what} from {os.fspath(source)!r} with "
             f"{getattr(cls, '__name__', cls)}.from_pretrained ({type(exc).__name__}: {exc}). Pass "
-            "a hub id, a local folder saved with save_pretrained, or a model already built.") from exc
+            "a hub id, a local folder saved with save_pretrained, or a model already built."
+        ) from exc
 
 
 def _dtype_kwarg() -> str:
     """``from_pretrained``'s dtype keyword: ``dtype`` since transformers 4.56, before that
-    ``torch_dtype``."""
+    ``torch_dtype``.
+    """
     import transformers
 
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])

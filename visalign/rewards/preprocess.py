@@ -16,8 +16,9 @@ its checkpoint expects, tiny test models included.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,8 +52,14 @@ def _pair(size: int | Sequence[int]) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def resize(images: torch.Tensor, size: int | Sequence[int], *, mode: str = "bicubic",
-           antialias: bool = True, clamp: bool = True) -> torch.Tensor:
+def resize(
+    images: torch.Tensor,
+    size: int | Sequence[int],
+    *,
+    mode: str = "bicubic",
+    antialias: bool = True,
+    clamp: bool = True,
+) -> torch.Tensor:
     """Resizes (B, C, H, W) images to ``size`` = (height, width).
 
     Args:
@@ -122,17 +129,15 @@ def center_crop(images: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor
     images = pad_to_size(images, (max(th, images.shape[-2]), max(tw, images.shape[-1])))
     h, w = images.shape[-2:]
     top, left = (h - th) // 2, (w - tw) // 2
-    return images[..., top:top + th, left:left + tw]
+    return images[..., top : top + th, left : left + tw]
 
 
-def resize_longest_and_pad(images: torch.Tensor, size: int, fill: float = 0.0,
-                           **kwargs) -> torch.Tensor:
+def resize_longest_and_pad(images: torch.Tensor, size: int, fill: float = 0.0, **kwargs) -> torch.Tensor:
     """HPSv2's resize: longest side to ``size``, then pad to ``size`` x ``size`` with ``fill``."""
     return pad_to_size(resize_longest_side(images, size, **kwargs), size, fill)
 
 
-def normalize(images: torch.Tensor, mean: Sequence[float] = CLIP_MEAN,
-              std: Sequence[float] = CLIP_STD) -> torch.Tensor:
+def normalize(images: torch.Tensor, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> torch.Tensor:
     """``(images - mean) / std`` per channel, on (..., 3, H, W)."""
     m = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(-1, 1, 1)
     s = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(-1, 1, 1)
@@ -180,8 +185,9 @@ class ImageTransform:
         elif self.resize_mode == "exact":
             x = resize(x, self.size, **kw)
         elif self.resize_mode != "none":
-            raise ConfigError(f"unknown resize_mode {self.resize_mode!r}; use 'shortest', "
-                              "'longest_pad', 'exact' or 'none'.")
+            raise ConfigError(
+                f"unknown resize_mode {self.resize_mode!r}; use 'shortest', 'longest_pad', 'exact' or 'none'."
+            )
         if self.crop_size is not None:
             x = center_crop(x, self.crop_size)
         if self.mean is not None and self.std is not None:
@@ -189,7 +195,7 @@ class ImageTransform:
         return x if dtype is None else x.to(dtype)
 
     @classmethod
-    def from_processor(cls, image_processor: Any) -> "ImageTransform":
+    def from_processor(cls, image_processor: Any) -> ImageTransform:
         """Reads the settings of a transformers image processor (CLIP/LLaVA style).
 
         Supports ``size={"shortest_edge": s}`` and ``size={"height": h, "width": w}``, with an
@@ -211,7 +217,8 @@ class ImageTransform:
             raise ConfigError(
                 f"{type(ip).__name__} with size={dict(size)} does not map to a plain resize/crop; "
                 "torch preprocessing supports CLIP-style processors (shortest_edge or "
-                "height/width, optional centre crop).")
+                "height/width, optional centre crop)."
+            )
         crop = None
         if _get(ip, "do_center_crop", False):
             cs = _get(ip, "crop_size")
@@ -221,17 +228,15 @@ class ImageTransform:
             mean, std = tuple(_get(ip, "image_mean", CLIP_MEAN)), tuple(_get(ip, "image_std", CLIP_STD))
         resample = _get(ip, "resample", 3)
         interp = _PIL_MODES.get(int(getattr(resample, "value", resample)), "bicubic")
-        return cls(resize_mode=mode, size=target, crop_size=crop, mean=mean, std=std,
-                   interpolation=interp)
+        return cls(resize_mode=mode, size=target, crop_size=crop, mean=mean, std=std, interpolation=interp)
 
     @classmethod
-    def clip(cls, size: int = 224) -> "ImageTransform":
+    def clip(cls, size: int = 224) -> ImageTransform:
         """The CLIP/PickScore preprocessing at ``size`` (shortest side, crop, CLIP normalisation)."""
         return cls("shortest", size, size, CLIP_MEAN, CLIP_STD)
 
     @classmethod
-    def hps(cls, size: int = 224, mean: Sequence[float] = CLIP_MEAN,
-            std: Sequence[float] = CLIP_STD) -> "ImageTransform":
+    def hps(cls, size: int = 224, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> ImageTransform:
         """HPSv2's preprocessing: longest side to ``size``, zero-pad, normalise."""
         return cls("longest_pad", size, None, mean, std)
 

@@ -1,5 +1,6 @@
 """Qwen2-VL reward checkpoints: key remapping between the transformers < 4.52 layout and today's, and
-merging PEFT LoRA adapters into a module's weights (W += α/r·B·A), written here so no peft is needed."""
+merging PEFT LoRA adapters into a module's weights (W += α/r·B·A), written here so no peft is needed.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +17,6 @@ from visalign.errors import CheckpointError, ConfigError
 __all__ = ["merge_lora", "remap_qwen2vl_keys", "to_legacy_qwen2vl_keys"]
 
 
-
-
 # ----------------------------------------------------------------------------- checkpoint keys
 _PEFT_PREFIX = "base_model.model."
 
@@ -32,12 +31,11 @@ def remap_qwen2vl_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     out = {}
     for key, value in state_dict.items():
         prefix = _PEFT_PREFIX if key.startswith(_PEFT_PREFIX) else ""
-        rest = key[len(prefix):]
+        rest = key[len(prefix) :]
         if rest.startswith("visual."):
             rest = "model." + rest
-        elif rest.startswith("model.") and not rest.startswith(("model.language_model.",
-                                                                 "model.visual.")):
-            rest = "model.language_model." + rest[len("model."):]
+        elif rest.startswith("model.") and not rest.startswith(("model.language_model.", "model.visual.")):
+            rest = "model.language_model." + rest[len("model.") :]
         out[prefix + rest] = value
     return out
 
@@ -47,26 +45,34 @@ def to_legacy_qwen2vl_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     out = {}
     for key, value in state_dict.items():
         prefix = _PEFT_PREFIX if key.startswith(_PEFT_PREFIX) else ""
-        rest = key[len(prefix):]
+        rest = key[len(prefix) :]
         if rest.startswith("model.visual."):
-            rest = rest[len("model."):]
+            rest = rest[len("model.") :]
         elif rest.startswith("model.language_model."):
-            rest = "model." + rest[len("model.language_model."):]
+            rest = "model." + rest[len("model.language_model.") :]
         out[prefix + rest] = value
     return out
 
 
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
-                       r"(?:\.(?P<adapter>[A-Za-z0-9_\-]+))?(?:\.weight)?$")
+_LORA_KEY = re.compile(
+    r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+    r"(?:\.(?P<adapter>[A-Za-z0-9_\-]+))?(?:\.weight)?$"
+)
 
 
 def _is_lora_key(key: str) -> bool:
     return bool(_LORA_KEY.match(key)) and ".lora_" in key
 
 
-def merge_lora(module: nn.Module, lora_state_dict: Mapping[str, torch.Tensor], *,
-               alpha: float | None = None, rank: int | None = None, use_rslora: bool = False,
-               prefix: str = "") -> list[str]:
+def merge_lora(
+    module: nn.Module,
+    lora_state_dict: Mapping[str, torch.Tensor],
+    *,
+    alpha: float | None = None,
+    rank: int | None = None,
+    use_rslora: bool = False,
+    prefix: str = "",
+) -> list[str]:
     """Merges a PEFT LoRA adapter into ``module``'s weights: ``W += scale * B @ A``.
 
     ``scale = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``), ``r`` the rank of each pair
@@ -101,11 +107,10 @@ def merge_lora(module: nn.Module, lora_state_dict: Mapping[str, torch.Tensor], *
             continue
         path = m.group("module")
         if prefix and path.startswith(prefix):
-            path = path[len(prefix):]
+            path = path[len(prefix) :]
         pairs.setdefault(path, {})[m.group("kind")] = value
     if bad:
-        raise CheckpointError(f"{len(bad)} key(s) of the LoRA state dict are not LoRA weights, e.g. "
-                              f"{bad[:5]}.")
+        raise CheckpointError(f"{len(bad)} key(s) of the LoRA state dict are not LoRA weights, e.g. {bad[:5]}.")
     modules = dict(module.named_modules())
     problems = []
     merged = []
@@ -123,7 +128,7 @@ def merge_lora(module: nn.Module, lora_state_dict: Mapping[str, torch.Tensor], *
         w = target.weight
         r = int(rank) if rank is not None else int(a.shape[0])
         scale = float(alpha) / (math.sqrt(r) if use_rslora else r)
-        delta = b.float() @ a.float()                   # linear: (out, in); embedding: (dim, vocab)
+        delta = b.float() @ a.float()  # linear: (out, in); embedding: (dim, vocab)
         if emb:
             delta = delta.T
         if tuple(delta.shape) != tuple(w.shape):
@@ -133,6 +138,7 @@ def merge_lora(module: nn.Module, lora_state_dict: Mapping[str, torch.Tensor], *
             w.copy_((w.float() + scale * delta.to(w.device)).to(w.dtype))
         merged.append(path)
     if problems:
-        raise CheckpointError(f"the LoRA adapter does not fit the model ({len(problems)} problem(s)), "
-                              f"e.g. {problems[:5]}.")
+        raise CheckpointError(
+            f"the LoRA adapter does not fit the model ({len(problems)} problem(s)), e.g. {problems[:5]}."
+        )
     return merged

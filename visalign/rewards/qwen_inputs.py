@@ -18,8 +18,16 @@ import torch
 from visalign.errors import ConfigError, InvalidInputError
 from visalign.rewards.preprocess import CLIP_MEAN, CLIP_STD, normalize, resize
 
-__all__ = ["IMAGE_FACTOR", "QWEN2VL_CHAT_TEMPLATE_FALLBACK", "QwenInputBuilder", "add_reward_tokens",
-           "load_tokenizer", "patchify", "sample_frame_indices", "smart_resize"]
+__all__ = [
+    "IMAGE_FACTOR",
+    "QWEN2VL_CHAT_TEMPLATE_FALLBACK",
+    "QwenInputBuilder",
+    "add_reward_tokens",
+    "load_tokenizer",
+    "patchify",
+    "sample_frame_indices",
+    "smart_resize",
+]
 
 IMAGE_FACTOR = 28
 FRAME_FACTOR = 2
@@ -29,7 +37,8 @@ FRAME_FACTOR = 2
 QWEN2VL_CHAT_TEMPLATE_FALLBACK = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
     "<|im_start|>user\n<|vision_start|>{placeholder}<|vision_end|>{text}<|im_end|>\n"
-    "<|im_start|>assistant\n")
+    "<|im_start|>assistant\n"
+)
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -45,8 +54,13 @@ def _floor_by(x: float, f: int) -> int:
     return math.floor(x / f) * f
 
 
-def smart_resize(height: int, width: int, factor: int = IMAGE_FACTOR, min_pixels: int = 4 * 28 * 28,
-                 max_pixels: int = 16384 * 28 * 28) -> tuple[int, int]:
+def smart_resize(
+    height: int,
+    width: int,
+    factor: int = IMAGE_FACTOR,
+    min_pixels: int = 4 * 28 * 28,
+    max_pixels: int = 16384 * 28 * 28,
+) -> tuple[int, int]:
     """The (height, width) qwen-vl-utils resizes to: multiples of ``factor``, the pixel count in
     [``min_pixels``, ``max_pixels``], the aspect ratio kept as closely as possible.
 
@@ -68,9 +82,15 @@ def smart_resize(height: int, width: int, factor: int = IMAGE_FACTOR, min_pixels
     return h, w
 
 
-def sample_frame_indices(total_frames: int, *, video_fps: float | None = None, fps: float = 2.0,
-                         num_frames: int | None = None, min_frames: int = 4,
-                         max_frames: int = 768) -> torch.Tensor:
+def sample_frame_indices(
+    total_frames: int,
+    *,
+    video_fps: float | None = None,
+    fps: float = 2.0,
+    num_frames: int | None = None,
+    min_frames: int = 4,
+    max_frames: int = 768,
+) -> torch.Tensor:
     """Which frames a Qwen2-VL video reward looks at (qwen-vl-utils' uniform sampling).
 
     With ``num_frames`` the count is that, rounded to even; otherwise ``n = total / video_fps * fps``
@@ -87,8 +107,7 @@ def sample_frame_indices(total_frames: int, *, video_fps: float | None = None, f
         n = _round_by(num_frames, FRAME_FACTOR)
     else:
         if video_fps is None or video_fps <= 0:
-            raise ConfigError(f"sampling at {fps} fps needs the clip's frame rate video_fps > 0; "
-                              f"got {video_fps}.")
+            raise ConfigError(f"sampling at {fps} fps needs the clip's frame rate video_fps > 0; got {video_fps}.")
         lo = _ceil_by(min_frames, FRAME_FACTOR)
         hi = _floor_by(min(max_frames, total_frames), FRAME_FACTOR)
         n = total_frames / video_fps * fps
@@ -99,8 +118,9 @@ def sample_frame_indices(total_frames: int, *, video_fps: float | None = None, f
     return torch.linspace(0, total_frames - 1, n).round().long()
 
 
-def patchify(frames: torch.Tensor, patch_size: int = 14, temporal_patch_size: int = 2,
-             merge_size: int = 2) -> tuple[torch.Tensor, tuple[int, int, int]]:
+def patchify(
+    frames: torch.Tensor, patch_size: int = 14, temporal_patch_size: int = 2, merge_size: int = 2
+) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """Qwen2-VL's flat patch layout of normalised frames, in torch (differentiable).
 
     Args:
@@ -116,19 +136,19 @@ def patchify(frames: torch.Tensor, patch_size: int = 14, temporal_patch_size: in
     t, c, height, width = frames.shape
     step = patch_size * merge_size
     if height % step or width % step:
-        raise InvalidInputError(f"frames of {height}x{width} are not multiples of {step}; resize "
-                                "them with smart_resize first.")
+        raise InvalidInputError(
+            f"frames of {height}x{width} are not multiples of {step}; resize them with smart_resize first."
+        )
     pad = (-t) % temporal_patch_size
     if pad:
         frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)], dim=0)
         t += pad
     gt, gh, gw = t // temporal_patch_size, height // patch_size, width // patch_size
-    x = frames.reshape(gt, temporal_patch_size, c, gh // merge_size, merge_size, patch_size,
-                       gw // merge_size, merge_size, patch_size)
+    x = frames.reshape(
+        gt, temporal_patch_size, c, gh // merge_size, merge_size, patch_size, gw // merge_size, merge_size, patch_size
+    )
     x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
     return x.reshape(gt * gh * gw, c * temporal_patch_size * patch_size * patch_size), (gt, gh, gw)
-
-
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -145,9 +165,17 @@ class QwenInputBuilder:
         mean, std: the normalisation (OpenAI CLIP's, as Qwen2-VL).
     """
 
-    def __init__(self, tokenizer: Any, config: Any, *, chat_template: str | None = None,
-                 min_pixels: int = 4 * 28 * 28, max_pixels: int = 16384 * 28 * 28,
-                 mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD):
+    def __init__(
+        self,
+        tokenizer: Any,
+        config: Any,
+        *,
+        chat_template: str | None = None,
+        min_pixels: int = 4 * 28 * 28,
+        max_pixels: int = 16384 * 28 * 28,
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
+    ):
         self.tokenizer = tokenizer
         vcfg = getattr(config, "vision_config", config)
         self.patch_size = int(getattr(vcfg, "patch_size", 14))
@@ -159,8 +187,10 @@ class QwenInputBuilder:
         for token, tid in (("<|image_pad|>", self.image_token_id), ("<|video_pad|>", self.video_token_id)):
             got = tokenizer.convert_tokens_to_ids(token)
             if got != tid:
-                raise ConfigError(f"the tokenizer maps {token} to {got} but the model expects "
-                                  f"{tid}; pass the tokenizer the model was trained with.")
+                raise ConfigError(
+                    f"the tokenizer maps {token} to {got} but the model expects "
+                    f"{tid}; pass the tokenizer the model was trained with."
+                )
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
         self.min_pixels, self.max_pixels = int(min_pixels), int(max_pixels)
         self.mean, self.std = tuple(mean), tuple(std)
@@ -174,13 +204,15 @@ class QwenInputBuilder:
         """One user turn (the image or video, then ``text``) with the generation prompt."""
         if self.chat_template:
             messages = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": text}]}]
-            return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template,
-                                                      add_generation_prompt=True, tokenize=False)
+            return self.tokenizer.apply_chat_template(
+                messages, chat_template=self.chat_template, add_generation_prompt=True, tokenize=False
+            )
         placeholder = "<|image_pad|>" if kind == "image" else "<|video_pad|>"
         return QWEN2VL_CHAT_TEMPLATE_FALLBACK.format(placeholder=placeholder, text=text)
 
-    def tokenize(self, texts: Sequence[str], tokens_per_sample: Sequence[int], kind: str,
-                 device: torch.device) -> dict[str, torch.Tensor]:
+    def tokenize(
+        self, texts: Sequence[str], tokens_per_sample: Sequence[int], kind: str, device: torch.device
+    ) -> dict[str, torch.Tensor]:
         """Token ids with each placeholder expanded to its vision token count, right-padded."""
         placeholder = self.image_token_id if kind == "image" else self.video_token_id
         rows = []
@@ -188,17 +220,19 @@ class QwenInputBuilder:
             ids = list(self.tokenizer(text)["input_ids"])
             at = [i for i, t in enumerate(ids) if t == placeholder]
             if len(at) != 1:
-                raise ConfigError(f"the rendered prompt holds {len(at)} {kind} placeholders; the "
-                                  "chat template must emit exactly one (<|vision_start|><|"
-                                  f"{kind}_pad|><|vision_end|>).")
+                raise ConfigError(
+                    f"the rendered prompt holds {len(at)} {kind} placeholders; the "
+                    "chat template must emit exactly one (<|vision_start|><|"
+                    f"{kind}_pad|><|vision_end|>)."
+                )
             i = at[0]
-            rows.append(ids[:i] + [placeholder] * int(n) + ids[i + 1:])
+            rows.append(ids[:i] + [placeholder] * int(n) + ids[i + 1 :])
         length = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), length), dtype=torch.long)
         for j, r in enumerate(rows):
-            input_ids[j, :len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[j, :len(r)] = 1
+            input_ids[j, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[j, : len(r)] = 1
         return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
 
     # -- pixels ---------------------------------------------------------------------------------
@@ -206,14 +240,14 @@ class QwenInputBuilder:
         """(T, 3, H, W) [0, 1] frames -> (patches, grid): resized to :func:`smart_resize`'s size
         (bicubic, antialiased), normalised, patchified. Differentiable.
         """
-        h, w = smart_resize(frames.shape[-2], frames.shape[-1], self.factor, self.min_pixels,
-                            self.max_pixels)
+        h, w = smart_resize(frames.shape[-2], frames.shape[-1], self.factor, self.min_pixels, self.max_pixels)
         x = resize(frames.float(), (h, w), mode="bicubic", antialias=True)
         x = normalize(x, self.mean, self.std)
         return patchify(x, self.patch_size, self.temporal_patch_size, self.merge_size)
 
-    def build(self, clips: Sequence[torch.Tensor], texts: Sequence[str], kind: str = "image"
-              ) -> dict[str, torch.Tensor]:
+    def build(
+        self, clips: Sequence[torch.Tensor], texts: Sequence[str], kind: str = "image"
+    ) -> dict[str, torch.Tensor]:
         """Model inputs for one clip (T, 3, H, W) per text: an image is a 1-frame clip.
 
         Returns ``input_ids``, ``attention_mask`` and ``pixel_values`` + ``image_grid_thw``
@@ -227,7 +261,7 @@ class QwenInputBuilder:
             patches.append(p)
             grids.append(g)
         device = clips[0].device
-        merge = self.merge_size ** 2
+        merge = self.merge_size**2
         counts = [t * h * w // merge for t, h, w in grids]
         out = self.tokenize([self.render(t, kind) for t in texts], counts, kind, device)
         grid = torch.tensor(grids, dtype=torch.long, device=device)

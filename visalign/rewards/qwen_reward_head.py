@@ -45,8 +45,6 @@ from visalign.rewards.qwen_checkpoint import (
 __all__ = ["QwenRewardHeadModel", "TINY_QWEN2VL_CHAT_TEMPLATE", "empty_backbone", "tiny_qwen2vl"]
 
 
-
-
 # ----------------------------------------------------------------------------- the model
 class QwenRewardHeadModel(nn.Module):
     """A Qwen2-VL backbone, reward tokens, and a head applied at those tokens.
@@ -62,14 +60,17 @@ class QwenRewardHeadModel(nn.Module):
     :meth:`forward` returns the head at each reward token, (B, K, out) in float32.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, reward_token_ids: Sequence[int], *,
-                 head_prefix: str = "rm_head"):
+    def __init__(
+        self, backbone: nn.Module, head: nn.Module, reward_token_ids: Sequence[int], *, head_prefix: str = "rm_head"
+    ):
         super().__init__()
         if hasattr(backbone, "lm_head") and hasattr(backbone, "model"):
             backbone = backbone.model
         if not (hasattr(backbone, "visual") and hasattr(backbone, "language_model")):
-            raise ConfigError(f"the backbone must be a transformers Qwen2VLModel (with .visual and "
-                              f".language_model); got {type(backbone).__name__}.")
+            raise ConfigError(
+                f"the backbone must be a transformers Qwen2VLModel (with .visual and "
+                f".language_model); got {type(backbone).__name__}."
+            )
         self.backbone = backbone
         self.head = head.float()
         self.reward_token_ids = [int(t) for t in reward_token_ids]
@@ -89,8 +90,9 @@ class QwenRewardHeadModel(nn.Module):
     def visual_dtype(self) -> torch.dtype:
         return next(self.backbone.visual.parameters()).dtype
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      **vision: Any) -> torch.Tensor:
+    def hidden_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **vision: Any
+    ) -> torch.Tensor:
         """The backbone's last hidden states (B, L, hidden) for token ids plus pixel inputs
         (``pixel_values`` + ``image_grid_thw`` and/or ``pixel_values_videos`` + ``video_grid_thw``).
         """
@@ -103,8 +105,7 @@ class QwenRewardHeadModel(nn.Module):
             types[input_ids == int(self.config.image_token_id)] = 1
             types[input_ids == int(self.config.video_token_id)] = 2
             kwargs["mm_token_type_ids"] = types
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                            **kwargs)
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
         return out.last_hidden_state
 
     def token_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -122,7 +123,8 @@ class QwenRewardHeadModel(nn.Module):
                 raise InvalidInputError(
                     f"reward token id {tid} occurs {counts.tolist()} times in the rows; it must "
                     "occur exactly once per prompt (is it in the prompt, and in the tokenizer as a "
-                    "special token?).")
+                    "special token?)."
+                )
             cols.append(hits.long().argmax(1))
         return torch.stack(cols, dim=1)
 
@@ -132,13 +134,15 @@ class QwenRewardHeadModel(nn.Module):
         rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
         return self.head(hidden[rows, pos].float())
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                **vision: Any) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **vision: Any
+    ) -> torch.Tensor:
         return self.read(self.hidden_states(input_ids, attention_mask, **vision), input_ids)
 
     # -- checkpoints -----------------------------------------------------------------------------
-    def checkpoint_state_dict(self, *, legacy: bool = True, lm_head: torch.Tensor | None = None
-                              ) -> dict[str, torch.Tensor]:
+    def checkpoint_state_dict(
+        self, *, legacy: bool = True, lm_head: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """This model's weights in the upstream naming: ``model.*``/``visual.*`` (``legacy``, as
         the released checkpoints) or ``model.language_model.*``/``model.visual.*``, plus
         ``<head_prefix>.*`` (and ``lm_head.weight`` when given).
@@ -149,26 +153,26 @@ class QwenRewardHeadModel(nn.Module):
             sd["lm_head.weight"] = lm_head
         return to_legacy_qwen2vl_keys(sd) if legacy else sd
 
-    def _split(self, state_dict: Mapping[str, torch.Tensor]
-               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[str]]:
+    def _split(
+        self, state_dict: Mapping[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[str]]:
         """(backbone tensors, head tensors, unknown keys) of a full or partial upstream state dict
         (any layout, with or without PEFT's prefix); ``lm_head.*`` is dropped.
         """
         backbone, head, unknown = {}, {}, []
         for key, value in remap_qwen2vl_keys(state_dict).items():
-            key = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
+            key = key[len(_PEFT_PREFIX) :] if key.startswith(_PEFT_PREFIX) else key
             if key.startswith("lm_head."):
                 continue
             if key.startswith(self.head_prefix + "."):
-                head[key[len(self.head_prefix) + 1:]] = value
+                head[key[len(self.head_prefix) + 1 :]] = value
             elif key.startswith("model."):
-                backbone[key[len("model."):]] = value
+                backbone[key[len("model.") :]] = value
             else:
                 unknown.append(key)
         return backbone, head, unknown
 
-    def load_checkpoint(self, state_dict: Mapping[str, torch.Tensor], *, partial: bool = False
-                        ) -> None:
+    def load_checkpoint(self, state_dict: Mapping[str, torch.Tensor], *, partial: bool = False) -> None:
         """Loads an upstream checkpoint (old or new key layout) into the backbone and head.
 
         ``lm_head.weight`` is dropped. Every other key must land on a parameter of matching shape;
@@ -181,36 +185,55 @@ class QwenRewardHeadModel(nn.Module):
         backbone, head, unknown = self._split(state_dict)
         own_b = self.backbone.state_dict()
         own_h = self.head.state_dict()
-        unexpected = unknown + [f"model.{k}" for k in backbone if k not in own_b] + \
-            [f"{self.head_prefix}.{k}" for k in head if k not in own_h]
-        missing = [] if partial else (
-            [f"model.{k}" for k in own_b if k not in backbone and not _is_buffer(self.backbone, k)]
-            + [f"{self.head_prefix}.{k}" for k in own_h if k not in head])
-        shapes = [f"model.{k}: {tuple(v.shape)} vs {tuple(own_b[k].shape)}" for k, v in backbone.items()
-                  if k in own_b and tuple(v.shape) != tuple(own_b[k].shape)]
-        shapes += [f"{self.head_prefix}.{k}: {tuple(v.shape)} vs {tuple(own_h[k].shape)}"
-                   for k, v in head.items() if k in own_h and tuple(v.shape) != tuple(own_h[k].shape)]
+        unexpected = (
+            unknown
+            + [f"model.{k}" for k in backbone if k not in own_b]
+            + [f"{self.head_prefix}.{k}" for k in head if k not in own_h]
+        )
+        missing = (
+            []
+            if partial
+            else (
+                [f"model.{k}" for k in own_b if k not in backbone and not _is_buffer(self.backbone, k)]
+                + [f"{self.head_prefix}.{k}" for k in own_h if k not in head]
+            )
+        )
+        shapes = [
+            f"model.{k}: {tuple(v.shape)} vs {tuple(own_b[k].shape)}"
+            for k, v in backbone.items()
+            if k in own_b and tuple(v.shape) != tuple(own_b[k].shape)
+        ]
+        shapes += [
+            f"{self.head_prefix}.{k}: {tuple(v.shape)} vs {tuple(own_h[k].shape)}"
+            for k, v in head.items()
+            if k in own_h and tuple(v.shape) != tuple(own_h[k].shape)
+        ]
         if unexpected or missing or shapes:
             parts = []
             if unexpected:
                 parts.append(f"{len(unexpected)} key(s) map to no parameter, e.g. {unexpected[:5]}")
             if missing:
-                parts.append(f"{len(missing)} parameter(s) are not in the checkpoint, e.g. "
-                             f"{missing[:5]}")
+                parts.append(f"{len(missing)} parameter(s) are not in the checkpoint, e.g. {missing[:5]}")
             if shapes:
                 parts.append(f"{len(shapes)} shape mismatch(es), e.g. {shapes[:3]}")
             raise CheckpointError(
                 "the checkpoint does not match the Qwen2-VL reward model (keys are compared after "
-                "renaming visual.* -> model.visual.*, model.* -> model.language_model.*): "
-                + "; ".join(parts) + ".")
+                "renaming visual.* -> model.visual.*, model.* -> model.language_model.*): " + "; ".join(parts) + "."
+            )
         _assign(self.backbone, backbone)
         _assign(self.head, {k: v.float() for k, v in head.items()})
         self.head.float()
 
-    def apply_peft(self, adapter: Mapping[str, torch.Tensor],
-                   non_lora: Mapping[str, torch.Tensor] | None = None, *, alpha: float,
-                   rank: int | None = None, use_rslora: bool = False,
-                   require_head: bool = True) -> list[str]:
+    def apply_peft(
+        self,
+        adapter: Mapping[str, torch.Tensor],
+        non_lora: Mapping[str, torch.Tensor] | None = None,
+        *,
+        alpha: float,
+        rank: int | None = None,
+        use_rslora: bool = False,
+        require_head: bool = True,
+    ) -> list[str]:
         """Applies a PEFT checkpoint (keys ``base_model.model.*``, old or new layout): its full
         tensors (``non_lora``, and ``*.base_layer.weight`` saved with the adapter) replace the
         weights, then its LoRA pairs are merged, ``W += alpha / r * B @ A`` (:func:`merge_lora`).
@@ -227,29 +250,29 @@ class QwenRewardHeadModel(nn.Module):
         plain, lora = {}, {}
         for source in (non_lora or {}, adapter):
             for key, value in remap_qwen2vl_keys(source).items():
-                key = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
+                key = key[len(_PEFT_PREFIX) :] if key.startswith(_PEFT_PREFIX) else key
                 if _is_lora_key(key):
                     lora[key] = value
                 else:
                     plain[key.replace(".base_layer.", ".")] = value
         if require_head:
-            have = {k[len(self.head_prefix) + 1:] for k in plain if k.startswith(self.head_prefix + ".")}
+            have = {k[len(self.head_prefix) + 1 :] for k in plain if k.startswith(self.head_prefix + ".")}
             absent = [f"{self.head_prefix}.{k}" for k in self.head.state_dict() if k not in have]
             if absent:
-                raise CheckpointError(f"the checkpoint has no reward head: {absent[:5]} missing "
-                                      "(VideoAlign keeps it in non_lora_state_dict.pth).")
+                raise CheckpointError(
+                    f"the checkpoint has no reward head: {absent[:5]} missing "
+                    "(VideoAlign keeps it in non_lora_state_dict.pth)."
+                )
         self.load_checkpoint(plain, partial=True)
         backbone_lora, unknown = {}, []
         for key, value in lora.items():
             if key.startswith("model."):
-                backbone_lora[key[len("model."):]] = value
+                backbone_lora[key[len("model.") :]] = value
             elif not key.startswith("lm_head."):
                 unknown.append(key)
         if unknown:
-            raise CheckpointError(f"{len(unknown)} LoRA key(s) target no layer of the backbone, e.g. "
-                                  f"{unknown[:5]}.")
-        return merge_lora(self.backbone, backbone_lora, alpha=alpha, rank=rank,
-                          use_rslora=use_rslora)
+            raise CheckpointError(f"{len(unknown)} LoRA key(s) target no layer of the backbone, e.g. {unknown[:5]}.")
+        return merge_lora(self.backbone, backbone_lora, alpha=alpha, rank=rank, use_rslora=use_rslora)
 
 
 def _is_buffer(module: nn.Module, key: str) -> bool:
@@ -268,8 +291,6 @@ def _assign(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for k, v in tensors.items():
             own[k].copy_(v.to(own[k].dtype))
-
-
 
 
 def empty_backbone(config: Any, vocab_size: int | None = None) -> nn.Module:
@@ -292,11 +313,13 @@ TINY_QWEN2VL_CHAT_TEMPLATE = (
     "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
     "{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
     "{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
-def tiny_qwen2vl(seed: int = 0, *, hidden_size: int = 32, layers: int = 2,
-                 extra_words: Sequence[str] = ()) -> tuple[nn.Module, Any]:
+def tiny_qwen2vl(
+    seed: int = 0, *, hidden_size: int = 32, layers: int = 2, extra_words: Sequence[str] = ()
+) -> tuple[nn.Module, Any]:
     """A tiny random ``Qwen2VLForConditionalGeneration`` and a word-level tokenizer, offline.
 
     For tests, notebooks and benchmarks. The tokenizer knows Qwen2-VL's special tokens
@@ -307,36 +330,100 @@ def tiny_qwen2vl(seed: int = 0, *, hidden_size: int = 32, layers: int = 2,
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                "<|image_pad|>", "<|video_pad|>"]
-    words = ["[UNK]", "system", "user", "assistant", "you", "are", "a", "helpful", "photo", "of",
-             "red", "green", "blue", "cat", "dog", "cube", "please", "provide", "the", "overall",
-             "ratings", "this", "image", "video", "end", "rate", "textual", "prompt", "visual",
-             "quality", "motion", "text", "alignment", "number", ":", "-", ".", ",", "\n"] + \
-        [str(i) for i in range(10)] + list(extra_words)
+    specials = [
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|vision_start|>",
+        "<|vision_end|>",
+        "<|image_pad|>",
+        "<|video_pad|>",
+    ]
+    words = (
+        [
+            "[UNK]",
+            "system",
+            "user",
+            "assistant",
+            "you",
+            "are",
+            "a",
+            "helpful",
+            "photo",
+            "of",
+            "red",
+            "green",
+            "blue",
+            "cat",
+            "dog",
+            "cube",
+            "please",
+            "provide",
+            "the",
+            "overall",
+            "ratings",
+            "this",
+            "image",
+            "video",
+            "end",
+            "rate",
+            "textual",
+            "prompt",
+            "visual",
+            "quality",
+            "motion",
+            "text",
+            "alignment",
+            "number",
+            ":",
+            "-",
+            ".",
+            ",",
+            "\n",
+        ]
+        + [str(i) for i in range(10)]
+        + list(extra_words)
+    )
     vocab = {w: i for i, w in enumerate(dict.fromkeys(words + specials))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
-                                                 pre_tokenizers.Punctuation()])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]",
-                                        pad_token="<|endoftext|>", eos_token="<|im_end|>")
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="<|endoftext|>", eos_token="<|im_end|>"
+    )
     tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
     tokenizer.chat_template = TINY_QWEN2VL_CHAT_TEMPLATE
     head_dim = hidden_size // 4
     half = head_dim // 2
     section = [half - 2 * (half // 4), half // 4, half // 4]
     cfg = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(vocab) + 8, hidden_size=hidden_size,
-                         intermediate_size=2 * hidden_size, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                          "mrope_section": section},
-                         pad_token_id=vocab["<|endoftext|>"], bos_token_id=None,
-                         eos_token_id=vocab["<|im_end|>"]),
-        vision_config=dict(depth=1, embed_dim=32, hidden_size=hidden_size, num_heads=2, mlp_ratio=2,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
-        vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"])
+        text_config=dict(
+            vocab_size=len(vocab) + 8,
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
+            pad_token_id=vocab["<|endoftext|>"],
+            bos_token_id=None,
+            eos_token_id=vocab["<|im_end|>"],
+        ),
+        vision_config=dict(
+            depth=1,
+            embed_dim=32,
+            hidden_size=hidden_size,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        image_token_id=vocab["<|image_pad|>"],
+        video_token_id=vocab["<|video_pad|>"],
+        vision_start_token_id=vocab["<|vision_start|>"],
+        vision_end_token_id=vocab["<|vision_end|>"],
+    )
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(cfg).eval()
     return model, tokenizer

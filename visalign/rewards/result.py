@@ -18,8 +18,8 @@ three dicts are empty.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 
@@ -45,12 +45,16 @@ class RewardResult:
     raw: dict[str, torch.Tensor] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)
 
-    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "RewardResult":
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> RewardResult:
         """A new result with ``fn`` applied to every tensor (the weights are copied)."""
-        return RewardResult(fn(self.total), {k: fn(v) for k, v in self.components.items()},
-                            {k: fn(v) for k, v in self.raw.items()}, dict(self.weights))
+        return RewardResult(
+            fn(self.total),
+            {k: fn(v) for k, v in self.components.items()},
+            {k: fn(v) for k, v in self.raw.items()},
+            dict(self.weights),
+        )
 
-    def select(self, index) -> "RewardResult":
+    def select(self, index) -> RewardResult:
         """The rows at ``index`` (an int slice, a list, or a bool/long tensor) of every tensor."""
         if isinstance(index, (list, tuple)):
             index = torch.as_tensor(index, dtype=torch.long)
@@ -58,20 +62,20 @@ class RewardResult:
             return self._map(lambda t: t[index.to(t.device)])
         return self._map(lambda t: t[index])
 
-    def detach(self) -> "RewardResult":
+    def detach(self) -> RewardResult:
         """Every tensor detached from the graph (for logging, or as advantages)."""
         return self._map(torch.Tensor.detach)
 
-    def to(self, *args, **kwargs) -> "RewardResult":
+    def to(self, *args, **kwargs) -> RewardResult:
         """Every tensor moved with ``Tensor.to(*args, **kwargs)``, e.g. ``result.to("cpu")``."""
         return self._map(lambda t: t.to(*args, **kwargs))
 
-    def float(self) -> "RewardResult":
+    def float(self) -> RewardResult:
         """Every tensor as float32."""
         return self._map(torch.Tensor.float)
 
     @staticmethod
-    def cat(results: Sequence["RewardResult"]) -> "RewardResult":
+    def cat(results: Sequence[RewardResult]) -> RewardResult:
         """Concatenates the results of consecutive chunks of one batch (same parts, same weights)."""
         results = list(results)
         if not results:
@@ -79,8 +83,10 @@ class RewardResult:
         first = results[0]
         for r in results[1:]:
             if r.components.keys() != first.components.keys() or r.raw.keys() != first.raw.keys():
-                raise ValueError(f"cannot concatenate results with different parts: "
-                                 f"{sorted(first.components)} and {sorted(r.components)}.")
+                raise ValueError(
+                    f"cannot concatenate results with different parts: "
+                    f"{sorted(first.components)} and {sorted(r.components)}."
+                )
         return RewardResult(
             torch.cat([r.total for r in results]),
             {k: torch.cat([r.components[k] for r in results]) for k in first.components},

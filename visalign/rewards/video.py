@@ -19,7 +19,8 @@ alignment) are summed, optionally after z-normalisation, into one overall score.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -35,13 +36,17 @@ from visalign.rewards.base import (
 )
 from visalign.rewards.result import RewardResult
 
-__all__ = ["segment_indices", "attenuation_weights", "VideoReward", "SegmentalVideoReward",
-           "MultiHeadVideoReward"]
+__all__ = ["segment_indices", "attenuation_weights", "VideoReward", "SegmentalVideoReward", "MultiHeadVideoReward"]
 
 
-def segment_indices(num_frames: int, segments: int, sampling: str = "fixed", *,
-                    batch: int | None = None, generator: torch.Generator | None = None
-                    ) -> torch.Tensor:
+def segment_indices(
+    num_frames: int,
+    segments: int,
+    sampling: str = "fixed",
+    *,
+    batch: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """The frame picked in each of ``segments`` equal segments of ``num_frames`` frames.
 
     Segment ``s`` covers ``[floor(s*F/S), floor((s+1)*F/S))``.
@@ -59,8 +64,8 @@ def segment_indices(num_frames: int, segments: int, sampling: str = "fixed", *,
     """
     if segments < 1 or segments > num_frames:
         raise InvalidInputError(
-            f"cannot split {num_frames} frames into {segments} segments; use 1 <= segments <= "
-            f"{num_frames}.")
+            f"cannot split {num_frames} frames into {segments} segments; use 1 <= segments <= {num_frames}."
+        )
     s = torch.arange(segments + 1)
     bounds = (s * num_frames) // segments
     start, length = bounds[:-1], bounds[1:] - bounds[:-1]
@@ -120,16 +125,27 @@ class SegmentalVideoReward(VideoReward):
     Differentiable exactly when the image reward is.
     """
 
-    def __init__(self, image_reward: Any, segments: int = 4, sampling: str = "tsn",
-                 attenuation: float = 1.0, *, seed: int = 0, name: str | None = None):
+    def __init__(
+        self,
+        image_reward: Any,
+        segments: int = 4,
+        sampling: str = "tsn",
+        attenuation: float = 1.0,
+        *,
+        seed: int = 0,
+        name: str | None = None,
+    ):
         if sampling not in ("tsn", "fixed"):
             raise ConfigError(f"sampling must be 'tsn' or 'fixed'; got {sampling!r}.")
         if attenuation < 0:
             raise ConfigError(f"attenuation must be >= 0; got {attenuation}.")
         if segments < 1:
             raise ConfigError(f"segments must be >= 1; got {segments}.")
-        super().__init__(name=name or f"segmental_{reward_name(image_reward)}",
-                         differentiable=is_differentiable(image_reward), batch_size=None)
+        super().__init__(
+            name=name or f"segmental_{reward_name(image_reward)}",
+            differentiable=is_differentiable(image_reward),
+            batch_size=None,
+        )
         self.image_reward = as_reward(image_reward)
         self.needs_prompts = getattr(self.image_reward, "needs_prompts", True)
         self.segments, self.sampling, self.attenuation = segments, sampling, float(attenuation)
@@ -142,12 +158,19 @@ class SegmentalVideoReward(VideoReward):
         inner = self.image_reward.accepted_conditioning
         return None if inner is None else inner | {"sampling", "generator"}
 
-    def score(self, videos: torch.Tensor, prompts: list[str] | None, *,
-              sampling: str | None = None, generator: torch.Generator | None = None,
-              **conditioning) -> torch.Tensor:
+    def score(
+        self,
+        videos: torch.Tensor,
+        prompts: list[str] | None,
+        *,
+        sampling: str | None = None,
+        generator: torch.Generator | None = None,
+        **conditioning,
+    ) -> torch.Tensor:
         b, f = videos.shape[:2]
-        idx = segment_indices(f, self.segments, sampling or self.sampling, batch=b,
-                              generator=generator or self.generator)
+        idx = segment_indices(
+            f, self.segments, sampling or self.sampling, batch=b, generator=generator or self.generator
+        )
         weights = attenuation_weights(idx, f, self.attenuation).to(videos.device)
         idx = idx.to(videos.device)
         frames = videos[torch.arange(b, device=videos.device)[:, None], idx]  # (B, S, 3, H, W)
@@ -199,11 +222,18 @@ class MultiHeadVideoReward(VideoReward):
 
     default_differentiable = False
 
-    def __init__(self, model: Callable, *, heads: Sequence[str] | None = None,
-                 weights: Mapping[str, float] | None = None,
-                 normalization: Mapping[str, tuple[float, float]] | None = None,
-                 head_names: Sequence[str] | None = None, name: str | None = None,
-                 differentiable: bool = False, batch_size: int | None = None):
+    def __init__(
+        self,
+        model: Callable,
+        *,
+        heads: Sequence[str] | None = None,
+        weights: Mapping[str, float] | None = None,
+        normalization: Mapping[str, tuple[float, float]] | None = None,
+        head_names: Sequence[str] | None = None,
+        name: str | None = None,
+        differentiable: bool = False,
+        batch_size: int | None = None,
+    ):
         super().__init__(name=name, differentiable=differentiable, batch_size=batch_size)
         if isinstance(model, torch.nn.Module):
             freeze(model)
@@ -220,21 +250,22 @@ class MultiHeadVideoReward(VideoReward):
     def accepted_conditioning(self) -> set[str] | None:
         return _accepted_kwargs(self.model)
 
-    def _heads(self, videos: torch.Tensor, prompts: list[str] | None, **conditioning
-               ) -> dict[str, torch.Tensor]:
+    def _heads(self, videos: torch.Tensor, prompts: list[str] | None, **conditioning) -> dict[str, torch.Tensor]:
         out = self.model(videos, prompts, **conditioning)
         b = videos.shape[0]
         if isinstance(out, torch.Tensor):
             if out.dim() != 2 or self.head_names is None or out.shape[1] != len(self.head_names):
                 raise RewardError(
                     f"{self.name}: the model returned a tensor of shape {tuple(out.shape)}; a "
-                    "(B, K) tensor needs head_names= with K names (or return a dict of heads).")
+                    "(B, K) tensor needs head_names= with K names (or return a dict of heads)."
+                )
             out = {h: out[:, i] for i, h in enumerate(self.head_names)}
         elif not isinstance(out, Mapping):
             names = self.heads or self.head_names
             if not names:
-                raise RewardError(f"{self.name}: cannot read heads from {type(out).__name__}; "
-                                  "return a dict or pass heads=.")
+                raise RewardError(
+                    f"{self.name}: cannot read heads from {type(out).__name__}; return a dict or pass heads=."
+                )
             out = {h: getattr(out, h) for h in names}
         heads = {}
         for h, v in out.items():
@@ -244,8 +275,7 @@ class MultiHeadVideoReward(VideoReward):
             heads[h] = v
         return heads
 
-    def score_parts(self, videos: torch.Tensor, prompts: list[str] | None, **conditioning
-                    ) -> RewardResult:
+    def score_parts(self, videos: torch.Tensor, prompts: list[str] | None, **conditioning) -> RewardResult:
         """The summed heads of one chunk, weighted and normalised, with the raw heads."""
         raw = self._heads(videos, prompts, **conditioning)
         selected = self.heads or list(raw)

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import inspect
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -27,16 +28,15 @@ from visalign.rewards.checks import check_images
 from visalign.rewards.loading import from_pretrained
 from visalign.rewards.preprocess import ImageTransform
 
-__all__ = ["YesTokenReward", "answer_token_ids", "DEFAULT_QUESTION", "DEFAULT_PAIRWISE_QUESTION",
-           "DEFAULT_CRITERIA"]
+__all__ = ["YesTokenReward", "answer_token_ids", "DEFAULT_QUESTION", "DEFAULT_PAIRWISE_QUESTION", "DEFAULT_CRITERIA"]
 
 DEFAULT_QUESTION = 'Does this image show "{prompt}"? Please answer yes or no.'
-DEFAULT_CRITERIA = ("Judge how well each image matches the prompt, its visual quality and its "
-                    "plausibility.")
+DEFAULT_CRITERIA = "Judge how well each image matches the prompt, its visual quality and its plausibility."
 DEFAULT_PAIRWISE_QUESTION = (
-    'The first image is a reference and the second image is a candidate, both generated for the '
+    "The first image is a reference and the second image is a candidate, both generated for the "
     'prompt "{prompt}". {criteria} Is the second image better than the first? Please answer yes '
-    'or no.')
+    "or no."
+)
 
 
 def answer_token_ids(tokenizer: Any, words: Sequence[str]) -> list[int]:
@@ -70,8 +70,10 @@ def answer_token_ids(tokenizer: Any, words: Sequence[str]) -> list[int]:
                 if piece in vocab:
                     ids.add(int(vocab[piece]))
     if not ids:
-        raise ConfigError(f"none of the spellings of {list(words)} is a single token of "
-                          f"{type(tokenizer).__name__}; pass other yes_words/no_words.")
+        raise ConfigError(
+            f"none of the spellings of {list(words)} is a single token of "
+            f"{type(tokenizer).__name__}; pass other yes_words/no_words."
+        )
     return sorted(ids)
 
 
@@ -112,13 +114,25 @@ class YesTokenReward(Reward):
     default_name = "yes_token"
     default_differentiable = False
 
-    def __init__(self, model: Any, processor: Any = None, *, question: str = DEFAULT_QUESTION,
-                 mode: str = "pointwise", criteria: str = DEFAULT_CRITERIA,
-                 pairwise_question: str = DEFAULT_PAIRWISE_QUESTION, normalize: bool = True,
-                 yes_words: Sequence[str] = ("yes",), no_words: Sequence[str] = ("no",),
-                 system_prompt: str | None = None, use_chat_template: bool | None = None,
-                 batch_size: int | None = 8, torch_dtype: torch.dtype | None = None,
-                 name: str | None = None, differentiable: bool = False):
+    def __init__(
+        self,
+        model: Any,
+        processor: Any = None,
+        *,
+        question: str = DEFAULT_QUESTION,
+        mode: str = "pointwise",
+        criteria: str = DEFAULT_CRITERIA,
+        pairwise_question: str = DEFAULT_PAIRWISE_QUESTION,
+        normalize: bool = True,
+        yes_words: Sequence[str] = ("yes",),
+        no_words: Sequence[str] = ("no",),
+        system_prompt: str | None = None,
+        use_chat_template: bool | None = None,
+        batch_size: int | None = 8,
+        torch_dtype: torch.dtype | None = None,
+        name: str | None = None,
+        differentiable: bool = False,
+    ):
         super().__init__(name=name, differentiable=differentiable, batch_size=batch_size)
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -128,8 +142,7 @@ class YesTokenReward(Reward):
             processor = model
         if processor is None:
             raise ConfigError("YesTokenReward needs the model's processor: pass processor=.")
-        self.model = freeze(from_pretrained(AutoModelForImageTextToText, model, what="VLM",
-                                            torch_dtype=torch_dtype))
+        self.model = freeze(from_pretrained(AutoModelForImageTextToText, model, what="VLM", torch_dtype=torch_dtype))
         self.processor = from_pretrained(AutoProcessor, processor, what="VLM processor")
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.yes_token_ids = answer_token_ids(tokenizer, yes_words)
@@ -143,8 +156,7 @@ class YesTokenReward(Reward):
         if use_chat_template is None:
             use_chat_template = getattr(self.processor, "chat_template", None) is not None
         self.use_chat_template = use_chat_template
-        self.transform = (ImageTransform.from_processor(self.processor.image_processor)
-                          if differentiable else None)
+        self.transform = ImageTransform.from_processor(self.processor.image_processor) if differentiable else None
         try:
             self._keep_last = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         except (TypeError, ValueError):
@@ -161,37 +173,36 @@ class YesTokenReward(Reward):
             return "\n".join([token] * n_images + [text])
         messages = []
         if self.system_prompt:
-            messages.append({"role": "system",
-                             "content": [{"type": "text", "text": self.system_prompt}]})
+            messages.append({"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
         content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
         messages.append({"role": "user", "content": content})
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True,
-                                                  tokenize=False)
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     # -- scoring ------------------------------------------------------------------------------
-    def probabilities(self, images: torch.Tensor, prompts: list[str],
-                      reference_images: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    def probabilities(
+        self, images: torch.Tensor, prompts: list[str], reference_images: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(P(yes), P(no))``, each (B,) float32, under the full-vocabulary softmax."""
         self.place(images.device)
         batch = images.shape[0]
         if self.mode == "pairwise":
             if reference_images is None:
-                raise InvalidInputError(f"{self.name}: pairwise mode needs reference_images=, a "
-                                        f"(B, 3, H, W) tensor in [0, 1] with B={batch}.")
+                raise InvalidInputError(
+                    f"{self.name}: pairwise mode needs reference_images=, a "
+                    f"(B, 3, H, W) tensor in [0, 1] with B={batch}."
+                )
             check_images(reference_images, "image", name=f"{self.name} reference_images")
             if reference_images.shape[0] != batch:
                 raise InvalidInputError(
                     f"{self.name}: got {reference_images.shape[0]} reference images for {batch} "
-                    "images; pass one per image.")
+                    "images; pass one per image."
+                )
             groups = [[reference_images[i], images[i]] for i in range(batch)]
         elif reference_images is not None:
-            raise InvalidInputError(f"{self.name}: reference_images is only used with "
-                                    "mode='pairwise'.")
+            raise InvalidInputError(f"{self.name}: reference_images is only used with mode='pairwise'.")
         else:
             groups = [[images[i]] for i in range(batch)]
-        as_uint8 = [[(im.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-                     for im in g] for g in groups]
+        as_uint8 = [[(im.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu() for im in g] for g in groups]
         pil_images = as_uint8 if self.mode == "pairwise" else [g[0] for g in as_uint8]
         texts = [self.render(p) for p in prompts]
         enc = self._encode(texts, pil_images)
@@ -208,7 +219,8 @@ class YesTokenReward(Reward):
                     f"{self.name}: differentiable=True builds pixel_values of shape "
                     f"{tuple(pixels.shape)} but the processor makes "
                     f"{tuple(inputs['pixel_values'].shape)}; use differentiable=False with this "
-                    "processor.")
+                    "processor."
+                )
             inputs["pixel_values"] = pixels
         mask = inputs.get("attention_mask")
         last_is_real = mask is None or bool(mask[:, -1].all())
@@ -232,14 +244,14 @@ class YesTokenReward(Reward):
         if tokenizer is not None:
             tokenizer.padding_side = "left"  # the next-token position is then the last column
         try:
-            return dict(self.processor(images=images, text=texts, padding=True,
-                                       return_tensors="pt"))
+            return dict(self.processor(images=images, text=texts, padding=True, return_tensors="pt"))
         finally:
             if tokenizer is not None and side is not None:
                 tokenizer.padding_side = side
 
-    def score(self, images: torch.Tensor, prompts: list[str],
-              reference_images: torch.Tensor | None = None) -> torch.Tensor:
+    def score(
+        self, images: torch.Tensor, prompts: list[str], reference_images: torch.Tensor | None = None
+    ) -> torch.Tensor:
         p_yes, p_no = self.probabilities(images, prompts, reference_images)
         if self.normalize:
             return p_yes / (p_yes + p_no).clamp_min(torch.finfo(torch.float32).tiny)

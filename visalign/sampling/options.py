@@ -50,61 +50,93 @@ class SamplingOptions(ConfigBase):
 
     num_steps: int = config_field(20, "Denoising steps per sample.", metadata={"flags": ("--steps", "--num-steps")})
     guidance_scale: float | None = config_field(
-        None, "CFG scale (FLUX.1-dev: the embedded guidance); None uses the family's default.")
+        None, "CFG scale (FLUX.1-dev: the embedded guidance); None uses the family's default."
+    )
     sampler: Literal["ode", "sde", "cps", "ddim"] = config_field(
-        "sde", "Transition: ode, sde (the flow SDE; DDIM with η on SD/SDXL), cps (Flow-GRPO's "
-        "coefficient-preserving step) or ddim (DDPO); only sde, cps and ddim have log-probs.")
+        "sde",
+        "Transition: ode, sde (the flow SDE; DDIM with η on SD/SDXL), cps (Flow-GRPO's "
+        "coefficient-preserving step) or ddim (DDPO); only sde, cps and ddim have log-probs.",
+    )
     noise: Literal["flow", "dance"] = config_field(
-        "flow", "The flow SDE's diffusion coefficient: flow (Flow-GRPO, g = η·√(σ/(1−σ))) or dance (DanceGRPO, g = η).")
+        "flow", "The flow SDE's diffusion coefficient: flow (Flow-GRPO, g = η·√(σ/(1−σ))) or dance (DanceGRPO, g = η)."
+    )
     eta: float | None = config_field(
-        None, f"Noise level (the angle fraction for cps); 0 gives the ODE; None uses {_eta_defaults_text()}.")
+        None, f"Noise level (the angle fraction for cps); 0 gives the ODE; None uses {_eta_defaults_text()}."
+    )
     same_noise_in_group: bool = config_field(
-        False, "Share the initial noise within each group of samples of one prompt (DanceGRPO).", metadata={"cli": False})
+        False,
+        "Share the initial noise within each group of samples of one prompt (DanceGRPO).",
+        metadata={"cli": False},
+    )
     log_prob_reduce: Literal["mean", "sum"] = config_field(
-        "mean", "Log-prob reduction over the latent dimensions: mean (the peers' default; clip ranges carry over "
-        "across resolutions) or sum (the joint density).", metadata={"cli": False})
+        "mean",
+        "Log-prob reduction over the latent dimensions: mean (the peers' default; clip ranges carry over "
+        "across resolutions) or sum (the joint density).",
+        metadata={"cli": False},
+    )
     sde_window_size: int | None = config_field(
-        None, "Run the SDE only in a window of this many steps (ODE elsewhere; Flow-GRPO-Fast, MixGRPO); "
-        "None: every step.", metadata={"cli": False})
+        None,
+        "Run the SDE only in a window of this many steps (ODE elsewhere; Flow-GRPO-Fast, MixGRPO); None: every step.",
+        metadata={"cli": False},
+    )
     sde_window_mode: Literal["fixed", "sliding", "random", "mixgrpo"] = config_field(
-        "fixed", "Window placement over training iterations: fixed start; sliding (moves one step every "
+        "fixed",
+        "Window placement over training iterations: fixed start; sliding (moves one step every "
         "sde_window_shift_every iterations, wraps around at full size); random (start drawn uniformly per iteration, "
         "the same on every rank: Flow-GRPO-Fast); mixgrpo (slides like sliding but shrinks at the end of the range, "
-        "[start, min(start+size, hi)), then rolls back: MixGRPO).", metadata={"cli": False})
+        "[start, min(start+size, hi)), then rolls back: MixGRPO).",
+        metadata={"cli": False},
+    )
     sde_window_start: int = config_field(
-        0, "First step of a fixed window (and of the sliding window's first position).", metadata={"cli": False})
+        0, "First step of a fixed window (and of the sliding window's first position).", metadata={"cli": False}
+    )
     sde_window_shift_every: int = config_field(
-        1, "Iterations between sliding-window moves (MixGRPO: 25).", metadata={"cli": False})
+        1, "Iterations between sliding-window moves (MixGRPO: 25).", metadata={"cli": False}
+    )
     sde_window_range: tuple[int, int] | None = config_field(
-        None, "Steps [lo, hi) the window stays within: random draws the start from [lo, hi−size] (Flow-GRPO-Fast: "
+        None,
+        "Steps [lo, hi) the window stays within: random draws the start from [lo, hi−size] (Flow-GRPO-Fast: "
         "(0, num_steps//2)), sliding and mixgrpo move through it; None: the whole schedule [0, num_steps) "
         "(mixgrpo: [0, num_steps−1), the last step being always the ODE). Keep hi <= num_steps−1 for exactly "
-        "size stochastic steps.", metadata={"cli": False})
+        "size stochastic steps.",
+        metadata={"cli": False},
+    )
 
     def validate(self) -> None:
         super().validate()
         c = self._check
         c(self.num_steps >= 1, "num_steps", ">= 1")
         c(self.eta is None or self.eta >= 0, "eta", ">= 0 or None", "None uses the sampler's default.")
-        c(self.sde_window_size is None or 1 <= self.sde_window_size <= self.num_steps, "sde_window_size",
-          f"in [1, num_steps={self.num_steps}] or None", "None makes every step stochastic.")
+        c(
+            self.sde_window_size is None or 1 <= self.sde_window_size <= self.num_steps,
+            "sde_window_size",
+            f"in [1, num_steps={self.num_steps}] or None",
+            "None makes every step stochastic.",
+        )
         c(self.sde_window_start >= 0, "sde_window_start", ">= 0")
         c(self.sde_window_shift_every >= 1, "sde_window_shift_every", ">= 1")
         if self.sde_window_range is not None:
             lo, hi = self.sde_window_range
-            c(self.sde_window_size is not None, "sde_window_range", "None without sde_window_size",
-              "Set sde_window_size too (Flow-GRPO-Fast: 3).")
+            c(
+                self.sde_window_size is not None,
+                "sde_window_range",
+                "None without sde_window_size",
+                "Set sde_window_size too (Flow-GRPO-Fast: 3).",
+            )
             size = self.sde_window_size or 1
-            c(0 <= lo and lo + size <= hi <= self.num_steps, "sde_window_range",
-              f"(lo, hi) with 0 <= lo, lo + sde_window_size <= hi <= num_steps={self.num_steps}",
-              f"Flow-GRPO-Fast uses (0, num_steps//2) = (0, {self.num_steps // 2}).")
+            c(
+                0 <= lo and lo + size <= hi <= self.num_steps,
+                "sde_window_range",
+                f"(lo, hi) with 0 <= lo, lo + sde_window_size <= hi <= num_steps={self.num_steps}",
+                f"Flow-GRPO-Fast uses (0, num_steps//2) = (0, {self.num_steps // 2}).",
+            )
 
     @classmethod
     def sampling_field_names(cls) -> list[str]:
         """The keys of the sampling options (what a trainer config inherits from here)."""
         return [f.name for f in dataclasses.fields(SamplingOptions)]
 
-    def sampling_options(self) -> "SamplingOptions":
+    def sampling_options(self) -> SamplingOptions:
         """These options as a plain :class:`SamplingOptions` (a trainer config keeps its other keys)."""
         return SamplingOptions(**{k: getattr(self, k) for k in self.sampling_field_names()})
 
@@ -158,9 +190,16 @@ class SamplingOptions(ConfigBase):
 
     def sample_kwargs(self, iteration: int = 0, seed: int = 0) -> dict[str, Any]:
         """The keywords of :func:`visalign.sample` these options stand for (the window of ``iteration``)."""
-        return dict(num_steps=self.num_steps, guidance_scale=self.guidance_scale, sampler=self.sampler,
-                    noise=self.noise, eta=self.eta, same_noise_in_group=self.same_noise_in_group,
-                    reduce=self.log_prob_reduce, sde_window=self.sde_window_at(iteration, seed))
+        return dict(
+            num_steps=self.num_steps,
+            guidance_scale=self.guidance_scale,
+            sampler=self.sampler,
+            noise=self.noise,
+            eta=self.eta,
+            same_noise_in_group=self.same_noise_in_group,
+            reduce=self.log_prob_reduce,
+            sde_window=self.sde_window_at(iteration, seed),
+        )
 
 
 DEFAULTS = SamplingOptions()

@@ -8,8 +8,9 @@ keywords here; :func:`with_sampling_keywords` shows those keywords in their sign
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -35,9 +36,7 @@ def _as_prompt_list(prompts) -> list[str]:
 def _check_images(images, num_prompts: int) -> torch.Tensor:
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise InvalidInputError(
-            f"Conditioning images must be a float tensor (B, 3, H, W) in [0, 1]; got {shape}."
-        )
+        raise InvalidInputError(f"Conditioning images must be a float tensor (B, 3, H, W) in [0, 1]; got {shape}.")
     if images.shape[0] != num_prompts:
         raise InvalidInputError(
             f"Got {images.shape[0]} conditioning images for {num_prompts} prompts; pass one image per prompt."
@@ -162,12 +161,15 @@ def prepare_sampling(
     elif images is not None:
         raise InvalidInputError(f"{policy.family} takes no conditioning images; leave images=None.")
     if negative_prompt is not None:
-        negative_prompt = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        negative_prompt = (
+            [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        )
         if len(negative_prompt) != len(prompts):
             raise InvalidInputError(f"Got {len(negative_prompt)} negative prompts for {len(prompts)} prompts.")
 
-    conditioning = policy.encode_prompt(prompts, negative_prompt, guidance_scale, images=images,
-                                        geometry=geometry, **encode_kwargs)
+    conditioning = policy.encode_prompt(
+        prompts, negative_prompt, guidance_scale, images=images, geometry=geometry, **encode_kwargs
+    )
     batch = len(prompts) * group_size
     if group_size > 1:
         conditioning = conditioning.repeat_interleave(group_size)
@@ -202,8 +204,11 @@ def with_sampling_keywords(fn):
     own = inspect.signature(fn)
     params = [p for p in own.parameters.values() if p.kind is not p.VAR_KEYWORD]
     taken = {p.name for p in params} | {"policy", "prompts"}
-    forwarded = [p.replace(kind=p.KEYWORD_ONLY) for p in inspect.signature(prepare_sampling).parameters.values()
-                 if p.name not in taken and p.kind is not p.VAR_KEYWORD]
+    forwarded = [
+        p.replace(kind=p.KEYWORD_ONLY)
+        for p in inspect.signature(prepare_sampling).parameters.values()
+        if p.name not in taken and p.kind is not p.VAR_KEYWORD
+    ]
     rest = [p for p in own.parameters.values() if p.kind is p.VAR_KEYWORD]
     fn.__signature__ = own.replace(parameters=params + forwarded + rest)
     return fn

@@ -19,8 +19,9 @@ ddim   DDIM with η > 0 (DDPO)                       DDPM
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -43,8 +44,9 @@ class StepOutput:
     log_prob: torch.Tensor | None = None
 
 
-def transition(policy: Policy, spec: SamplerSpec, schedule: Schedule, step, latents: torch.Tensor,
-               model_output: torch.Tensor):
+def transition(
+    policy: Policy, spec: SamplerSpec, schedule: Schedule, step, latents: torch.Tensor, model_output: torch.Tensor
+):
     """Mean, std and x̂0 of the transition at ``step`` (an int, or a (B,) long tensor per sample).
 
     This is the only place where a sampler kind is mapped to the step math of
@@ -78,10 +80,19 @@ def transition(policy: Policy, spec: SamplerSpec, schedule: Schedule, step, late
     return mean, std, x0
 
 
-def denoise_step(policy: Policy, spec: SamplerSpec, schedule: Schedule, step: int, latents: torch.Tensor,
-                 conditioning: Conditioning, generator=None, noise: torch.Tensor | None = None,
-                 detach_uncond: bool = False, model_output: torch.Tensor | None = None,
-                 mean_offset: torch.Tensor | None = None) -> StepOutput:
+def denoise_step(
+    policy: Policy,
+    spec: SamplerSpec,
+    schedule: Schedule,
+    step: int,
+    latents: torch.Tensor,
+    conditioning: Conditioning,
+    generator=None,
+    noise: torch.Tensor | None = None,
+    detach_uncond: bool = False,
+    model_output: torch.Tensor | None = None,
+    mean_offset: torch.Tensor | None = None,
+) -> StepOutput:
     """Runs the model at ``step`` and draws the next state. Gradients flow if enabled by the caller.
 
     Args:
@@ -111,8 +122,15 @@ def denoise_step(policy: Policy, spec: SamplerSpec, schedule: Schedule, step: in
 
 
 @torch.no_grad()
-def sample(policy: Policy, prompts: str | Sequence[str], *, return_x0: bool = False, decode: bool = True,
-           progress: bool = False, **sampling: Any) -> Trajectory:
+def sample(
+    policy: Policy,
+    prompts: str | Sequence[str],
+    *,
+    return_x0: bool = False,
+    decode: bool = True,
+    progress: bool = False,
+    **sampling: Any,
+) -> Trajectory:
     """Samples trajectories with exact per-step log-probs.
 
     Args:
@@ -185,8 +203,9 @@ class LogProbOutput:
     stds: torch.Tensor
 
 
-def log_prob(policy: Policy, traj: Trajectory, steps, detach_uncond: bool = False,
-             conditioning: Conditioning | None = None) -> LogProbOutput:
+def log_prob(
+    policy: Policy, traj: Trajectory, steps, detach_uncond: bool = False, conditioning: Conditioning | None = None
+) -> LogProbOutput:
     """Recomputes the log-probs (and means) of stored transitions under the current weights.
 
     Runs under the caller's grad mode, so a trainer gets gradients and a reference pass under

@@ -1,11 +1,12 @@
 """What a sampling run produces and stores: the sampler's settings (:class:`SamplerSpec`) and the
-:class:`Trajectory` (every state, the per-step Gaussians and log-probs, and what recomputing them needs)."""
+:class:`Trajectory` (every state, the per-step Gaussians and log-probs, and what recomputing them needs).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -40,13 +41,16 @@ class SamplerSpec:
     num_steps: int | None = None
 
     @staticmethod
-    def resolve(policy: Policy, sampler: str, noise: str, eta: float | None, reduce: str,
-                window, num_steps: int) -> "SamplerSpec":
+    def resolve(
+        policy: Policy, sampler: str, noise: str, eta: float | None, reduce: str, window, num_steps: int
+    ) -> SamplerSpec:
         """Validates the options for ``policy`` and fills the defaults."""
         if sampler not in SAMPLERS:
             raise SamplerError(f"Unknown sampler {sampler!r}; choose one of {SAMPLERS}.")
         if policy.is_flow and sampler == "ddim":
-            raise SamplerError(f"sampler='ddim' is for DDPM families; {policy.family} is a flow model: use 'sde' or 'cps'.")
+            raise SamplerError(
+                f"sampler='ddim' is for DDPM families; {policy.family} is a flow model: use 'sde' or 'cps'."
+            )
         if not policy.is_flow:
             if sampler == "cps":
                 raise SamplerError(f"sampler='cps' is for flow models; {policy.family} is a DDPM model: use 'ddim'.")
@@ -134,27 +138,37 @@ class Trajectory:
     def final_latents(self) -> torch.Tensor:
         return self.latents[:, -1]
 
-    def select(self, index) -> "Trajectory":
+    def select(self, index) -> Trajectory:
         """The trajectories of the samples at ``index`` (a slice, list or long tensor)."""
         if isinstance(index, (list, tuple)):
             index = torch.as_tensor(index, dtype=torch.long)
-        pick = (lambda t: None if t is None else t[index.to(t.device) if isinstance(index, torch.Tensor) else index])
+        pick = lambda t: None if t is None else t[index.to(t.device) if isinstance(index, torch.Tensor) else index]  # noqa: E731
         positions = range(len(self.prompts))[index] if isinstance(index, slice) else index.tolist()
         return dataclasses.replace(
-            self, images=pick(self.images), latents=pick(self.latents), log_probs=pick(self.log_probs),
-            means=pick(self.means), x0=pick(self.x0), cond_images=pick(self.cond_images),
-            prompts=[self.prompts[i] for i in positions], conditioning=self.conditioning.select(index),
+            self,
+            images=pick(self.images),
+            latents=pick(self.latents),
+            log_probs=pick(self.log_probs),
+            means=pick(self.means),
+            x0=pick(self.x0),
+            cond_images=pick(self.cond_images),
+            prompts=[self.prompts[i] for i in positions],
+            conditioning=self.conditioning.select(index),
         )
 
     @staticmethod
-    def cat(items: Sequence["Trajectory"]) -> "Trajectory":
+    def cat(items: Sequence[Trajectory]) -> Trajectory:
         """Concatenates trajectories sampled with the same settings along the batch."""
         first = items[0]
-        cat = (lambda name: None if getattr(first, name) is None
-               else torch.cat([getattr(t, name) for t in items]))
+        cat = lambda name: None if getattr(first, name) is None else torch.cat([getattr(t, name) for t in items])  # noqa: E731
         return dataclasses.replace(
-            first, images=cat("images"), latents=cat("latents"), log_probs=cat("log_probs"),
-            means=cat("means"), x0=cat("x0"), cond_images=cat("cond_images"),
+            first,
+            images=cat("images"),
+            latents=cat("latents"),
+            log_probs=cat("log_probs"),
+            means=cat("means"),
+            x0=cat("x0"),
+            cond_images=cat("cond_images"),
             prompts=[p for t in items for p in t.prompts],
             conditioning=Conditioning.cat([t.conditioning for t in items]),
         )

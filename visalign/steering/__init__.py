@@ -21,14 +21,27 @@ with ``.images`` and ``.rewards``. The pure resampling math lives in
 from visalign.steering.best_of_n import BestOfNOutput, best_of_n
 from visalign.steering.callback import FKResampleCallback, RewardGuidanceCallback
 from visalign.steering.fk import FKOutput, fk_steer, reward_steps
-from visalign.steering.guidance import GuidanceOutput, reward_guidance, reward_gradient
-from visalign.steering.resampling import (effective_sample_size, multinomial_resample, normalize_log_weights,
-                                          systematic_resample)
+from visalign.steering.guidance import GuidanceOutput, reward_gradient, reward_guidance
+from visalign.steering.resampling import (
+    effective_sample_size,
+    multinomial_resample,
+    normalize_log_weights,
+    systematic_resample,
+)
 
 __all__ = [
-    "fk_steer", "FKOutput", "reward_steps",
-    "best_of_n", "BestOfNOutput",
-    "reward_guidance", "GuidanceOutput", "reward_gradient",
-    "RewardGuidanceCallback", "FKResampleCallback",
-    "effective_sample_size", "normalize_log_weights", "multinomial_resample", "systematic_resample",
+    "fk_steer",
+    "FKOutput",
+    "reward_steps",
+    "best_of_n",
+    "BestOfNOutput",
+    "reward_guidance",
+    "GuidanceOutput",
+    "reward_gradient",
+    "RewardGuidanceCallback",
+    "FKResampleCallback",
+    "effective_sample_size",
+    "normalize_log_weights",
+    "multinomial_resample",
+    "systematic_resample",
 ]

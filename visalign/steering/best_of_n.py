@@ -12,17 +12,24 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
 from visalign.errors import ConfigError
 from visalign.pipelines.base import Policy
 from visalign.sampling.sampler import denoise_step
-from visalign.steering.common import (check_max_batch_size, decode_and_score, expand_reward_kwargs,
-                                      prepare_steering, resolve_reward, select_rows,
-                                      with_steering_keywords)
+from visalign.steering.common import (
+    check_max_batch_size,
+    decode_and_score,
+    expand_reward_kwargs,
+    prepare_steering,
+    resolve_reward,
+    select_rows,
+    with_steering_keywords,
+)
 
 __all__ = ["BestOfNOutput", "best_of_n"]
 
@@ -109,11 +116,19 @@ def best_of_n(
         conditioning, x = setup.conditioning.select(slice(a, b)), setup.latents[a:b]
         chunk_generator = list(generator[a:b]) if per_row else generator
         for i in range(setup.schedule.num_steps):
-            x = denoise_step(policy, setup.spec, setup.schedule, i, x, conditioning,
-                             generator=chunk_generator).next_latents
-        result, images_ab = decode_and_score(policy, x, setup.geometry, reward, setup.prompts[a:b],
-                                             select_rows(row_kwargs, slice(a, b), batch), None,
-                                             keep_images=return_all)
+            x = denoise_step(
+                policy, setup.spec, setup.schedule, i, x, conditioning, generator=chunk_generator
+            ).next_latents
+        result, images_ab = decode_and_score(
+            policy,
+            x,
+            setup.geometry,
+            reward,
+            setup.prompts[a:b],
+            select_rows(row_kwargs, slice(a, b), batch),
+            None,
+            keep_images=return_all,
+        )
         scores.append(result.total)
         finals.append(x)
         pixels.append(images_ab)

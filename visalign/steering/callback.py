@@ -51,7 +51,8 @@ modules) to encode the prompts once and to run the extra forward; pass the same 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from diffusers.callbacks import PipelineCallback
@@ -75,9 +76,16 @@ class _StockSteering(PipelineCallback):
 
     tensor_inputs = ["latents"]
 
-    def __init__(self, reward: Any, prompts: str | Sequence[str], height: int | None = None,
-                 width: int | None = None, num_frames: int | None = None, images: torch.Tensor | None = None,
-                 negative_prompt: str | Sequence[str] | None = None):
+    def __init__(
+        self,
+        reward: Any,
+        prompts: str | Sequence[str],
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        images: torch.Tensor | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+    ):
         super().__init__(cutoff_step_ratio=1.0)
         self.reward = resolve_reward(reward)
         self.prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -117,8 +125,9 @@ class _StockSteering(PipelineCallback):
         if policy.needs_image and images is None:
             raise InvalidInputError(f"{policy.family} is image-to-video: pass images=(P, 3, H, W) to the callback.")
         with torch.no_grad():
-            conditioning = policy.encode_prompt(self.prompts, negative, getattr(pipeline, "guidance_scale", None),
-                                                images=images, geometry=geometry)
+            conditioning = policy.encode_prompt(
+                self.prompts, negative, getattr(pipeline, "guidance_scale", None), images=images, geometry=geometry
+            )
         conditioning = conditioning.repeat_interleave(group)
         prompts = [p for p in self.prompts for _ in range(group)]
         self._run = (policy, conditioning, prompts, geometry, group)
@@ -137,13 +146,17 @@ class _StockSteering(PipelineCallback):
     def _state_schedule(pipeline, policy, index: int) -> Schedule:
         """A one-step schedule at the stock scheduler's step ``index``, for the x̂0 conversion."""
         scheduler = pipeline.scheduler
-        t = scheduler.timesteps[index:index + 1].float().cpu()
+        t = scheduler.timesteps[index : index + 1].float().cpu()
         if policy.is_flow:
-            return Schedule(timesteps=t, sigmas=scheduler.sigmas[index:index + 2].float().cpu())
+            return Schedule(timesteps=t, sigmas=scheduler.sigmas[index : index + 2].float().cpu())
         alpha = scheduler.alphas_cumprod[t.long()].float()
         clip = scheduler.config.get("clip_sample_range") if scheduler.config.get("clip_sample") else None
-        return Schedule(timesteps=t, alphas_cumprod=alpha, alphas_cumprod_prev=alpha,
-                        clip_sample=None if clip is None else float(clip))
+        return Schedule(
+            timesteps=t,
+            alphas_cumprod=alpha,
+            alphas_cumprod_prev=alpha,
+            clip_sample=None if clip is None else float(clip),
+        )
 
     def x0_of(self, pipeline, policy, conditioning, latents: torch.Tensor, step_index: int) -> torch.Tensor:
         """x̂0 of the state after step ``step_index`` (one extra denoiser call; the output itself at the end)."""
@@ -175,9 +188,16 @@ class RewardGuidanceCallback(_StockSteering):
         NotDifferentiableError: at construction, for a non-differentiable reward.
     """
 
-    def __init__(self, reward: Any, prompts: str | Sequence[str], scale: float = 1.0,
-                 steps: tuple[int, int] | None = None, through_model: bool = True, normalize_grad: bool = False,
-                 **context):
+    def __init__(
+        self,
+        reward: Any,
+        prompts: str | Sequence[str],
+        scale: float = 1.0,
+        steps: tuple[int, int] | None = None,
+        through_model: bool = True,
+        normalize_grad: bool = False,
+        **context,
+    ):
         super().__init__(reward, prompts, **context)
         _check_differentiable(self.reward)
         self.scale, self.steps = float(scale), steps
@@ -200,8 +220,19 @@ class RewardGuidanceCallback(_StockSteering):
                 (grad,) = torch.autograd.grad(r.sum(), x)
         else:
             schedule = self._state_schedule(pipeline, policy, index).to(latents.device)
-            grad, _, _ = reward_gradient(policy, _ODE, schedule, 0, latents, conditioning, self.reward, prompts,
-                                         geometry, None, self.through_model)
+            grad, _, _ = reward_gradient(
+                policy,
+                _ODE,
+                schedule,
+                0,
+                latents,
+                conditioning,
+                self.reward,
+                prompts,
+                geometry,
+                None,
+                self.through_model,
+            )
         rms = grad.flatten(1).pow(2).mean(1).sqrt()
         self.grad_norms.append(float(rms.mean()))
         if self.normalize_grad:
@@ -237,10 +268,21 @@ class FKResampleCallback(_StockSteering):
         SamplerError: the pipeline's scheduler is deterministic (see the module docstring).
     """
 
-    def __init__(self, reward: Any, prompts: str | Sequence[str], lam: float = 10.0, potential: str = "max",
-                 resample_every: int | None = 5, resample_range: tuple[int, int] | None = None,
-                 adaptive: bool = False, ess_threshold: float = 0.5, resampler: str = "systematic",
-                 resample_final: bool = True, seed: int = 0, **context):
+    def __init__(
+        self,
+        reward: Any,
+        prompts: str | Sequence[str],
+        lam: float = 10.0,
+        potential: str = "max",
+        resample_every: int | None = 5,
+        resample_range: tuple[int, int] | None = None,
+        adaptive: bool = False,
+        ess_threshold: float = 0.5,
+        resampler: str = "systematic",
+        resample_final: bool = True,
+        seed: int = 0,
+        **context,
+    ):
         super().__init__(reward, prompts, **context)
         if potential not in R.POTENTIALS:
             raise ConfigError(f"Unknown FK potential {potential!r}; choose one of {R.POTENTIALS}.")

@@ -12,7 +12,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -22,9 +23,17 @@ from visalign.rewards.base import call_reward, reward_name
 from visalign.rewards.result import RewardResult
 from visalign.sampling.prepare import SamplingSetup, prepare_sampling, with_sampling_keywords
 
-__all__ = ["resolve_reward", "predict_chunked", "decode_and_score", "steering_generator",
-           "check_max_batch_size", "expand_reward_kwargs", "select_rows", "with_steering_keywords",
-           "prepare_steering"]
+__all__ = [
+    "resolve_reward",
+    "predict_chunked",
+    "decode_and_score",
+    "steering_generator",
+    "check_max_batch_size",
+    "expand_reward_kwargs",
+    "select_rows",
+    "with_steering_keywords",
+    "prepare_steering",
+]
 
 
 def resolve_reward(reward: Any):
@@ -66,12 +75,14 @@ def with_steering_keywords(fn):
     fn = with_sampling_keywords(fn)
     signature = fn.__signature__
     fn.__signature__ = signature.replace(
-        parameters=[p for p in signature.parameters.values() if p.name != "group_size"])
+        parameters=[p for p in signature.parameters.values() if p.name != "group_size"]
+    )
     return fn
 
 
-def prepare_steering(policy: Policy, prompts, group_size: int, count_name: str,
-                     sampling: Mapping[str, Any]) -> SamplingSetup:
+def prepare_steering(
+    policy: Policy, prompts, group_size: int, count_name: str, sampling: Mapping[str, Any]
+) -> SamplingSetup:
     """:func:`~visalign.sampling.prepare_sampling` with ``group_size`` samples per prompt.
 
     Args:
@@ -96,13 +107,20 @@ def _chunks(batch: int, max_batch_size: int | None):
         yield start, min(start + step, batch)
 
 
-def predict_chunked(policy: Policy, latents: torch.Tensor, timestep: torch.Tensor, conditioning: Conditioning,
-                    max_batch_size: int | None = None) -> torch.Tensor:
+def predict_chunked(
+    policy: Policy,
+    latents: torch.Tensor,
+    timestep: torch.Tensor,
+    conditioning: Conditioning,
+    max_batch_size: int | None = None,
+) -> torch.Tensor:
     """``policy.predict`` on at most ``max_batch_size`` rows at a time (CFG doubles a forward's rows)."""
     if max_batch_size is None or latents.shape[0] <= max_batch_size:
         return policy.predict(latents, timestep, conditioning)
-    outs = [policy.predict(latents[a:b], timestep, conditioning.select(slice(a, b)))
-            for a, b in _chunks(latents.shape[0], max_batch_size)]
+    outs = [
+        policy.predict(latents[a:b], timestep, conditioning.select(slice(a, b)))
+        for a, b in _chunks(latents.shape[0], max_batch_size)
+    ]
     return torch.cat(outs)
 
 
@@ -133,10 +151,16 @@ def expand_reward_kwargs(reward_kwargs: Mapping[str, Any] | None, num_prompts: i
     return out
 
 
-def decode_and_score(policy: Policy, latents: torch.Tensor, geometry: Geometry, reward: Any,
-                     prompts: Sequence[str], reward_kwargs: Mapping[str, Any] | None = None,
-                     max_batch_size: int | None = None, keep_images: bool = False
-                     ) -> tuple[RewardResult, torch.Tensor | None]:
+def decode_and_score(
+    policy: Policy,
+    latents: torch.Tensor,
+    geometry: Geometry,
+    reward: Any,
+    prompts: Sequence[str],
+    reward_kwargs: Mapping[str, Any] | None = None,
+    max_batch_size: int | None = None,
+    keep_images: bool = False,
+) -> tuple[RewardResult, torch.Tensor | None]:
     """Decodes latents to pixels and scores them, ``max_batch_size`` rows at a time.
 
     Returns:
@@ -149,8 +173,9 @@ def decode_and_score(policy: Policy, latents: torch.Tensor, geometry: Geometry, 
     results, images = [], []
     for a, b in _chunks(batch, max_batch_size):
         pixels = policy.decode(latents[a:b], geometry)
-        results.append(call_reward(reward, pixels, list(prompts[a:b]),
-                                   **select_rows(reward_kwargs, slice(a, b), batch)))
+        results.append(
+            call_reward(reward, pixels, list(prompts[a:b]), **select_rows(reward_kwargs, slice(a, b), batch))
+        )
         if keep_images:
             images.append(pixels)
     return RewardResult.cat(results), (torch.cat(images) if keep_images else None)

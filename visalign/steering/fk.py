@@ -41,8 +41,9 @@ visalign defaults to ``max``.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -51,9 +52,17 @@ from visalign.pipelines.base import Policy
 from visalign.sampling.options import DEFAULTS
 from visalign.sampling.sampler import denoise_step
 from visalign.steering import resampling as R
-from visalign.steering.common import (check_max_batch_size, decode_and_score, expand_reward_kwargs,
-                                      predict_chunked, prepare_steering, resolve_reward, select_rows,
-                                      steering_generator, with_steering_keywords)
+from visalign.steering.common import (
+    check_max_batch_size,
+    decode_and_score,
+    expand_reward_kwargs,
+    predict_chunked,
+    prepare_steering,
+    resolve_reward,
+    select_rows,
+    steering_generator,
+    with_steering_keywords,
+)
 
 __all__ = ["FKOutput", "fk_steer", "reward_steps"]
 
@@ -112,8 +121,9 @@ class FKOutput:
         return slots[::-1]
 
 
-def reward_steps(num_steps: int, resample_every: int | None = 5,
-                 resample_range: tuple[int, int] | None = None) -> list[int]:
+def reward_steps(
+    num_steps: int, resample_every: int | None = 5, resample_range: tuple[int, int] | None = None
+) -> list[int]:
     """The intermediate steps whose x̂0 is scored and resampled: after every ``resample_every``
     steps of ``[t_start, t_end)`` (default the whole run). The last step is not listed: it always
     scores the output itself (the final correction).
@@ -274,8 +284,7 @@ def fk_steer(
     for i in iterator:
         t = schedule.timesteps[i].to(device)
         model_output = predict_chunked(policy, x, t, conditioning, max_batch_size)
-        out = denoise_step(policy, spec, schedule, i, x, conditioning, generator=generator,
-                           model_output=model_output)
+        out = denoise_step(policy, spec, schedule, i, x, conditioning, generator=generator, model_output=model_output)
         x = out.next_latents
         last = i == num_steps - 1
         if not (last or i in scored):
@@ -284,8 +293,9 @@ def fk_steer(
             continue
 
         if last:  # score the output itself and undo the earlier potentials
-            result, final_images = decode_and_score(policy, x, geometry, reward, row_prompts, row_kwargs,
-                                                    max_batch_size, keep_images=return_particles)
+            result, final_images = decode_and_score(
+                policy, x, geometry, reward, row_prompts, row_kwargs, max_batch_size, keep_images=return_particles
+            )
             rewards = result.total.view(num_prompts, n).to(device)
             log_g = R.final_log_potential(lam, rewards, log_prod)
             final_rewards = rewards

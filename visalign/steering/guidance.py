@@ -31,8 +31,9 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -40,9 +41,16 @@ from visalign.errors import ConfigError, NotDifferentiableError
 from visalign.pipelines.base import Policy
 from visalign.rewards.base import call_reward, is_differentiable, reward_name
 from visalign.sampling.sampler import denoise_step, transition
-from visalign.steering.common import (check_max_batch_size, decode_and_score, expand_reward_kwargs,
-                                      predict_chunked, prepare_steering, resolve_reward, select_rows,
-                                      with_steering_keywords)
+from visalign.steering.common import (
+    check_max_batch_size,
+    decode_and_score,
+    expand_reward_kwargs,
+    predict_chunked,
+    prepare_steering,
+    resolve_reward,
+    select_rows,
+    with_steering_keywords,
+)
 
 __all__ = ["GuidanceOutput", "reward_guidance", "reward_gradient"]
 
@@ -85,8 +93,9 @@ def _check_differentiable(reward) -> None:
     )
 
 
-def differentiable_scores(reward: Any, pixels: torch.Tensor, prompts: Sequence[str],
-                          reward_kwargs: Mapping[str, Any] | None = None) -> torch.Tensor:
+def differentiable_scores(
+    reward: Any, pixels: torch.Tensor, prompts: Sequence[str], reward_kwargs: Mapping[str, Any] | None = None
+) -> torch.Tensor:
     """The reward's total on ``pixels`` (which require grad), refusing scores that carry no gradient."""
     rewards = call_reward(reward, pixels, list(prompts), **(reward_kwargs or {})).total
     if rewards.grad_fn is None:
@@ -99,9 +108,19 @@ def differentiable_scores(reward: Any, pixels: torch.Tensor, prompts: Sequence[s
     return rewards
 
 
-def reward_gradient(policy: Policy, spec, schedule, step: int, latents: torch.Tensor, conditioning,
-                    reward: Any, prompts: Sequence[str], geometry, reward_kwargs: Mapping[str, Any] | None = None,
-                    through_model: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def reward_gradient(
+    policy: Policy,
+    spec,
+    schedule,
+    step: int,
+    latents: torch.Tensor,
+    conditioning,
+    reward: Any,
+    prompts: Sequence[str],
+    geometry,
+    reward_kwargs: Mapping[str, Any] | None = None,
+    through_model: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """∇_x r(decode(x̂0(x))) at ``step`` for a batch, and the model output there.
 
     Args:
@@ -208,9 +227,19 @@ def reward_guidance(
             grads, outputs = [], []
             for a in range(0, batch, chunk):
                 b = min(a + chunk, batch)
-                g, mo, _ = reward_gradient(policy, spec, schedule, i, x[a:b], conditioning.select(slice(a, b)),
-                                           reward, rows_prompts[a:b], geometry,
-                                           select_rows(row_kwargs, slice(a, b), batch), through_model)
+                g, mo, _ = reward_gradient(
+                    policy,
+                    spec,
+                    schedule,
+                    i,
+                    x[a:b],
+                    conditioning.select(slice(a, b)),
+                    reward,
+                    rows_prompts[a:b],
+                    geometry,
+                    select_rows(row_kwargs, slice(a, b), batch),
+                    through_model,
+                )
                 grads.append(g)
                 outputs.append(mo)
             grad, model_output = torch.cat(grads), torch.cat(outputs)
@@ -221,15 +250,33 @@ def reward_guidance(
             offset = scale * grad
         else:
             with torch.no_grad():
-                model_output = predict_chunked(policy, x, schedule.timesteps[i].to(x.device), conditioning,
-                                               max_batch_size)
+                model_output = predict_chunked(
+                    policy, x, schedule.timesteps[i].to(x.device), conditioning, max_batch_size
+                )
             offset = None
         with torch.no_grad():
-            x = denoise_step(policy, spec, schedule, i, x, conditioning, generator=generator,
-                             model_output=model_output, mean_offset=offset).next_latents
+            x = denoise_step(
+                policy,
+                spec,
+                schedule,
+                i,
+                x,
+                conditioning,
+                generator=generator,
+                model_output=model_output,
+                mean_offset=offset,
+            ).next_latents
 
     with torch.no_grad():
-        result, out_images = decode_and_score(policy, x, geometry, reward, rows_prompts, row_kwargs,
-                                              max_batch_size, keep_images=True)
-    return GuidanceOutput(images=out_images, rewards=result.total, latents=x, prompts=rows_prompts,
-                          guided_steps=guided, grad_norms=grad_norms, components=result.detach().components)
+        result, out_images = decode_and_score(
+            policy, x, geometry, reward, rows_prompts, row_kwargs, max_batch_size, keep_images=True
+        )
+    return GuidanceOutput(
+        images=out_images,
+        rewards=result.total,
+        latents=x,
+        prompts=rows_prompts,
+        guided_steps=guided,
+        grad_norms=grad_norms,
+        components=result.detach().components,
+    )

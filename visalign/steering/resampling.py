@@ -37,9 +37,17 @@ import torch
 from visalign.errors import ConfigError
 
 __all__ = [
-    "POTENTIALS", "RESAMPLERS", "normalize_log_weights", "effective_sample_size", "potential",
-    "initial_potential_state", "final_log_potential", "multinomial_resample", "systematic_resample",
-    "resample", "gather_particles",
+    "POTENTIALS",
+    "RESAMPLERS",
+    "normalize_log_weights",
+    "effective_sample_size",
+    "potential",
+    "initial_potential_state",
+    "final_log_potential",
+    "multinomial_resample",
+    "systematic_resample",
+    "resample",
+    "gather_particles",
 ]
 
 POTENTIALS = ("max", "add", "diff", "rt")
@@ -79,8 +87,7 @@ def initial_potential_state(kind: str, shape, device=None) -> torch.Tensor:
     return torch.full(tuple(shape), fill, dtype=torch.float64, device=device)
 
 
-def potential(kind: str, lam: float, rewards: torch.Tensor, state: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def potential(kind: str, lam: float, rewards: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One intermediate FK potential.
 
     Args:
@@ -164,8 +171,9 @@ def systematic_resample(log_weights: torch.Tensor, generator: torch.Generator | 
     return index.to(log_weights.device)
 
 
-def resample(log_weights: torch.Tensor, method: str = "systematic",
-             generator: torch.Generator | None = None) -> torch.Tensor:
+def resample(
+    log_weights: torch.Tensor, method: str = "systematic", generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Ancestor indices by ``method`` (``"multinomial"`` or ``"systematic"``); see those functions."""
     if method == "multinomial":
         return multinomial_resample(log_weights, generator)

@@ -180,8 +180,13 @@ def _latent16_vae(scaling_factor: float, shift_factor: float) -> _Recipe:
     """The 16-channel ``AutoencoderKL`` without quant convs of SD3 and Flux, with its latent stats."""
     return _Recipe(
         _autoencoder_kl,
-        dict(latent_channels=16, scaling_factor=scaling_factor, shift_factor=shift_factor,
-             use_quant_conv=False, use_post_quant_conv=False),
+        dict(
+            latent_channels=16,
+            scaling_factor=scaling_factor,
+            shift_factor=shift_factor,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        ),
     )
 
 
@@ -195,24 +200,38 @@ _LLM_DIM = 32  # hidden size of the tiny Qwen2.5-VL / Qwen3 / Mistral3 text mode
 # Single tokens of the tiny LLM tokenizers: the words of the pipelines' fixed prompt templates and
 # system messages (so that Qwen-Image's 34 dropped template tokens are exactly its system prefix,
 # as with the real tokenizer), the toy world's words and common prompt and edit-instruction words.
-_LLM_WORDS = tuple(dict.fromkeys((
-    # Qwen-Image / Qwen-Image-Edit templates
-    "system user assistant describe the image by detailing color shape size texture quantity text "
-    "spatial relationships of objects and background key features input then explain how user's "
-    "instruction should alter or modify generate a new that meets requirements while maintaining "
-    "consistency with original where appropriate picture "
-    # FLUX.2's system message
-    "you are an ai reasons about descriptions give structured responses focusing on object "
-    "attribution actions without speculation "
-    # prompts, the toy world and edit instructions
-    "an in at over to from into is it its this make turn change add remove replace move put keep "
-    "same colour photo red green blue yellow orange purple black white circle square triangle left "
-    "right top bottom center middle cat dog bird horse car house tree man woman astronaut riding "
-    "sky ocean city night sunset mountain river beautiful high quality low blurry ugly portrait "
-    "landscape").split()))
+_LLM_WORDS = tuple(
+    dict.fromkeys(
+        (
+            # Qwen-Image / Qwen-Image-Edit templates
+            "system user assistant describe the image by detailing color shape size texture quantity text "
+            "spatial relationships of objects and background key features input then explain how user's "
+            "instruction should alter or modify generate a new that meets requirements while maintaining "
+            "consistency with original where appropriate picture "
+            # FLUX.2's system message
+            "you are an ai reasons about descriptions give structured responses focusing on object "
+            "attribution actions without speculation "
+            # prompts, the toy world and edit instructions
+            "an in at over to from into is it its this make turn change add remove replace move put keep "
+            "same colour photo red green blue yellow orange purple black white circle square triangle left "
+            "right top bottom center middle cat dog bird horse car house tree man woman astronaut riding "
+            "sky ocean city night sunset mountain river beautiful high quality low blurry ugly portrait "
+            "landscape"
+        ).split()
+    )
+)
 
-_QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                        "<|image_pad|>", "<|video_pad|>", "<think>", "</think>")
+_QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<think>",
+    "</think>",
+)
 _MISTRAL_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]")
 
 #: Qwen3's chat template, reduced to what the pipelines render: plain-string messages and the
@@ -282,15 +301,17 @@ def tiny_llm_tokenizer(flavour: str = "qwen", words=_LLM_WORDS, model_max_length
         raise ValueError(f"flavour must be 'qwen' or 'mistral', got {flavour!r}")
     for special in specials:
         vocab[special] = len(vocab)
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length,
-                               chat_template=template, **roles)
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab, merges=merges, model_max_length=model_max_length, chat_template=template, **roles
+    )
     tokenizer.add_special_tokens({"additional_special_tokens": [s for s in specials if s not in roles.values()]})
     return tokenizer
 
 
 def _token_ids(tokenizer) -> dict:
-    return dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id)
+    return dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
 
 
 def _qwen25_vl_text_encoder(**config):
@@ -302,16 +323,38 @@ def _qwen25_vl_text_encoder(**config):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     tokenizer = tiny_llm_tokenizer("qwen")
-    text = dict(vocab_size=len(tokenizer), hidden_size=_LLM_DIM, intermediate_size=2 * _LLM_DIM,
-                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                max_position_embeddings=8192, **_token_ids(tokenizer),
-                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]})
-    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=_LLM_DIM,
-                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                  fullatt_block_indexes=[0])
-    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=_LLM_DIM,
+        intermediate_size=2 * _LLM_DIM,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=8192,
+        **_token_ids(tokenizer),
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+    )
+    vision = dict(
+        depth=1,
+        hidden_size=16,
+        intermediate_size=32,
+        num_heads=2,
+        out_hidden_size=_LLM_DIM,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=112,
+        fullatt_block_indexes=[0],
+    )
+    ids = {
+        name: tokenizer.convert_tokens_to_ids(token)
+        for name, token in (
+            ("image_token_id", "<|image_pad|>"),
+            ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"),
+            ("vision_end_token_id", "<|vision_end|>"),
+        )
+    }
     config = {"text_config": text, "vision_config": vision, **ids, **config}
     return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**config))
 
@@ -321,9 +364,20 @@ def _qwen3_text_encoder(causal_lm: bool = False, **config):
     from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
 
     tokenizer = tiny_llm_tokenizer("qwen")
-    config = {**dict(vocab_size=len(tokenizer), hidden_size=_LLM_DIM, intermediate_size=2 * _LLM_DIM,
-                     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                     max_position_embeddings=8192, **_token_ids(tokenizer)), **config}
+    config = {
+        **dict(
+            vocab_size=len(tokenizer),
+            hidden_size=_LLM_DIM,
+            intermediate_size=2 * _LLM_DIM,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            max_position_embeddings=8192,
+            **_token_ids(tokenizer),
+        ),
+        **config,
+    }
     return (Qwen3ForCausalLM if causal_lm else Qwen3Model)(Qwen3Config(**config))
 
 
@@ -336,13 +390,34 @@ def _mistral3_text_encoder(**config):
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
     tokenizer = tiny_llm_tokenizer("mistral")
-    text = dict(model_type="mistral", vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
-                num_hidden_layers=30, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-                max_position_embeddings=8192, **_token_ids(tokenizer))
-    vision = dict(model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                  num_attention_heads=2, head_dim=8, image_size=64, patch_size=14)
-    config = {"text_config": text, "vision_config": vision,
-              "image_token_index": tokenizer.convert_tokens_to_ids("[IMG]"), **config}
+    text = dict(
+        model_type="mistral",
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=30,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=8192,
+        **_token_ids(tokenizer),
+    )
+    vision = dict(
+        model_type="pixtral",
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        head_dim=8,
+        image_size=64,
+        patch_size=14,
+    )
+    config = {
+        "text_config": text,
+        "vision_config": vision,
+        "image_token_index": tokenizer.convert_tokens_to_ids("[IMG]"),
+        **config,
+    }
     return Mistral3ForConditionalGeneration(Mistral3Config(**config))
 
 
@@ -358,8 +433,14 @@ def _qwen2vl_processor(**config):
         processor_cls = transformers.Qwen2VLImageProcessorPil
     except AttributeError:
         processor_cls = transformers.Qwen2VLImageProcessor
-    config = {"min_pixels": 28 * 28, "max_pixels": 56 * 56, "patch_size": 14, "merge_size": 2,
-              "temporal_patch_size": 2, **config}
+    config = {
+        "min_pixels": 28 * 28,
+        "max_pixels": 56 * 56,
+        "patch_size": 14,
+        "merge_size": 2,
+        "temporal_patch_size": 2,
+        **config,
+    }
     return QwenVLImageProcessor(image_processor=processor_cls(**config), tokenizer=tiny_llm_tokenizer("qwen"))
 
 
@@ -384,8 +465,14 @@ def _qwen_image_vae(**config):
     """
     from diffusers import AutoencoderKLQwenImage
 
-    config = {"base_dim": 4, "z_dim": 16, "dim_mult": [1, 1, 1, 1], "num_res_blocks": 0,
-              "temperal_downsample": [False, True, True], **config}
+    config = {
+        "base_dim": 4,
+        "z_dim": 16,
+        "dim_mult": [1, 1, 1, 1],
+        "num_res_blocks": 0,
+        "temperal_downsample": [False, True, True],
+        **config,
+    }
     return AutoencoderKLQwenImage(**config)
 
 
@@ -398,12 +485,18 @@ def _flux2_vae(**config):
     import torch
     from diffusers import AutoencoderKLFlux2
 
-    config = {"block_out_channels": [16, 32], "down_block_types": ["DownEncoderBlock2D"] * 2,
-              "up_block_types": ["UpDecoderBlock2D"] * 2, "layers_per_block": 1, "norm_num_groups": 8,
-              "latent_channels": 32, "sample_size": 32, **config}
+    config = {
+        "block_out_channels": [16, 32],
+        "down_block_types": ["DownEncoderBlock2D"] * 2,
+        "up_block_types": ["UpDecoderBlock2D"] * 2,
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+        "latent_channels": 32,
+        "sample_size": 32,
+        **config,
+    }
     vae = AutoencoderKLFlux2(**config)
     with torch.no_grad():
         vae.bn.running_mean.copy_(0.5 * torch.randn_like(vae.bn.running_mean))
         vae.bn.running_var.copy_(0.5 + torch.rand_like(vae.bn.running_var))
     return vae
-

@@ -188,16 +188,31 @@ _FLOW_QWEN_IMAGE = dict(  # the scheduler config Qwen-Image ships
     shift_terminal=0.02,
     time_shift_type="exponential",
 )
-_FLOW_FLUX2 = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,  # FLUX.2's
-                   time_shift_type="exponential")
+_FLOW_FLUX2 = dict(
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,  # FLUX.2's
+    time_shift_type="exponential",
+)
 _FLOW_Z_IMAGE = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)  # Z-Image-Turbo's
 
 
 def _qwen_image_transformer(**config):
     from diffusers import QwenImageTransformer2DModel
 
-    config = {**dict(patch_size=2, in_channels=64, out_channels=16, num_layers=1, attention_head_dim=16,
-                     num_attention_heads=2, joint_attention_dim=_LLM_DIM, axes_dims_rope=(4, 6, 6)), **config}
+    config = {
+        **dict(
+            patch_size=2,
+            in_channels=64,
+            out_channels=16,
+            num_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=_LLM_DIM,
+            axes_dims_rope=(4, 6, 6),
+        ),
+        **config,
+    }
     return QwenImageTransformer2DModel(**config)
 
 
@@ -229,9 +244,22 @@ def _qwen_image_edit() -> tuple[type, dict[str, Any]]:
 def _flux2_transformer(**config):
     from diffusers import Flux2Transformer2DModel
 
-    config = {**dict(patch_size=1, in_channels=128, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                     num_attention_heads=2, joint_attention_dim=3 * 16, axes_dims_rope=(4, 4, 4, 4),
-                     timestep_guidance_channels=32, mlp_ratio=2.0, guidance_embeds=True), **config}
+    config = {
+        **dict(
+            patch_size=1,
+            in_channels=128,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=3 * 16,
+            axes_dims_rope=(4, 4, 4, 4),
+            timestep_guidance_channels=32,
+            mlp_ratio=2.0,
+            guidance_embeds=True,
+        ),
+        **config,
+    }
     return Flux2Transformer2DModel(**config)
 
 
@@ -258,9 +286,10 @@ def _flux2_klein() -> tuple[type, dict[str, Any]]:
 
     return Flux2KleinPipeline, {
         "tokenizer": _Recipe(tiny_llm_tokenizer),
-        "text_encoder": _Recipe(_qwen3_text_encoder, {"causal_lm": True, "num_hidden_layers": 28,
-                                                      "hidden_size": 16, "intermediate_size": 32,
-                                                      "head_dim": 8}),
+        "text_encoder": _Recipe(
+            _qwen3_text_encoder,
+            {"causal_lm": True, "num_hidden_layers": 28, "hidden_size": 16, "intermediate_size": 32, "head_dim": 8},
+        ),
         "transformer": _Recipe(_flux2_transformer, {"guidance_embeds": False}),
         "vae": _Recipe(_flux2_vae),
         "scheduler": _Recipe(FlowMatchEulerDiscreteScheduler, dict(_FLOW_FLUX2)),
@@ -271,9 +300,22 @@ def _flux2_klein() -> tuple[type, dict[str, Any]]:
 def _z_image_transformer(**config):
     from diffusers import ZImageTransformer2DModel
 
-    config = {**dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=1,
-                     n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=_LLM_DIM, axes_dims=[4, 6, 6],
-                     axes_lens=[256, 64, 64]), **config}
+    config = {
+        **dict(
+            all_patch_size=(2,),
+            all_f_patch_size=(1,),
+            in_channels=16,
+            dim=32,
+            n_layers=1,
+            n_refiner_layers=1,
+            n_heads=2,
+            n_kv_heads=2,
+            cap_feat_dim=_LLM_DIM,
+            axes_dims=[4, 6, 6],
+            axes_lens=[256, 64, 64],
+        ),
+        **config,
+    }
     return ZImageTransformer2DModel(**config)
 
 

@@ -44,12 +44,28 @@ from diffusers import DiffusionPipeline
 
 from visalign.errors import ConfigError, UnknownFamilyError
 from visalign.testing.components import _Recipe
-from visalign.testing.image_families import _flux, _sd, _sd3, _sdxl
-from visalign.testing.image_families import (_flux2, _flux2_klein, _flux_kontext, _qwen_image, _qwen_image_edit,
-                                             _z_image)
-from visalign.testing.video_families import _wan_i2v, _wan_t2v
-from visalign.testing.video_families import (_hunyuan_video15, _hunyuan_video15_i2v, _wan22, _wan22_i2v,
-                                             _wan22_ti2v, _wan22_ti2v_i2v)
+from visalign.testing.image_families import (
+    _flux,
+    _flux2,
+    _flux2_klein,
+    _flux_kontext,
+    _qwen_image,
+    _qwen_image_edit,
+    _sd,
+    _sd3,
+    _sdxl,
+    _z_image,
+)
+from visalign.testing.video_families import (
+    _hunyuan_video15,
+    _hunyuan_video15_i2v,
+    _wan22,
+    _wan22_i2v,
+    _wan22_ti2v,
+    _wan22_ti2v_i2v,
+    _wan_i2v,
+    _wan_t2v,
+)
 
 __all__ = ["DEFAULT_SIZES", "FAMILIES", "tiny_pipeline"]
 

@@ -21,8 +21,8 @@ mode; nothing is downloaded. Building any of them takes well under a second.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Sequence
 
 import torch
 
@@ -54,12 +54,32 @@ COLORS = {
     "white": (0.95, 0.95, 0.95),
 }
 
-_CLIP_WORDS = ("a", "an", "the", "photo", "depicts", "image", "of", "picture", "red", "green",
-               "blue", "yellow", "black", "white", "cat", "dog", "square", "circle", "cube")
+_CLIP_WORDS = (
+    "a",
+    "an",
+    "the",
+    "photo",
+    "depicts",
+    "image",
+    "of",
+    "picture",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "black",
+    "white",
+    "cat",
+    "dog",
+    "square",
+    "circle",
+    "cube",
+)
 
 
-def color_images(colors: Sequence[str], size: int | tuple[int, int] = 32, noise: float = 0.0,
-                 seed: int = 0) -> torch.Tensor:
+def color_images(
+    colors: Sequence[str], size: int | tuple[int, int] = 32, noise: float = 0.0, seed: int = 0
+) -> torch.Tensor:
     """A (len(colors), 3, H, W) batch of solid images in [0, 1], optionally with pixel noise.
 
     Args:
@@ -79,7 +99,8 @@ def color_images(colors: Sequence[str], size: int | tuple[int, int] = 32, noise:
 
 def tiny_clip_tokenizer(words: Sequence[str] = _CLIP_WORDS, model_max_length: int = 77):
     """An offline ``CLIPTokenizer`` in which each of ``words`` is one token; any other text still
-    tokenizes (byte by byte). Survives save/load_pretrained."""
+    tokenizes (byte by byte). Survives save/load_pretrained.
+    """
     return word_clip_tokenizer(words, model_max_length)
 
 
@@ -92,8 +113,16 @@ def _image_processor(size: int):
     return cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
-def tiny_clip(seed: int = 0, *, image_size: int = 32, patch_size: int = 8, hidden_size: int = 32,
-              projection_dim: int = 16, trained: bool = False, steps: int = 60):
+def tiny_clip(
+    seed: int = 0,
+    *,
+    image_size: int = 32,
+    patch_size: int = 8,
+    hidden_size: int = 32,
+    projection_dim: int = 16,
+    trained: bool = False,
+    steps: int = 60,
+):
     """A tiny ``CLIPModel`` (1-layer text and vision towers) and its ``CLIPProcessor``.
 
     Args:
@@ -109,12 +138,25 @@ def tiny_clip(seed: int = 0, *, image_size: int = 32, patch_size: int = 8, hidde
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 
     tokenizer = tiny_clip_tokenizer()
-    text = dict(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77,
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id)
-    vision = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=1,
-                  num_attention_heads=2, image_size=image_size, patch_size=patch_size)
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = dict(
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
     config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
     torch.manual_seed(seed)
     model = CLIPModel(config).eval()
@@ -124,8 +166,15 @@ def tiny_clip(seed: int = 0, *, image_size: int = 32, patch_size: int = 8, hidde
     return model, processor
 
 
-def train_tiny_clip(model, processor, *, steps: int = 60, lr: float = 3e-3, seed: int = 0,
-                    colors: Sequence[str] = ("red", "green", "blue", "yellow")):
+def train_tiny_clip(
+    model,
+    processor,
+    *,
+    steps: int = 60,
+    lr: float = 3e-3,
+    seed: int = 0,
+    colors: Sequence[str] = ("red", "green", "blue", "yellow"),
+):
     """A few steps of CLIP's contrastive loss on noisy colour swatches vs ``"a photo of {colour}"``.
 
     Leaves the model in eval mode; returns it. Deterministic for a given seed. Runs on one CPU
@@ -143,18 +192,19 @@ def _train(model, processor, steps, lr, seed, colors):
     from visalign.rewards.preprocess import ImageTransform
 
     transform = ImageTransform.from_processor(processor.image_processor)
-    tokens = processor.tokenizer([f"a photo of {c}" for c in colors], padding=True,
-                                 return_tensors="pt")
+    tokens = processor.tokenizer([f"a photo of {c}" for c in colors], padding=True, return_tensors="pt")
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     labels = torch.arange(len(colors))
     model.train()
     for step in range(steps):
-        images = color_images(colors, model.config.vision_config.image_size, noise=0.05,
-                              seed=seed * 1000 + step)
-        out = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
-                    pixel_values=transform(images))
-        loss = (torch.nn.functional.cross_entropy(out.logits_per_image, labels)
-                + torch.nn.functional.cross_entropy(out.logits_per_text, labels)) / 2
+        images = color_images(colors, model.config.vision_config.image_size, noise=0.05, seed=seed * 1000 + step)
+        out = model(
+            input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], pixel_values=transform(images)
+        )
+        loss = (
+            torch.nn.functional.cross_entropy(out.logits_per_image, labels)
+            + torch.nn.functional.cross_entropy(out.logits_per_text, labels)
+        ) / 2
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -174,16 +224,19 @@ def tiny_aesthetic(seed: int = 0, *, projection_dim: int = 16):
     return AestheticMLP(projection_dim).eval(), model, processor
 
 
-_VLM_WORDS = ("yes no does this image show a the red green blue yellow cat dog square circle "
-              "please answer or is better than first second reference candidate photo prompt "
-              "both generated for judge how well each matches its visual quality and "
-              "plausibility user assistant").split()
+_VLM_WORDS = (
+    "yes no does this image show a the red green blue yellow cat dog square circle "
+    "please answer or is better than first second reference candidate photo prompt "
+    "both generated for judge how well each matches its visual quality and "
+    "plausibility user assistant"
+).split()
 
 TINY_VLM_CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] | upper }}: "
     "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n"
     "{% else %}{{ c['text'] }}{% endif %}{% endfor %}\n{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
 
 
 @lru_cache(maxsize=1)
@@ -197,22 +250,31 @@ def _vlm_tokenizer_json() -> str:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=2000, min_frequency=1, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<pad>", "<s>", "</s>", "<image>"])
+    trainer = trainers.BpeTrainer(
+        vocab_size=2000,
+        min_frequency=1,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<pad>", "<s>", "</s>", "<image>"],
+    )
     tok.train_from_iterator(corpus * 2, trainer=trainer)
     return tok.to_str()
 
 
 def tiny_vlm_tokenizer():
     """An offline byte-level BPE tokenizer in which "yes", " yes", "Yes", " Yes", "YES" (and the
-    same for "no") are each one token. Deterministic."""
+    same for "no") are each one token. Deterministic.
+    """
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_vlm_tokenizer_json()),
-                                   pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   model_max_length=4096)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_vlm_tokenizer_json()),
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        model_max_length=4096,
+    )
 
 
 def tiny_vlm(seed: int = 0, *, image_size: int = 32, patch_size: int = 8, hidden_size: int = 32):
@@ -222,24 +284,44 @@ def tiny_vlm(seed: int = 0, *, image_size: int = 32, patch_size: int = 8, hidden
     Returns:
         `(LlavaForConditionalGeneration, LlavaProcessor)`, the model in eval mode.
     """
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     tok = tiny_vlm_tokenizer()
-    processor = LlavaProcessor(image_processor=_image_processor(image_size), tokenizer=tok,
-                               patch_size=patch_size, vision_feature_select_strategy="default",
-                               num_additional_image_tokens=1, chat_template=TINY_VLM_CHAT_TEMPLATE)
-    vision = CLIPVisionConfig(hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                              num_hidden_layers=1, num_attention_heads=2, image_size=image_size,
-                              patch_size=patch_size)
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=hidden_size,
-                       intermediate_size=2 * hidden_size, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096,
-                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                       eos_token_id=tok.eos_token_id)
-    config = LlavaConfig(vision_config=vision, text_config=text,
-                         image_token_id=tok.convert_tokens_to_ids("<image>"),
-                         vision_feature_select_strategy="default", vision_feature_layer=-1)
+    processor = LlavaProcessor(
+        image_processor=_image_processor(image_size),
+        tokenizer=tok,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=TINY_VLM_CHAT_TEMPLATE,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
     torch.manual_seed(seed)
     return LlavaForConditionalGeneration(config).eval(), processor
 
@@ -260,9 +342,9 @@ def tiny_open_clip(seed: int = 0, *, image_size: int = 32, width: int = 32, embe
     torch.manual_seed(seed)
     model = open_clip.CLIP(
         embed_dim=embed_dim,
-        vision_cfg=CLIPVisionCfg(layers=1, width=width, head_width=16, patch_size=8,
-                                 image_size=image_size, mlp_ratio=2.0),
-        text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=width, heads=2, layers=1,
-                             mlp_ratio=2.0),
+        vision_cfg=CLIPVisionCfg(
+            layers=1, width=width, head_width=16, patch_size=8, image_size=image_size, mlp_ratio=2.0
+        ),
+        text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=width, heads=2, layers=1, mlp_ratio=2.0),
     ).eval()
     return model, open_clip.get_tokenizer("ViT-B-32")

@@ -179,7 +179,8 @@ _HUNYUAN15_WORDS = tuple(
     "you are a helpful assistant describe the video by detailing following aspects main content and theme "
     "of color shape size texture quantity text spatial relationships objects actions events behaviors "
     "temporal physical movement changes background environment light style atmosphere camera angles "
-    "movements transitions used in".split())
+    "movements transitions used in".split()
+)
 _HUNYUAN15_TEXT_DIM = 32  # the tiny Qwen2.5-VL text model's width
 _HUNYUAN15_GLYPH_DIM = 32  # the tiny ByT5 encoder's width
 _HUNYUAN15_IMAGE_DIM = 16  # the tiny SigLIP tower's width
@@ -198,9 +199,15 @@ def _hunyuan15_text_encoder(**config):
 
     tokenizer = _hunyuan15_tokenizer()
     config = {
-        "vocab_size": len(tokenizer), "hidden_size": _HUNYUAN15_TEXT_DIM, "intermediate_size": 2 * _HUNYUAN15_TEXT_DIM,
-        "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 2048,
-        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "vocab_size": len(tokenizer),
+        "hidden_size": _HUNYUAN15_TEXT_DIM,
+        "intermediate_size": 2 * _HUNYUAN15_TEXT_DIM,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "max_position_embeddings": 2048,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
         "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
         **config,
@@ -218,10 +225,22 @@ def _byt5_encoder(**config):
     """A 1-layer ``T5EncoderModel`` over ByT5's 384 byte ids (HunyuanVideo's glyph-text encoder)."""
     from transformers import T5Config, T5EncoderModel
 
-    config = {"vocab_size": 384, "d_model": _HUNYUAN15_GLYPH_DIM, "d_kv": 8, "d_ff": 2 * _HUNYUAN15_GLYPH_DIM,
-              "num_layers": 1, "num_heads": 4, "relative_attention_num_buckets": 8,
-              "relative_attention_max_distance": 32, "feed_forward_proj": "gated-gelu", "dropout_rate": 0.0,
-              "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0, **config}
+    config = {
+        "vocab_size": 384,
+        "d_model": _HUNYUAN15_GLYPH_DIM,
+        "d_kv": 8,
+        "d_ff": 2 * _HUNYUAN15_GLYPH_DIM,
+        "num_layers": 1,
+        "num_heads": 4,
+        "relative_attention_num_buckets": 8,
+        "relative_attention_max_distance": 32,
+        "feed_forward_proj": "gated-gelu",
+        "dropout_rate": 0.0,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        "decoder_start_token_id": 0,
+        **config,
+    }
     return T5EncoderModel(T5Config(**config))
 
 
@@ -282,8 +301,15 @@ def _hunyuan_video15() -> tuple[type, dict[str, Any]]:
 def _siglip_vision_encoder(**config):
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
-    config = {"hidden_size": _HUNYUAN15_IMAGE_DIM, "intermediate_size": 2 * _HUNYUAN15_IMAGE_DIM,
-              "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 32, "patch_size": 8, **config}
+    config = {
+        "hidden_size": _HUNYUAN15_IMAGE_DIM,
+        "intermediate_size": 2 * _HUNYUAN15_IMAGE_DIM,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": 32,
+        "patch_size": 8,
+        **config,
+    }
     return SiglipVisionModel(SiglipVisionConfig(**config))
 
 

@@ -36,8 +36,15 @@ from visalign.toy.world import (
 )
 
 
-def sample_scenes(n: int, seed: int = 0, *, sizes: bool = False, backgrounds: bool = False,
-                  two_shapes: bool = False, video: bool = False) -> list[Scene]:
+def sample_scenes(
+    n: int,
+    seed: int = 0,
+    *,
+    sizes: bool = False,
+    backgrounds: bool = False,
+    two_shapes: bool = False,
+    video: bool = False,
+) -> list[Scene]:
     """Draws ``n`` scenes with every attribute uniform, deterministically from ``seed``.
 
     Args:
@@ -60,19 +67,28 @@ def sample_scenes(n: int, seed: int = 0, *, sizes: bool = False, backgrounds: bo
     for _ in range(int(n)):
         bg = pick(bgs)
         if video:
-            scenes.append(Scene.single(pick(SHAPES), pick(list(COLORS)), None, pick(size_opts),
-                                       background=bg, motion=pick(list(MOTIONS))))
+            scenes.append(
+                Scene.single(
+                    pick(SHAPES), pick(list(COLORS)), None, pick(size_opts), background=bg, motion=pick(list(MOTIONS))
+                )
+            )
         elif two_shapes and rng.random() < 0.5:
             positions = list(pick(TWO_SHAPE_POSITIONS))
             rng.shuffle(positions)
             c1, c2 = rng.choice(len(COLORS), size=2, replace=False)
             colors = list(COLORS)
-            scenes.append(Scene(tuple(
-                Sprite(pick(SHAPES), colors[int(c)], p, pick(size_opts))
-                for c, p in zip((c1, c2), positions)), background=bg))
+            scenes.append(
+                Scene(
+                    tuple(
+                        Sprite(pick(SHAPES), colors[int(c)], p, pick(size_opts)) for c, p in zip((c1, c2), positions)
+                    ),
+                    background=bg,
+                )
+            )
         else:
-            scenes.append(Scene.single(pick(SHAPES), pick(list(COLORS)), pick(list(POSITIONS)),
-                                       pick(size_opts), background=bg))
+            scenes.append(
+                Scene.single(pick(SHAPES), pick(list(COLORS)), pick(list(POSITIONS)), pick(size_opts), background=bg)
+            )
     return scenes
 
 
@@ -111,9 +127,14 @@ class ToyDataset(torch.utils.data.Dataset):
     scenes: list[Scene] = field(init=False, repr=False)
 
     def __post_init__(self):
-        self.scenes = sample_scenes(self.num_samples, self.seed, sizes=self.sizes,
-                                    backgrounds=self.backgrounds, two_shapes=self.two_shapes,
-                                    video=self.video)
+        self.scenes = sample_scenes(
+            self.num_samples,
+            self.seed,
+            sizes=self.sizes,
+            backgrounds=self.backgrounds,
+            two_shapes=self.two_shapes,
+            video=self.video,
+        )
 
     def __len__(self) -> int:
         return len(self.scenes)
@@ -121,8 +142,7 @@ class ToyDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         scene = self.scenes[index]
         if self.video:
-            pixels = render_video(scene, num_frames=self.num_frames, size=self.size,
-                                  antialias=self.antialias)
+            pixels = render_video(scene, num_frames=self.num_frames, size=self.size, antialias=self.antialias)
         else:
             pixels = render(scene, self.size, self.antialias)
         return pixels, scene.caption()

@@ -124,8 +124,7 @@ def _motion(read: dict[str, torch.Tensor], b: int, t: int) -> list[str | None]:
     t_mean = (found * time).sum(1) / wsum
     c_mean = (found[..., None] * cen).sum(1) / wsum[:, None]
     dt = (time - t_mean[:, None]) * found
-    slope = ((dt[..., None] * (cen - c_mean[:, None])).sum(1)
-             / dt.pow(2).sum(1).clamp_min(1e-6)[:, None])
+    slope = (dt[..., None] * (cen - c_mean[:, None])).sum(1) / dt.pow(2).sum(1).clamp_min(1e-6)[:, None]
     out = []
     for dx, dy in (slope * (t - 1)).tolist():  # travel over the whole clip, in image fractions
         if max(abs(dx), abs(dy)) < MIN_TRAVEL:
@@ -162,8 +161,7 @@ def _detect_videos(videos: torch.Tensor) -> tuple[list[Detection], list[str | No
             det = Detection(found=False)
         else:
             det = reading.detection(present[0], 0)
-            color, shape, size = (_majority([lists[key][r][0] for r in present])
-                                  for key in ("color", "shape", "size"))
+            color, shape, size = (_majority([lists[key][r][0] for r in present]) for key in ("color", "shape", "size"))
             det.color = _COLOR_NAMES[color] if color >= 0 else None
             det.shape, det.size, det.position = SHAPES[shape], _SIZE_NAMES[size], None
         detections.append(det)

@@ -45,12 +45,24 @@ from visalign.rewards.base import Reward
 from visalign.toy.detection import Detection, detect
 from visalign.toy.world import CAPTION_SIZES, COLORS, POSITIONS, SHAPES, Scene, Sprite, all_scenes, as_scene
 
-__all__ = ["EDIT_KINDS", "EditTask", "ToyEditReward", "apply_instruction", "edit_tasks", "evaluate_edits",
-           "instruction"]
+__all__ = [
+    "EDIT_KINDS",
+    "EditTask",
+    "ToyEditReward",
+    "apply_instruction",
+    "edit_tasks",
+    "evaluate_edits",
+    "instruction",
+]
 
 EDIT_KINDS: tuple[str, ...] = ("color", "shape", "position", "size")
-_POSITION_WORDS = {"left": "the left", "right": "the right", "top": "the top", "bottom": "the bottom",
-                   "center": "the center"}
+_POSITION_WORDS = {
+    "left": "the left",
+    "right": "the right",
+    "top": "the top",
+    "bottom": "the bottom",
+    "center": "the center",
+}
 
 
 @dataclass(frozen=True)
@@ -92,8 +104,12 @@ _INSTRUCTION_RE = re.compile(
     r"|turn (?P<ref2>{ref}) into an? (?P<shape>{shapes})"
     r"|move (?P<ref3>{ref}) to the (?P<position>{positions}))".format(
         ref=r"the (?:{c}) (?:{s})".format(c="|".join(COLORS), s="|".join(SHAPES)),
-        colors="|".join(COLORS), sizes="|".join(CAPTION_SIZES), shapes="|".join(SHAPES),
-        positions="|".join(POSITIONS)))
+        colors="|".join(COLORS),
+        sizes="|".join(CAPTION_SIZES),
+        shapes="|".join(SHAPES),
+        positions="|".join(POSITIONS),
+    )
+)
 
 
 def apply_instruction(source: Scene | str, text: str) -> tuple[Scene, str, int]:
@@ -110,7 +126,8 @@ def apply_instruction(source: Scene | str, text: str) -> tuple[Scene, str, int]:
         raise InvalidInputError(
             f"Cannot parse the edit instruction {text!r}. Instructions are 'make the <colour> <shape> <colour>', "
             f"'make the <colour> <shape> small|large', 'turn the <colour> <shape> into a <shape>' or 'move the "
-            f"<colour> <shape> to the left|right|top|bottom|center'.")
+            f"<colour> <shape> to the left|right|top|bottom|center'."
+        )
     ref = m.group("ref1") or m.group("ref2") or m.group("ref3")
     matches = [i for i, s in enumerate(source.sprites) if _name(s) == ref]
     if not matches:
@@ -135,8 +152,9 @@ def apply_instruction(source: Scene | str, text: str) -> tuple[Scene, str, int]:
     return target, kind, index
 
 
-def edit_tasks(kinds: Sequence[str] = ("color", "shape", "position"), *, two_shapes: bool = False,
-               sizes: bool = False) -> list[EditTask]:
+def edit_tasks(
+    kinds: Sequence[str] = ("color", "shape", "position"), *, two_shapes: bool = False, sizes: bool = False
+) -> list[EditTask]:
     """Every edit task over the toy world's still scenes, in a fixed order.
 
     Args:
@@ -219,14 +237,24 @@ def evaluate_edits(edited: torch.Tensor, tasks: Sequence[EditTask], sources: tor
                 elif want is None:
                     continue  # unstated, and no source image to compare with
                 kept.append(det.found and getattr(det, attr) == want)
-        samples.append({"instruction": task.instruction, "edited": edit_ok, "preserved": all(kept),
-                        "all_correct": edit_ok and all(kept), "score": (edit_ok + sum(kept)) / (1 + len(kept))})
+        samples.append(
+            {
+                "instruction": task.instruction,
+                "edited": edit_ok,
+                "preserved": all(kept),
+                "all_correct": edit_ok and all(kept),
+                "score": (edit_ok + sum(kept)) / (1 + len(kept)),
+            }
+        )
     n = max(len(samples), 1)
-    return {"edit_accuracy": sum(s["edited"] for s in samples) / n,
-            "preservation": sum(s["preserved"] for s in samples) / n,
-            "all_correct": sum(s["all_correct"] for s in samples) / n,
-            "score": sum(s["score"] for s in samples) / n,
-            "num_samples": len(samples), "samples": samples}
+    return {
+        "edit_accuracy": sum(s["edited"] for s in samples) / n,
+        "preservation": sum(s["preserved"] for s in samples) / n,
+        "all_correct": sum(s["all_correct"] for s in samples) / n,
+        "score": sum(s["score"] for s in samples) / n,
+        "num_samples": len(samples),
+        "samples": samples,
+    }
 
 
 def _scene_from(dets: list[Detection]) -> Scene | None:
@@ -235,8 +263,7 @@ def _scene_from(dets: list[Detection]) -> Scene | None:
     for det in dets:
         if not det.found or det.color is None or det.shape is None:
             return None
-        sprites.append(Sprite(det.shape, det.color, det.position,
-                              det.size if det.size in CAPTION_SIZES else None))
+        sprites.append(Sprite(det.shape, det.color, det.position, det.size if det.size in CAPTION_SIZES else None))
     try:
         return Scene(tuple(sprites))
     except InvalidInputError:
@@ -255,9 +282,10 @@ class ToyEditReward(Reward):
     default_name = "toy_edit"
     default_differentiable = False
 
-    def __init__(self, num_objects: int = 1, name: str | None = None):
+    def __init__(self, num_objects: int = 1, image_dir: str | None = None, name: str | None = None):
         super().__init__(name=name, differentiable=False)
         self.num_objects = num_objects
+        self.image_dir = image_dir  # as EditReward's: where relative ``image`` paths resolve
 
     def score(self, images: torch.Tensor, prompts: list[str], source_images=None, image=None) -> torch.Tensor:
         from visalign.rewards.edit import EditReward

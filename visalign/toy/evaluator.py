@@ -106,8 +106,7 @@ def _scenes(prompts, batch: int) -> list[Scene]:
         prompts = [prompts]
     prompts = list(prompts)
     if len(prompts) != batch:
-        raise InvalidInputError(f"Got {batch} images or videos but {len(prompts)} prompts; "
-                                "pass one prompt per sample.")
+        raise InvalidInputError(f"Got {batch} images or videos but {len(prompts)} prompts; pass one prompt per sample.")
     return [as_scene(p) for p in prompts]
 
 
@@ -117,8 +116,7 @@ def evaluate_images(images: torch.Tensor, prompts: Sequence[str | Scene]) -> dic
     scenes = _scenes(prompts, images.shape[0])
     for p, sc in zip(prompts, scenes):
         if sc.is_video:
-            raise InvalidInputError(f"The prompt {p!r} describes a video; pass videos "
-                                    "(B, T, 3, H, W) to score it.")
+            raise InvalidInputError(f"The prompt {p!r} describes a video; pass videos (B, T, 3, H, W) to score it.")
     reading = _Reading(_read(images, torch.tensor([len(sc.sprites) for sc in scenes])))
     samples = []
     for i, sc in enumerate(scenes):
@@ -141,13 +139,14 @@ def evaluate_videos(videos: torch.Tensor, prompts: Sequence[str | Scene]) -> dic
     scenes = _scenes(prompts, b)
     for p, sc in zip(prompts, scenes):
         if not sc.is_video:
-            raise InvalidInputError(f"The prompt {p!r} has no motion; videos are scored against "
-                                    "prompts such as 'a red circle moving right'.")
+            raise InvalidInputError(
+                f"The prompt {p!r} has no motion; videos are scored against "
+                "prompts such as 'a red circle moving right'."
+            )
     detections, motions = _detect_videos(videos)
     samples = []
     for sc, det, motion in zip(scenes, detections, motions):
-        sample = _finish(sc.caption(), _match(sc, [det], _attributes(sc)), [det],
-                         motion=motion == sc.motion)
+        sample = _finish(sc.caption(), _match(sc, [det], _attributes(sc)), [det], motion=motion == sc.motion)
         sample["motion"] = motion
         samples.append(sample)
     return _summarise(samples)
@@ -205,16 +204,14 @@ class ToyEvaluatorReward(Reward):
     default_differentiable = False
     input_kind = "any"
 
-    def __init__(self, all_or_nothing: bool = False, *, name: str | None = None,
-                 batch_size: int | None = None):
+    def __init__(self, all_or_nothing: bool = False, *, name: str | None = None, batch_size: int | None = None):
         super().__init__(name=name, differentiable=False, batch_size=batch_size)
         self.all_or_nothing = bool(all_or_nothing)
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         samples = evaluate(images, prompts)["samples"]
         key = "all_correct" if self.all_or_nothing else "score"
-        return torch.tensor([float(s[key]) for s in samples], dtype=torch.float32,
-                            device=images.device)
+        return torch.tensor([float(s[key]) for s in samples], dtype=torch.float32, device=images.device)
 
     def extra_repr(self) -> str:
         return f"all_or_nothing={self.all_or_nothing}, " + super().extra_repr()

@@ -32,8 +32,17 @@ def eval_set(num_prompts: int = 48, stride: int = 7) -> tuple[list[str], list[in
     return prompts, list(range(EVAL_SEED_BASE, EVAL_SEED_BASE + num_prompts))
 
 
-def evaluate_policy(policy, prompts: Sequence[str], seeds: Sequence[int], *, num_steps: int = 10,
-                    guidance_scale: float = 3.0, reward=None, height: int = 32, width: int = 32) -> dict:
+def evaluate_policy(
+    policy,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    num_steps: int = 10,
+    guidance_scale: float = 3.0,
+    reward=None,
+    height: int = 32,
+    width: int = 32,
+) -> dict:
     """Samples each prompt once with the ODE sampler from its seed and scores it.
 
     Args:
@@ -51,10 +60,20 @@ def evaluate_policy(policy, prompts: Sequence[str], seeds: Sequence[int], *, num
     if len(seeds) != len(prompts):
         from visalign.errors import InvalidInputError
 
-        raise InvalidInputError(f"evaluate_policy got {len(prompts)} prompts but {len(seeds)} seeds; pass one seed each.")
+        raise InvalidInputError(
+            f"evaluate_policy got {len(prompts)} prompts but {len(seeds)} seeds; pass one seed each."
+        )
     with torch.no_grad():
-        traj = va.sample(policy, list(prompts), num_steps=num_steps, sampler="ode", guidance_scale=guidance_scale,
-                         generator=[torch.Generator().manual_seed(int(s)) for s in seeds], height=height, width=width)
+        traj = va.sample(
+            policy,
+            list(prompts),
+            num_steps=num_steps,
+            sampler="ode",
+            guidance_scale=guidance_scale,
+            generator=[torch.Generator().manual_seed(int(s)) for s in seeds],
+            height=height,
+            width=width,
+        )
         result = evaluate(traj.images.float().cpu(), list(prompts))
         result["images"] = traj.images
         if reward is not None:

@@ -24,8 +24,7 @@ from visalign.errors import InvalidInputError
 from visalign.toy.world import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, Scene, Sprite, as_scene
 
 
-def coverage(shape: str, cx, cy, r, height: int, width: int,
-             antialias: bool = True) -> torch.Tensor:
+def coverage(shape: str, cx, cy, r, height: int, width: int, antialias: bool = True) -> torch.Tensor:
     """How much of each pixel a shape covers, in [0, 1].
 
     The shape is given by its bounding-box centre ``(cx, cy)`` and half-extent ``r`` in pixels;
@@ -74,15 +73,15 @@ def _draw(items: Sequence[_Layer], size: int, antialias: bool) -> torch.Tensor:
         alpha = torch.zeros(n, size, size)
         color = torch.zeros(n, 3)
         for shape in SHAPES:
-            rows = [i for i, (sprites, _, _) in enumerate(items)
-                    if len(sprites) > slot and sprites[slot].shape == shape]
+            rows = [
+                i for i, (sprites, _, _) in enumerate(items) if len(sprites) > slot and sprites[slot].shape == shape
+            ]
             if not rows:
                 continue
             sprites = [items[i][0][slot] for i in rows]
             centers = torch.tensor([items[i][1][slot] for i in rows]) * size
             radius = torch.tensor([SIZES[sp.size or "medium"] for sp in sprites]) * size
-            alpha[rows] = coverage(shape, centers[:, 0], centers[:, 1], radius, size, size,
-                                   antialias)
+            alpha[rows] = coverage(shape, centers[:, 0], centers[:, 1], radius, size, size, antialias)
             color[rows] = torch.tensor([COLORS[sp.color] for sp in sprites])
         alpha = alpha[:, None]
         image = image * (1 - alpha) + color[:, :, None, None] * alpha
@@ -108,8 +107,7 @@ def render(scene: Scene | str, size: int = 32, antialias: bool = True) -> torch.
     return render_batch([scene], size, antialias)[0]
 
 
-def render_batch(scenes: Sequence[Scene | str], size: int = 32,
-                 antialias: bool = True) -> torch.Tensor:
+def render_batch(scenes: Sequence[Scene | str], size: int = 32, antialias: bool = True) -> torch.Tensor:
     """Renders still scenes (or captions) into a (B, 3, size, size) tensor; see :func:`render`."""
     if len(scenes) == 0:
         raise InvalidInputError("`render_batch` needs at least one scene.")

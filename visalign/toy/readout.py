@@ -62,8 +62,10 @@ def _hue_sat(rgb: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tens
     mx, arg = rgb.max(dim)
     mn = rgb.min(dim).values
     delta = (mx - mn).clamp_min(1e-6)
-    hue = torch.where(arg == 0, ((g - b) / delta) % 6,
-                      torch.where(arg == 1, (b - r) / delta + 2, (r - g) / delta + 4)) * 60.0
+    hue = (
+        torch.where(arg == 0, ((g - b) / delta) % 6, torch.where(arg == 1, (b - r) / delta + 2, (r - g) / delta + 4))
+        * 60.0
+    )
     return hue % 360.0, (mx - mn) / mx.clamp_min(1e-6)
 
 
@@ -102,7 +104,7 @@ def _background(pixels: torch.Tensor, border: torch.Tensor) -> tuple[torch.Tenso
     median: the median ignores a sprite that touches the border, and the mean of the inliers
     stays unbiased where clipping to [0, 1] skews the noise (a white background).
     """
-    ring = pixels[:, :, border]                                           # (N, 3, P)
+    ring = pixels[:, :, border]  # (N, 3, P)
     median = ring.median(dim=-1).values
     inlier = (_norm(ring - median[..., None], 1) < FG_THRESHOLD)[:, None]  # (N, 1, P)
     count = inlier.sum(-1).clamp_min(1)
@@ -128,7 +130,7 @@ def _read(images: torch.Tensor, num_objects: torch.Tensor) -> dict[str, torch.Te
     # The background and its noise are read from a border frame ~1/16 of the side thick.
     bw = max(1, side // 16)
     border = torch.ones(h, w, dtype=torch.bool)
-    border[bw:h - bw, bw:w - bw] = False
+    border[bw : h - bw, bw : w - bw] = False
     _, sigma = _background(images, border)
     # On noisy images the objects are *found* on a 3x3 box-filtered copy, which divides the
     # noise by 3, but *measured* (coverage, area, centroid) on the original pixels.
@@ -139,7 +141,7 @@ def _read(images: torch.Tensor, num_objects: torch.Tensor) -> dict[str, torch.Te
         work = torch.where(noisy[:, None, None, None], smooth, images)
     bg, sigma = _background(work, border)
     wdiff = work - bg[:, :, None, None]
-    wdist = _norm(wdiff, 1)                                               # (N, H, W)
+    wdist = _norm(wdiff, 1)  # (N, H, W)
     # Five sigmas of 3-channel noise is exceeded by ~1e-5 of background pixels.
     fg = wdist > torch.clamp(5 * sigma, min=FG_THRESHOLD)[:, None, None]
     # Drop specks: a pixel needs at least two foreground neighbours (of eight) to stay.
@@ -148,10 +150,10 @@ def _read(images: torch.Tensor, num_objects: torch.Tensor) -> dict[str, torch.Te
     # Colour votes: each foreground pixel votes for its nearest palette hue. Weighting by the
     # squared distance from the background lets solid interiors outvote anti-aliased edges,
     # whose hue drifts towards the background's tint.
-    label = _hue_label(_hue_sat(work, dim=1)[0])                          # (N, H, W)
+    label = _hue_label(_hue_sat(work, dim=1)[0])  # (N, H, W)
     weight = wdist.pow(2) * fg
     votes = torch.zeros(n, len(COLORS)).scatter_add_(1, label.flatten(1), weight.flatten(1))
-    top_votes, top_labels = votes.topk(2, dim=1)                          # (N, 2)
+    top_votes, top_labels = votes.topk(2, dim=1)  # (N, 2)
     # Only two-object images split the foreground, and the second hue needs the mass of half a
     # minimal object: the anti-aliased edges of one sprite, whose hue drifts, never reach it.
     two = (num_objects == 2) & (top_votes[:, 1] >= 0.5 * MIN_AREA * h * w)
@@ -163,17 +165,17 @@ def _read(images: torch.Tensor, num_objects: torch.Tensor) -> dict[str, torch.Te
     seed_rgb = torch.einsum("nchw,nkhw->nkc", work, wk) / wk.sum((2, 3)).clamp_min(1e-6)[..., None]
     direction = seed_rgb - bg[:, None]
     direction = direction / _norm(direction, -1).clamp_min(1e-6)[..., None]
-    cosine = torch.einsum("nchw,nkc->nkhw", wdiff, direction)            # (N, 2, H, W)
+    cosine = torch.einsum("nchw,nkc->nkhw", wdiff, direction)  # (N, 2, H, W)
     # Two hues that point the same way from the background are one object after all.
     two &= (direction[:, 0] * direction[:, 1]).sum(-1) < 0.99
     in_second = (cosine[:, 1] > cosine[:, 0]) & two[:, None, None]
-    masks = torch.stack([fg & ~in_second, fg & in_second], dim=1)         # (N, 2, H, W)
+    masks = torch.stack([fg & ~in_second, fg & in_second], dim=1)  # (N, 2, H, W)
 
     # Each object's colour: the mean of its strongest pixels (at least half its max distance),
     # named by the nearest palette hue; too grey a mean names no colour.
     obj_dist = wdist[:, None] * masks
     core = masks & (obj_dist >= 0.5 * obj_dist.flatten(2).max(-1).values[..., None, None])
-    core_n = core.sum((2, 3)).clamp_min(1)                                # (N, 2)
+    core_n = core.sum((2, 3)).clamp_min(1)  # (N, 2)
     mean_rgb = torch.einsum("nchw,nkhw->nkc", images, core.float()) / core_n[..., None]
     mean_hue, mean_sat = _hue_sat(mean_rgb)
     color = torch.where(mean_sat >= MIN_SATURATION, _hue_label(mean_hue), -1)
@@ -182,14 +184,14 @@ def _read(images: torch.Tensor, num_objects: torch.Tensor) -> dict[str, torch.Te
     # A one-pixel ring around the mask lets anti-aliased edges count (never the other object's
     # pixels). No clamping at 0, so noise averages out of the area and centroid instead of
     # adding up.
-    obj_dir = mean_rgb - bg[:, None]                                      # (N, 2, 3)
+    obj_dir = mean_rgb - bg[:, None]  # (N, 2, 3)
     diff = images - bg[:, :, None, None]
     obj_dir = obj_dir / obj_dir.pow(2).sum(-1).clamp_min(1e-6)[..., None]
     alpha = torch.einsum("nchw,nkc->nkhw", diff, obj_dir).clamp(-1, 2)
     grown = _box3(masks.to(torch.uint8)) > 0
     alpha = alpha * (grown & ~masks.flip(1))
 
-    area = alpha.flatten(2).sum(-1)                                       # (N, 2) in pixels
+    area = alpha.flatten(2).sum(-1)  # (N, 2) in pixels
     found = masks.flatten(2).any(-1) & (area >= MIN_AREA * h * w)
     found[:, 1] &= two
     ys = torch.arange(h, dtype=torch.float32) + 0.5
@@ -214,7 +216,7 @@ def _read(images: torch.Tensor, num_objects: torch.Tensor) -> dict[str, torch.Te
         fits.append(fit)
         centers.append(torch.stack([cx / w, box_cy / h], -1))
         radii.append(r / side)
-    fit = torch.stack(fits, -1)                                           # (N, 2, 3)
+    fit = torch.stack(fits, -1)  # (N, 2, 3)
     shape = fit.argmax(-1)
     center = torch.stack(centers, 2).gather(2, shape[..., None, None].expand(n, 2, 1, 2))[:, :, 0]
     radius = torch.stack(radii, -1).gather(2, shape[..., None])[..., 0]

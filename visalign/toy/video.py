@@ -44,8 +44,9 @@ def _video(scene: Scene | str, motion: str | None, num_frames: int) -> list[_Lay
     return [(scene.sprites, [(x0 + dx * st, y0 + dy * st)], scene.background) for st in steps]
 
 
-def render_video(scene: Scene | str, motion: str | None = None, num_frames: int = 8,
-                 size: int = 32, antialias: bool = True) -> torch.Tensor:
+def render_video(
+    scene: Scene | str, motion: str | None = None, num_frames: int = 8, size: int = 32, antialias: bool = True
+) -> torch.Tensor:
     """Renders a video of one sprite travelling from the centre in a direction.
 
     The sprite moves :data:`TRAVEL` (a quarter) of the frame at constant speed, from the centre
@@ -66,8 +67,9 @@ def render_video(scene: Scene | str, motion: str | None = None, num_frames: int 
     return _draw(_video(scene, motion, num_frames), _validate_size(size), antialias)
 
 
-def render_video_batch(scenes: Sequence[Scene | str], num_frames: int = 8, size: int = 32,
-                       antialias: bool = True) -> torch.Tensor:
+def render_video_batch(
+    scenes: Sequence[Scene | str], num_frames: int = 8, size: int = 32, antialias: bool = True
+) -> torch.Tensor:
     """Renders moving scenes (or captions) into a (B, T, 3, size, size) tensor."""
     if len(scenes) == 0:
         raise InvalidInputError("`render_video_batch` needs at least one scene.")

@@ -83,7 +83,10 @@ SIZES: dict[str, float] = {"small": 0.09, "medium": 0.13, "large": 0.18}
 CAPTION_SIZES: tuple[str, ...] = ("small", "large")
 # Unit direction (dx, dy) of each motion, in image coordinates (y down).
 MOTIONS: dict[str, tuple[int, int]] = {
-    "left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1),
+    "left": (-1, 0),
+    "right": (1, 0),
+    "up": (0, -1),
+    "down": (0, 1),
 }
 BACKGROUNDS: dict[str, tuple[float, float, float]] = {
     "white": (1.0, 1.0, 1.0),
@@ -115,8 +118,7 @@ def _check(value, allowed, what: str, optional: bool = False) -> None:
         return
     if value not in allowed:
         raise InvalidInputError(
-            f"Unknown {what} {value!r}; expected one of {sorted(allowed)}"
-            + (" or None" if optional else "") + "."
+            f"Unknown {what} {value!r}; expected one of {sorted(allowed)}" + (" or None" if optional else "") + "."
         )
 
 
@@ -174,17 +176,13 @@ class Scene:
         sprites = (self.sprites,) if isinstance(self.sprites, Sprite) else tuple(self.sprites)
         object.__setattr__(self, "sprites", sprites)
         if not 1 <= len(sprites) <= 2 or not all(isinstance(s, Sprite) for s in sprites):
-            raise InvalidInputError(
-                f"A scene holds one or two Sprite objects; got {self.sprites!r}."
-            )
+            raise InvalidInputError(f"A scene holds one or two Sprite objects; got {self.sprites!r}.")
         _check(self.background, BACKGROUNDS, "background")
         _check(self.motion, MOTIONS, "motion", optional=True)
         if len(sprites) == 2:
             a, b = sprites
             if a.color == b.color:
-                raise InvalidInputError(
-                    f"The two sprites of a scene need different colours; both are {a.color!r}."
-                )
+                raise InvalidInputError(f"The two sprites of a scene need different colours; both are {a.color!r}.")
             pair = {a.position, b.position}
             if not any(pair == set(p) for p in TWO_SHAPE_POSITIONS):
                 raise InvalidInputError(
@@ -198,8 +196,16 @@ class Scene:
             )
 
     @classmethod
-    def single(cls, shape: str, color: str, position: str | None = None, size: str | None = None,
-               *, background: str = "white", motion: str | None = None) -> Scene:
+    def single(
+        cls,
+        shape: str,
+        color: str,
+        position: str | None = None,
+        size: str | None = None,
+        *,
+        background: str = "white",
+        motion: str | None = None,
+    ) -> Scene:
         """A one-sprite scene, e.g. ``Scene.single("circle", "red", "left")``."""
         return cls((Sprite(shape, color, position, size),), background=background, motion=motion)
 
@@ -219,7 +225,9 @@ _WHERE = {phrase: name for name, phrase in POSITION_PHRASES.items()}
 _OBJECT_RE = re.compile(
     r"(?:a|an) (?:(?P<size>{sizes}) )?(?P<color>{colors}) (?P<shape>{shapes})"
     r"(?: (?P<where>{where}))?".format(
-        sizes="|".join(CAPTION_SIZES), colors="|".join(COLORS), shapes="|".join(SHAPES),
+        sizes="|".join(CAPTION_SIZES),
+        colors="|".join(COLORS),
+        shapes="|".join(SHAPES),
         where="|".join(re.escape(p) for p in POSITION_PHRASES.values()),
     )
 )
@@ -256,13 +264,13 @@ def parse_caption(text: str) -> Scene:
                 'For example "a red circle on the left" or "a large blue square moving up".'
             )
         where = om.group("where")
-        sprites.append(Sprite(om.group("shape"), om.group("color"),
-                              _WHERE[where] if where else None, om.group("size")))
+        sprites.append(Sprite(om.group("shape"), om.group("color"), _WHERE[where] if where else None, om.group("size")))
     try:
         return Scene(tuple(sprites), motion=motion)
     except InvalidInputError as exc:
-        raise InvalidInputError(f"The caption {text!r} describes an impossible scene: {exc}\n"
-                                f"Captions follow this grammar:\n{GRAMMAR}") from None
+        raise InvalidInputError(
+            f"The caption {text!r} describes an impossible scene: {exc}\nCaptions follow this grammar:\n{GRAMMAR}"
+        ) from None
 
 
 def as_scene(scene: Scene | str) -> Scene:
@@ -272,8 +280,8 @@ def as_scene(scene: Scene | str) -> Scene:
 
 # ----------------------------------------------------------------------------- enumeration
 
-def all_scenes(*, sizes: bool = False, two_shapes: bool = False,
-               video: bool = False) -> list[Scene]:
+
+def all_scenes(*, sizes: bool = False, two_shapes: bool = False, video: bool = False) -> list[Scene]:
     """Every distinct scene of the grammar (white background, positions stated), in a fixed order.
 
     Args:
@@ -285,19 +293,18 @@ def all_scenes(*, sizes: bool = False, two_shapes: bool = False,
     if video:
         if two_shapes:
             raise InvalidInputError("Videos have a single sprite; `two_shapes` must be False.")
-        return [Scene.single(sh, c, None, sz, motion=m)
-                for m, sh, c, sz in itertools.product(MOTIONS, SHAPES, COLORS, size_opts)]
-    out = [Scene.single(sh, c, p, sz)
-           for p, sh, c, sz in itertools.product(POSITIONS, SHAPES, COLORS, size_opts)]
+        return [
+            Scene.single(sh, c, None, sz, motion=m)
+            for m, sh, c, sz in itertools.product(MOTIONS, SHAPES, COLORS, size_opts)
+        ]
+    out = [Scene.single(sh, c, p, sz) for p, sh, c, sz in itertools.product(POSITIONS, SHAPES, COLORS, size_opts)]
     if two_shapes:
-        for (p1, p2), (c1, c2) in itertools.product(TWO_SHAPE_POSITIONS,
-                                                    itertools.permutations(COLORS, 2)):
+        for (p1, p2), (c1, c2) in itertools.product(TWO_SHAPE_POSITIONS, itertools.permutations(COLORS, 2)):
             for s1, s2, z1, z2 in itertools.product(SHAPES, SHAPES, size_opts, size_opts):
                 out.append(Scene((Sprite(s1, c1, p1, z1), Sprite(s2, c2, p2, z2))))
     return out
 
 
-def all_captions(*, sizes: bool = False, two_shapes: bool = False,
-                 video: bool = False) -> list[str]:
+def all_captions(*, sizes: bool = False, two_shapes: bool = False, video: bool = False) -> list[str]:
     """The captions of :func:`all_scenes`: 90 by default (3 shapes × 6 colours × 5 positions)."""
     return [s.caption() for s in all_scenes(sizes=sizes, two_shapes=two_shapes, video=video)]

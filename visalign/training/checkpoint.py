@@ -178,7 +178,8 @@ def load_latest_complete(accelerator, resume: str | None, output_dir: str, stric
                     + "; ".join(failures)
                     + ". The broken checkpoint folders were left in place (training overwrites them when "
                     "it reaches their step again); delete them when you no longer need them.",
-                    UserWarning, stacklevel=2,
+                    UserWarning,
+                    stacklevel=2,
                 )
             return path
         failures.append(str(error) if error else f"{path}: it failed to load on another process")

@@ -33,10 +33,18 @@ class Evaluations:
             images = self.load_condition_images(records)
         cfg = self.config
         with torch.no_grad(), self.ema_weights():
-            traj = sample(self.policy, prompts, num_steps=cfg.num_steps, sampler="ode", images=images,
-                          generator=[torch.Generator(self.accelerator.device).manual_seed(i) for i in range(len(prompts))],
-                          guidance_scale=self.guidance_scale(), height=cfg.height, width=cfg.width,
-                          num_frames=cfg.num_frames)
+            traj = sample(
+                self.policy,
+                prompts,
+                num_steps=cfg.num_steps,
+                sampler="ode",
+                images=images,
+                generator=[torch.Generator(self.accelerator.device).manual_seed(i) for i in range(len(prompts))],
+                guidance_scale=self.guidance_scale(),
+                height=cfg.height,
+                width=cfg.width,
+                num_frames=cfg.num_frames,
+            )
             rewards = self.score(traj.images, traj.prompts, records).total
         self.logger.save_samples(traj.images, traj.prompts, rewards, step)
 
@@ -88,12 +96,21 @@ class Evaluations:
         true_values, rewards = [], []
         with torch.no_grad(), self.ema_weights(), self.accelerator.autocast():
             for i in range(0, len(prompts), chunk):
-                part = records[i:i + chunk]
-                traj = sample(self.policy, prompts[i:i + chunk], num_steps=cfg.num_steps, sampler="ode",
-                              images=self.load_condition_images(part), guidance_scale=self.guidance_scale(),
-                              generator=[torch.Generator(self.accelerator.device).manual_seed(1000 + i + j)
-                                         for j in range(len(part))],
-                              height=cfg.height, width=cfg.width, num_frames=cfg.num_frames)
+                part = records[i : i + chunk]
+                traj = sample(
+                    self.policy,
+                    prompts[i : i + chunk],
+                    num_steps=cfg.num_steps,
+                    sampler="ode",
+                    images=self.load_condition_images(part),
+                    guidance_scale=self.guidance_scale(),
+                    generator=[
+                        torch.Generator(self.accelerator.device).manual_seed(1000 + i + j) for j in range(len(part))
+                    ],
+                    height=cfg.height,
+                    width=cfg.width,
+                    num_frames=cfg.num_frames,
+                )
                 true_values.append(call_reward(metric, traj.images, traj.prompts).total.float().cpu())
                 if self.reward is not None:
                     rewards.append(self.score(traj.images, traj.prompts, part).total.float().cpu())
@@ -109,8 +126,11 @@ class Evaluations:
             fired = hacking_alert(reward_hist, true_hist, cfg.hacking_window)
             row["hacking_suspected"] = float(fired)
             if fired and self.is_main_process:
-                warnings.warn(hacking_message(name, reward_hist, true_hist, cfg.hacking_window, step),
-                              RewardHackingWarning, stacklevel=2)
+                warnings.warn(
+                    hacking_message(name, reward_hist, true_hist, cfg.hacking_window, step),
+                    RewardHackingWarning,
+                    stacklevel=2,
+                )
         if not ((step - 1) % cfg.log_every == 0 or step == cfg.max_steps):  # the loop does not log this step
             self.logger.log(row, step=step)
         return row

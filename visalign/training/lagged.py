@@ -102,7 +102,12 @@ class LaggedWeights:
     def load_state_dict(self, state: dict) -> None:
         tensors = state["tensors"]
         if tensors is not None and len(tensors) != len(self.parameters):
-            raise ConfigError(f"A lagged-weights checkpoint holds {len(tensors)} tensors but the model has "
-                              f"{len(self.parameters)} trainable parameters; resume with the same LoRA/model settings.")
-        self.tensors = None if tensors is None else [
-            t.to(device=p.device, dtype=p.dtype) for t, p in zip(tensors, self.parameters)]
+            raise ConfigError(
+                f"A lagged-weights checkpoint holds {len(tensors)} tensors but the model has "
+                f"{len(self.parameters)} trainable parameters; resume with the same LoRA/model settings."
+            )
+        self.tensors = (
+            None
+            if tensors is None
+            else [t.to(device=p.device, dtype=p.dtype) for t, p in zip(tensors, self.parameters)]
+        )

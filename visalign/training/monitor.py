@@ -24,8 +24,17 @@ from collections.abc import Callable, Sequence
 
 from visalign.errors import ConfigError
 
-__all__ = ["TRUE_METRICS", "RewardHackingWarning", "builtin_true_metric", "hacking_alert", "hacking_message",
-           "check_true_metric", "history_from_log", "resolve_true_metric", "trend"]
+__all__ = [
+    "TRUE_METRICS",
+    "RewardHackingWarning",
+    "builtin_true_metric",
+    "hacking_alert",
+    "hacking_message",
+    "check_true_metric",
+    "history_from_log",
+    "resolve_true_metric",
+    "trend",
+]
 
 # The built-in true metrics a config can name (``LoopOptions.true_metric``).
 TRUE_METRICS = ("toy_evaluator",)
@@ -46,8 +55,9 @@ def trend(values: Sequence[float]) -> float:
     return cov / var * (n - 1)
 
 
-def hacking_alert(reward_history: Sequence[float], true_history: Sequence[float], window: int = 3,
-                  tolerance: float = 1e-3) -> bool:
+def hacking_alert(
+    reward_history: Sequence[float], true_history: Sequence[float], window: int = 3, tolerance: float = 1e-3
+) -> bool:
     """Whether the reward rose while the true metric fell over the last ``window`` evaluations.
 
     Rising and falling are read from least-squares lines through the last ``window`` values
@@ -67,8 +77,10 @@ def hacking_alert(reward_history: Sequence[float], true_history: Sequence[float]
     if window < 2:
         raise ConfigError(f"hacking_alert needs a window of at least 2 evaluations, got {window}.")
     if len(reward_history) != len(true_history):
-        raise ConfigError(f"hacking_alert got {len(reward_history)} rewards but {len(true_history)} true-metric "
-                          "values; pass one of each per evaluation.")
+        raise ConfigError(
+            f"hacking_alert got {len(reward_history)} rewards but {len(true_history)} true-metric "
+            "values; pass one of each per evaluation."
+        )
     if len(reward_history) < window:
         return False
     rewards, trues = list(reward_history[-window:]), list(true_history[-window:])
@@ -79,14 +91,17 @@ def hacking_alert(reward_history: Sequence[float], true_history: Sequence[float]
     return trend(rewards) > scale(rewards) and trend(trues) < -scale(trues)
 
 
-def hacking_message(name: str, reward_history: Sequence[float], true_history: Sequence[float], window: int,
-                    step: int) -> str:
+def hacking_message(
+    name: str, reward_history: Sequence[float], true_history: Sequence[float], window: int, step: int
+) -> str:
     """The warning's text: what rose, what fell, over which evaluations."""
     rewards, trues = reward_history[-window:], true_history[-window:]
-    return (f"Possible reward hacking at step {step}: over the last {window} evaluations the reward rose "
-            f"({rewards[0]:.4g} → {rewards[-1]:.4g}) while the true metric '{name}' fell ({trues[0]:.4g} → "
-            f"{trues[-1]:.4g}). Inspect the samples; consider a KL term, a lower learning rate or an earlier "
-            "checkpoint.")
+    return (
+        f"Possible reward hacking at step {step}: over the last {window} evaluations the reward rose "
+        f"({rewards[0]:.4g} → {rewards[-1]:.4g}) while the true metric '{name}' fell ({trues[0]:.4g} → "
+        f"{trues[-1]:.4g}). Inspect the samples; consider a KL term, a lower learning rate or an earlier "
+        "checkpoint."
+    )
 
 
 def builtin_true_metric(name: str) -> Callable:
@@ -104,7 +119,8 @@ def resolve_true_metric(metric: Callable | None, config) -> Callable | None:
     """The trainer's true metric: the given callable, else the config's built-in one (``true_metric``), else None."""
     if metric is not None and not callable(metric):
         raise ConfigError(
-            f"true_metric must be a callable (images, prompts) -> Tensor[B]; got {type(metric).__name__}.")
+            f"true_metric must be a callable (images, prompts) -> Tensor[B]; got {type(metric).__name__}."
+        )
     if metric is None and getattr(config, "true_metric", None):
         metric = builtin_true_metric(config.true_metric)
     return metric
@@ -115,12 +131,15 @@ def check_true_metric(metric: Callable | None, config, has_prompts: bool) -> Non
     if not getattr(config, "true_metric_every", 0):
         return
     if metric is None:
-        raise ConfigError(f"true_metric_every={config.true_metric_every} needs a true metric: call "
-                          f"trainer.set_true_metric(fn), pass true_metric=fn, or set true_metric to one of "
-                          f"{TRUE_METRICS}.")
+        raise ConfigError(
+            f"true_metric_every={config.true_metric_every} needs a true metric: call "
+            f"trainer.set_true_metric(fn), pass true_metric=fn, or set true_metric to one of "
+            f"{TRUE_METRICS}."
+        )
     if not has_prompts and not config.true_metric_prompts:
-        raise ConfigError("true_metric_every needs prompts to evaluate on: set true_metric_prompts or give the "
-                          "trainer prompts.")
+        raise ConfigError(
+            "true_metric_every needs prompts to evaluate on: set true_metric_prompts or give the trainer prompts."
+        )
 
 
 def history_from_log(path: str | None, name: str, before_step: int) -> list[tuple[int, float, float]]:

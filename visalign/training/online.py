@@ -73,8 +73,10 @@ class OnlineTrainer(Trainer):
         """One line of batch arithmetic for :meth:`describe`: the rollout's size and sampler."""
         cfg, world = self.config, self.accelerator.num_processes
         per_rank = cfg.prompts_per_step * cfg.group_size
-        return (f"rollout: {cfg.prompts_per_step} prompts × {cfg.group_size} samples = {per_rank} per rank, "
-                f"{per_rank * world} in all; {cfg.num_steps} steps, sampler {cfg.sampler}/{cfg.noise}")
+        return (
+            f"rollout: {cfg.prompts_per_step} prompts × {cfg.group_size} samples = {per_rank} per rank, "
+            f"{per_rank * world} in all; {cfg.num_steps} steps, sampler {cfg.sampler}/{cfg.noise}"
+        )
 
     def rollout(self, step: int, records: list[dict], policy_context=None) -> Trajectory:
         """Samples ``group_size`` trajectories per record with the config's sampling options.
@@ -90,8 +92,14 @@ class OnlineTrainer(Trainer):
         images = self.load_condition_images(records)
         generators = self.generators(step, len(prompts) * cfg.group_size)
         with torch.no_grad(), policy_context or contextlib.nullcontext(), self.accelerator.autocast():
-            return sample(self.policy, prompts, **self.sampling_kwargs(step), generator=generators, images=images,
-                          group_size=cfg.group_size)
+            return sample(
+                self.policy,
+                prompts,
+                **self.sampling_kwargs(step),
+                generator=generators,
+                images=images,
+                group_size=cfg.group_size,
+            )
 
     def compute_advantages(self, rollout: Rollout):
         """Group-relative advantages of this rank's samples from every rank's rewards (docs/math.md §2).
@@ -108,18 +116,21 @@ class OnlineTrainer(Trainer):
         rewards = rollout.rewards
         if cfg.multi_reward == "per_reward" and rewards.raw:
             adv_all = torch.zeros_like(rollout.gathered)
-            zero_all = torch.ones(rollout.gathered.numel() // cfg.group_size, dtype=torch.bool,
-                                  device=rollout.gathered.device)
+            zero_all = torch.ones(
+                rollout.gathered.numel() // cfg.group_size, dtype=torch.bool, device=rollout.gathered.device
+            )
             for key, values in rewards.raw.items():
-                a, z = group_advantages(acc.gather(values.detach().float()), cfg.group_size, cfg.advantage_std, None,
-                                        eps=cfg.advantage_eps)
+                a, z = group_advantages(
+                    acc.gather(values.detach().float()), cfg.group_size, cfg.advantage_std, None, eps=cfg.advantage_eps
+                )
                 adv_all = adv_all + rewards.weights[key] * a
                 zero_all &= z
             if cfg.advantage_clip is not None:
                 adv_all = adv_all.clamp(-cfg.advantage_clip, cfg.advantage_clip)
         else:
-            adv_all, zero_all = group_advantages(rollout.gathered, cfg.group_size, cfg.advantage_std,
-                                                 cfg.advantage_clip, eps=cfg.advantage_eps)
+            adv_all, zero_all = group_advantages(
+                rollout.gathered, cfg.group_size, cfg.advantage_std, cfg.advantage_clip, eps=cfg.advantage_eps
+            )
         mine = rollout.rank_slice(acc.process_index)
         stats = {"zero_std_ratio": float(zero_all.float().mean()), "advantage_abs_mean": float(adv_all.abs().mean())}
         return adv_all[mine], zero_all.repeat_interleave(cfg.group_size)[mine], stats
@@ -142,15 +153,21 @@ class OnlineTrainer(Trainer):
             records, traj = pipeline.take(step, policy_context)
         sampled = time.perf_counter()
         group_records = [r for r in records for _ in range(cfg.group_size)]
-        result, reason = (pipeline.result(step) if pipeline is not None
-                          else self.score_or_skip(traj.images, traj.prompts, group_records))
+        result, reason = (
+            pipeline.result(step)
+            if pipeline is not None
+            else self.score_or_skip(traj.images, traj.prompts, group_records)
+        )
         if result is None:
             return {"skipped": 1.0, "skip_reason": reason, "time_sampling": sampled - start}
         gathered = acc.gather(result.total.detach())
         metrics = {"reward_mean": float(gathered.mean()), "reward_std": float(gathered.std(unbiased=False))}
         for name, values in result.components.items():
             g = acc.gather(values.detach())
-            metrics[f"reward/{name}_mean"], metrics[f"reward/{name}_std"] = float(g.mean()), float(g.std(unbiased=False))
+            metrics[f"reward/{name}_mean"], metrics[f"reward/{name}_std"] = (
+                float(g.mean()),
+                float(g.std(unbiased=False)),
+            )
         metrics.update({"time_sampling": sampled - start, "time_reward": time.perf_counter() - sampled})
         return Rollout(records, group_records, traj, result, gathered, metrics)
 

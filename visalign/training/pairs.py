@@ -27,7 +27,8 @@ def resolve_path(source, value) -> str:
 
 def check_pairs(source, chosen_column: str = "chosen", rejected_column: str = "rejected") -> None:
     """Raises :class:`InvalidInputError` listing pairs with a missing column, a missing file, or the
-    same file as chosen and rejected."""
+    same file as chosen and rejected.
+    """
     problems = []
     for i, record in enumerate(source):
         where = f"pair {i} (prompt {record['prompt']!r})"
@@ -44,9 +45,12 @@ def check_pairs(source, chosen_column: str = "chosen", rejected_column: str = "r
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise InvalidInputError(
-            f"{source.origin}: {len(problems)} bad pair(s): " + "; ".join(problems[:5]) + more +
-            f". Each pair needs two different, existing image files in columns '{chosen_column}' and "
-            f"'{rejected_column}' (relative to the pairs file's folder).")
+            f"{source.origin}: {len(problems)} bad pair(s): "
+            + "; ".join(problems[:5])
+            + more
+            + f". Each pair needs two different, existing image files in columns '{chosen_column}' and "
+            f"'{rejected_column}' (relative to the pairs file's folder)."
+        )
 
 
 class PairLatents:
@@ -62,8 +66,16 @@ class PairLatents:
         autocast: a context manager for the VAE's forward (the trainer's mixed precision).
     """
 
-    def __init__(self, policy, source, geometry, device, cache_dir: str | None = None,
-                 columns: tuple[str, str] = ("chosen", "rejected"), autocast=contextlib.nullcontext):
+    def __init__(
+        self,
+        policy,
+        source,
+        geometry,
+        device,
+        cache_dir: str | None = None,
+        columns: tuple[str, str] = ("chosen", "rejected"),
+        autocast=contextlib.nullcontext,
+    ):
         self.policy, self.source, self.geometry, self.device = policy, source, geometry, device
         self.cache_dir, self.columns, self.autocast = cache_dir, columns, autocast
         self._fingerprint: str | None = None
@@ -73,8 +85,10 @@ class PairLatents:
         if self._fingerprint is None:
             self._fingerprint = self.policy.vae_fingerprint()
         st, g = os.stat(path), self.geometry
-        key = f"{os.path.abspath(path)}|{st.st_mtime_ns}|{st.st_size}|{self.policy.family}|" \
-              f"{g.height}x{g.width}|{self._fingerprint}"
+        key = (
+            f"{os.path.abspath(path)}|{st.st_mtime_ns}|{st.st_size}|{self.policy.family}|"
+            f"{g.height}x{g.width}|{self._fingerprint}"
+        )
         return os.path.join(self.cache_dir, hashlib.sha1(key.encode()).hexdigest() + ".safetensors")
 
     @torch.no_grad()
@@ -98,8 +112,11 @@ class PairLatents:
             cached = cache is not None and all(os.path.exists(c) for c in cache)
             pixels = None
             if need_pixels or not cached:
-                pixels = load_images([{"prompt": r["prompt"], column: p} for r, p in zip(records, paths)], column,
-                                     size=(self.geometry.height, self.geometry.width)).to(self.device)
+                pixels = load_images(
+                    [{"prompt": r["prompt"], column: p} for r, p in zip(records, paths)],
+                    column,
+                    size=(self.geometry.height, self.geometry.width),
+                ).to(self.device)
             if cached:
                 latents = torch.stack([load_file(c, device=str(self.device))["latents"] for c in cache])
             else:
@@ -119,5 +136,6 @@ class PairLatents:
             chosen, rejected = self.columns
             raise InvalidInputError(
                 f"Pair with prompt {records[i]['prompt']!r}: chosen '{records[i][chosen]}' and "
-                f"rejected '{records[i][rejected]}' are the same image. A pair must differ.")
+                f"rejected '{records[i][rejected]}' are the same image. A pair must differ."
+            )
         return x0_w, x0_l, pix_w, pix_l

@@ -57,8 +57,13 @@ class PromptSource(Sequence):
         origin: a name for the data in error messages (a file path, or ``"the prompt list"``).
     """
 
-    def __init__(self, records: Sequence[Mapping[str, Any]], prompt_column: str = "prompt",
-                 base_dir: str | os.PathLike | None = None, origin: str = "the prompt list"):
+    def __init__(
+        self,
+        records: Sequence[Mapping[str, Any]],
+        prompt_column: str = "prompt",
+        base_dir: str | os.PathLike | None = None,
+        origin: str = "the prompt list",
+    ):
         self.base_dir = None if base_dir is None else str(base_dir)
         self.origin = origin
         self._records = [_normalise(row, prompt_column, origin, f"item {i}") for i, row in enumerate(records)]
@@ -91,7 +96,8 @@ class PromptSource(Sequence):
             return cls(rows, prompt_column=column)
         raise InvalidInputError(
             f"Prompts must be a list of strings, a list of dicts, a PromptSource or a path to a "
-            f"{'/'.join(SUFFIXES)} file; got {type(obj).__name__}.")
+            f"{'/'.join(SUFFIXES)} file; got {type(obj).__name__}."
+        )
 
     @classmethod
     def _from_file(cls, path: Path, prompt_column: str) -> PromptSource:
@@ -101,15 +107,20 @@ class PromptSource(Sequence):
                 raise InvalidInputError(f"Prompt file '{path}' does not exist.")
             raise InvalidInputError(
                 f"'{path}' is not an existing prompt file. A single prompt must be passed as a list, "
-                f"e.g. ['{path}']; a prompt file must end in {', '.join(SUFFIXES)}.")
+                f"e.g. ['{path}']; a prompt file must end in {', '.join(SUFFIXES)}."
+            )
         if suffix not in SUFFIXES:
             raise InvalidInputError(
-                f"Prompt file '{path}' has the unsupported suffix '{suffix}'. Use one of {', '.join(SUFFIXES)}.")
+                f"Prompt file '{path}' has the unsupported suffix '{suffix}'. Use one of {', '.join(SUFFIXES)}."
+            )
         origin, base_dir = str(path), str(path.resolve().parent)
         with open(path, encoding="utf-8-sig", newline="" if suffix == ".csv" else None) as f:
             if suffix == ".txt":
-                rows = [(f"line {i}", {"prompt": line.strip()}) for i, line in enumerate(f, 1)
-                        if line.strip() and not line.lstrip().startswith("#")]
+                rows = [
+                    (f"line {i}", {"prompt": line.strip()})
+                    for i, line in enumerate(f, 1)
+                    if line.strip() and not line.lstrip().startswith("#")
+                ]
                 prompt_column = "prompt"
             elif suffix == ".csv":
                 reader = csv.DictReader(f)
@@ -158,14 +169,16 @@ def _missing_column(column: str, found: Sequence[str], origin: str, where: str) 
     cols = ", ".join(repr(c) for c in found) or "none"
     return InvalidInputError(
         f"{origin}: {where} has no prompt column '{column}'; columns found: {cols}. "
-        f"Pick the column that holds the prompts with prompt_column=<name>.")
+        f"Pick the column that holds the prompts with prompt_column=<name>."
+    )
 
 
 def _normalise(row: Any, prompt_column: str, origin: str, label: str) -> dict[str, Any]:
     if not isinstance(row, Mapping):
         raise InvalidInputError(
             f"{origin} {label} is of type {type(row).__name__}; each record must be a prompt string or a dict "
-            f"with a '{prompt_column}' key.")
+            f"with a '{prompt_column}' key."
+        )
     if None in row:  # csv.DictReader files surplus cells under the key None
         raise InvalidInputError(f"{origin} {label} has more cells than the header has columns.")
     if prompt_column not in row:
@@ -174,17 +187,23 @@ def _normalise(row: Any, prompt_column: str, origin: str, label: str) -> dict[st
     if not isinstance(prompt, str):
         raise InvalidInputError(
             f"{origin} {label}: the prompt in column '{prompt_column}' must be a string, got "
-            f"{type(prompt).__name__} {prompt!r}.")
+            f"{type(prompt).__name__} {prompt!r}."
+        )
     if prompt_column != "prompt" and "prompt" in row:
         # Copying the chosen column to "prompt" would silently discard this one.
         raise InvalidInputError(
             f"{origin} {label} has both a 'prompt' column and the chosen prompt_column "
-            f"'{prompt_column}'; rename one of them.")
+            f"'{prompt_column}'; rename one of them."
+        )
     return {**row, "prompt": prompt}
 
 
-def load_images(records: Sequence[Mapping[str, Any]], column: str, base_dir: str | os.PathLike | None = None,
-                size: tuple[int, int] | None = None) -> torch.Tensor:
+def load_images(
+    records: Sequence[Mapping[str, Any]],
+    column: str,
+    base_dir: str | os.PathLike | None = None,
+    size: tuple[int, int] | None = None,
+) -> torch.Tensor:
     """Loads the images named in one column of a batch of records.
 
     Args:
@@ -226,7 +245,8 @@ def load_images(records: Sequence[Mapping[str, Any]], column: str, base_dir: str
             if not path.is_file():
                 raise InvalidInputError(
                     f"{where}: image file '{value}' in column '{column}' does not exist (looked at '{path}'). "
-                    "Relative paths are resolved against the prompt file's folder.")
+                    "Relative paths are resolved against the prompt file's folder."
+                )
             try:
                 with Image.open(path) as f:
                     image = f.convert("RGB")
@@ -234,7 +254,8 @@ def load_images(records: Sequence[Mapping[str, Any]], column: str, base_dir: str
                 raise InvalidInputError(f"{where}: '{path}' could not be read as an image ({exc}).") from None
         else:
             raise InvalidInputError(
-                f"{where}: column '{column}' must hold an image path or a PIL image, got {type(value).__name__}.")
+                f"{where}: column '{column}' must hold an image path or a PIL image, got {type(value).__name__}."
+            )
         if size is not None and image.size != (size[1], size[0]):
             image = image.resize((size[1], size[0]), Image.Resampling.BICUBIC)  # PIL sizes are (w, h)
         out.append(torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1))
@@ -242,7 +263,8 @@ def load_images(records: Sequence[Mapping[str, Any]], column: str, base_dir: str
     if len(shapes) > 1:
         raise InvalidInputError(
             f"The images in column '{column}' have different sizes {sorted(s[1:] for s in shapes)}; "
-            "pass size=(height, width) to resize them.")
+            "pass size=(height, width) to resize them."
+        )
     return torch.stack(out).float() / 255
 
 
@@ -261,8 +283,16 @@ class PromptSampler:
             are skipped.
     """
 
-    def __init__(self, source: Any, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True, drop_last: bool = False):
+    def __init__(
+        self,
+        source: Any,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        drop_last: bool = False,
+    ):
         self.source = PromptSource.from_any(source)
         for name, value, low in (("batch_size", batch_size, 1), ("world_size", world_size, 1), ("seed", seed, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -272,10 +302,11 @@ class PromptSampler:
         if drop_last and batch_size * world_size > len(self.source):
             raise InvalidInputError(
                 f"drop_last=True needs batch_size * world_size = {batch_size * world_size} <= the "
-                f"{len(self.source)} prompts; lower the batch size or set drop_last=False.")
+                f"{len(self.source)} prompts; lower the batch size or set drop_last=False."
+            )
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.shuffle, self.drop_last = shuffle, drop_last
-        self.epoch = 0   # the epoch the next record comes from
+        self.epoch = 0  # the epoch the next record comes from
         self.offset = 0  # the position of the next record in that epoch's order
         self._order: tuple[int, np.ndarray] | None = None
 
@@ -294,17 +325,22 @@ class PromptSampler:
         step: list[int] = []
         while len(step) < need:  # every rank computes the whole step so that they agree on it
             take = min(need - len(step), n - self.offset)
-            step.extend(self._epoch_order(self.epoch)[self.offset:self.offset + take].tolist())
+            step.extend(self._epoch_order(self.epoch)[self.offset : self.offset + take].tolist())
             self.offset += take
             if self.offset == n:
                 self.epoch, self.offset = self.epoch + 1, 0
-        mine = step[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        mine = step[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         return [self.source[i] for i in mine]
 
     def state_dict(self) -> dict[str, int | bool]:
         """The position in the record stream (the same on every rank), for checkpoints."""
-        return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed,
-                "shuffle": self.shuffle, "num_records": len(self.source)}
+        return {
+            "epoch": self.epoch,
+            "offset": self.offset,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "num_records": len(self.source),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continues from a :meth:`state_dict`; the source, seed and shuffle must match the saved run.
@@ -315,7 +351,8 @@ class PromptSampler:
             if key in state and state[key] != mine:
                 raise InvalidInputError(
                     f"The sampler state was saved with {key}={state[key]!r}, but this sampler has "
-                    f"{key}={mine!r}; resume with the same prompts and seed, or start a fresh run.")
+                    f"{key}={mine!r}; resume with the same prompts and seed, or start a fresh run."
+                )
         if not 0 <= int(state["offset"]) < len(self.source) or int(state["epoch"]) < 0:
             raise InvalidInputError(f"Invalid sampler state {dict(state)!r}.")
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])

@@ -39,8 +39,9 @@ class RunLogger:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"step": step, **clean}) + "\n")
 
-    def save_samples(self, images: torch.Tensor, prompts: list[str], rewards: torch.Tensor, step: int,
-                     tag: str = "samples") -> str | None:
+    def save_samples(
+        self, images: torch.Tensor, prompts: list[str], rewards: torch.Tensor, step: int, tag: str = "samples"
+    ) -> str | None:
         """Saves a PNG grid (images) or MP4s (videos) with a JSON of prompts and rewards."""
         if not self.accelerator.is_main_process:
             return None
@@ -51,6 +52,13 @@ class RunLogger:
         else:
             paths = [save_image_grid(images, f"{stem}.png", upscale=max(1, 128 // images.shape[-1]))]
         with open(f"{stem}.json", "w") as f:
-            json.dump({"step": step, "files": [os.path.basename(p) for p in paths],
-                       "samples": [{"prompt": p, "reward": float(r)} for p, r in zip(prompts, rewards)]}, f, indent=2)
+            json.dump(
+                {
+                    "step": step,
+                    "files": [os.path.basename(p) for p in paths],
+                    "samples": [{"prompt": p, "reward": float(r)} for p, r in zip(prompts, rewards)],
+                },
+                f,
+                indent=2,
+            )
         return paths[0]

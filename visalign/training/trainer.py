@@ -77,8 +77,9 @@ class Trainer(Evaluations):
 
     config_class = TrainConfig
 
-    def __init__(self, policy, reward=None, prompts=None, config: TrainConfig | None = None, accelerator=None,
-                 true_metric=None):
+    def __init__(
+        self, policy, reward=None, prompts=None, config: TrainConfig | None = None, accelerator=None, true_metric=None
+    ):
         self.config = config if config is not None else self.config_class()
         if not isinstance(self.config, self.config_class):
             raise ConfigError(
@@ -117,8 +118,9 @@ class Trainer(Evaluations):
             cpu=cpu_processes,
             mixed_precision=self.config.mixed_precision,
             log_with=trackers or None,
-            project_config=ProjectConfiguration(project_dir=self.config.output_dir,
-                                                logging_dir=os.path.join(self.config.output_dir, "logs")),
+            project_config=ProjectConfiguration(
+                project_dir=self.config.output_dir, logging_dir=os.path.join(self.config.output_dir, "logs")
+            ),
             # One LR-scheduler step per optimizer step, whatever the number of processes.
             step_scheduler_with_optimizer=False,
         )
@@ -134,7 +136,7 @@ class Trainer(Evaluations):
 
     def _setup_model(self) -> None:
         cfg, policy = self.config, self.policy
-        for name, module in policy.pipe.components.items():
+        for module in policy.pipe.components.values():
             if isinstance(module, torch.nn.Module):
                 module.requires_grad_(False)
         self.reference_model = None
@@ -143,8 +145,12 @@ class Trainer(Evaluations):
             # rerun of the same config starts from the same adapter.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed)
-                policy.add_lora(rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules,
-                                dropout=cfg.lora_dropout)
+                policy.add_lora(
+                    rank=cfg.lora_rank,
+                    alpha=cfg.lora_alpha,
+                    target_modules=cfg.lora_target_modules,
+                    dropout=cfg.lora_dropout,
+                )
         # What is trained: the denoiser, or one module holding every trained network (both Wan 2.2
         # experts); LoRA goes on each of policy.trainable_denoisers().
         denoiser = policy.training_module()
@@ -174,13 +180,22 @@ class Trainer(Evaluations):
         from diffusers.optimization import get_scheduler
 
         cfg = self.config
-        optimizer = torch.optim.AdamW(self.trainable_parameters, lr=cfg.learning_rate,
-                                      betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                      weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
-        scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                  num_training_steps=cfg.max_steps * self.optimizer_steps_per_iteration())
+        optimizer = torch.optim.AdamW(
+            self.trainable_parameters,
+            lr=cfg.learning_rate,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            weight_decay=cfg.adam_weight_decay,
+            eps=cfg.adam_epsilon,
+        )
+        scheduler = get_scheduler(
+            cfg.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=cfg.lr_warmup_steps,
+            num_training_steps=cfg.max_steps * self.optimizer_steps_per_iteration(),
+        )
         self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
-            self.policy.training_module(), optimizer, scheduler)
+            self.policy.training_module(), optimizer, scheduler
+        )
         self.policy.set_runner(self.model)
         self.ema = None
         if cfg.ema_decay is not None:
@@ -204,8 +219,12 @@ class Trainer(Evaluations):
         self.prompt_sampler = None
         if self.prompt_source is not None:
             self.prompt_sampler = PromptSampler(
-                self.prompt_source, batch_size=self.config.prompts_per_step, seed=self.config.seed,
-                rank=self.accelerator.process_index, world_size=self.accelerator.num_processes)
+                self.prompt_source,
+                batch_size=self.config.prompts_per_step,
+                seed=self.config.seed,
+                rank=self.accelerator.process_index,
+                world_size=self.accelerator.num_processes,
+            )
             self.accelerator.register_for_checkpointing(self.prompt_sampler)
 
     def _setup_outputs(self) -> None:
@@ -240,8 +259,12 @@ class Trainer(Evaluations):
         from visalign.training.prompts import load_images
 
         geometry = self.policy.geometry(self.config.height, self.config.width, self.config.num_frames)
-        return load_images(records, self.config.image_column, base_dir=self.prompt_source.base_dir,
-                           size=(geometry.height, geometry.width)).to(self.accelerator.device)
+        return load_images(
+            records,
+            self.config.image_column,
+            base_dir=self.prompt_source.base_dir,
+            size=(geometry.height, geometry.width),
+        ).to(self.accelerator.device)
 
     def guidance_scale(self) -> float | None:
         """The CFG scale of sampling and training: 1 (no CFG) when ``cfg_in_training`` is off.
@@ -255,13 +278,20 @@ class Trainer(Evaluations):
 
     def sampling_kwargs(self, step: int) -> dict:
         """The keywords of :func:`visalign.sample` for iteration ``step``: the config's sampling options
-        (the SDE window of ``step``), the CFG rule of :meth:`guidance_scale` and the output size."""
+        (the SDE window of ``step``), the CFG rule of :meth:`guidance_scale` and the output size.
+        """
         cfg = self.config
-        return {**cfg.sample_kwargs(step, cfg.seed), "guidance_scale": self.guidance_scale(),
-                "height": cfg.height, "width": cfg.width, "num_frames": cfg.num_frames}
+        return {
+            **cfg.sample_kwargs(step, cfg.seed),
+            "guidance_scale": self.guidance_scale(),
+            "height": cfg.height,
+            "width": cfg.width,
+            "num_frames": cfg.num_frames,
+        }
 
-    def score(self, images: torch.Tensor, prompts: list[str], records: list[dict] | None = None,
-              step: int | None = None):
+    def score(
+        self, images: torch.Tensor, prompts: list[str], records: list[dict] | None = None, step: int | None = None
+    ):
         """Scores with the records' extra columns as conditioning; returns a :class:`~visalign.rewards.RewardResult`.
 
         ``step`` (default: the current iteration) seeds the generator handed to rewards that draw at
@@ -351,8 +381,9 @@ class Trainer(Evaluations):
             print(self.describe())
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.max_steps, initial=self.state.step, disable=not self.is_main_process,
-                   desc=type(self).__name__)
+        bar = tqdm(
+            total=cfg.max_steps, initial=self.state.step, disable=not self.is_main_process, desc=type(self).__name__
+        )
         metrics: dict = {}
         while self.state.step < cfg.max_steps:
             step = self.state.step
@@ -448,10 +479,12 @@ class Trainer(Evaluations):
         """The batch arithmetic and the config, printed at start (ddpo-pytorch style)."""
         n_train = sum(p.numel() for p in self.trainable_parameters)
         n_total = sum(p.numel() for d in self.policy.trainable_denoisers().values() for p in d.parameters())
-        lines = [f"{type(self).__name__}: {self.policy!r}",
-                 f"  processes: {self.accelerator.num_processes}, device: {self.accelerator.device}, "
-                 f"mixed precision: {self.config.mixed_precision}",
-                 f"  trainable parameters: {n_train:,} of {n_total:,} ({'LoRA' if self.config.use_lora else 'full'})"]
+        lines = [
+            f"{type(self).__name__}: {self.policy!r}",
+            f"  processes: {self.accelerator.num_processes}, device: {self.accelerator.device}, "
+            f"mixed precision: {self.config.mixed_precision}",
+            f"  trainable parameters: {n_train:,} of {n_total:,} ({'LoRA' if self.config.use_lora else 'full'})",
+        ]
         lines += ["  " + line for line in self.batch_arithmetic()]
         return "\n".join(lines)
 
@@ -469,8 +502,11 @@ def _allow_new_precision(mixed_precision: str) -> None:
     from accelerate.state import AcceleratorState
 
     state = AcceleratorState._shared_state
-    if state and state.get("_mixed_precision") not in (None, mixed_precision) and \
-            int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if (
+        state
+        and state.get("_mixed_precision") not in (None, mixed_precision)
+        and int(os.environ.get("WORLD_SIZE", "1")) == 1
+    ):
         AcceleratorState._reset_state()
 
 
