@@ -77,8 +77,8 @@ def tiny_rewards() -> dict:
 def _tiny_blip_qwen_rewards() -> dict:
     """ImageReward (tiny BLIP), HPSv3 and VideoAlign (a tiny Qwen2-VL, 56x56 px per image/frame)."""
     import visalign.rewards as R
-    from visalign.rewards.image_reward import tiny_image_reward
     from visalign.rewards.qwen_reward_head import tiny_qwen2vl
+    from visalign.testing.image_reward import tiny_image_reward
 
     blip, btok = tiny_image_reward()
     qwen, qtok = tiny_qwen2vl()
@@ -187,8 +187,9 @@ def _real_blip_qwen_rewards(dtype: torch.dtype, layers: int = 28) -> dict:
     (their ids fit the real vocabularies); HPSv3 sees 200704-pixel images, VideoAlign frames of at
     most 200704 pixels sampled at 2 fps from clips taken as 16 fps."""
     import visalign.rewards as R
-    from visalign.rewards.image_reward import ImageRewardModel, tiny_image_reward
+    from visalign.rewards.image_reward import ImageRewardModel
     from visalign.rewards.qwen_reward_head import tiny_qwen2vl
+    from visalign.testing.image_reward import tiny_image_reward
 
     where = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 

@@ -11,9 +11,9 @@ from visalign.rewards.image_reward import (
     IMAGE_REWARD_STD,
     ImageRewardModel,
     map_released_key,
-    tiny_image_reward,
 )
 from visalign.rewards.preprocess import CLIP_MEAN, CLIP_STD, normalize, resize
+from visalign.testing.image_reward import tiny_image_reward
 
 PROMPTS = ["a red cat on the cube", "a photo of a blue dog"]
 

@@ -31,8 +31,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from visalign.errors import ConfigError, RewardError, require
+from visalign.errors import ConfigError, RewardError
 from visalign.pipelines import Policy, wrap
+from visalign.training.accelerator import build_accelerator, flat_config
 from visalign.training.checkpoint import load_latest_complete, save_checkpoint
 from visalign.training.config import TrainConfig
 from visalign.training.evaluations import Evaluations
@@ -104,26 +105,7 @@ class Trainer(Evaluations):
 
     # ------------------------------------------------------------------ setup
     def _build_accelerator(self):
-        from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration
-
-        trackers = [t for t in self.config.trackers if t != "jsonl"]
-        for name in trackers:
-            require({"tensorboard": "tensorboard", "wandb": "wandb"}[name], name, f"The {name} tracker")
-        # accelerate only treats a multi-process launch without GPUs as multi-CPU (gloo) when told
-        # to use the CPU; without this, each process would silently train alone.
-        cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-        _allow_new_precision(self.config.mixed_precision)
-        return Accelerator(
-            cpu=cpu_processes,
-            mixed_precision=self.config.mixed_precision,
-            log_with=trackers or None,
-            project_config=ProjectConfiguration(
-                project_dir=self.config.output_dir, logging_dir=os.path.join(self.config.output_dir, "logs")
-            ),
-            # One LR-scheduler step per optimizer step, whatever the number of processes.
-            step_scheduler_with_optimizer=False,
-        )
+        return build_accelerator(self.config)
 
     @property
     def is_main_process(self) -> bool:
@@ -233,7 +215,7 @@ class Trainer(Evaluations):
             os.makedirs(cfg.output_dir, exist_ok=True)
             cfg.to_yaml(os.path.join(cfg.output_dir, "config.yaml"))
         if self.accelerator.log_with:
-            self.accelerator.init_trackers(type(self).__name__, config=_flat_config(cfg.to_dict()))
+            self.accelerator.init_trackers(type(self).__name__, config=flat_config(cfg.to_dict()))
         self.logger = RunLogger(self.accelerator, cfg.output_dir, use_jsonl="jsonl" in cfg.trackers)
 
     # ------------------------------------------------------------------ helpers for algorithms
@@ -490,33 +472,3 @@ class Trainer(Evaluations):
 
     def batch_arithmetic(self) -> list[str]:
         return []
-
-
-def _allow_new_precision(mixed_precision: str) -> None:
-    """Lets one single-process session (a notebook, a test run) build trainers of different precisions.
-
-    accelerate keeps its state in a process-wide singleton that refuses a second mixed-precision
-    setting; in a single process nothing else depends on it, so it is reset. Launched
-    multi-process runs are left alone.
-    """
-    from accelerate.state import AcceleratorState
-
-    state = AcceleratorState._shared_state
-    if (
-        state
-        and state.get("_mixed_precision") not in (None, mixed_precision)
-        and int(os.environ.get("WORLD_SIZE", "1")) == 1
-    ):
-        AcceleratorState._reset_state()
-
-
-def _flat_config(d: dict, prefix: str = "") -> dict:
-    """Trackers take flat scalars: lists and dicts become strings."""
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat_config(v, key + "."))
-        else:
-            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
