@@ -427,8 +427,9 @@ def plot(rows: list[dict], path: str, eval_captions: int | None = None) -> str:
         xs = [b for b, _ in points]
         means = [100 * statistics.fmean(x["all_correct"] for x in g) for _, g in points]
         sds = [100 * statistics.stdev(x["all_correct"] for x in g) if len(g) > 1 else 0.0 for _, g in points]
-        seeds = min(len(g) for _, g in points)
-        ax.errorbar(xs, means, yerr=sds, marker="o", capsize=3, label=f"{LABELS.get(alg, alg)} (n≥{seeds})")
+        lo, hi = min(len(g) for _, g in points), max(len(g) for _, g in points)
+        seeds = f"{lo} seed{'s' if hi > 1 else ''}" if lo == hi else f"{lo}–{hi} seeds"
+        ax.errorbar(xs, means, yerr=sds, marker="o", capsize=3, label=f"{LABELS.get(alg, alg)} ({seeds})")
     if agg["base"] is not None:
         ax.axhline(100 * agg["base"]["all_correct"], color="grey", linestyle="--", linewidth=1, label="base model")
     ax.set_xscale("log", base=2)

@@ -32,8 +32,8 @@ def test_recipes_and_sample_counts():
     assert guard.ratio == "guard"
 
 
-# Two DiffusionNFT iterations (64 samples) and three small evaluations: about 70 s on the shared 2-core
-# sandbox at load average 8 (31 s per iteration), so over the ~60 s a fast test may take.
+# Two DiffusionNFT iterations (64 samples) and three small evaluations: 60-70 s on the shared 2-core
+# sandbox at load average 7-8 (about 30 s per iteration), so over the ~60 s a fast test may take.
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_one_run_rows_resume_and_summary(tmp_path, capsys):
