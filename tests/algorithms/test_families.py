@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import visalign as va
-from tests.conftest import EDIT_FAMILIES, I2V_FAMILIES, size_kwargs
+from tests.conftest import EDIT_FAMILIES, I2V_FAMILIES, size_kwargs, stock_call
 from visalign.testing import brightness, tiny_pipeline
 
 FAMILY_LIST = ["qwen-image", "qwen-image-edit", "flux2", "flux2-klein", "z-image", "flux-kontext"]
@@ -87,3 +87,26 @@ def test_encode_decode_round_trip_is_differentiable(family):
     pixels.mean().backward()
     assert latents.grad is not None and latents.grad.abs().sum() > 0
     assert policy.encode(pixels.detach()).shape == latents.shape
+
+
+# The 2025 image families' stock calls (the video families test theirs in tests/pipelines/test_wan22.py
+# and test_hunyuan_video15.py): build, stock __call__ (through conftest.stock_call, which gives each
+# family the arguments it needs), save_pretrained / from_pretrained, the same pixels again.
+IMAGE_FAMILIES_2025 = ["qwen-image", "qwen-image-edit", "flux2", "flux2-klein", "z-image", "flux-kontext"]
+
+
+@pytest.mark.parametrize("family", IMAGE_FAMILIES_2025)
+def test_stock_call_survives_save_pretrained(family, tmp_path):
+    pipe = tiny_pipeline(family, seed=1)
+    assert all(not m.training for c in pipe.components.values() if isinstance(c, torch.nn.Module) for m in c.modules())
+    call = dict(num_inference_steps=2, max_sequence_length=64)
+    before = stock_call(va.wrap(pipe), family, ["a red circle"], torch.Generator().manual_seed(0), **call)
+    size = size_kwargs(family)
+    assert before.shape == (1, 3, size["height"], size["width"]) and torch.isfinite(before).all()
+    pipe.save_pretrained(tmp_path)
+    loaded = type(pipe).from_pretrained(tmp_path, local_files_only=True)
+    loaded.set_progress_bar_config(disable=True)
+    after = stock_call(va.wrap(loaded), family, ["a red circle"], torch.Generator().manual_seed(0), **call)
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+    text = "a red circle, Blurry!"
+    assert loaded.tokenizer(text).input_ids == pipe.tokenizer(text).input_ids
