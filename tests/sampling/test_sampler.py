@@ -6,30 +6,16 @@ latents agree to 1e-5 absolute (measured: ≤ 1e-6 on every family, 2026-11-22).
 
 import pytest
 import torch
-from PIL import Image
 
 import visalign as va
-from tests.conftest import FAMILIES, FLOW_FAMILIES, PROMPTS, first_frames, size_kwargs
+from tests.conftest import FAMILIES, FLOW_FAMILIES, PROMPTS, first_frames, size_kwargs, stock_call, stock_policy
 from visalign.errors import SamplerError
 
 STOCK_ATOL = 1e-5
 
 
 def _stock(policy, family, prompts, generator, output_type="pt", **kwargs):
-    images = first_frames(family, 1)
-    if images is not None:  # stock repeats one first frame for the whole batch
-        arr = (images[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-        kwargs["image"] = Image.fromarray(arr)
-    out = policy.pipe(
-        prompt=prompts,
-        num_inference_steps=4,
-        guidance_scale=4.0,
-        generator=generator,
-        output_type=output_type,
-        **size_kwargs(family),
-        **kwargs,
-    )
-    return out.frames if hasattr(out, "frames") else out.images
+    return stock_call(policy, family, prompts, generator, output_type=output_type, **kwargs)
 
 
 def _ours(policy, family, prompts, generator, **kwargs):
@@ -43,7 +29,7 @@ def _ours(policy, family, prompts, generator, **kwargs):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_ode_matches_stock_pipeline(tiny_policies, family):
-    policy = tiny_policies(family)
+    policy = stock_policy(tiny_policies(family), family)
     stock = _stock(policy, family, PROMPTS, torch.Generator().manual_seed(0))
     traj = _ours(policy, family, PROMPTS, torch.Generator().manual_seed(0), sampler="ode")
     assert traj.images.shape == stock.shape

@@ -50,6 +50,8 @@ class Policy(LoRAMethods):
     is_flow: ClassVar[bool] = True
     is_video: ClassVar[bool] = False
     needs_image: ClassVar[bool] = False
+    # What the conditioning image is, for messages: an I2V "first frame" or an edit's "source image".
+    image_role: ClassVar[str] = "first frame (image-to-video)"
     # Whether CFG batches [uncond, cond] in one forward (SD, SDXL, SD3 do, as stock does) or runs
     # two forwards (Wan, FLUX true-CFG, as stock does). Matching stock keeps outputs bit-comparable.
     cfg_batched: ClassVar[bool] = True

@@ -47,6 +47,7 @@ class FluxKontextPolicy(FluxPolicy):
     pipeline_class_names = ("FluxKontextPipeline",)
     default_guidance_scale = 3.5  # stock __call__ default (Kontext [dev]'s model card suggests 2.5)
     needs_image = True
+    image_role = "source image (instruction editing)"
 
     def __init__(self, pipe, auto_resize: bool = False, max_sequence_length: int = 512):
         super().__init__(pipe, max_sequence_length=max_sequence_length)

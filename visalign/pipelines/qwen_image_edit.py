@@ -71,6 +71,7 @@ class QwenImageEditPolicy(QwenImagePolicy):
     family = "qwen-image-edit"
     pipeline_class_names = ("QwenImageEditPipeline", "QwenImageEditPlusPipeline")
     needs_image = True
+    image_role = "source image (instruction editing)"
 
     def __init__(self, pipe, source_area: int | None = None, **kwargs):
         super().__init__(pipe, **kwargs)

@@ -156,7 +156,9 @@ def prepare_sampling(
 
     if policy.needs_image:
         if images is None:
-            raise InvalidInputError(f"{policy.family} is image-to-video: pass images=(P, 3, H, W) in [0, 1].")
+            raise InvalidInputError(
+                f"{policy.family} needs one {policy.image_role} per prompt: pass images=(P, 3, H, W) in [0, 1]."
+            )
         images = _check_images(images, len(prompts))
     elif images is not None:
         raise InvalidInputError(f"{policy.family} takes no conditioning images; leave images=None.")
