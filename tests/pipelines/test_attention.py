@@ -82,3 +82,23 @@ def test_unet_cannot_use_flash(monkeypatch):
     with pytest.raises(ConfigError, match="do not go through diffusers' attention dispatcher"):
         apply_attention_backend(policy, "flash")
     assert all(policy.denoiser.attn_processors[k] is v for k, v in before.items())
+
+
+def test_a_trainer_config_applies_its_backend_or_says_what_is_missing(tmp_path):
+    import visalign as va
+    from visalign.errors import MissingDependencyError
+    from visalign.testing import brightness, tiny_pipeline
+
+    pytest.importorskip("torch")
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        with pytest.raises(MissingDependencyError, match="xformers"):
+            va.GRPOTrainer(
+                tiny_pipeline("sd3"),
+                brightness,
+                ["a red circle"],
+                va.GRPOConfig(attention_backend="xformers", output_dir=str(tmp_path)),
+            )
+    else:
+        pytest.skip("xformers is installed here; the missing-package path cannot be shown")

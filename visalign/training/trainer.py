@@ -89,6 +89,10 @@ class Trainer(Evaluations):
         self.accelerator = accelerator or self._build_accelerator()
         self.policy: Policy = wrap(policy)
         self.policy.to(self.accelerator.device)
+        if self.config.attention_backend not in ("sdpa", "native"):  # the default leaves the policy's kernel alone
+            from visalign.pipelines.attention import apply_attention_backend
+
+            apply_attention_backend(self.policy, self.config.attention_backend)
         self.reward = reward
         self.prompt_source = PromptSource.from_any(prompts) if prompts is not None else None
         self.state = TrainState()
