@@ -55,7 +55,7 @@ def evaluate_policy(
         The evaluator's dict (:func:`visalign.toy.evaluate`: ``all_correct``, ``accuracy``, ...)
         plus ``"images"`` and, with a reward, ``"reward"`` (the mean).
     """
-    import visalign as va
+    from visalign.sampling import sample
 
     if len(seeds) != len(prompts):
         from visalign.errors import InvalidInputError
@@ -64,7 +64,7 @@ def evaluate_policy(
             f"evaluate_policy got {len(prompts)} prompts but {len(seeds)} seeds; pass one seed each."
         )
     with torch.no_grad():
-        traj = va.sample(
+        traj = sample(
             policy,
             list(prompts),
             num_steps=num_steps,
