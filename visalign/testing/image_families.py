@@ -31,13 +31,11 @@ from visalign.testing.components import (
     _T5_DIM,
     _autoencoder_kl,
     _clip_text,
-    _flux2_vae,
     _latent16_vae,
     _mistral3_text_encoder,
     _qwen2vl_processor,
     _qwen3_text_encoder,
     _qwen25_vl_text_encoder,
-    _qwen_image_vae,
     _Recipe,
     _t5_text,
     tiny_llm_tokenizer,
@@ -340,3 +338,47 @@ def _flux_kontext() -> tuple[type, dict[str, Any]]:
 
     _, parts = _flux()
     return FluxKontextPipeline, {**parts, "image_encoder": None, "feature_extractor": None}
+
+
+def _qwen_image_vae(**config):
+    """A tiny ``AutoencoderKLQwenImage``: the real 8x spatial factor and 16 channels with the real
+    ``latents_mean``/``latents_std`` (its config defaults), 4 channels per level and no extra residual
+    blocks, so that stock Qwen-Image-Edit's 1 MP source encodes in about 2 s on one CPU thread.
+    """
+    from diffusers import AutoencoderKLQwenImage
+
+    config = {
+        "base_dim": 4,
+        "z_dim": 16,
+        "dim_mult": [1, 1, 1, 1],
+        "num_res_blocks": 0,
+        "temperal_downsample": [False, True, True],
+        **config,
+    }
+    return AutoencoderKLQwenImage(**config)
+
+
+def _flux2_vae(**config):
+    """A tiny ``AutoencoderKLFlux2`` (scale factor 2, 32 latent channels, 2x2 patches).
+
+    The batch-norm statistics that normalise FLUX.2's patchified latents get random values (a
+    fresh BatchNorm has mean 0 and variance 1), so the tests exercise the normalisation.
+    """
+    import torch
+    from diffusers import AutoencoderKLFlux2
+
+    config = {
+        "block_out_channels": [16, 32],
+        "down_block_types": ["DownEncoderBlock2D"] * 2,
+        "up_block_types": ["UpDecoderBlock2D"] * 2,
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+        "latent_channels": 32,
+        "sample_size": 32,
+        **config,
+    }
+    vae = AutoencoderKLFlux2(**config)
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(0.5 * torch.randn_like(vae.bn.running_mean))
+        vae.bn.running_var.copy_(0.5 + torch.rand_like(vae.bn.running_var))
+    return vae
