@@ -44,29 +44,11 @@ from torch.utils._pytree import tree_leaves
 from visalign import architectures as arch
 from visalign.errors import ConfigError
 
-__all__ = [
-    "PEAK_BF16_FLOPS",
-    "Plan",
-    "Workload",
-    "format_plan",
-    "make_plan",
-    "measure",
-    "peak_bf16_flops",
-    "workload_from_recipe",
-]
+__all__ = ["Plan", "Workload", "format_plan", "make_plan", "measure", "peak_bf16_flops", "workload_from_recipe"]
 
 #: Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by device-name fragment (first match).
-PEAK_BF16_FLOPS = {
-    "H100 PCIe": 756e12,
-    "H100 NVL": 835e12,
-    "H100": 989e12,
-    "H200": 989e12,
-    "H20": 148e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "A10G": 70e12,
-    "4090": 165e12,
-}
+_PEAKS = "H100 PCIe=756, H100 NVL=835, H100=989, H200=989, H20=148, A100=312, L40S=362, A10G=70, 4090=165"
+PEAK_BF16_FLOPS = {k: float(v) * 1e12 for k, v in (entry.split("=") for entry in _PEAKS.split(", "))}
 _DEFAULT_SIZE = {"sd3": (1024, 1024, None), "flux": (1024, 1024, None), "wan-t2v": (480, 832, 81)}
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GiB = 2**30
@@ -132,28 +114,13 @@ def workload_from_recipe(path: str, overrides=(), architecture: str | None = Non
     fraction = get("timestep_fraction", 1.0)
     trained = max(1, round(fraction * candidates)) if algorithm in ("grpo", "prdp") else 1
     per_update = max(1, rollout // get("updates_per_rollout", 1))
-    mixed = get("mixed_precision", "no")
-    return Workload(
-        name,
-        algorithm,
-        dtype,
-        {"no": dtype, "bf16": "bfloat16", "fp16": "float16"}[mixed],
-        get("height") or h,
-        get("width") or w,
-        (get("num_frames") or f) if f else None,
-        get("use_lora", True),
-        get("lora_rank", 8),
-        get("lora_target_modules"),
-        get("gradient_checkpointing", False),
-        get("ema_decay") is not None,
-        get("kl_beta", 0.0) > 0 or algorithm == "dpo",
-        rollout,
-        steps,
-        trained,
-        min(get("micro_batch_size") or per_update, per_update),
-        cfg_mult,
-        1 if get("detach_uncond", False) else cfg_mult,
-    )
+    compute = {"no": dtype, "bf16": "bfloat16", "fp16": "float16"}[get("mixed_precision", "no")]
+    size = (get("height") or h, get("width") or w, (get("num_frames") or f) if f else None)
+    lora = (get("use_lora", True), get("lora_rank", 8), get("lora_target_modules"), get("gradient_checkpointing", 0))
+    copies = (get("ema_decay") is not None, get("kl_beta", 0.0) > 0 or algorithm == "dpo")
+    batch = (rollout, steps, trained, min(get("micro_batch_size") or per_update, per_update), cfg_mult)
+    train_cfg = 1 if get("detach_uncond") else cfg_mult
+    return Workload(name, algorithm, dtype, compute, *size, *lora, *copies, *batch, train_cfg)
 
 
 # ------------------------------------------------------------------------------ measuring on meta
@@ -193,12 +160,10 @@ def _flash_sdpa():
 
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
         if query.device.type == "meta" and attn_mask is None:
-            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                query, key, value, dropout_p, is_causal, scale=scale
-            )[0]
-        return original(
-            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs
-        )
+            flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+            return flash(query, key, value, dropout_p, is_causal, scale=scale)[0]
+        kwargs.update(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+        return original(query, key, value, **kwargs)
 
     functional.scaled_dot_product_attention = sdpa
     try:
@@ -210,29 +175,17 @@ def _flash_sdpa():
 def _denoiser_inputs(family: str, config: dict, batch: int, w: Workload, dtype: torch.dtype) -> dict:
     empty = lambda *shape: torch.empty(*shape, device="meta", dtype=dtype)  # noqa: E731
     t, tokens = torch.ones(batch, device="meta"), w.text_tokens or 0
+    text = empty(batch, tokens, config.get("joint_attention_dim") or config["text_dim"])
     if family == "sd3":
-        return dict(
-            hidden_states=empty(batch, 16, w.height // 8, w.width // 8),
-            timestep=t,
-            encoder_hidden_states=empty(batch, tokens, config["joint_attention_dim"]),
-            pooled_projections=empty(batch, config["pooled_projection_dim"]),
-        )
+        latents, pooled = empty(batch, 16, w.height // 8, w.width // 8), empty(batch, config["pooled_projection_dim"])
+        return dict(hidden_states=latents, encoder_hidden_states=text, pooled_projections=pooled, timestep=t)
     if family == "flux":
         n = (w.height // 16) * (w.width // 16)
-        return dict(
-            hidden_states=empty(batch, n, 64),
-            encoder_hidden_states=empty(batch, tokens, 4096),
-            timestep=t,
-            pooled_projections=empty(batch, config["pooled_projection_dim"]),
-            guidance=t,
-            img_ids=torch.empty(n, 3, device="meta"),
-            txt_ids=torch.empty(tokens, 3, device="meta"),
-        )
-    return dict(
-        hidden_states=empty(batch, 16, _latent_frames(w), w.height // 8, w.width // 8),
-        timestep=t,
-        encoder_hidden_states=empty(batch, tokens, config["text_dim"]),
-    )
+        ids = dict(img_ids=torch.empty(n, 3, device="meta"), txt_ids=torch.empty(tokens, 3, device="meta"))
+        inputs = dict(hidden_states=empty(batch, n, 64), encoder_hidden_states=text, timestep=t, guidance=t, **ids)
+        return dict(inputs, pooled_projections=empty(batch, config["pooled_projection_dim"]))
+    latents = empty(batch, 16, _latent_frames(w), w.height // 8, w.width // 8)
+    return dict(hidden_states=latents, encoder_hidden_states=text, timestep=t)
 
 
 def _latent_frames(w: Workload) -> int:
@@ -244,19 +197,11 @@ def _run(fn, external, flops: bool = True) -> tuple[int, int]:
     from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
     aten = torch.ops.aten  # the flash SDPA of _flash_sdpa, counted as FlopCounterMode counts the CUDA one
-    counter = (
-        FlopCounterMode(
-            display=False,
-            custom_mapping={
-                aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, **kw: sdpa_flop_count(q, k, v),
-                aten._scaled_dot_product_flash_attention_for_cpu_backward: lambda g, q, k, v, *a, **kw: (
-                    sdpa_backward_flop_count(g, q, k, v)
-                ),
-            },
-        )
-        if flops
-        else contextlib.nullcontext()
-    )
+    forward = aten._scaled_dot_product_flash_attention_for_cpu
+    backward = aten._scaled_dot_product_flash_attention_for_cpu_backward
+    mapping = {forward: lambda q, k, v, *a, **kw: sdpa_flop_count(q, k, v)}
+    mapping[backward] = lambda g, q, k, v, *a, **kw: sdpa_backward_flop_count(g, q, k, v)
+    counter = FlopCounterMode(display=False, custom_mapping=mapping) if flops else contextlib.nullcontext()
     with counter, _flash_sdpa(), _LiveBytes(external) as tracker:
         fn()
     return tracker.peak, counter.get_total_flops() if flops else 0
@@ -269,13 +214,10 @@ def measure(w: Workload, depth: int | None = None) -> dict:
     w.text_tokens = w.text_tokens or record["text_tokens"]
     model = arch.build(w.architecture, depth=depth, dtype=dtype)
     blocks = [b for blocks in arch.block_lists(model) for b in blocks]
-    out = {
-        "params": sum(p.numel() for p in model.parameters()),
-        "buffer_bytes": sum(b.numel() for b in model.buffers() if b.is_floating_point()) * _BYTES[w.dtype],
-        "blocks": len(blocks),
-        "block_classes": sorted({type(b).__name__ for b in blocks}),
-        "block_params": max(sum(p.numel() for p in b.parameters()) for b in blocks),
-    }
+    out = {"params": sum(p.numel() for p in model.parameters()), "blocks": len(blocks)}
+    out["buffer_bytes"] = sum(b.numel() for b in model.buffers() if b.is_floating_point()) * _BYTES[w.dtype]
+    out["block_classes"] = sorted({type(b).__name__ for b in blocks})
+    out["block_params"] = max(sum(p.numel() for p in b.parameters()) for b in blocks)
     if w.use_lora:
         from peft import LoraConfig
 
@@ -304,22 +246,12 @@ def measure(w: Workload, depth: int | None = None) -> dict:
     with torch.no_grad():
         out["act_infer"], out["flops_forward"] = _run(lambda: model(**one, return_dict=False), external)
         vae = arch.build(w.architecture, "vae", dtype=dtype)
-        z = torch.empty(
-            1,
-            16,
-            *([_latent_frames(w)] if family.startswith("wan") else []),
-            w.height // 8,
-            w.width // 8,
-            device="meta",
-            dtype=dtype,
-        )
+        frames = [_latent_frames(w)] if family.startswith("wan") else []
+        z = torch.empty(1, 16, *frames, w.height // 8, w.width // 8, device="meta", dtype=dtype)
         out["vae_params"] = sum(p.numel() for p in vae.parameters())
         out["act_decode"], out["flops_decode"] = _run(lambda: vae.decode(z), [*vae.parameters(), *vae.buffers(), z])
-    out["text_params"] = (
-        w.text_encoder_params
-        if w.text_encoder_params is not None
-        else sum(arch.parameter_count(w.architecture, part) for part in record["text_encoders"])
-    )
+    text, parts = w.text_encoder_params, record["text_encoders"]
+    out["text_params"] = text if text is not None else sum(arch.parameter_count(w.architecture, p) for p in parts)
     out["latent_numel"] = z.numel()  # FLUX's packing is a permutation of the same numbers
     out["cond_numel"] = w.text_tokens * record["denoiser"]["config"].get("joint_attention_dim", 4096)
     return out
@@ -370,14 +302,7 @@ def _check_fsdp(w: Workload, m: dict, gpus: int, accelerate_config: str | None) 
     return notes
 
 
-def make_plan(
-    w: Workload,
-    gpus: int = 1,
-    strategies=("ddp", "fsdp"),
-    depth: int | None = None,
-    accelerate_config: str | None = None,
-    measured: dict | None = None,
-) -> Plan:
+def make_plan(w: Workload, gpus=1, strategies=("ddp", "fsdp"), depth=None, accelerate_config=None, measured=None):
     """The per-GPU memory of ``w`` under each strategy, and its FLOPs per iteration."""
     if gpus < 1:
         raise ConfigError(f"--gpus must be >= 1, got {gpus}.")
@@ -397,29 +322,18 @@ def make_plan(
         n, ddp = (gpus, False) if strategy == "fsdp" else (1, True)
         if not ddp:
             plan.notes += _check_fsdp(w, m, gpus, accelerate_config)
-        rows = {
-            "denoiser weights": weights / n,
-            "text encoders + VAE": (m["text_params"] + m["vae_params"]) * b,
-            "gradients (fp32)": trainable * 4 / n,
-            "AdamW moments (2 x fp32)": trainable * 8 / n,
-            "EMA (fp32)": trainable * 4 / n if w.ema else 0,
-            "reference copy": reference,
-            "DDP buckets" if ddp else "FSDP gathered blocks": (trainable * 4 if gpus > 1 else 0)
-            if ddp
-            else 2 * m["block_params"] * cb,
-        }
+        rows = {"denoiser weights": weights / n, "text encoders + VAE": (m["text_params"] + m["vae_params"]) * b}
+        rows["gradients (fp32)"], rows["AdamW moments (2 x fp32)"] = trainable * 4 / n, trainable * 8 / n
+        rows["EMA (fp32)"], rows["reference copy"] = trainable * 4 / n if w.ema else 0, reference
+        if ddp:  # DDP keeps a second copy of the gradients in its buckets
+            rows["DDP buckets"] = trainable * 4 if gpus > 1 else 0
+        else:  # the block being computed and the next one, prefetched, gathered in the compute dtype
+            rows["FSDP gathered blocks"] = 2 * m["block_params"] * cb
         rows["static"] = sum(rows.values())
         rows["rollout: trajectory + prompts"] = states + cond
         # The rollout's peak: its last step (inference temporaries), the decode, or stacking the states (2x).
-        rows["rollout: peak above static"] = (
-            states
-            + cond
-            + max(
-                m["act_infer"] * w.rollout_batch * w.cfg + (autocast if ddp else 0),
-                m["act_decode"] * w.rollout_batch,
-                states,
-            )
-        )
+        infer = m["act_infer"] * w.rollout_batch * w.cfg + (autocast if ddp else 0)
+        rows["rollout: peak above static"] = states + cond + max(infer, m["act_decode"] * w.rollout_batch, states)
         rows["train: activations, no checkpointing"] = m["act_train"] * train_samples
         rows["train: activations, checkpointing"] = m["act_train_ckpt"] * train_samples
         rows["train: peak above static"] = states + cond + act + ref_pass + (autocast if ddp else 0)
@@ -427,13 +341,11 @@ def make_plan(
         phases = ("rollout: peak above static", "train: peak above static", "optimizer step: temporaries")
         rows["PEAK per GPU"] = rows["static"] + max(rows[p] for p in phases)
         plan.rows[strategy] = rows
-    s = w.rollout_batch
-    plan.flops = {
-        "rollout": s * w.num_steps * w.cfg * m["flops_forward"] + s * m["flops_decode"],
-        "training": s * w.trained_steps * (w.train_cfg * m["flops_train"] + (w.cfg - w.train_cfg) * m["flops_forward"])
-        + (s * w.trained_steps * w.cfg * m["flops_forward"] if w.reference else 0),
-    }
-    plan.flops["iteration"] = plan.flops["rollout"] + plan.flops["training"]
+    s, k = w.rollout_batch, w.trained_steps
+    rollout = s * w.num_steps * w.cfg * m["flops_forward"] + s * m["flops_decode"]
+    training = s * k * (w.train_cfg * m["flops_train"] + (w.cfg - w.train_cfg) * m["flops_forward"])
+    training += s * k * w.cfg * m["flops_forward"] if w.reference else 0
+    plan.flops = {"rollout": rollout, "training": training, "iteration": rollout + training}
     return plan
 
 
@@ -442,10 +354,9 @@ def format_plan(plan: Plan) -> str:
     w, m = plan.workload, plan.measured
     strategies = list(plan.rows)
     lora = f"LoRA r{w.lora_rank}" if w.use_lora else "full fine-tuning"
+    size = f"{w.height}x{w.width}" + (f"x{w.num_frames}f" if w.num_frames else "")
     lines = [
-        f"visalign plan: {w.architecture} ({w.algorithm}), {w.height}x{w.width}"
-        + (f"x{w.num_frames}f" if w.num_frames else "")
-        + f", {plan.gpus} GPU(s), weights {w.dtype}, "
+        f"visalign plan: {w.architecture} ({w.algorithm}), {size}, {plan.gpus} GPU(s), weights {w.dtype}, "
         f"compute {w.compute_dtype}",
         f"  denoiser {m['params'] / 1e9:.3f}B parameters ({m['blocks']} blocks); trainable {m['trainable']:,} "
         f"({lora}); text encoders {m['text_params'] / 1e9:.2f}B; VAE {m['vae_params'] / 1e6:.1f}M",
