@@ -229,15 +229,11 @@ def bench_grpo(name: str, pipe, policy, args) -> dict:
     measured = _measure(w, args.depth)
     train_flops = w.rollout_batch * w.trained_steps * w.train_cfg * measured["flops_train"]
     rollout_flops = w.rollout_batch * args.steps * w.cfg * measured["flops_forward"]
-    phases = result["phases"]["visalign"]
+    phases = result["phases"]["visalign"] or {"time_training": float("nan"), "time_sampling": float("nan")}
     peak = peak_bf16_flops(torch.cuda.get_device_name()) if _cuda(args) else None
-    result.update(
-        train_flops=train_flops,
-        rollout_flops=rollout_flops,
-        peak_bf16_flops=peak,
-        train_flops_per_s=train_flops / phases["time_training"],
-        rollout_flops_per_s=rollout_flops / phases["time_sampling"],
-    )
+    result.update(train_flops=train_flops, rollout_flops=rollout_flops, peak_bf16_flops=peak)
+    result.update(train_flops_per_s=train_flops / phases["time_training"])
+    result.update(rollout_flops_per_s=rollout_flops / phases["time_sampling"])
     if peak:
         result.update(mfu_training=result["train_flops_per_s"] / peak, mfu_rollout=result["rollout_flops_per_s"] / peak)
     return result
