@@ -35,7 +35,7 @@ ALGORITHMS = {
     "nft": ("visalign.algorithms.nft", "NFTTrainer"),
     "awm": ("visalign.algorithms.awm", "AWMTrainer"),
 }
-RECIPE_KEYS = ("algorithm", "model", "torch_dtype", "prompts", "reward")
+RECIPE_KEYS = ("algorithm", "model", "torch_dtype", "prompts", "reward", "architecture")
 
 
 def trainer_class(algorithm: str) -> type:
