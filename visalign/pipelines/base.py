@@ -332,6 +332,11 @@ class Policy(LoRAMethods):
         scale = self.guidance_scale_at(timesteps, conditioning)
         if isinstance(scale, torch.Tensor):
             scale = scale.view(-1, *([1] * (latents.ndim - 1)))
+        uncond, cond = self._cfg_branches(latents, timesteps, conditioning, detach_uncond)
+        return self.combine_guidance(uncond, cond, scale)
+
+    def _cfg_branches(self, latents, timesteps, conditioning: Conditioning, detach_uncond: bool):
+        """The unconditional and conditional outputs, float32: one batched forward or two, as stock does."""
         if detach_uncond:
             with torch.no_grad():
                 uncond = self.forward(latents, timesteps, conditioning.uncond, conditioning.shared).float()
@@ -345,6 +350,10 @@ class Policy(LoRAMethods):
         else:
             cond = self.forward(latents, timesteps, conditioning.cond, conditioning.shared).float()
             uncond = self.forward(latents, timesteps, conditioning.uncond, conditioning.shared).float()
+        return uncond, cond
+
+    def combine_guidance(self, uncond: torch.Tensor, cond: torch.Tensor, scale) -> torch.Tensor:
+        """CFG, u + s·(c − u); a family whose stock pipeline post-processes it overrides this (Qwen-Image)."""
         return uncond + scale * (cond - uncond)
 
     def guidance_scale_at(self, timesteps: torch.Tensor, conditioning: Conditioning) -> float | torch.Tensor:

@@ -31,7 +31,6 @@ import torch
 
 from visalign.errors import UnsupportedPipelineError
 from visalign.pipelines.base import Conditioning, Geometry
-from visalign.pipelines.datatypes import _cat_batched
 from visalign.pipelines.flow import FlowPolicy
 from visalign.pipelines.registry import register_adapter
 
@@ -162,27 +161,9 @@ class QwenImagePolicy(FlowPolicy):
         )
 
     # ----------------------------------------------------------------- model
-    def predict(self, latents, timesteps, conditioning, detach_uncond=False):
-        """The guided velocity: stock's CFG, ``u + s·(c − u)`` rescaled per token to ‖c‖."""
-        if not conditioning.do_cfg:
-            return super().predict(latents, timesteps, conditioning, detach_uncond)
-        timesteps = torch.as_tensor(timesteps, device=latents.device)
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(latents.shape[0])
-        if detach_uncond:
-            with torch.no_grad():
-                uncond = self.forward(latents, timesteps, conditioning.uncond, conditioning.shared).float()
-            cond = self.forward(latents, timesteps, conditioning.cond, conditioning.shared).float()
-        elif self.cfg_batched:
-            both = _cat_batched([conditioning.uncond, conditioning.cond])
-            out = self.forward(
-                torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), both, conditioning.shared
-            ).float()
-            uncond, cond = out.chunk(2)
-        else:
-            cond = self.forward(latents, timesteps, conditioning.cond, conditioning.shared).float()
-            uncond = self.forward(latents, timesteps, conditioning.uncond, conditioning.shared).float()
-        combined = uncond + conditioning.guidance_scale * (cond - uncond)
+    def combine_guidance(self, uncond, cond, scale):
+        """Stock's CFG, ``u + s·(c − u)`` rescaled per token to ‖c‖."""
+        combined = super().combine_guidance(uncond, cond, scale)
         return combined * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True))
 
     def _model_input(self, latents: torch.Tensor, kwargs: dict, dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
