@@ -106,3 +106,27 @@ class FlowPolicy(Policy):
         z = dist.sample(generator) if sample else dist.mode()
         scale, shift = self._latent_affine()
         return (z.float() - shift) / scale
+
+
+class PatchedFlowPolicy(FlowPolicy):
+    """Base of the flow adapters whose latents are cut into 2×2 patches, one token each (FLUX.1, FLUX.2,
+    Qwen-Image, Z-Image): sizes come in multiples of twice the VAE factor.
+    """
+
+    @property
+    def spatial_multiple(self) -> int:
+        return self.pipe.vae_scale_factor * 2
+
+    def default_geometry(self) -> Geometry:
+        size = self.pipe.default_sample_size * self.pipe.vae_scale_factor
+        return Geometry(size, size)
+
+    def _token_hw(self, geometry: Geometry) -> tuple[int, int]:
+        """The token grid (after 2×2 patchifying) of an output of this size."""
+        f = self.pipe.vae_scale_factor
+        return geometry.height // (f * 2), geometry.width // (f * 2)
+
+    def _latent_hw(self, geometry: Geometry) -> tuple[int, int]:
+        """The latent grid before patchifying: twice the token grid."""
+        h, w = self._token_hw(geometry)
+        return 2 * h, 2 * w

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 
 from visalign.pipelines.base import Conditioning, Geometry
-from visalign.pipelines.flow import FlowPolicy
+from visalign.pipelines.flow import PatchedFlowPolicy
 from visalign.pipelines.registry import register_adapter
 
 
 @register_adapter
-class FluxPolicy(FlowPolicy):
+class FluxPolicy(PatchedFlowPolicy):
     """FLUX.1 [dev] / [schnell] text-to-image."""
 
     family = "flux"
@@ -36,18 +36,6 @@ class FluxPolicy(FlowPolicy):
     def __init__(self, pipe, max_sequence_length: int = 512):
         super().__init__(pipe)
         self.max_sequence_length = max_sequence_length
-
-    @property
-    def spatial_multiple(self) -> int:
-        return self.pipe.vae_scale_factor * 2
-
-    def default_geometry(self) -> Geometry:
-        size = self.pipe.default_sample_size * self.pipe.vae_scale_factor
-        return Geometry(size, size)
-
-    def _latent_hw(self, geometry: Geometry) -> tuple[int, int]:
-        f = self.pipe.vae_scale_factor
-        return 2 * (geometry.height // (f * 2)), 2 * (geometry.width // (f * 2))
 
     def _set_timesteps_kwargs(self, num_steps, geometry):
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift

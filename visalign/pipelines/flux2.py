@@ -31,12 +31,12 @@ import torch
 
 from visalign.errors import UnsupportedPipelineError
 from visalign.pipelines.base import Conditioning, Geometry
-from visalign.pipelines.flow import FlowPolicy
+from visalign.pipelines.flow import PatchedFlowPolicy
 from visalign.pipelines.registry import register_adapter
 
 
 @register_adapter
-class Flux2Policy(FlowPolicy):
+class Flux2Policy(PatchedFlowPolicy):
     """FLUX.2 [dev]: embedded guidance, Mistral-3 text encoder.
 
     Args:
@@ -77,19 +77,6 @@ class Flux2Policy(FlowPolicy):
             raise UnsupportedPipelineError(
                 f"{type(self.pipe).__name__} is not supported by visalign; use Flux2Pipeline or Flux2KleinPipeline."
             )
-
-    @property
-    def spatial_multiple(self) -> int:
-        return self.pipe.vae_scale_factor * 2
-
-    def default_geometry(self) -> Geometry:
-        size = self.pipe.default_sample_size * self.pipe.vae_scale_factor
-        return Geometry(size, size)
-
-    def _token_hw(self, geometry: Geometry) -> tuple[int, int]:
-        """The token grid (after 2x2 patchifying) of an output of this size."""
-        f = self.pipe.vae_scale_factor
-        return geometry.height // (f * 2), geometry.width // (f * 2)
 
     def _set_timesteps_kwargs(self, num_steps, geometry):
         from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from visalign.errors import UnsupportedPipelineError
-from visalign.pipelines.base import Conditioning, Geometry
-from visalign.pipelines.flow import FlowPolicy
+from visalign.pipelines.base import Conditioning
+from visalign.pipelines.flow import PatchedFlowPolicy
 from visalign.pipelines.registry import register_adapter
 
 #: The negative prompt of Qwen-Image's model card (and of Flow-GRPO's Qwen-Image training).
@@ -65,7 +65,7 @@ def trim_text(kwargs: dict) -> dict:
 
 
 @register_adapter
-class QwenImagePolicy(FlowPolicy):
+class QwenImagePolicy(PatchedFlowPolicy):
     """Qwen-Image text-to-image.
 
     Args:
@@ -98,18 +98,6 @@ class QwenImagePolicy(FlowPolicy):
                 f"distilled or layered Qwen-Image variant), which visalign does not support. Use Qwen-Image "
                 f"(Qwen/Qwen-Image) or Qwen-Image-Edit (Qwen/Qwen-Image-Edit, Qwen/Qwen-Image-Edit-2509)."
             )
-
-    @property
-    def spatial_multiple(self) -> int:
-        return self.pipe.vae_scale_factor * 2
-
-    def default_geometry(self) -> Geometry:
-        size = self.pipe.default_sample_size * self.pipe.vae_scale_factor
-        return Geometry(size, size)
-
-    def _latent_hw(self, geometry: Geometry) -> tuple[int, int]:
-        f = self.pipe.vae_scale_factor
-        return 2 * (geometry.height // (f * 2)), 2 * (geometry.width // (f * 2))
 
     def _set_timesteps_kwargs(self, num_steps, geometry):
         from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift

@@ -28,12 +28,12 @@ import torch
 
 from visalign.pipelines.base import Conditioning, Geometry
 from visalign.pipelines.datatypes import _cat_batched
-from visalign.pipelines.flow import FlowPolicy
+from visalign.pipelines.flow import PatchedFlowPolicy
 from visalign.pipelines.registry import register_adapter
 
 
 @register_adapter
-class ZImagePolicy(FlowPolicy):
+class ZImagePolicy(PatchedFlowPolicy):
     """Z-Image text-to-image.
 
     Args:
@@ -51,16 +51,8 @@ class ZImagePolicy(FlowPolicy):
         super().__init__(pipe)
         self.max_sequence_length = max_sequence_length
 
-    @property
-    def spatial_multiple(self) -> int:
-        return self.pipe.vae_scale_factor * 2
-
     def default_geometry(self) -> Geometry:
         return Geometry(1024, 1024)  # stock's default size
-
-    def _latent_hw(self, geometry: Geometry) -> tuple[int, int]:
-        f = self.pipe.vae_scale_factor
-        return 2 * (geometry.height // (f * 2)), 2 * (geometry.width // (f * 2))
 
     def _set_timesteps_kwargs(self, num_steps, geometry):
         from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_default_z_image_sigmas
