@@ -74,14 +74,40 @@ LABELS = {
     "awm": "AWM",
 }
 DEFAULT_BUDGETS = (256, 512, 1024, 2048)
+# The same tuning effort for every algorithm: its shipped recipe and two alternatives, one seed,
+# 512 samples. Where one optimizer step uses a part of the rollout (GRPO and its options, NFT, AWM),
+# the second alternative takes 4 steps per rollout at the same compute; where a step reuses all of
+# it (DPO, PRDP) or there is no rollout (DRaFT), it is a third of the learning rate instead.
+TUNING_GRID = {
+    **{a: ["learning_rate=3e-3", "updates_per_rollout=4"] for a in ("grpo", "grpo_fast", "grpo_guard", "nft", "awm")},
+    **{a: ["learning_rate=3e-3", "learning_rate=3e-4"] for a in ("dpo", "prdp", "draft")},
+}
 EVAL_STEPS, EVAL_CFG = 10, 3.0
 ATTRIBUTES = ("color", "shape", "position")
 
 
+def split_spec(spec: str) -> tuple[str, list[str]]:
+    """``"nft@learning_rate=3e-3@updates_per_rollout=4"`` -> ``("nft", [the two overrides])`` (tuning runs)."""
+    name, *overrides = spec.split("@")
+    return name, overrides
+
+
+def check_spec(spec: str) -> str:
+    """argparse type of ``--algorithms``: a benchmark algorithm, optionally with ``@key=value`` overrides."""
+    name, overrides = split_spec(spec)
+    if name not in ALGORITHMS or any("=" not in o for o in overrides):
+        raise argparse.ArgumentTypeError(
+            f"{spec!r}: expected one of {', '.join(ALGORITHMS)}, optionally followed by @key=value overrides "
+            "(e.g. nft@learning_rate=3e-3)"
+        )
+    return spec
+
+
 def recipe_for(algorithm: str) -> tuple[str, list[str]]:
-    """``(recipe path, method overrides)`` of a benchmark algorithm."""
-    base, overrides = VARIANTS.get(algorithm, (algorithm, []))
-    return os.path.join(ROOT, "configs", f"toy_{base}.yaml"), list(overrides)
+    """``(recipe path, method overrides)`` of a benchmark algorithm or tuning spec (``alg@key=value...``)."""
+    name, tuning = split_spec(algorithm)
+    base, overrides = VARIANTS.get(name, (name, []))
+    return os.path.join(ROOT, "configs", f"toy_{base}.yaml"), list(overrides) + tuning
 
 
 def run_overrides(algorithm: str, seed: int, max_steps: int, output_dir: str) -> list[str]:
@@ -99,6 +125,7 @@ def run_overrides(algorithm: str, seed: int, max_steps: int, output_dir: str) ->
 
 def samples_per_iteration(algorithm: str, config) -> int:
     """Images each iteration generates for training (per rank): DRaFT one per caption, others a group each."""
+    algorithm = split_spec(algorithm)[0]
     if algorithm == "draft":
         return int(config.prompts_per_step)
     if algorithm == "dpo" and getattr(config, "mode", "online") != "online":
@@ -120,6 +147,12 @@ def _evaluate(policy, reward, num_captions: int) -> dict:
 
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _cpu_s() -> float:
+    """This process's CPU time (user + system): unlike wall time, it does not grow with the machine's load."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _environment(threads: int) -> dict:
@@ -216,14 +249,15 @@ def run_one(
                 append_row(out, base)
         trainer = cls(policy, reward, prompts, config)
         pending = list(budgets)
-        clock = {"eval_s": 0.0, "start": 0.0}
+        clock = {"eval_s": 0.0, "start": 0.0, "eval_cpu_s": 0.0, "cpu_start": 0.0}
 
         def at_budget(trainer, step, metrics) -> None:
             samples = step * per_iter
             while pending and samples >= pending[0]:
                 budget = pending.pop(0)
                 wall = time.perf_counter() - clock["start"] - clock["eval_s"]
-                t0 = time.perf_counter()
+                cpu = _cpu_s() - clock["cpu_start"] - clock["eval_cpu_s"]
+                t0, c0 = time.perf_counter(), _cpu_s()
                 if budget in skip_budgets:
                     continue
                 row = {
@@ -235,6 +269,7 @@ def run_one(
                     "samples_per_iteration": per_iter,
                     **_evaluate(trainer.policy, reward, eval_captions),
                     "train_wall_s": wall,
+                    "train_cpu_s": cpu,
                     "peak_rss_mib": _peak_rss_mib(),
                     "load_avg_1m": os.getloadavg()[0],
                     "recipe": os.path.relpath(recipe, ROOT),
@@ -242,17 +277,18 @@ def run_one(
                     **common,
                 }
                 clock["eval_s"] += time.perf_counter() - t0
+                clock["eval_cpu_s"] += _cpu_s() - c0
                 rows.append(row)
                 if out:
                     append_row(out, row)
                 print(
                     f"[{algorithm} seed {seed}] {samples} samples ({step} it): all-correct "
-                    f"{row['all_correct']:.1%}, reward {row['reward']:.4f}, train {wall:.0f} s",
+                    f"{row['all_correct']:.1%}, reward {row['reward']:.4f}, train {wall:.0f} s ({cpu:.0f} CPU-s)",
                     flush=True,
                 )
 
         trainer.add_callback(at_budget)
-        clock["start"] = time.perf_counter()
+        clock["start"], clock["cpu_start"] = time.perf_counter(), _cpu_s()
         trainer.train()
     return rows
 
@@ -456,9 +492,9 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--algorithms",
         nargs="+",
-        choices=ALGORITHMS,
+        type=check_spec,
         default=list(ALGORITHMS),
-        help="in this order (default: all eight)",
+        help="in this order (default: all eight); alg@key=value@... runs a tuning variant of alg's recipe",
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument(
@@ -467,6 +503,11 @@ def main(argv=None) -> None:
         type=int,
         default=list(DEFAULT_BUDGETS),
         help="generated training samples at which to evaluate (default 256 512 1024 2048)",
+    )
+    parser.add_argument(
+        "--tuning",
+        action="store_true",
+        help="run TUNING_GRID's alternatives of --algorithms (as alg@override specs) instead of the recipes",
     )
     parser.add_argument("--eval-captions", type=int, default=96, help="size of the fixed evaluation set (eval_set(n))")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
@@ -477,6 +518,8 @@ def main(argv=None) -> None:
     parser.add_argument("--with-base", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--skip-budgets", nargs="*", type=int, default=[], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.tuning:
+        args.algorithms = [f"{a}@{o}" for a in args.algorithms for o in TUNING_GRID.get(split_spec(a)[0], [])]
     if any(b <= 0 for b in args.budgets):
         parser.error("--budgets must be positive sample counts")
     if args.summarize:

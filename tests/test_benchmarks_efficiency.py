@@ -32,6 +32,26 @@ def test_recipes_and_sample_counts():
     assert guard.ratio == "guard"
 
 
+def test_tuning_specs_add_overrides_to_the_recipe():
+    import argparse
+
+    from visalign.recipes import parse_recipe
+
+    eff = _load()
+    spec = "grpo_fast@learning_rate=3e-3@updates_per_rollout=4"
+    assert eff.check_spec(spec) == spec
+    path, overrides = eff.recipe_for(spec)
+    assert path.endswith("toy_grpo.yaml") and overrides[-2:] == ["learning_rate=3e-3", "updates_per_rollout=4"]
+    _, _, config = parse_recipe(path, eff.run_overrides(spec, 0, 1, "unused"))
+    assert config.learning_rate == 3e-3 and config.updates_per_rollout == 4 and config.sde_window_size == 3
+    assert eff.samples_per_iteration("draft@learning_rate=3e-4", config) == config.prompts_per_step
+    for bad in ("nope", "nft@learning_rate"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected one of"):
+            eff.check_spec(bad)
+    # Every algorithm gets the same number of alternatives.
+    assert set(eff.TUNING_GRID) == set(eff.ALGORITHMS) and {len(v) for v in eff.TUNING_GRID.values()} == {2}
+
+
 # Two DiffusionNFT iterations (64 samples) and three small evaluations: 60-70 s on the shared 2-core
 # sandbox at load average 7-8 (about 30 s per iteration), so over the ~60 s a fast test may take.
 @pytest.mark.slow
@@ -47,6 +67,7 @@ def test_one_run_rows_resume_and_summary(tmp_path, capsys):
         assert r["samples"] == r["budget"] and r["iterations"] == r["budget"] // 32
         assert 0.0 <= r["all_correct"] <= 1.0 and set(r["accuracy"]) == {"color", "shape", "position"}
         assert r["reward"] > 0 and r["train_wall_s"] > 0 and r["peak_rss_mib"] > 100
+        assert 0 < r["train_cpu_s"]
         assert r["eval_captions"] == 4 and r["seed"] == 0
     assert rows[2]["train_wall_s"] > rows[1]["train_wall_s"]
     # The finished run is skipped by the queue (no subprocess is started).
