@@ -1,4 +1,4 @@
-"""`make demo`: GRPO on the toy world with a self-contained report."""
+"""`make demo`: DRaFT (or GRPO) on the toy world with a self-contained report."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from visalign.demo import DEMO_CONFIG, run_demo, summary_table
+from visalign.demo import DEMO_ALGORITHM, DEMO_CONFIGS, LABELS, run_demo, summary_table
 from visalign.recipes import parse_recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +41,7 @@ def test_short_demo_writes_a_self_contained_report(tmp_path):
     path = str(out / "report.html")
     assert f"Report: {path}" in run.stdout
     # The terminal ends with the before → after table ...
-    table = run.stdout[run.stdout.index("Before → after 1 GRPO iterations") :]
+    table = run.stdout[run.stdout.index(f"Before → after 1 {LABELS[DEMO_ALGORITHM]} iterations") :]
     assert re.search(r"before\s+after\s+Δ", table)
     for row in ("all correct", "color", "shape", "position"):
         assert re.search(rf"^  {row}\s+\d+\.\d%\s+\d+\.\d%\s+[+-]\d+\.\d pts$", table, re.M), table
@@ -50,7 +50,14 @@ def test_short_demo_writes_a_self_contained_report(tmp_path):
     for noise in ("torchvision", "Loading pipeline components", "Loading weights", "Traceback"):
         assert noise not in run.stdout + run.stderr, noise
     html = open(path).read()
-    for heading in ("Result", "Before: the base model", "After GRPO", "Curves", "Timings", "Config"):
+    for heading in (
+        "Result",
+        "Before: the base model",
+        f"After {LABELS[DEMO_ALGORITHM]}",
+        "Curves",
+        "Timings",
+        "Config",
+    ):
         assert heading in html
     # Self-contained: every image is embedded, nothing is fetched (2 plots + 4 judged samples per grid).
     sources = re.findall(r"src=['\"]([^'\"]+)", html)
@@ -89,12 +96,21 @@ def test_summary_table_reports_before_after_and_delta():
     ]
 
 
-def test_toy_grpo_recipe_is_the_demo():
-    """`visalign train configs/toy_grpo.yaml` runs exactly the demo's GRPO settings."""
-    _, recipe, config = parse_recipe(os.path.join(ROOT, "configs", "toy_grpo.yaml"))
-    assert recipe["model"] == "toy:t2i"
+@pytest.mark.parametrize("algorithm", sorted(DEMO_CONFIGS))
+def test_toy_recipe_is_the_demo(algorithm):
+    """`visalign train configs/toy_<algorithm>.yaml` runs exactly the demo's settings."""
+    _, recipe, config = parse_recipe(os.path.join(ROOT, "configs", f"toy_{algorithm}.yaml"))
+    assert recipe["algorithm"] == algorithm and recipe["model"] == "toy:t2i"
     assert recipe["reward"] in ("toy_clip", {"type": "toy_clip"})
-    assert {k: getattr(config, k) for k in DEMO_CONFIG} == DEMO_CONFIG
+    settings = DEMO_CONFIGS[algorithm]
+    assert {k: getattr(config, k) for k in settings} == settings
+
+
+def test_unknown_demo_algorithm_is_a_clear_error(tmp_path):
+    from visalign.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="one of draft, grpo"):
+        run_demo(str(tmp_path), algorithm="dpo")
 
 
 @pytest.mark.slow

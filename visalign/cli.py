@@ -1,6 +1,6 @@
 """The ``visalign`` command line.
 
-    visalign demo                                   # the offline demo: GRPO on the toy world, with a report
+    visalign demo                                   # the offline demo: DRaFT on the toy world, with a report
     visalign train configs/toy_grpo.yaml max_steps=20 learning_rate=1e-3
     visalign sample toy:t2i -p "a red circle on the left" -p "a blue square on the right" --num 4 --out runs/sample
     visalign score runs/sample --reward toy_clip     # a folder of images/videos → rewards.csv
@@ -22,7 +22,7 @@ import argparse
 import os
 import sys
 
-from visalign.commands.flags import add_sampling_options
+from visalign.commands.flags import add_attention_backend_option, add_sampling_options
 from visalign.commands.generate import STEER_METHODS, cmd_sample, cmd_steer
 from visalign.commands.run import cmd_demo, cmd_plan, cmd_score, cmd_serve_reward, cmd_train
 
@@ -67,6 +67,7 @@ def _add_generation_options(parser: argparse.ArgumentParser, out_default: str, *
     parser.add_argument(
         "--lora", default=None, help="LoRA folder to load into the model first (e.g. a training run's OUTPUT_DIR/lora)"
     )
+    add_attention_backend_option(parser)
     parser.add_argument("--upscale", type=int, default=1, help="nearest-neighbour upscale of the PNG grid (default: 1)")
     parser.add_argument("--out", default=out_default, help=f"output folder (default: {out_default})")
 
@@ -79,11 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="run the offline demo (GRPO on the toy world) and write its report",
+        help="run the offline demo (DRaFT, or GRPO, on the toy world) and write its report",
         description="Runs the offline demo on the shipped toy models and prints the report's path.",
     )
     demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     demo.add_argument("--seed", type=int, default=0, help="base seed (default: 0)")
+    demo.add_argument(
+        "--algorithm",
+        choices=["draft", "grpo"],
+        default="draft",
+        help="the trainer: draft (reward backprop, the default: the clearest gain in a few CPU minutes) or grpo",
+    )
     demo.add_argument(
         "--max-steps",
         type=int,

@@ -1,7 +1,8 @@
 """``make demo`` / ``visalign demo``: real alignment on a laptop, offline, in minutes.
 
-GRPO fine-tunes the shipped toy text-to-image model (a rectified-flow SD3-style pipeline trained on
-the toy world, deliberately imperfect) with the shipped toy CLIP as the reward. Because the toy
+DRaFT (reward backprop; GRPO with ``--algorithm grpo``) fine-tunes the shipped toy text-to-image
+model (a rectified-flow SD3-style pipeline trained on the toy world, deliberately imperfect) with the
+shipped toy CLIP as the reward. Because the toy
 world has an exact evaluator, "did the model get better?" has an exact answer: the report shows
 the evaluator's accuracy (GenEval-style, per attribute) before, during and after training, next
 to the reward, so reward hacking would be visible as reward up and accuracy flat.
@@ -25,33 +26,62 @@ from collections.abc import Sequence
 
 import torch
 
+from visalign.errors import ConfigError
 from visalign.media import to_pil_images
 from visalign.quiet import quiet_library_notices
 from visalign.report import Cell, Gallery, line_plot, write_html_report
 
-# The demo's GRPO settings; configs/toy_grpo.yaml holds the same recipe for `visalign train`.
-# lr 1e-3 for 60 iterations: BENCHMARKS.md ("Toy world: GRPO settings for make demo") has the runs
-# behind it; 2e-3 peaks earlier and then degrades, 3e-3 gains a third as much in 30 iterations.
-DEMO_CONFIG = dict(
-    max_steps=60,
-    num_steps=10,
-    guidance_scale=3.0,
-    sampler="sde",
-    noise="flow",
-    eta=0.7,
-    group_size=8,
-    prompts_per_step=4,
-    height=32,
-    width=32,
-    advantage_std="group",
-    clip_range=1e-3,
-    timestep_fraction=0.6,
-    learning_rate=1e-3,
-    use_lora=True,
-    lora_rank=16,
-    lora_alpha=16,
-    max_grad_norm=1.0,
-)
+# The demo's recipes; configs/toy_<algorithm>.yaml holds the same settings for `visalign train`
+# (tests/test_demo.py checks that they agree). DEMO_ALGORITHM is the one `make demo` runs: the one
+# with the clearest gain on the exact evaluator within the demo's few CPU minutes, measured head to
+# head in BENCHMARKS.md ("Toy world: samples to accuracy, head to head").
+DEMO_CONFIGS: dict[str, dict] = {
+    # DRaFT-2: reward backprop through the last 2 of 10 ODE steps, 8 captions (one sample each) per
+    # iteration; 64 iterations = 512 generated samples.
+    "draft": dict(
+        max_steps=64,
+        num_steps=10,
+        guidance_scale=3.0,
+        sampler="ode",
+        variant="draft",
+        truncation=2,
+        prompts_per_step=8,
+        checkpoint_steps=False,
+        height=32,
+        width=32,
+        learning_rate=1e-3,
+        use_lora=True,
+        lora_rank=16,
+        lora_alpha=16,
+        max_grad_norm=1.0,
+    ),
+    # GRPO: lr 1e-3 for 60 iterations; BENCHMARKS.md ("Toy world: GRPO settings for make demo") has
+    # the runs behind it; 2e-3 peaks earlier and then degrades, 3e-3 gains a third as much in 30.
+    "grpo": dict(
+        max_steps=60,
+        num_steps=10,
+        guidance_scale=3.0,
+        sampler="sde",
+        noise="flow",
+        eta=0.7,
+        group_size=8,
+        prompts_per_step=4,
+        height=32,
+        width=32,
+        advantage_std="group",
+        clip_range=1e-3,
+        timestep_fraction=0.6,
+        learning_rate=1e-3,
+        use_lora=True,
+        lora_rank=16,
+        lora_alpha=16,
+        max_grad_norm=1.0,
+    ),
+}
+DEMO_ALGORITHM = "draft"
+DEMO_CONFIG = DEMO_CONFIGS[DEMO_ALGORITHM]
+LABELS = {"draft": "DRaFT", "grpo": "GRPO"}
+TRAINERS = {"draft": ("DRaFTConfig", "DRaFTTrainer"), "grpo": ("GRPOConfig", "GRPOTrainer")}
 GRID_SIZE = 16
 ATTRIBUTES = ("color", "shape", "position")
 
@@ -121,20 +151,24 @@ def run_demo(
     eval_every: int = 15,
     num_eval_prompts: int = 48,
     overrides: Sequence[str] = (),
+    algorithm: str = DEMO_ALGORITHM,
 ) -> str:
-    """Runs GRPO on the toy world and writes the report.
+    """Trains on the toy world with one of :data:`DEMO_CONFIGS` and writes the report.
 
     Args:
         out_dir: where the report, metrics, samples and LoRA go.
         seed: the run's seed (the evaluation prompts and seeds are fixed regardless).
-        max_steps: GRPO iterations (default: ``DEMO_CONFIG["max_steps"]``).
+        max_steps: training iterations (default: the recipe's ``max_steps``).
         eval_every: evaluate the fixed prompts every this many iterations (for the curves).
         num_eval_prompts: fixed evaluation prompts, one seed each.
-        overrides: ``key=value`` overrides of the GRPO config, as on the command line.
+        overrides: ``key=value`` overrides of the algorithm's config, as on the command line.
+        algorithm: a key of :data:`DEMO_CONFIGS` (``"draft"`` or ``"grpo"``).
 
     Returns:
         The path of ``report.html``.
     """
+    if algorithm not in DEMO_CONFIGS:
+        raise ConfigError(f"The demo runs one of {', '.join(DEMO_CONFIGS)}; got algorithm={algorithm!r}.")
     import visalign as va
     from visalign.recipes import toy_model_path
     from visalign.toy import all_captions
@@ -147,8 +181,10 @@ def run_demo(
     with _no_loading_bars():
         policy = va.load(toy_model_path("t2i"), local_files_only=True, policy_kwargs={"max_sequence_length": 1})
         reward = va.rewards.CLIPScore(model=toy_model_path("clip"), variant="cosine")
-    settings = {**DEMO_CONFIG, **({"max_steps": max_steps} if max_steps is not None else {})}
-    config = va.GRPOConfig(output_dir=out_dir, seed=seed, trackers=["jsonl"], **settings).with_overrides(overrides)
+    config_class, trainer_class = (getattr(va, name) for name in TRAINERS[algorithm])
+    label = LABELS[algorithm]
+    settings = {**DEMO_CONFIGS[algorithm], **({"max_steps": max_steps} if max_steps is not None else {})}
+    config = config_class(output_dir=out_dir, seed=seed, trackers=["jsonl"], **settings).with_overrides(overrides)
     eval_prompts, eval_seeds = eval_set(num_eval_prompts)
 
     def measure(p):
@@ -164,7 +200,7 @@ def run_demo(
         if step % eval_every == 0 and step < config.max_steps:
             curve.append((step, measure(trainer.policy)))
 
-    trainer = va.GRPOTrainer(policy, reward, all_captions(), config)
+    trainer = trainer_class(policy, reward, all_captions(), config)
     trainer.add_callback(track)
     train_start = time.perf_counter()
     trainer.train()
@@ -201,7 +237,7 @@ def run_demo(
                 _gallery(before, eval_prompts),
             ],
         ),
-        ("After GRPO: same prompts and seeds", [f"{_count_correct(after)}.", _gallery(after, eval_prompts)]),
+        (f"After {label}: same prompts and seeds", [f"{_count_correct(after)}.", _gallery(after, eval_prompts)]),
         (
             "Curves",
             [
@@ -224,7 +260,7 @@ def run_demo(
         ("Timings", [timings]),
         ("Config", [config.to_dict()]),
     ]
-    path = write_html_report(os.path.join(out_dir, "report.html"), "visalign demo: GRPO on the toy world", sections)
+    path = write_html_report(os.path.join(out_dir, "report.html"), f"visalign demo: {label} on the toy world", sections)
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(
             {
@@ -237,7 +273,7 @@ def run_demo(
             indent=2,
         )
     print(
-        f"\nBefore → after {config.max_steps} GRPO iterations ({num_eval_prompts} fixed prompts, "
+        f"\nBefore → after {config.max_steps} {label} iterations ({num_eval_prompts} fixed prompts, "
         f"exact evaluator):\n{summary_table(before, after)}"
     )
     return path

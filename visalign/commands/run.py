@@ -108,6 +108,7 @@ def cmd_demo(args) -> int:
         max_steps=args.max_steps,
         eval_every=args.eval_every,
         num_eval_prompts=args.eval_prompts,
+        algorithm=args.algorithm,
     )
     print(f"Report: {path}")
     return 0
