@@ -8,12 +8,36 @@ import json
 import os
 
 
-def load_policy_for_cli(model: str, dtype: str | None = None, device: str | None = None, lora: str | None = None):
+def load_policy_for_cli(
+    model: str,
+    dtype: str | None = None,
+    device: str | None = None,
+    lora: str | None = None,
+    attention_backend: str | None = None,
+):
+    """The policy a ``sample`` or ``steer`` run uses: loaded, with its LoRA and attention backend, on ``device``.
+
+    Args:
+        model: a hub id, a local pipeline folder, ``toy:NAME`` or ``tiny:FAMILY``.
+        dtype: a torch dtype name to load with (None: the checkpoint's, fp32 for tiny/toy).
+        device: where to run (None: cuda if available, else cpu).
+        lora: a LoRA folder to load into the model first.
+        attention_backend: ``--attention-backend`` (None: leave the stock kernel).
+
+    Raises:
+        MissingDependencyError: the backend's package is not installed (before anything is loaded).
+        ConfigError: a backend the model's attention cannot use (flash/sage on a UNet).
+    """
     import torch
 
+    from visalign.pipelines.attention import apply_attention_backend, check_attention_backend
     from visalign.recipes import load_policy
 
+    if attention_backend is not None:
+        check_attention_backend(attention_backend)  # a missing package fails before a large model loads
     policy = load_policy(model, dtype)
+    if attention_backend is not None:
+        apply_attention_backend(policy, attention_backend)  # what the trainer's attention_backend does
     if lora is not None:
         from visalign.errors import InvalidInputError
 

@@ -70,6 +70,26 @@ def add_sampling_options(parser: argparse.ArgumentParser, **defaults) -> None:
             )
 
 
+def add_attention_backend_option(parser: argparse.ArgumentParser) -> None:
+    """``--attention-backend NAME``, shared by ``sample`` and ``steer`` (``args.attention_backend``).
+
+    The names are :data:`visalign.pipelines.attention.ATTENTION_BACKENDS`, the ones the trainers'
+    ``attention_backend`` and ``va.load`` take; :func:`~visalign.commands.common.load_policy_for_cli`
+    applies the choice with the function the trainer uses.
+    """
+    from visalign.pipelines.attention import ATTENTION_BACKENDS
+
+    parser.add_argument(
+        "--attention-backend",
+        metavar="NAME",
+        choices=list(ATTENTION_BACKENDS),
+        default="native",
+        help="attention kernel of the denoiser: native (PyTorch's scaled_dot_product_attention; sdpa is the "
+        "same), xformers, flash (flash-attn 2) or sage (SageAttention); the last three need their package "
+        "(extras: xformers, flash, sage) (default: native)",
+    )
+
+
 def sampling_kwargs_from_args(args, generator) -> dict:
     """The sampling keywords of ``va.sample`` and the steering functions, from the parsed flags."""
     return {

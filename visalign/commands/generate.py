@@ -25,7 +25,7 @@ def cmd_sample(args) -> int:
 
     prompts = gather_prompts(args)
     fill_tiny_sizes(args)
-    policy = load_policy_for_cli(args.model, args.dtype, args.device, args.lora)
+    policy = load_policy_for_cli(args.model, args.dtype, args.device, args.lora, args.attention_backend)
     generator = seeded_generators(policy.device, args.seed, len(prompts) * args.num)
     start = time.perf_counter()
     traj = va.sample(policy, prompts, group_size=args.num, progress=True, **sampling_kwargs_from_args(args, generator))
@@ -48,7 +48,7 @@ def cmd_steer(args) -> int:
     prompts = gather_prompts(args)
     reward = reward_from_spec(args.reward)
     fill_tiny_sizes(args)
-    policy = load_policy_for_cli(args.model, args.dtype, args.device, args.lora)
+    policy = load_policy_for_cli(args.model, args.dtype, args.device, args.lora, args.attention_backend)
     n = args.particles if args.particles is not None else DEFAULT_PARTICLES[args.method]
     num_prompts = len(prompts)
     common = dict(

@@ -13,7 +13,8 @@ interface, so that samplers, trainers and steering never branch on a family:
   :meth:`Policy.load_lora`;
 - :meth:`Policy.trainable_denoisers` / :meth:`Policy.training_module`: what training adapts. Most families
   have one denoiser; Wan 2.2 A14B has two experts, each running its own range of timesteps, and
-  its ``training_module`` routes every row of a batch to its expert (:mod:`visalign.pipelines.wan22`).
+  its ``training_module`` routes every row of a batch to its expert (:mod:`visalign.pipelines.wan22`);
+- :meth:`Policy.enable_gradient_checkpointing`: activation recomputation on every trainable denoiser.
 
 Family adapters subclass Policy in one file per family and register themselves by pipeline class.
 """
@@ -24,7 +25,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from visalign.errors import InvalidInputError
+from visalign.errors import ConfigError, InvalidInputError
 from visalign.pipelines.datatypes import Conditioning, Geometry, Schedule, _cat_batched
 from visalign.pipelines.lora import LoRAMethods
 
@@ -107,6 +108,44 @@ class Policy(LoRAMethods):
         wrapped module) and routes each row of a batch to its denoiser; :meth:`run_denoiser` calls it.
         """
         return self.denoiser
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recomputes each trainable denoiser's block activations in backward instead of storing them.
+
+        Calls diffusers' ``enable_gradient_checkpointing()`` on every module of
+        :meth:`trainable_denoisers` (both Wan 2.2 experts), so that whatever :meth:`training_module`
+        routes to is checkpointed. Outputs and gradients are unchanged; activation memory drops to
+        about one block's worth at the cost of a second forward in backward. The trainer calls it
+        when ``gradient_checkpointing`` is on.
+
+        Raises:
+            ConfigError: a trainable denoiser whose class does not support it; nothing is changed then.
+        """
+        denoisers = self.trainable_denoisers()
+        # Check every module before touching any, so a refusal leaves the policy as it was.
+        for name, module in denoisers.items():
+            if not getattr(module, "_supports_gradient_checkpointing", False):
+                raise ConfigError(
+                    f"gradient_checkpointing is not supported for the {self.family} family: its {name} "
+                    f"({type(module).__name__}) does not implement gradient checkpointing. Turn it off: "
+                    f"gradient_checkpointing: false in the recipe (or gradient_checkpointing=false after "
+                    f"`visalign train RECIPE`, or gradient_checkpointing=False in the config)."
+                )
+        for module in denoisers.values():
+            module.enable_gradient_checkpointing()
+
+    def disable_gradient_checkpointing(self) -> None:
+        """Stores activations again (undoes :meth:`enable_gradient_checkpointing`)."""
+        for module in self.trainable_denoisers().values():
+            if getattr(module, "_supports_gradient_checkpointing", False):
+                module.disable_gradient_checkpointing()
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether every trainable denoiser has gradient checkpointing on."""
+        return all(
+            bool(getattr(module, "is_gradient_checkpointing", False)) for module in self.trainable_denoisers().values()
+        )
 
     _runner: torch.nn.Module | None = None
 

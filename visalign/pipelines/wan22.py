@@ -94,14 +94,6 @@ class ExpertRouter(torch.nn.Module):
         t = timestep if timestep.ndim == 1 else timestep.amax(dim=tuple(range(1, timestep.ndim)))
         return t >= self.boundary
 
-    def enable_gradient_checkpointing(self) -> None:
-        self.transformer.enable_gradient_checkpointing()
-        self.transformer_2.enable_gradient_checkpointing()
-
-    def disable_gradient_checkpointing(self) -> None:
-        self.transformer.disable_gradient_checkpointing()
-        self.transformer_2.disable_gradient_checkpointing()
-
     @staticmethod
     def _rows(kwargs: dict, index: torch.Tensor, batch: int) -> dict:
         return {
