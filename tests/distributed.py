@@ -7,16 +7,23 @@ import sys
 from pathlib import Path
 
 
-def launch_two_processes(*args: str) -> subprocess.CompletedProcess:
+def launch_two_processes(*args: str, config_file: str | None = None) -> subprocess.CompletedProcess:
     """``accelerate launch`` on two CPU processes with ``args`` (a script and its arguments, or ``-m module ...``).
 
-    Asserts that it exits 0 (showing the end of stderr otherwise) and returns the finished process.
+    ``config_file`` launches with that accelerate config instead (it must ask for 2 processes), e.g.
+    ``configs/accelerate/fsdp_cpu_2proc.yaml`` for FSDP. Asserts that it exits 0 (showing the end
+    of stderr otherwise) and returns the finished process.
     """
     # The repository root on the path lets a launched script import the tests' helpers (this module).
     root = str(Path(__file__).resolve().parent.parent)
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
     # --multi_gpu without --cpu is what gives two real CPU processes (--cpu silently runs one).
+    if config_file is not None:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file, *args]
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:]
+        return result
     cmd = [
         sys.executable,
         "-m",

@@ -48,6 +48,10 @@ class CheckpointError(VisalignError, RuntimeError):
     """A checkpoint is missing, incomplete or does not match the run."""
 
 
+class InsufficientMemoryError(ConfigError, MemoryError):
+    """A run's settings need more host or GPU memory than the machine has (checked before training)."""
+
+
 def require(package: str, extra: str, purpose: str):
     """Imports ``package`` or raises :class:`MissingDependencyError` naming the extra to install.
 

@@ -23,7 +23,11 @@ def test_sample_defaults_come_from_the_options():
     # prepare_sampling holds the keyword list once; sample and the steering functions show it
     assert (
         list(inspect.signature(prepare_sampling).parameters)[2:-1]
-        == [p for p in signature.parameters if p not in ("policy", "prompts", "return_x0", "decode", "progress")][:-1]
+        == [
+            p
+            for p in signature.parameters
+            if p not in ("policy", "prompts", "return_x0", "decode", "progress", "max_batch_size")
+        ][:-1]
     )
     for fn in (va.best_of_n, va.fk_steer, va.reward_guidance):
         assert inspect.signature(fn).parameters["num_steps"].default == DEFAULTS.num_steps

@@ -65,16 +65,20 @@ class AWMTrainer(ForwardProcessTrainer):
         super().__init__(policy, reward, prompts, config, accelerator)
         self.ema_anchor = None
         if self.config.ema_anchor_beta > 0:
-            self.ema_anchor = LaggedWeights(self.trainable_parameters)
+            self.ema_anchor = LaggedWeights(self.trainable_parameters, offload=self.config.offload_copies)
             self.accelerator.register_for_checkpointing(self.ema_anchor)
         # The weights that sampled the current rollout, for the off-policy updates after the first.
         self.behaviour = None
         if self.config.updates_per_rollout > 1:
-            self.behaviour = LaggedWeights(self.trainable_parameters, copy=False)
+            self.behaviour = LaggedWeights(self.trainable_parameters, copy=False, offload=self.config.offload_copies)
 
     @property
     def needs_reference(self) -> bool:
         return self.config.ref_beta > 0
+
+    def lagged_copies(self) -> list[str]:
+        cfg = self.config
+        return ["EMA anchor"] * (cfg.ema_anchor_beta > 0) + ["behaviour snapshot"] * (cfg.updates_per_rollout > 1)
 
     def batch_arithmetic(self) -> list[str]:
         cfg = self.config

@@ -81,7 +81,7 @@ class DPOTrainer(OnlineTrainer):
         super().__init__(policy, reward, prompts, cfg, accelerator, **kwargs)
         self.snapshot = None
         if cfg.ref_refresh_every:
-            self.snapshot = ReferenceSnapshot(self.trainable_parameters)
+            self.snapshot = ReferenceSnapshot(self.trainable_parameters, offload=cfg.offload_copies)
             self.accelerator.register_for_checkpointing(self.snapshot)
         self.pair_latents = None
         if cfg.mode == "offline":
@@ -100,6 +100,9 @@ class DPOTrainer(OnlineTrainer):
         cfg = self.config
         uses_reference = cfg.loss == "dpo" or (cfg.mode == "online" and cfg.sample_from == "reference")
         return uses_reference and not cfg.ref_refresh_every
+
+    def lagged_copies(self) -> list[str]:
+        return ["reference snapshot"] if self.config.ref_refresh_every else []
 
     def batch_arithmetic(self) -> list[str]:
         cfg, world = self.config, self.accelerator.num_processes

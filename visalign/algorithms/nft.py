@@ -53,12 +53,15 @@ class NFTTrainer(ForwardProcessTrainer):
 
     def __init__(self, policy, reward=None, prompts=None, config: NFTConfig | None = None, accelerator=None):
         super().__init__(policy, reward, prompts, config, accelerator)
-        self.old = LaggedWeights(self.trainable_parameters)
+        self.old = LaggedWeights(self.trainable_parameters, offload=self.config.offload_copies)
         self.accelerator.register_for_checkpointing(self.old)
 
     @property
     def needs_reference(self) -> bool:
         return self.config.kl_beta > 0
+
+    def lagged_copies(self) -> list[str]:
+        return ["old policy"]
 
     def batch_arithmetic(self) -> list[str]:
         cfg = self.config

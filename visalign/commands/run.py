@@ -134,6 +134,7 @@ def cmd_plan(args) -> int:
                     "bytes": plan.rows,
                     "flops": plan.flops,
                     "notes": plan.notes,
+                    "host_bytes": plan.host_bytes,
                 },
                 f,
                 indent=2,

@@ -129,6 +129,7 @@ def sample(
     return_x0: bool = False,
     decode: bool = True,
     progress: bool = False,
+    max_batch_size: int | None = None,
     **sampling: Any,
 ) -> Trajectory:
     """Samples trajectories with exact per-step log-probs.
@@ -139,6 +140,11 @@ def sample(
         return_x0: also keep each step's x̂0 in ``traj.x0``.
         decode: decode the final latents to ``traj.images``.
         progress: show a tqdm bar over the steps.
+        max_batch_size: the most samples denoised and decoded at once, which bounds the model's
+            activation memory; None runs all B together. The prompts are encoded and every initial
+            noise is drawn before the first chunk, so with one generator per sample the result does
+            not depend on it (bit for bit where the model's kernels are batch-size invariant); with
+            one shared generator the per-step SDE noise does.
         **sampling: the sampling keywords of :func:`prepare_sampling` (``num_steps``,
             ``guidance_scale``, ``sampler``, ``noise``, ``eta``, ``generator``, ``latents``,
             ``images``, ``height``, ``width``, ``num_frames``, ``negative_prompt``, ``group_size``,
@@ -149,46 +155,85 @@ def sample(
     Returns:
         A :class:`Trajectory`.
     """
+    if max_batch_size is not None and int(max_batch_size) < 1:
+        raise InvalidInputError(f"max_batch_size must be >= 1 or None; got {max_batch_size}.")
     setup = prepare_sampling(policy, prompts, **sampling)
     generator = sampling.get("generator")  # the per-step noise continues the initial noise's stream
-    prompts, spec, geometry, conditioning = setup.prompts, setup.spec, setup.geometry, setup.conditioning
-    latents, schedule, images, batch = setup.latents, setup.schedule, setup.images, setup.batch_size
-    num_steps, group_size = schedule.num_steps, setup.group_size
-    states, means, stds, log_probs, x0s = [latents], [], [], [], []
-    iterator = range(num_steps)
+    spec, geometry, schedule, batch = setup.spec, setup.geometry, setup.schedule, setup.batch_size
+    chunk = batch if max_batch_size is None else min(int(max_batch_size), batch)
+    bounds = [(a, min(a + chunk, batch)) for a in range(0, batch, chunk)]
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(iterator, desc="sampling", leave=False)
+        bar = tqdm(total=schedule.num_steps * len(bounds), desc="sampling", leave=False)
+    parts = []
+    for a, b in bounds:
+        # One chunk: its rows of the shared conditioning, noise and per-sample generators (a slice of
+        # the generator list keeps each sample's stream, so the chunking does not change the draws).
+        whole = (a, b) == (0, batch)
+        parts.append(
+            _denoise(
+                policy,
+                setup,
+                setup.conditioning if whole else setup.conditioning.select(slice(a, b)),
+                setup.latents if whole else setup.latents[a:b],
+                list(generator[a:b]) if isinstance(generator, (list, tuple)) else generator,
+                return_x0,
+                decode,
+                bar,
+            )
+        )
+    if bar is not None:
+        bar.close()
+
+    def join(key):  # one chunk is returned as is: a copy would double the trajectory's memory for a moment
+        if parts[0][key] is None or len(parts) == 1:
+            return parts[0][key]
+        return torch.cat([p[key] for p in parts])
+
+    stds = parts[0]["stds"]  # per step, from the schedule: the same for every chunk
+    return Trajectory(
+        images=join("images"),
+        latents=join("latents"),
+        log_probs=None if spec.sampler == "ode" else join("log_probs"),
+        means=join("means"),
+        stds=stds,
+        sde_mask=stds > 0,
+        schedule=schedule,
+        prompts=setup.prompts,
+        conditioning=setup.conditioning,
+        geometry=geometry,
+        spec=spec,
+        x0=join("x0"),
+        cond_images=setup.images,
+        group_size=setup.group_size,
+    )
+
+
+def _denoise(policy, setup, conditioning, latents, generator, return_x0: bool, decode: bool, bar) -> dict:
+    """The denoising loop of :func:`sample` over one chunk of rows: its stacked states, Gaussians and pixels."""
+    states, means, stds, log_probs, x0s = [latents], [], [], [], []
     x = latents
-    for i in iterator:
-        out = denoise_step(policy, spec, schedule, i, x, conditioning, generator=generator)
+    for i in range(setup.schedule.num_steps):
+        out = denoise_step(policy, setup.spec, setup.schedule, i, x, conditioning, generator=generator)
         x = out.next_latents
         states.append(x)
         means.append(out.mean)
         stds.append(out.std.reshape(()) if out.std.numel() == 1 else out.std.flatten()[0])
-        log_probs.append(out.log_prob if out.log_prob is not None else torch.zeros(batch, device=x.device))
+        log_probs.append(out.log_prob if out.log_prob is not None else torch.zeros(x.shape[0], device=x.device))
         if return_x0:
             x0s.append(out.x0)
-
-    stds = torch.stack([s.to(x.device) for s in stds]).float()
-    sde_mask = stds > 0
-    return Trajectory(
-        images=policy.decode(x, geometry) if decode else None,
-        latents=torch.stack(states, dim=1),
-        log_probs=None if spec.sampler == "ode" else torch.stack(log_probs, dim=1),
-        means=torch.stack(means, dim=1),
-        stds=stds,
-        sde_mask=sde_mask,
-        schedule=schedule,
-        prompts=prompts,
-        conditioning=conditioning,
-        geometry=geometry,
-        spec=spec,
-        x0=torch.stack(x0s, dim=1) if return_x0 else None,
-        cond_images=images,
-        group_size=group_size,
-    )
+        if bar is not None:
+            bar.update(1)
+    return {
+        "images": policy.decode(x, setup.geometry) if decode else None,
+        "latents": torch.stack(states, dim=1),
+        "log_probs": torch.stack(log_probs, dim=1),
+        "means": torch.stack(means, dim=1),
+        "stds": torch.stack([s.to(x.device) for s in stds]).float(),
+        "x0": torch.stack(x0s, dim=1) if return_x0 else None,
+    }
 
 
 sample = with_sampling_keywords(sample)

@@ -7,12 +7,17 @@ import os
 import torch
 
 from visalign.errors import require
+from visalign.training.fsdp import enable_cpu_fsdp, fsdp_plugin_from_launch, fsdp_requested
 
 __all__ = ["build_accelerator", "flat_config"]
 
 
 def build_accelerator(config):
-    """The ``accelerate.Accelerator`` of a run: mixed precision, trackers, the project folder, CPU multi-process."""
+    """The ``accelerate.Accelerator`` of a run: mixed precision, trackers, the project folder, CPU multi-process.
+
+    Under an FSDP launch the FSDP plugin is checked first, and on CPU-only machines accelerate is
+    switched to FSDP over gloo (:mod:`visalign.training.fsdp`).
+    """
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
@@ -23,8 +28,12 @@ def build_accelerator(config):
     # to use the CPU; without this, each process would silently train alone.
     cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     allow_new_precision(config.mixed_precision)
-    return Accelerator(
+    fsdp_plugin = None
+    if fsdp_requested():  # read and checked here, so that a bad FSDP setting fails before any work
+        fsdp_plugin = fsdp_plugin_from_launch(config.use_lora)
+    accelerator = Accelerator(
         cpu=cpu_processes,
+        fsdp_plugin=fsdp_plugin,
         mixed_precision=config.mixed_precision,
         log_with=trackers or None,
         project_config=ProjectConfiguration(
@@ -33,6 +42,9 @@ def build_accelerator(config):
         # One LR-scheduler step per optimizer step, whatever the number of processes.
         step_scheduler_with_optimizer=False,
     )
+    if fsdp_plugin is not None and cpu_processes:
+        enable_cpu_fsdp(accelerator, fsdp_plugin, config.mixed_precision)
+    return accelerator
 
 
 def allow_new_precision(mixed_precision: str) -> None:

@@ -90,6 +90,12 @@ class LoopOptions(ConfigBase):
     ema_decay: float | None = config_field(
         None, "Decay of an EMA of the trainable weights, in (0, 1); None disables EMA."
     )
+    offload_copies: bool = config_field(
+        False,
+        "Keep the full-fine-tuning reference model and the EMA, old-policy and snapshot copies of the trainable "
+        "weights (LoRA's adapter copies too) in CPU memory, pinned on CUDA, and bring each to the device only for "
+        "the passes that use it (one host-to-device copy per pass, in exchange for each copy's GPU memory).",
+    )
     # checkpoints
     checkpoint_every: int = config_field(0, "Write a checkpoint every N steps; 0 disables periodic checkpoints.")
     keep_last: int = config_field(2, "How many of the newest checkpoints to keep; older ones are deleted.")
@@ -142,6 +148,11 @@ class LoopOptions(ConfigBase):
     micro_batch_size: int | None = config_field(
         None, "Samples (or pairs) per forward/backward, accumulated into one optimizer step; None: all at once."
     )
+    rollout_batch_size: int | None = config_field(
+        None,
+        "Samples per sampling call without gradient (online rollouts, evaluations, saved samples): bounds its "
+        "memory, draws the same noise; None: all at once (evaluations then use micro_batch_size).",
+    )
     image_column: str = config_field(
         "image", "Prompt-source column holding the conditioning images (image-to-video first frames)."
     )
@@ -160,6 +171,15 @@ class LoopOptions(ConfigBase):
     width: int | None = config_field(None, "Generated width in pixels; None uses the model family's default.")
     num_frames: int | None = config_field(
         None, "Frames per generated video; None uses the model family's default (ignored for images)."
+    )
+    eval_height: int | None = config_field(
+        None, "Height of the evaluation samples (true metric, saved samples); None uses the training height."
+    )
+    eval_width: int | None = config_field(
+        None, "Width of the evaluation samples (true metric, saved samples); None uses the training width."
+    )
+    eval_num_frames: int | None = config_field(
+        None, "Frames of the evaluation videos (true metric, saved samples); None uses the training num_frames."
     )
 
     def validate(self) -> None:
@@ -219,9 +239,13 @@ class LoopOptions(ConfigBase):
         c(self.hacking_window >= 2, "hacking_window", ">= 2", "A trend needs at least two evaluations.")
         c(self.prompts_per_step >= 1, "prompts_per_step", ">= 1")
         c(self.micro_batch_size is None or self.micro_batch_size >= 1, "micro_batch_size", ">= 1 or None")
+        c(self.rollout_batch_size is None or self.rollout_batch_size >= 1, "rollout_batch_size", ">= 1 or None")
         for key in ("height", "width", "num_frames"):
             value = getattr(self, key)
             c(value is None or value >= 1, key, ">= 1 or None", "None uses the family default.")
+        for key in ("eval_height", "eval_width", "eval_num_frames"):  # the family's multiples: Trainer.eval_geometry
+            value = getattr(self, key)
+            c(value is None or value >= 1, key, ">= 1 or None", "None uses the training size.")
 
 
 @dataclass

@@ -12,25 +12,74 @@ import time
 
 import torch
 
+from visalign.errors import ConfigError, InvalidInputError
+from visalign.pipelines.datatypes import Geometry
+
 __all__ = ["Evaluations"]
 
 
 class Evaluations:
     """Scheduled evaluations of a :class:`~visalign.training.trainer.Trainer` (mixed into it)."""
 
+    def eval_geometry(self) -> Geometry:
+        """The size evaluations and saved samples are generated at: ``eval_height``, ``eval_width`` and
+        ``eval_num_frames``, each falling back to the training size (``height``, ...) when None.
+
+        Raises:
+            ConfigError: the size is not one the policy's family can generate (height and width must
+                be multiples of ``policy.spatial_multiple``; videos have the family's frame rule).
+        """
+        cfg, policy = self.config, self.policy
+        m = policy.spatial_multiple
+        for key in ("eval_height", "eval_width"):
+            value = getattr(cfg, key)
+            if value is not None and (value <= 0 or value % m):
+                raise ConfigError(
+                    f"{key}={value} is not a positive multiple of {m}, which {policy.family} needs (VAE "
+                    f"downsampling × patch size). Use {key}={max(m, round(value / m) * m)}, or None for the "
+                    "training size."
+                )
+        size = [getattr(cfg, key) for key in ("height", "width", "num_frames")]
+        size = [t if e is None else e for t, e in zip(size, (cfg.eval_height, cfg.eval_width, cfg.eval_num_frames))]
+        try:
+            return policy.geometry(*size)
+        except InvalidInputError as exc:
+            given = ", ".join(f"{k}={getattr(cfg, k)}" for k in ("eval_height", "eval_width", "eval_num_frames"))
+            raise ConfigError(f"The evaluation size ({given}; None is the training size) is invalid: {exc}") from None
+
+    def check_eval_size(self) -> None:
+        """Raises a ConfigError now when an ``eval_*`` size is set that the family cannot generate."""
+        cfg = self.config
+        if any(getattr(cfg, k, None) is not None for k in ("eval_height", "eval_width", "eval_num_frames")):
+            self.eval_geometry()
+
+    def eval_batch_size(self) -> int | None:
+        """The most evaluation samples generated at once (None: all).
+
+        Evaluation sampling is the rollout's kind of call (no gradient, denoise and decode), so
+        ``rollout_batch_size`` bounds it; ``micro_batch_size`` bounds forwards that keep activations
+        for backward, a much smaller budget per sample, and is the fallback only so that runs that
+        set nothing else keep sampling their evaluations in the chunks they did before. (An eval
+        size larger than the training size costs more per sample: lower rollout_batch_size then.)
+        """
+        return self.config.rollout_batch_size or self.config.micro_batch_size
+
     def save_samples(self, step: int) -> None:
-        """Samples ``config.sample_prompts`` with fixed seeds (ODE) and saves them with their rewards."""
+        """Samples ``config.sample_prompts`` with fixed seeds (ODE) at :meth:`eval_geometry` and saves them
+        with their rewards.
+        """
         from visalign.sampling import sample
 
         prompts = self.config.sample_prompts or (self.prompt_source.prompts[:4] if self.prompt_source else None)
         if not prompts or not self.is_main_process or self.reward is None:
             return
+        geometry = self.eval_geometry()
         records = [{"prompt": p} for p in prompts]
         images = None
         if self.policy.needs_image:
             records = [self.prompt_source[i] for i in range(min(4, len(self.prompt_source)))]
             prompts = [r["prompt"] for r in records]
-            images = self.load_condition_images(records)
+            images = self.load_condition_images(records, geometry)
         cfg = self.config
         with torch.no_grad(), self.ema_weights():
             traj = sample(
@@ -41,9 +90,10 @@ class Evaluations:
                 images=images,
                 generator=[torch.Generator(self.accelerator.device).manual_seed(i) for i in range(len(prompts))],
                 guidance_scale=self.guidance_scale(),
-                height=cfg.height,
-                width=cfg.width,
-                num_frames=cfg.num_frames,
+                height=geometry.height,
+                width=geometry.width,
+                num_frames=geometry.num_frames,
+                max_batch_size=self.eval_batch_size(),
             )
             rewards = self.score(traj.images, traj.prompts, records).total
         self.logger.save_samples(traj.images, traj.prompts, rewards, step)
@@ -58,7 +108,8 @@ class Evaluations:
         """Every ``config.true_metric_every`` steps (and at the last): the true metric beside the reward.
 
         Samples fixed prompts (``true_metric_prompts``, or ``true_metric_num_prompts`` evenly spaced
-        training prompts) with the ODE from fixed seeds, with the EMA weights when there are any, and
+        training prompts) with the ODE from fixed seeds at :meth:`eval_geometry`, at most
+        :meth:`eval_batch_size` at a time, with the EMA weights when there are any, and
         scores the same images with the true metric and the reward. Logs ``true/<name>``,
         ``true/reward``, ``time_true_metric`` and ``hacking_suspected``; warns with a
         :class:`~visalign.training.monitor.RewardHackingWarning` when the reward rose while the true
@@ -92,7 +143,8 @@ class Evaluations:
             k = min(cfg.true_metric_num_prompts, n)
             records = [self.prompt_source[i * n // k] for i in range(k)]
         prompts = [r["prompt"] for r in records]
-        chunk = cfg.micro_batch_size or len(prompts)
+        geometry = self.eval_geometry()
+        chunk = self.eval_batch_size() or len(prompts)  # scored chunk by chunk too: the images are the big part
         true_values, rewards = [], []
         with torch.no_grad(), self.ema_weights(), self.accelerator.autocast():
             for i in range(0, len(prompts), chunk):
@@ -102,14 +154,14 @@ class Evaluations:
                     prompts[i : i + chunk],
                     num_steps=cfg.num_steps,
                     sampler="ode",
-                    images=self.load_condition_images(part),
+                    images=self.load_condition_images(part, geometry),
                     guidance_scale=self.guidance_scale(),
                     generator=[
                         torch.Generator(self.accelerator.device).manual_seed(1000 + i + j) for j in range(len(part))
                     ],
-                    height=cfg.height,
-                    width=cfg.width,
-                    num_frames=cfg.num_frames,
+                    height=geometry.height,
+                    width=geometry.width,
+                    num_frames=geometry.num_frames,
                 )
                 true_values.append(call_reward(metric, traj.images, traj.prompts).total.float().cpu())
                 if self.reward is not None:

@@ -17,7 +17,14 @@ step, so that autograd never sees a weight that changed under it::
     old.update(decay)                                      # θ_old ← d·θ_old + (1−d)·θ
 
 Register it with ``accelerator.register_for_checkpointing`` (``state_dict``/``load_state_dict``)
-and a resumed run continues bit-exactly.
+and a resumed run continues bit-exactly. Under FSDP the parameters, and so the copies, are this
+rank's shards (``DTensor``); checkpoints hold the whole tensors.
+
+With ``offload=True`` (the ``offload_copies`` option) the lagged tensors live in CPU memory, pinned
+when the parameters are on CUDA. A swap then copies them host→device into the live parameters and
+restores the live values from a device-side clone (one host→device copy per pass, nothing copied
+back: the lagged values do not change during a pass); :meth:`LaggedWeights.update` brings θ to the
+host and updates there. On the CPU the results are bit-identical to keeping the copy beside θ.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ import contextlib
 import torch
 
 from visalign.errors import ConfigError
+from visalign.training.fsdp import full_tensor, shard_like
+from visalign.training.offload import copy_placement, host_copy
 
 __all__ = ["LaggedWeights"]
 
@@ -38,13 +47,17 @@ class LaggedWeights:
         parameters: the trainable parameters (``Trainer.trainable_parameters``).
         copy: take the copy now (True), or leave :attr:`tensors` None until the first
             :meth:`update` / :meth:`refresh` (a snapshot that is refreshed on a schedule).
+        offload: keep the lagged values in CPU memory (pinned for CUDA parameters) and bring them
+            to the device only inside :meth:`swapped` (see the module docstring).
 
     Attributes:
-        tensors: the lagged values, one tensor per parameter (same device and dtype), or None.
+        tensors: the lagged values, one tensor per parameter (the parameter's dtype; its device, or
+            the CPU when offloaded), or None.
     """
 
-    def __init__(self, parameters, copy: bool = True):
+    def __init__(self, parameters, copy: bool = True, offload: bool = False):
         self.parameters = list(parameters)
+        self.offload = offload
         self.tensors: list[torch.Tensor] | None = None
         if copy:
             self.refresh()
@@ -56,13 +69,24 @@ class LaggedWeights:
         if not 0.0 <= decay <= 1.0:
             raise ConfigError(f"A lagged-weights decay must be in [0, 1], got {decay!r}.")
         if self.tensors is None:
-            self.tensors = [p.detach().clone() for p in self.parameters]
+            self.tensors = [self._new_copy(p, p) for p in self.parameters]
             return
         for t, p in zip(self.tensors, self.parameters):
+            # Offloaded, θ comes to the host tensor by tensor. The blocking device→host copies are
+            # queued behind any asynchronous host→device copy out of ``t`` left by a swap, so ``t``
+            # is not written while a pass may still be reading it.
             if decay == 0.0:
                 t.copy_(p.detach())
             elif decay != 1.0:
-                t.mul_(decay).add_(p.detach().to(t.dtype), alpha=1.0 - decay)
+                theta = p.detach().to(t.device) if self.offload else p.detach()
+                t.mul_(decay).add_(theta.to(t.dtype), alpha=1.0 - decay)
+
+    def _new_copy(self, values: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        """A copy of ``values`` placed as a copy of ``param`` is kept: beside it, or on the host when offloaded."""
+        if not self.offload:
+            return values.detach().clone()
+        _, pin = copy_placement(param.device, offload=True)
+        return host_copy(values.to(param.dtype), pin)
 
     def refresh(self) -> None:
         """Copies the current weights (``update(0)``)."""
@@ -74,11 +98,29 @@ class LaggedWeights:
         if self.tensors is None:
             raise RuntimeError("LaggedWeights.swapped() before any copy was taken: call refresh() first.")
         with torch.no_grad():
+            if self.offload:
+                with self._swapped_from_host():
+                    yield
+                return
             self._swap()
             try:
                 yield
             finally:
                 self._swap()
+
+    @contextlib.contextmanager
+    def _swapped_from_host(self):
+        # The live values wait in a device-side clone, so the host copy is only read: one
+        # host→device copy per pass (asynchronous from pinned memory, ordered before the pass's
+        # kernels on the same stream) and none back.
+        held = [p.detach().clone() for p in self.parameters]
+        try:
+            for p, t in zip(self.parameters, self.tensors):
+                p.data.copy_(t, non_blocking=True)
+            yield
+        finally:
+            for p, h in zip(self.parameters, held):
+                p.data.copy_(h)
 
     def _swap(self) -> None:
         for p, t in zip(self.parameters, self.tensors):
@@ -92,12 +134,17 @@ class LaggedWeights:
             return 0.0
         with torch.no_grad():
             pairs = zip(self.tensors, self.parameters)
-            total = sum(float((t.float() - p.detach().float()).pow(2).sum()) for t, p in pairs)
+            total = sum(float((t.float() - p.detach().float().to(t.device)).pow(2).sum()) for t, p in pairs)
             count = sum(p.numel() for p in self.parameters)
         return total / max(count, 1)
 
     def state_dict(self) -> dict:
-        return {"tensors": None if self.tensors is None else [t.detach().cpu() for t in self.tensors]}
+        # Under FSDP each rank holds a shard, and accelerate writes custom state from the main process
+        # only: the checkpoint keeps whole tensors (gathered on every rank, a collective) so that any
+        # rank, or another number of processes, can cut its shard back out on load.
+        if self.tensors is None:
+            return {"tensors": None}
+        return {"tensors": [full_tensor(t.detach()).cpu() for t in self.tensors]}
 
     def load_state_dict(self, state: dict) -> None:
         tensors = state["tensors"]
@@ -106,8 +153,9 @@ class LaggedWeights:
                 f"A lagged-weights checkpoint holds {len(tensors)} tensors but the model has "
                 f"{len(self.parameters)} trainable parameters; resume with the same LoRA/model settings."
             )
-        self.tensors = (
-            None
-            if tensors is None
-            else [t.to(device=p.device, dtype=p.dtype) for t, p in zip(tensors, self.parameters)]
-        )
+        if tensors is None:
+            self.tensors = None
+        elif self.offload:  # back into (pinned) host memory, as at the start
+            self.tensors = [self._new_copy(shard_like(t, p.detach()), p) for t, p in zip(tensors, self.parameters)]
+        else:
+            self.tensors = [shard_like(t, p.detach()) for t, p in zip(tensors, self.parameters)]

@@ -76,10 +76,14 @@ class OnlineTrainer(Trainer):
         return (
             f"rollout: {cfg.prompts_per_step} prompts × {cfg.group_size} samples = {per_rank} per rank, "
             f"{per_rank * world} in all; {cfg.num_steps} steps, sampler {cfg.sampler}/{cfg.noise}"
+            + (f"; sampled {cfg.rollout_batch_size} at a time" if cfg.rollout_batch_size else "")
         )
 
     def rollout(self, step: int, records: list[dict], policy_context=None) -> Trajectory:
         """Samples ``group_size`` trajectories per record with the config's sampling options.
+
+        With ``rollout_batch_size`` set, at most that many samples are denoised and decoded at once
+        (:func:`~visalign.sampling.sample`'s ``max_batch_size``); the trajectory is the same.
 
         Args:
             step: the iteration (seeds the per-sample generators and places the SDE window).
@@ -99,6 +103,10 @@ class OnlineTrainer(Trainer):
                 generator=generators,
                 images=images,
                 group_size=cfg.group_size,
+                # chunks of rows of the P·G batch (a group may span two): the prompts are encoded and
+                # all initial noise drawn first, and each sample keeps its generator, so the rollout
+                # does not depend on the chunking
+                max_batch_size=cfg.rollout_batch_size,
             )
 
     def compute_advantages(self, rollout: Rollout):

@@ -23,8 +23,9 @@ class ReferenceSnapshot(LaggedWeights):
     """Copies of the trainable weights at the last :meth:`refresh`, swapped in for reference passes.
 
     ``tensors`` is None until the first refresh. Checkpointed through
-    ``accelerator.register_for_checkpointing`` (``state_dict``/``load_state_dict``).
+    ``accelerator.register_for_checkpointing`` (``state_dict``/``load_state_dict``). With
+    ``offload=True`` the snapshot lives in (pinned) host memory between passes.
     """
 
-    def __init__(self, parameters: list[torch.nn.Parameter]):
-        super().__init__(parameters, copy=False)
+    def __init__(self, parameters: list[torch.nn.Parameter], offload: bool = False):
+        super().__init__(parameters, copy=False, offload=offload)

@@ -102,6 +102,7 @@ class Trainer(Evaluations):
 
         self.true_metric = resolve_true_metric(true_metric, self.config)
         self.true_history: list[tuple[int, float, float]] = []  # (step, reward, true metric) per evaluation
+        self.check_eval_size()  # a bad eval_height/eval_width fails here, not at the first evaluation
         self._setup_model()
         self._setup_optimization()
         self._setup_data()
@@ -119,6 +120,49 @@ class Trainer(Evaluations):
     def needs_reference(self) -> bool:
         """Whether the algorithm compares against the frozen base model (e.g. a KL term)."""
         return False
+
+    def lagged_copies(self) -> list[str]:
+        """Names of the lagged copies of the trainable weights the algorithm keeps (its
+        :class:`~visalign.training.lagged.LaggedWeights`: an old policy, an EMA anchor, a snapshot).
+
+        Counted by the ``offload_copies`` memory check before they are made; the algorithm passes
+        ``offload=config.offload_copies`` when it makes them.
+        """
+        return []
+
+    def _check_offload(self, denoiser: torch.nn.Module) -> None:
+        """Before any copy is made: ``offload_copies`` must be usable here, and the copies must fit.
+
+        Raises:
+            ConfigError: offload_copies under FSDP (which already shards the copies).
+            InsufficientMemoryError: the host cannot hold the copies, or the GPU the model plus the
+                largest copy brought in for a pass (:func:`~visalign.training.offload.check_offload_memory`).
+        """
+        from accelerate.utils import DistributedType
+
+        from visalign.training.offload import check_offload_memory, tensor_bytes
+
+        cfg = self.config
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            raise ConfigError(
+                "offload_copies is not supported under FSDP: FSDP already shards the reference and EMA copies "
+                "over the GPUs. Set offload_copies=false, or train without FSDP."
+            )
+        trainable = tensor_bytes(p for p in denoiser.parameters() if p.requires_grad)
+        copies = {}
+        if not cfg.use_lora and self.needs_reference:
+            copies["the reference model"] = tensor_bytes([*denoiser.parameters(), *denoiser.buffers()])
+        if cfg.ema_decay is not None:
+            copies["the EMA"] = trainable
+        for name in self.lagged_copies():
+            copies[f"the {name}"] = trainable
+        in_passes = [size for name, size in copies.items() if name != "the EMA"]  # the EMA update runs on the host
+        check_offload_memory(
+            copies,
+            self.accelerator.device,
+            largest_pass=max(in_passes, default=0),
+            processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+        )
 
     def _setup_model(self) -> None:
         cfg, policy = self.config, self.policy
@@ -146,12 +190,21 @@ class Trainer(Evaluations):
         for p in denoiser.parameters():
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()
+        if cfg.offload_copies:
+            self._check_offload(denoiser)
         if not cfg.use_lora and self.needs_reference:
             # Full fine-tuning compares against a frozen copy, taken after the upcast so that it
             # computes exactly as the policy does at initialisation (KL, r̂ and margins are 0 there).
-            self.reference_model = copy.deepcopy(denoiser).requires_grad_(False).eval()
+            if cfg.offload_copies:  # made on the host directly: the device never holds two models
+                from visalign.training.offload import copy_placement, host_clone
+
+                reference = host_clone(denoiser, pin=copy_placement(self.accelerator.device, True)[1])
+            else:
+                reference = copy.deepcopy(denoiser)
+            self.reference_model = reference.requires_grad_(False).eval()
         if cfg.gradient_checkpointing:
-            denoiser.enable_gradient_checkpointing()
+            # On every trained network (both Wan 2.2 experts); a ConfigError names a family without it.
+            policy.enable_gradient_checkpointing()
         self.trainable_parameters = [p for p in denoiser.parameters() if p.requires_grad]
         if not self.trainable_parameters:
             raise ConfigError("No trainable parameters: check lora_target_modules for this family.")
@@ -179,16 +232,33 @@ class Trainer(Evaluations):
             num_warmup_steps=cfg.lr_warmup_steps,
             num_training_steps=cfg.max_steps * self.optimizer_steps_per_iteration(),
         )
+        fsdp = self.accelerator.is_fsdp2
+        if fsdp:
+            from visalign.training import fsdp as fsdp_utils
+
+            fsdp_utils.check_wrap_classes(self.accelerator.state.fsdp_plugin, self.policy.training_module())
         self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
             self.policy.training_module(), optimizer, scheduler
         )
+        # FSDP2 replaces each parameter by a sharded DTensor (accelerate re-points the optimizer at
+        # them): clipping, EMA and lagged copies must use the prepared parameters, not the old ones.
+        self.trainable_parameters = [p for p in self.model.parameters() if p.requires_grad]
+        if fsdp and self.reference_model is not None:
+            self.reference_model = fsdp_utils.shard_frozen_copy(self.accelerator, self.reference_model)
         self.policy.set_runner(self.model)
         self.ema = None
         if cfg.ema_decay is not None:
-            from diffusers.training_utils import EMAModel
+            from visalign.training.offload import OffloadableEMA
 
-            self.ema = EMAModel(self.trainable_parameters, decay=cfg.ema_decay)
-            self.accelerator.register_for_checkpointing(self.ema)
+            # diffusers' EMAModel, kept on the host with offload_copies, and put back beside the
+            # weights (or on the host) when a checkpoint is loaded.
+            self.ema = OffloadableEMA(self.trainable_parameters, decay=cfg.ema_decay, offload=cfg.offload_copies)
+            if fsdp:  # its copies are shards: checkpoint whole tensors (accelerate saves from rank 0 only)
+                self.accelerator.register_for_checkpointing(
+                    fsdp_utils.GatheredCheckpoint(self.ema, "shadow_params", self.trainable_parameters)
+                )
+            else:
+                self.accelerator.register_for_checkpointing(self.ema)
         self.accelerator.register_for_checkpointing(self.state)
         if cfg.use_lora:
             self.accelerator.register_save_state_pre_hook(self._keep_only_trainable)
@@ -238,13 +308,16 @@ class Trainer(Evaluations):
             raise ConfigError(f"{type(self).__name__} needs prompts; pass prompts=[...] or a prompt file.")
         return self.prompt_sampler.next_batch()
 
-    def load_condition_images(self, records: list[dict]) -> torch.Tensor | None:
-        """Conditioning images (I2V first frames) from the ``image_column`` of the records, sized to the run."""
+    def load_condition_images(self, records: list[dict], geometry=None) -> torch.Tensor | None:
+        """Conditioning images (I2V first frames) from the ``image_column`` of the records, sized to
+        ``geometry`` (a :class:`~visalign.pipelines.Geometry`; None: the training size).
+        """
         if not self.policy.needs_image:
             return None
         from visalign.training.prompts import load_images
 
-        geometry = self.policy.geometry(self.config.height, self.config.width, self.config.num_frames)
+        if geometry is None:
+            geometry = self.policy.geometry(self.config.height, self.config.width, self.config.num_frames)
         return load_images(
             records,
             self.config.image_column,
@@ -329,7 +402,13 @@ class Trainer(Evaluations):
                     raise ConfigError(f"{type(self).__name__} has no reference model; it needs_reference=False.")
                 self.policy.set_runner(self.reference_model)
                 try:
-                    yield
+                    if self.config.offload_copies:  # brought in for this pass, dropped after it
+                        from visalign.training.offload import on_device
+
+                        with on_device(self.reference_model, self.accelerator.device):
+                            yield
+                    else:
+                        yield
                 finally:
                     self.policy.set_runner(self.model)
 
@@ -448,18 +527,37 @@ class Trainer(Evaluations):
         ``pytorch_lora_weights_transformer_2.safetensors``); ``policy.load_lora(save_directory)`` loads any family's export.
         """
         self.accelerator.wait_for_everyone()
-        if self.is_main_process:
-            with self.ema_weights() if use_ema else contextlib.nullcontext():
-                self.policy.save_lora(save_directory)
+        with self._export_policy(use_ema) as policy:
+            if policy is not None:
+                policy.save_lora(save_directory)
         self.accelerator.wait_for_everyone()
 
     def save_pretrained(self, save_directory: str, use_ema: bool = True) -> None:
         """Saves the whole pipeline with the trained denoiser (LoRA fused when there is one)."""
         self.accelerator.wait_for_everyone()
-        if self.is_main_process:
-            with self.ema_weights() if use_ema else contextlib.nullcontext():
-                self.policy.merged_pipeline().save_pretrained(save_directory)
+        with self._export_policy(use_ema) as policy:
+            if policy is not None:
+                policy.merged_pipeline().save_pretrained(save_directory)
         self.accelerator.wait_for_everyone()
+
+    @contextlib.contextmanager
+    def _export_policy(self, use_ema: bool):
+        """The policy to export from on the main process (None on the others), EMA weights in if asked.
+
+        Under FSDP the denoiser's weights are shards on every rank: all ranks swap in their EMA shard
+        and take part in gathering an unsharded copy (:func:`~visalign.training.fsdp.gathered_policy`).
+        """
+        if self.accelerator.is_fsdp2:
+            from visalign.training.fsdp import gathered_policy
+
+            with self.ema_weights() if use_ema else contextlib.nullcontext():
+                policy = gathered_policy(self.accelerator, self.policy)
+            yield policy
+        elif self.is_main_process:
+            with self.ema_weights() if use_ema else contextlib.nullcontext():
+                yield self.policy
+        else:
+            yield None
 
     def describe(self) -> str:
         """The batch arithmetic and the config, printed at start (ddpo-pytorch style)."""
@@ -472,6 +570,10 @@ class Trainer(Evaluations):
             f"  trainable parameters: {n_train:,} of {n_total:,} ({'LoRA' if self.config.use_lora else 'full'})",
         ]
         lines += ["  " + line for line in self.batch_arithmetic()]
+        if self.config.offload_copies:
+            names = ["reference model"] * (self.reference_model is not None) + ["EMA"] * (self.ema is not None)
+            names += self.lagged_copies()
+            lines.append(f"  copies in host memory (offload_copies): {', '.join(names) or 'none'}")
         return "\n".join(lines)
 
     def batch_arithmetic(self) -> list[str]:
