@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 import torch
 
+from visalign import architectures as arch
 from visalign.cli import main
 from visalign.errors import ConfigError
 from visalign.plan import Workload, _LiveBytes, format_plan, make_plan, measure, peak_bf16_flops, workload_from_recipe
@@ -84,6 +85,34 @@ def test_full_fine_tuning_counts_fp32_weights_reference_and_autocast_copies():
     assert rows["train: peak above static"] == 198528 + 800 + 160 + 2000
     assert rows["optimizer step: temporaries"] == 4000  # foreach AdamW's temporaries on CUDA
     assert rows["PEAK per GPU"] == 20380 + 396928
+
+
+def test_offloaded_copies_are_host_memory_and_one_visits_the_gpu_per_pass():
+    """offload_copies: the reference, EMA and lagged copies leave the GPU rows for host_bytes, and a
+    training pass brings the largest (the fp32 reference with its buffers, 4050 B) onto the GPU."""
+    w = dataclasses.replace(WORKLOAD, use_lora=False, reference=True, ema=True, lagged_copies=2)
+    measured = {**MEASURED, "trainable": 1000}
+    on_gpu = make_plan(w, gpus=1, strategies=("ddp",), measured=dict(measured))
+    off = make_plan(dataclasses.replace(w, offload_copies=True), gpus=1, strategies=("ddp",), measured=dict(measured))
+    gpu, host = on_gpu.rows["ddp"], off.rows["ddp"]
+    assert (gpu["EMA (fp32)"], gpu["reference copy"], gpu["lagged copies (fp32)"]) == (4000, 4050, 8000)
+    assert (host["EMA (fp32)"], host["reference copy"], host["lagged copies (fp32)"]) == (0, 0, 0)
+    assert (on_gpu.host_bytes, off.host_bytes) == (0, 4050 + 4000 + 8000)
+    assert host["static"] == gpu["static"] - 16050
+    assert host["train: peak above static"] == gpu["train: peak above static"] + 4050
+    assert host["rollout: peak above static"] == gpu["rollout: peak above static"]  # GRPO samples from θ, not a copy
+    assert host["PEAK per GPU"] == gpu["PEAK per GPU"] - 16050  # the rollout is still the largest phase
+    assert "host memory per process" in format_plan(off) and "host memory" not in format_plan(on_gpu)
+
+
+def test_recipes_count_lagged_copies_and_the_offload_option(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("algorithm: awm\nmodel: stabilityai/stable-diffusion-3.5-medium\nupdates_per_rollout: 2\n")
+    awm = workload_from_recipe(str(recipe), ["offload_copies=true", "use_lora=false"])
+    assert (awm.lagged_copies, awm.reference, awm.offload_copies) == (2, True, True)  # EMA anchor + behaviour; ref_beta
+    recipe.write_text("algorithm: nft\nmodel: stabilityai/stable-diffusion-3.5-medium\n")
+    nft = workload_from_recipe(str(recipe))
+    assert (nft.lagged_copies, nft.offload_copies) == (1, False)
 
 
 def test_live_bytes_tracker_counts_what_is_alive():
@@ -180,3 +209,113 @@ def test_peak_flops_table():
     assert peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
     assert peak_bf16_flops("NVIDIA H200") == 989e12
     assert peak_bf16_flops("Some CPU") is None
+
+
+def test_rollout_batch_size_bounds_the_rollouts_inference_and_decode():
+    """rollout_batch_size: the denoiser's inference temporaries and the VAE decode are per sampling call,
+    while the trajectory (every state and mean) is kept for all samples."""
+    measured = {**MEASURED, "act_infer": 100_000, "act_decode": 300_000}
+    plan = lambda w: make_plan(w, gpus=1, strategies=("ddp",), measured=dict(measured))  # noqa: E731
+    whole, chunked = plan(WORKLOAD).rows["ddp"], plan(dataclasses.replace(WORKLOAD, rollout_chunk=1)).rows["ddp"]
+    # trajectory + prompts 198528 B (test_lora_plan_matches_hand_computed_bytes), stacking them 198400 B
+    assert whole["rollout: trajectory + prompts"] == chunked["rollout: trajectory + prompts"] == 198528
+    assert whole["rollout: peak above static"] == 198528 + max(100_000 * 4 * 2, 300_000 * 4, 198400)
+    assert chunked["rollout: peak above static"] == 198528 + max(100_000 * 1 * 2, 300_000 * 1, 198400)
+    assert chunked["train: peak above static"] == whole["train: peak above static"]
+    larger = plan(dataclasses.replace(WORKLOAD, rollout_chunk=64)).rows["ddp"]  # more than the rollout: all at once
+    assert larger["rollout: peak above static"] == whole["rollout: peak above static"]
+    assert "rollout 4 samples (1 at a time) x 3 steps" in format_plan(
+        plan(dataclasses.replace(WORKLOAD, rollout_chunk=1))
+    )
+    assert "at a time" not in format_plan(plan(WORKLOAD))
+    assert workload_from_recipe("configs/sd35m_grpo.yaml").rollout_chunk is None
+    assert workload_from_recipe("configs/sd35m_grpo.yaml", ["rollout_batch_size=2"]).rollout_chunk == 2
+
+
+# The shipped recipes of the 2025 families: the architecture each resolves to and its CFG batch (1: the
+# guidance is embedded, or guidance_scale is 1).
+NEW_FAMILY_RECIPES = {
+    "configs/qwen_image_grpo.yaml": ("qwen-image", 2),
+    "configs/qwen_image_edit_grpo.yaml": ("qwen-image-edit", 2),
+    "configs/flux2_grpo.yaml": ("flux2-dev", 1),
+    "configs/flux2_klein_grpo.yaml": ("flux2-klein-9b", 2),
+    "configs/z_image_grpo.yaml": ("z-image-turbo", 1),
+    "configs/flux_kontext_grpo.yaml": ("flux1-kontext-dev", 1),
+    "configs/wan22_grpo.yaml": ("wan22-t2v-a14b", 2),
+    "configs/wan22_i2v_grpo.yaml": ("wan22-i2v-a14b", 2),
+    "configs/wan22_ti2v_grpo.yaml": ("wan22-ti2v-5b", 2),
+    "configs/hunyuan_video15_grpo.yaml": ("hunyuan-video15-480p", 2),
+    "configs/hunyuan_video15_i2v_grpo.yaml": ("hunyuan-video15-480p-i2v", 2),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(NEW_FAMILY_RECIPES))
+def test_plan_runs_on_the_new_families_recipes(recipe):
+    """Each shipped recipe plans on meta (one block per stack: the code paths of the full plan, in seconds)."""
+    name, cfg = NEW_FAMILY_RECIPES[recipe]
+    w = workload_from_recipe(recipe)
+    assert (w.architecture, w.cfg) == (name, cfg)
+    plan = make_plan(w, gpus=8, depth=1)
+    m, ddp, fsdp = plan.measured, plan.rows["ddp"], plan.rows["fsdp"]
+    experts = 2 if "denoiser_2" in arch.spec(name) else 1  # Wan 2.2 A14B holds and trains both experts
+    assert m["params"] == experts * arch.parameter_count(name, depth=1)
+    assert m["text_params"] == sum(arch.parameter_count(name, part) for part in arch.spec(name)["text_encoders"])
+    assert m["vae_params"] == arch.parameter_count(name, "vae")
+    assert 0 < m["trainable"] < m["params"] if w.use_lora else m["trainable"] == m["params"]
+    assert fsdp["denoiser weights"] * 8 == ddp["denoiser weights"] > 0  # FSDP shards the weights over 8 GPUs
+    assert ddp["AdamW moments (2 x fp32)"] == 8 * m["trainable"]
+    text = format_plan(plan)
+    if name.startswith("hunyuan"):  # its forward cannot run on meta: counts only, said plainly
+        assert m["unmeasured"] and ddp["PEAK per GPU"] is None and plan.flops["iteration"] is None
+        assert "n/a" in text and "no activation, peak or FLOP figures" in text and "not measured" in text
+    else:
+        assert "unmeasured" not in m and ddp["PEAK per GPU"] > ddp["static"] > 0
+        assert m["flops_train"] > m["flops_forward"] > 0 and m["act_train"] > 0 and m["act_train_ckpt"] > 0
+        assert m["flops_decode"] > 0 and plan.flops["iteration"] > 0 and "n/a" not in text
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "qwen-image-edit",
+        "wan22-ti2v-5b",
+        pytest.param("flux2-klein-4b", marks=pytest.mark.slow),
+        pytest.param("z-image-turbo", marks=pytest.mark.slow),
+    ],
+)
+def test_new_families_measure_linearly_in_depth(name):
+    video = arch.spec(name)["family"].startswith("wan")
+    w = Workload(name, height=128, width=128, num_frames=5 if video else None, text_tokens=16, text_encoder_params=0)
+    m1, m2, m3 = (measure(dataclasses.replace(w), depth=d) for d in (1, 2, 3))
+    assert m2["flops_forward"] - m1["flops_forward"] == m3["flops_forward"] - m2["flops_forward"] > 0
+    assert m1["flops_train"] > m1["flops_forward"] and m2["act_train"] > m1["act_train"]
+
+
+def test_a_plan_without_measurements_leaves_those_rows_empty():
+    unmeasured = {
+        **MEASURED,
+        **dict.fromkeys(("act_train", "act_train_ckpt", "act_infer", "act_decode")),
+        "unmeasured": "why",
+    }
+    unmeasured.update(dict.fromkeys(("flops_train", "flops_forward", "flops_decode")))
+    plan = make_plan(WORKLOAD, gpus=2, measured=unmeasured)
+    full = make_plan(WORKLOAD, gpus=2, measured=dict(MEASURED))
+    for strategy in ("ddp", "fsdp"):
+        rows, exact = plan.rows[strategy], full.rows[strategy]
+        assert (
+            rows["static"] == exact["static"]
+            and rows["rollout: trajectory + prompts"] == exact["rollout: trajectory + prompts"]
+        )
+        assert rows["optimizer step: temporaries"] == exact["optimizer step: temporaries"]
+        assert rows["PEAK per GPU"] is None and rows["train: activations, checkpointing"] is None
+    assert plan.flops == {"rollout": None, "training": None, "iteration": None}
+    text = format_plan(plan)
+    assert "n/a" in text and "because why" in text and "FLOPs per iteration per GPU: not measured" in text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", sorted(NEW_FAMILY_RECIPES))
+def test_plan_cli_on_the_new_families_recipes_at_full_depth(recipe, capsys):
+    assert main(["plan", recipe, "--gpus", "8"]) == 0
+    out = capsys.readouterr().out
+    assert NEW_FAMILY_RECIPES[recipe][0] in out and "PEAK per GPU" in out and "FSDP x8" in out

@@ -309,8 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--architecture",
         default=None,
-        help="architecture name when model: is not a known hub id (e.g. a fine-tune of one): "
-        "sd35-medium, flux1-dev, wan21-t2v-1.3b, wan21-t2v-14b",
+        help="architecture name when model: is not a known hub id (e.g. a fine-tune of one): sd35-medium, "
+        "flux1-dev, qwen-image, wan22-t2v-a14b, ... (all in visalign/architectures/README.md)",
     )
     plan.add_argument(
         "--accelerate-config",

@@ -16,10 +16,16 @@ text encoders are built on the meta device and
   as the CPU flash kernel saves it (q, k, v, output, log-sum-exp). Activations are linear in the
   batch, so one sample is measured and scaled;
 - FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode``, which works on meta tensors,
-  at full depth (model FLOPs: no checkpoint recomputation, as MFU counts them).
+  at full depth (model FLOPs: no checkpoint recomputation, as MFU counts them);
+- each denoiser gets the inputs its family's pipeline feeds it (:mod:`visalign.architectures.inputs`:
+  packed latents, an editing family's source-image tokens, Wan image-to-video's condition channels,
+  TI2V's per-token timesteps). Wan 2.2 A14B's two experts are both held and trained, so weights and
+  LoRA count twice; one expert runs per forward. A denoiser whose forward reads tensor values
+  (HunyuanVideo 1.5) cannot run on meta: its plan gives the counts and leaves the activation, peak
+  and FLOP rows empty, with a note.
 
 Per GPU, the peak is the static part (weights, gradients, AdamW's two fp32 moments, EMA, the
-reference copy) plus the largest of three phases: the rollout (every state and mean of the
+reference copy, the lagged copies of NFT/AWM/refreshed DPO) plus the largest of three phases: the rollout (every state and mean of the
 trajectory, the denoiser's inference temporaries, the VAE decode), one training micro-batch, and the
 optimizer step. Assumptions, as the trainer does today: trainable weights in fp32, frozen ones in the
 recipe's ``torch_dtype``; a full-fine-tuning reference (``kl_beta > 0``) is a deep copy made before
@@ -29,6 +35,9 @@ gathered block and the next one's prefetch unsharded); text encoders and the VAE
 The training micro-batch is GRPO's and PRDP's: every (sample, trained step) pair of the micro-batch in
 one forward, as visalign batches them; for DPO and DRaFT the figure is one forward per sample (DRaFT's
 backpropagation through the chain is measured in benchmarks/gpu.py's step table, not planned).
+With ``offload_copies`` the reference, EMA and lagged copies are counted as host memory per process
+(:attr:`Plan.host_bytes`) instead, and the largest copy a pass brings in is added to the training
+phase (and to NFT's rollout, which samples from the old policy).
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from visalign import architectures as arch
+from visalign.architectures import inputs as arch_inputs
 from visalign.errors import ConfigError
 
 __all__ = ["Plan", "Workload", "format_plan", "make_plan", "measure", "peak_bf16_flops", "workload_from_recipe"]
@@ -49,7 +59,14 @@ __all__ = ["Plan", "Workload", "format_plan", "make_plan", "measure", "peak_bf16
 #: Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by device-name fragment (first match).
 _PEAKS = "H100 PCIe=756, H100 NVL=835, H100=989, H200=989, H20=148, A100=312, L40S=362, A10G=70, 4090=165"
 PEAK_BF16_FLOPS = {k: float(v) * 1e12 for k, v in (entry.split("=") for entry in _PEAKS.split(", "))}
-_DEFAULT_SIZE = {"sd3": (1024, 1024, None), "flux": (1024, 1024, None), "wan-t2v": (480, 832, 81)}
+#: Each family's stock size (height, width, frames), for recipes that set none.
+_DEFAULT_SIZE = {
+    **dict.fromkeys(("sd3", "flux", "flux-kontext", "flux2", "flux2-klein"), (1024, 1024, None)),
+    **dict.fromkeys(("qwen-image", "qwen-image-edit", "z-image"), (1024, 1024, None)),
+    **dict.fromkeys(("wan-t2v", "wan22", "wan22-i2v"), (480, 832, 81)),
+    "wan22-ti2v": (704, 1280, 121),
+    **dict.fromkeys(("hunyuan-video15", "hunyuan-video15-i2v"), (480, 848, 121)),
+}
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GiB = 2**30
 
@@ -85,6 +102,9 @@ class Workload:
     text_tokens: int | None = None
     text_encoder_params: int | None = None  # None: the architecture's real text encoders
     device: str = "cuda"  # the optimizer step's temporaries: foreach AdamW on CUDA, per tensor on CPU
+    rollout_chunk: int | None = None  # samples per sampling call (rollout_batch_size); None: the whole rollout
+    lagged_copies: int = 0  # fp32 copies of the trainable weights: NFT's old policy, AWM's EMA anchor, snapshots
+    offload_copies: bool = False  # reference, EMA and lagged copies in host memory, brought in per pass
 
 
 def workload_from_recipe(path: str, overrides=(), architecture: str | None = None) -> Workload:
@@ -102,12 +122,14 @@ def workload_from_recipe(path: str, overrides=(), architecture: str | None = Non
     algorithm = str(raw.get("algorithm", "grpo"))
     cfg = trainer_class(algorithm).config_class.from_dict({k: v for k, v in raw.items() if k not in RECIPE_KEYS})
     cfg = cfg.with_overrides([f"{k}={v}" for k, v in pairs.items()])
-    family = arch.spec(name)["family"]
+    record = arch.spec(name)
+    family = record["family"]
     h, w, f = _DEFAULT_SIZE[family]
     get = lambda key, default=None: getattr(cfg, key, default)  # noqa: E731
     dtype = str(raw.get("torch_dtype") or "float32")
-    guidance = get("guidance_scale")  # None: the family's default, which is > 1 for SD3 and Wan
-    cfg_mult = 2 if family != "flux" and (guidance is None or guidance > 1) and get("cfg_in_training", True) else 1
+    guidance = get("guidance_scale")  # None: the family's default, which is > 1 for all but the distilled ones
+    embedded = record["denoiser"]["config"].get("guidance_embeds")  # FLUX.1-dev/Kontext, FLUX.2 [dev]: no CFG batch
+    cfg_mult = 2 if not embedded and (guidance is None or guidance > 1) and get("cfg_in_training", True) else 1
     rollout = get("prompts_per_step", 1) * get("group_size", 1)
     steps = get("num_steps", 10)
     candidates = get("sde_window_size") or steps - 1
@@ -117,10 +139,19 @@ def workload_from_recipe(path: str, overrides=(), architecture: str | None = Non
     compute = {"no": dtype, "bf16": "bfloat16", "fp16": "float16"}[get("mixed_precision", "no")]
     size = (get("height") or h, get("width") or w, (get("num_frames") or f) if f else None)
     lora = (get("use_lora", True), get("lora_rank", 8), get("lora_target_modules"), get("gradient_checkpointing", 0))
-    copies = (get("ema_decay") is not None, get("kl_beta", 0.0) > 0 or algorithm == "dpo")
+    reference = (
+        get("kl_beta", 0.0) > 0 or get("ref_beta", 0.0) > 0 or (algorithm == "dpo" and not get("ref_refresh_every"))
+    )
+    copies = (get("ema_decay") is not None, reference)
     batch = (rollout, steps, trained, min(get("micro_batch_size") or per_update, per_update), cfg_mult)
     train_cfg = 1 if get("detach_uncond") else cfg_mult
-    return Workload(name, algorithm, dtype, compute, *size, *lora, *copies, *batch, train_cfg)
+    w = Workload(name, algorithm, dtype, compute, *size, *lora, *copies, *batch, train_cfg)
+    w.rollout_chunk = get("rollout_batch_size")
+    w.offload_copies = bool(get("offload_copies", False))
+    # The trainers' LaggedWeights (their lagged_copies()): copies of the trainable weights only.
+    lagged = {"nft": 1, "awm": (get("ema_anchor_beta", 0) > 0) + (get("updates_per_rollout", 1) > 1)}
+    w.lagged_copies = lagged.get(algorithm, 1 if algorithm == "dpo" and get("ref_refresh_every") else 0)
+    return w
 
 
 # ------------------------------------------------------------------------------ measuring on meta
@@ -172,24 +203,14 @@ def _flash_sdpa():
         functional.scaled_dot_product_attention = original
 
 
-def _denoiser_inputs(family: str, config: dict, batch: int, w: Workload, dtype: torch.dtype) -> dict:
-    empty = lambda *shape: torch.empty(*shape, device="meta", dtype=dtype)  # noqa: E731
-    t, tokens = torch.ones(batch, device="meta"), w.text_tokens or 0
-    text = empty(batch, tokens, config.get("joint_attention_dim") or config["text_dim"])
-    if family == "sd3":
-        latents, pooled = empty(batch, 16, w.height // 8, w.width // 8), empty(batch, config["pooled_projection_dim"])
-        return dict(hidden_states=latents, encoder_hidden_states=text, pooled_projections=pooled, timestep=t)
-    if family == "flux":
-        n = (w.height // 16) * (w.width // 16)
-        ids = dict(img_ids=torch.empty(n, 3, device="meta"), txt_ids=torch.empty(tokens, 3, device="meta"))
-        inputs = dict(hidden_states=empty(batch, n, 64), encoder_hidden_states=text, timestep=t, guidance=t, **ids)
-        return dict(inputs, pooled_projections=empty(batch, config["pooled_projection_dim"]))
-    latents = empty(batch, 16, _latent_frames(w), w.height // 8, w.width // 8)
-    return dict(hidden_states=latents, encoder_hidden_states=text, timestep=t)
+def _denoiser_inputs(w: Workload, batch: int, dtype: torch.dtype) -> dict:
+    """The denoiser's forward arguments for ``batch`` samples of ``w`` (see visalign.architectures.inputs)."""
+    size = (w.height, w.width, w.num_frames, w.text_tokens or 0)
+    return arch_inputs.denoiser_inputs(w.architecture, batch, *size, dtype=dtype)
 
 
-def _latent_frames(w: Workload) -> int:
-    return (w.num_frames - 1) // 4 + 1 if w.num_frames else 1
+def _tensors(inputs: dict) -> list[torch.Tensor]:
+    return [t for t in tree_leaves(inputs) if isinstance(t, torch.Tensor)]  # Z-Image passes lists of tensors
 
 
 def _run(fn, external, flops: bool = True) -> tuple[int, int]:
@@ -207,15 +228,32 @@ def _run(fn, external, flops: bool = True) -> tuple[int, int]:
     return tracker.peak, counter.get_total_flops() if flops else 0
 
 
+#: The per-sample measurements of a forward/backward; None (with ``unmeasured``, the reason) for a family
+#: whose forward cannot run on meta (visalign.architectures.inputs.UNMEASURABLE).
+_MEASURED = ("act_train", "flops_train", "act_train_ckpt", "act_infer", "flops_forward", "act_decode", "flops_decode")
+#: The plan rows that need those measurements.
+_NEEDS_MEASURED = (
+    "rollout: peak above static",
+    "train: activations, no checkpointing",
+    "train: activations, checkpointing",
+    "train: peak above static",
+    "PEAK per GPU",
+)
+
+
 def measure(w: Workload, depth: int | None = None) -> dict:
-    """Counts and per-sample measurements of ``w``'s architecture on meta (``depth``: fewer blocks)."""
+    """Counts and per-sample measurements of ``w``'s architecture on meta (``depth``: fewer blocks).
+
+    For a family whose forward cannot run on meta the measurements are None and ``unmeasured`` says why.
+    """
     record = arch.spec(w.architecture)
-    family, dtype = record["family"], getattr(torch, w.compute_dtype)
+    dtype = getattr(torch, w.compute_dtype)
+    experts = 2 if "denoiser_2" in record else 1  # Wan 2.2 A14B: two experts of one shape, both held and trained
     w.text_tokens = w.text_tokens or record["text_tokens"]
     model = arch.build(w.architecture, depth=depth, dtype=dtype)
     blocks = [b for blocks in arch.block_lists(model) for b in blocks]
-    out = {"params": sum(p.numel() for p in model.parameters()), "blocks": len(blocks)}
-    out["buffer_bytes"] = sum(b.numel() for b in model.buffers() if b.is_floating_point()) * _BYTES[w.dtype]
+    out = {"params": experts * sum(p.numel() for p in model.parameters()), "blocks": experts * len(blocks)}
+    out["buffer_bytes"] = experts * sum(b.numel() for b in model.buffers() if b.is_floating_point()) * _BYTES[w.dtype]
     out["block_classes"] = sorted({type(b).__name__ for b in blocks})
     out["block_params"] = max(sum(p.numel() for p in b.parameters()) for b in blocks)
     if w.use_lora:
@@ -232,28 +270,33 @@ def measure(w: Workload, depth: int | None = None) -> dict:
         p.requires_grad_(True)
         p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))  # gradients are counted statically
     out.update(trainable=sum(p.numel() for p in trainable), largest_trainable=max(p.numel() for p in trainable))
-    one, cfg_train = _denoiser_inputs(family, record["denoiser"]["config"], 1, w, dtype), max(1, w.train_cfg)
-    batch = _denoiser_inputs(family, record["denoiser"]["config"], cfg_train, w, dtype)
-    external = list(model.parameters()) + list(model.buffers()) + list(one.values()) + list(batch.values())
+    out["trainable"] *= experts
+    vae = arch.build(w.architecture, "vae", dtype=dtype)
+    z = torch.empty(
+        arch_inputs.latent_shape(w.architecture, w.height, w.width, w.num_frames), device="meta", dtype=dtype
+    )
+    out["vae_params"] = sum(p.numel() for p in vae.parameters())
+    text, parts = w.text_encoder_params, record["text_encoders"]
+    out["text_params"] = text if text is not None else sum(arch.parameter_count(w.architecture, p) for p in parts)
+    out["latent_numel"] = z.numel()  # FLUX's packing is a permutation of the same numbers
+    out["cond_numel"] = w.text_tokens * arch_inputs.text_width(w.architecture)
+    denoiser = record["denoiser"]["class"]
+    if denoiser in arch_inputs.UNMEASURABLE:  # counts only: no activations or FLOPs
+        return {**out, **dict.fromkeys(_MEASURED), "unmeasured": f"{denoiser}: {arch_inputs.UNMEASURABLE[denoiser]}"}
+    one, cfg_train = _denoiser_inputs(w, 1, dtype), max(1, w.train_cfg)
+    batch = _denoiser_inputs(w, cfg_train, dtype)
+    external = list(model.parameters()) + list(model.buffers()) + _tensors(one) + _tensors(batch)
 
     def train_pass():
-        model(**batch, return_dict=False)[0].float().square().mean().backward()
+        arch_inputs.denoise(model, batch).float().square().mean().backward()
 
     out["act_train"], out["flops_train"] = (v / cfg_train for v in _run(train_pass, external))  # per sample
     model.enable_gradient_checkpointing()
     out["act_train_ckpt"] = _run(train_pass, external, flops=False)[0] / cfg_train
     model.disable_gradient_checkpointing()
     with torch.no_grad():
-        out["act_infer"], out["flops_forward"] = _run(lambda: model(**one, return_dict=False), external)
-        vae = arch.build(w.architecture, "vae", dtype=dtype)
-        frames = [_latent_frames(w)] if family.startswith("wan") else []
-        z = torch.empty(1, 16, *frames, w.height // 8, w.width // 8, device="meta", dtype=dtype)
-        out["vae_params"] = sum(p.numel() for p in vae.parameters())
+        out["act_infer"], out["flops_forward"] = _run(lambda: arch_inputs.denoise(model, one), external)
         out["act_decode"], out["flops_decode"] = _run(lambda: vae.decode(z), [*vae.parameters(), *vae.buffers(), z])
-    text, parts = w.text_encoder_params, record["text_encoders"]
-    out["text_params"] = text if text is not None else sum(arch.parameter_count(w.architecture, p) for p in parts)
-    out["latent_numel"] = z.numel()  # FLUX's packing is a permutation of the same numbers
-    out["cond_numel"] = w.text_tokens * record["denoiser"]["config"].get("joint_attention_dim", 4096)
     return out
 
 
@@ -268,6 +311,7 @@ class Plan:
     rows: dict = field(default_factory=dict)  # strategy → {row: bytes}
     flops: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
+    host_bytes: int = 0  # per process: the copies offload_copies keeps in host memory
 
 
 def _check_fsdp(w: Workload, m: dict, gpus: int, accelerate_config: str | None) -> list[str]:
@@ -308,6 +352,13 @@ def make_plan(w: Workload, gpus=1, strategies=("ddp", "fsdp"), depth=None, accel
         raise ConfigError(f"--gpus must be >= 1, got {gpus}.")
     m = measured or measure(w, depth)
     plan = Plan(w, gpus, m)
+    unmeasured = m.get("unmeasured")
+    if unmeasured:  # the rows that need no forward are exact; the others are left empty below
+        m = {**m, **dict.fromkeys(_MEASURED, 0)}
+        plan.notes.append(
+            f"{w.architecture}: no activation, peak or FLOP figures, because {unmeasured}. Weights, gradients, "
+            f"optimizer state, EMA/reference copies, FSDP blocks, the rollout trajectory and the optimizer step are exact."
+        )
     b, cb, trainable = _BYTES[w.dtype], _BYTES[w.compute_dtype], m["trainable"]
     weights = (m["params"] * b if w.use_lora else 0) + trainable * 4 + m["buffer_bytes"]
     reference = m["params"] * 4 + m["buffer_bytes"] if w.reference and not w.use_lora else 0
@@ -318,13 +369,22 @@ def make_plan(w: Workload, gpus=1, strategies=("ddp", "fsdp"), depth=None, accel
     train_samples = w.micro_batch * w.trained_steps * w.train_cfg
     act = m["act_train_ckpt" if w.gradient_checkpointing else "act_train"] * train_samples
     ref_pass = m["act_infer"] * w.micro_batch * w.trained_steps * w.cfg if w.reference else 0
+    chunk = min(w.rollout_chunk or w.rollout_batch, w.rollout_batch)  # samples denoised and decoded at once
+    ema, lagged = trainable * 4 if w.ema else 0, w.lagged_copies * trainable * 4
+    if w.offload_copies:
+        plan.host_bytes = reference + ema + lagged
     for strategy in strategies:
         n, ddp = (gpus, False) if strategy == "fsdp" else (1, True)
         if not ddp:
             plan.notes += _check_fsdp(w, m, gpus, accelerate_config)
+        # Offloaded, the copies live on the host and one at a time visits the GPU for its pass (the
+        # EMA is updated on the host). The trainer refuses offload_copies under FSDP.
+        offloaded = w.offload_copies and ddp
+        brought_in = max(reference, trainable * 4 if lagged else 0) if offloaded else 0
         rows = {"denoiser weights": weights / n, "text encoders + VAE": (m["text_params"] + m["vae_params"]) * b}
         rows["gradients (fp32)"], rows["AdamW moments (2 x fp32)"] = trainable * 4 / n, trainable * 8 / n
-        rows["EMA (fp32)"], rows["reference copy"] = trainable * 4 / n if w.ema else 0, reference
+        rows["EMA (fp32)"], rows["reference copy"] = (0, 0) if offloaded else (ema / n, reference)
+        rows["lagged copies (fp32)"] = 0 if offloaded else lagged / n
         if ddp:  # DDP keeps a second copy of the gradients in its buckets
             rows["DDP buckets"] = trainable * 4 if gpus > 1 else 0
         else:  # the block being computed and the next one, prefetched, gathered in the compute dtype
@@ -332,20 +392,26 @@ def make_plan(w: Workload, gpus=1, strategies=("ddp", "fsdp"), depth=None, accel
         rows["static"] = sum(rows.values())
         rows["rollout: trajectory + prompts"] = states + cond
         # The rollout's peak: its last step (inference temporaries), the decode, or stacking the states (2x).
-        infer = m["act_infer"] * w.rollout_batch * w.cfg + (autocast if ddp else 0)
-        rows["rollout: peak above static"] = states + cond + max(infer, m["act_decode"] * w.rollout_batch, states)
+        # The first two are per sampling call, so rollout_batch_size bounds them; the states are all kept.
+        infer = m["act_infer"] * chunk * w.cfg + (autocast if ddp else 0)
+        rows["rollout: peak above static"] = states + cond + max(infer, m["act_decode"] * chunk, states)
+        rows["rollout: peak above static"] += brought_in if w.algorithm == "nft" else 0  # it samples from θ_old
         rows["train: activations, no checkpointing"] = m["act_train"] * train_samples
         rows["train: activations, checkpointing"] = m["act_train_ckpt"] * train_samples
-        rows["train: peak above static"] = states + cond + act + ref_pass + (autocast if ddp else 0)
+        rows["train: peak above static"] = states + cond + act + ref_pass + (autocast if ddp else 0) + brought_in
         rows["optimizer step: temporaries"] = trainable * 4 / n if w.device == "cuda" else 8 * m["largest_trainable"]
         phases = ("rollout: peak above static", "train: peak above static", "optimizer step: temporaries")
         rows["PEAK per GPU"] = rows["static"] + max(rows[p] for p in phases)
+        if unmeasured:
+            rows.update(dict.fromkeys(_NEEDS_MEASURED))
         plan.rows[strategy] = rows
     s, k = w.rollout_batch, w.trained_steps
     rollout = s * w.num_steps * w.cfg * m["flops_forward"] + s * m["flops_decode"]
     training = s * k * (w.train_cfg * m["flops_train"] + (w.cfg - w.train_cfg) * m["flops_forward"])
     training += s * k * w.cfg * m["flops_forward"] if w.reference else 0
     plan.flops = {"rollout": rollout, "training": training, "iteration": rollout + training}
+    if unmeasured:
+        plan.flops = dict.fromkeys(plan.flops)
     return plan
 
 
@@ -360,7 +426,9 @@ def format_plan(plan: Plan) -> str:
         f"compute {w.compute_dtype}",
         f"  denoiser {m['params'] / 1e9:.3f}B parameters ({m['blocks']} blocks); trainable {m['trainable']:,} "
         f"({lora}); text encoders {m['text_params'] / 1e9:.2f}B; VAE {m['vae_params'] / 1e6:.1f}M",
-        f"  per GPU: rollout {w.rollout_batch} samples x {w.num_steps} steps (CFG x{w.cfg}); training micro-batch "
+        f"  per GPU: rollout {w.rollout_batch} samples"
+        + (f" ({w.rollout_chunk} at a time)" if w.rollout_chunk and w.rollout_chunk < w.rollout_batch else "")
+        + f" x {w.num_steps} steps (CFG x{w.cfg}); training micro-batch "
         f"{w.micro_batch} samples x {w.trained_steps} steps (x{w.train_cfg} with gradient) = "
         f"{w.micro_batch * w.trained_steps * w.train_cfg} forwards; gradient checkpointing "
         f"{'on' if w.gradient_checkpointing else 'off'}",
@@ -368,15 +436,26 @@ def format_plan(plan: Plan) -> str:
         f"{'GiB per GPU':42s}" + "".join(f"{s.upper() + ' x' + str(plan.gpus):>12s}" for s in strategies),
     ]
     for row in plan.rows[strategies[0]]:
-        values = [plan.rows[s].get(row) for s in strategies]
+        values = [plan.rows[s].get(row, "") for s in strategies]  # "": not a row of that strategy; None: unmeasured
         if row in ("static", "PEAK per GPU"):
             lines.append("-" * (42 + 12 * len(strategies)))
-        lines.append(f"{row:42s}" + "".join(f"{v / GiB:12.2f}" if v is not None else f"{'':12s}" for v in values))
+        cells = (
+            f"{v / GiB:12.2f}" if isinstance(v, (int, float)) else f"{'n/a' if v is None else '':>12s}" for v in values
+        )
+        lines.append(f"{row:42s}" + "".join(cells))
     f = plan.flops
-    lines += [
-        "",
-        f"FLOPs per iteration per GPU (FlopCounterMode on the real architecture): rollout "
-        f"{f['rollout'] / 1e15:.2f} PFLOP, training {f['training'] / 1e15:.2f} PFLOP, total "
-        f"{f['iteration'] / 1e15:.2f} PFLOP; all GPUs {f['iteration'] * plan.gpus / 1e15:.2f} PFLOP",
-    ]
+    lines.append("")
+    if f["iteration"] is None:
+        lines.append("FLOPs per iteration per GPU: not measured (see the note)")
+    else:
+        lines.append(
+            f"FLOPs per iteration per GPU (FlopCounterMode on the real architecture): rollout "
+            f"{f['rollout'] / 1e15:.2f} PFLOP, training {f['training'] / 1e15:.2f} PFLOP, total "
+            f"{f['iteration'] / 1e15:.2f} PFLOP; all GPUs {f['iteration'] * plan.gpus / 1e15:.2f} PFLOP"
+        )
+    if plan.host_bytes:
+        lines.append(
+            f"host memory per process (offload_copies: reference, EMA and lagged copies, pinned): "
+            f"{plan.host_bytes / GiB:.2f} GiB"
+        )
     return "\n".join(lines + [f"note: {n}" for n in dict.fromkeys(plan.notes)])

@@ -12,8 +12,11 @@ same width) as a CPU proxy::
     >>> proxy = arch.build("sd35-medium", device="cpu", depth=2)           # 2 of 24 blocks, real width
     >>> pipe = arch.build_pipeline("sd35-medium", depth=1)                  # stock pipeline, tiny text encoders
 
-Names: ``sd35-medium``, ``flux1-dev``, ``wan21-t2v-1.3b``, ``wan21-t2v-14b`` (:data:`ARCHITECTURES`);
-:data:`KNOWN_MODELS` maps the hub ids of the real checkpoints to them.
+Names (:data:`ARCHITECTURES`): ``sd35-medium``, ``flux1-dev``, ``flux1-kontext-dev``, ``flux2-dev``,
+``flux2-klein-4b``, ``flux2-klein-9b``, ``qwen-image``, ``qwen-image-edit``, ``z-image-turbo``,
+``wan21-t2v-1.3b``, ``wan21-t2v-14b``, ``wan22-t2v-a14b``, ``wan22-i2v-a14b``, ``wan22-ti2v-5b``,
+``hunyuan-video15-480p``, ``hunyuan-video15-480p-i2v``; :data:`KNOWN_MODELS` maps the hub ids of the real checkpoints to them.
+Wan 2.2 A14B has two experts of the same shape: part ``"denoiser_2"`` is the low-noise one.
 """
 
 from __future__ import annotations
@@ -42,8 +45,19 @@ __all__ = [
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 ARCHITECTURES: tuple[str, ...] = tuple(sorted(f[:-5] for f in os.listdir(_HERE) if f.endswith(".json")))
-#: The attributes holding each denoiser's repeated blocks (the units diffusers checkpoints and FSDP wraps).
-BLOCK_ATTRIBUTES = ("transformer_blocks", "single_transformer_blocks", "blocks")
+#: The attributes holding each denoiser's repeated blocks (the units diffusers checkpoints and FSDP wraps):
+#: SD3, FLUX.1/.2, Qwen-Image and HunyuanVideo 1.5 use the first two, Wan ``blocks``, Z-Image ``layers``
+#: plus its two refiner stacks (the same block class).
+BLOCK_ATTRIBUTES = (
+    "transformer_blocks",
+    "single_transformer_blocks",
+    "blocks",
+    "noise_refiner",
+    "context_refiner",
+    "layers",
+)
+#: The config key holding a denoiser's (double-stream) block count, by class; the default is ``num_layers``.
+_LAYER_KEYS = {"ZImageTransformer2DModel": "n_layers"}
 
 
 @functools.cache
@@ -61,7 +75,20 @@ def spec(name: str) -> dict:
     return json.loads(_load(name))
 
 
-KNOWN_MODELS: dict[str, str] = {json.loads(_load(n))["hub_id"]: n for n in ARCHITECTURES}
+def _hub_ids(name: str) -> list[str]:
+    record = json.loads(_load(name))
+    return [record["hub_id"], *record.get("aliases", [])]
+
+
+#: Hub id → architecture name; a checkpoint with the same architecture under another id (e.g.
+#: ``Qwen/Qwen-Image-Edit-2509``, the distilled ``FLUX.2-klein-9B``) is listed in its JSON's ``aliases``.
+KNOWN_MODELS: dict[str, str] = {hub_id: n for n in ARCHITECTURES for hub_id in _hub_ids(n)}
+
+
+def _parts(record: dict) -> dict:
+    """The record's components by part name: denoiser (and ``denoiser_2``), vae, text encoders."""
+    experts = {"denoiser_2": record["denoiser_2"]} if "denoiser_2" in record else {}
+    return {"denoiser": record["denoiser"], **experts, "vae": record["vae"], **record["text_encoders"]}
 
 
 def resolve(model: str | None = None, architecture: str | None = None) -> str:
@@ -89,24 +116,31 @@ def config(name: str, part: str = "denoiser", depth: int | None = None) -> dict:
 
     Args:
         name: an architecture name.
-        part: ``"denoiser"``, ``"vae"`` or a text-encoder component (``"text_encoder"``, ``"text_encoder_2"``, ...).
-        depth: denoiser blocks to keep (same width). FLUX keeps ``depth`` double-stream and ``2·depth``
-            single-stream blocks (the real 19:38 ratio); SD3 keeps its dual-attention blocks among the first.
+        part: ``"denoiser"`` (``"denoiser_2"``: Wan 2.2 A14B's low-noise expert), ``"vae"`` or a
+            text-encoder component (``"text_encoder"``, ``"text_encoder_2"``, ...).
+        depth: denoiser blocks to keep (same width), counted in its main stack (``num_layers``;
+            Z-Image's ``n_layers``). FLUX.1 and FLUX.2 keep ``depth`` double-stream blocks and the
+            single-stream ones in the real ratio (FLUX.1-dev 19:38, FLUX.2 [dev] 8:48); SD3 keeps its
+            dual-attention blocks among the first. Refiner stacks (Z-Image, HunyuanVideo 1.5) stay whole.
+
+    Raises:
+        ConfigError: an unknown part, or ``depth`` outside 1 to the full block count.
     """
     record = spec(name)
-    parts = {"denoiser": record["denoiser"], "vae": record["vae"], **record["text_encoders"]}
+    parts = _parts(record)
     if part not in parts:
         raise ConfigError(f"{name} has no part {part!r}; use one of {', '.join(parts)}.")
     cfg = dict(parts[part]["config"])
-    if depth is not None and part == "denoiser":
-        full = cfg["num_layers"]
-        if not 1 <= int(depth) <= full:
+    if depth is not None and part in ("denoiser", "denoiser_2"):
+        key = _LAYER_KEYS.get(parts[part]["class"], "num_layers")
+        full, depth = cfg[key], int(depth)
+        if not 1 <= depth <= full:
             raise ConfigError(f"depth={depth} for {name}: use 1 to {full} (the full model), or None.")
-        cfg["num_layers"] = int(depth)
+        cfg[key] = depth
         if "num_single_layers" in cfg:
-            cfg["num_single_layers"] = min(cfg["num_single_layers"], 2 * int(depth))
+            cfg["num_single_layers"] = min(cfg["num_single_layers"], round(depth * cfg["num_single_layers"] / full))
         if "dual_attention_layers" in cfg:
-            cfg["dual_attention_layers"] = [i for i in cfg["dual_attention_layers"] if i < int(depth)]
+            cfg["dual_attention_layers"] = [i for i in cfg["dual_attention_layers"] if i < depth]
     return cfg
 
 
@@ -139,17 +173,15 @@ def build(
 
     Args:
         name: an architecture name (:data:`ARCHITECTURES`).
-        part: ``"denoiser"``, ``"vae"`` or a text-encoder component name.
+        part: ``"denoiser"`` (or ``"denoiser_2"``), ``"vae"`` or a text-encoder component name.
         device: ``"meta"`` (the default) allocates nothing: shapes, counts and FLOPs only.
         depth: keep this many denoiser blocks (see :func:`config`); None builds the full model.
         dtype: the weights' dtype; parameters are created in it directly (a bf16 FLUX never
             exists in fp32 first).
         seed: seeds the random weights (ignored on meta).
     """
-    record = spec(name)
-    parts = {"denoiser": record["denoiser"], "vae": record["vae"], **record["text_encoders"]}
     cfg = config(name, part, depth)
-    cls = _component_class(parts.get(part, {}).get("class", ""))
+    cls = _component_class(_parts(spec(name))[part]["class"])
     device = torch.device(device)
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), _default_dtype(dtype), device:
@@ -205,6 +237,9 @@ def build_pipeline(
     to the widths the real denoiser reads (4096 for T5, 768/1280 for CLIP). Everything from the
     embeddings on (denoiser, scheduler, VAE) is the real architecture. The scheduler is
     flow-matching Euler with the checkpoint's shift (Wan ships UniPC; PITFALLS explains why Euler).
+
+    Raises:
+        ConfigError: the family has no tiny-text-encoder recipe here (SD3, FLUX.1 and Wan 2.1 do).
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -212,6 +247,12 @@ def build_pipeline(
 
     record = spec(name)
     family = record["family"]
+    if family not in _TINY_TEXT_WIDTHS:
+        supported = [n for n in ARCHITECTURES if spec(n)["family"] in _TINY_TEXT_WIDTHS]
+        raise ConfigError(
+            f"build_pipeline has no tiny text encoders for {name} (family {family}); it builds "
+            f"{', '.join(supported)}. Use build({name!r}) for the denoiser, VAE or text encoders alone."
+        )
     pipe = tiny_pipeline(
         family,
         seed=seed,
