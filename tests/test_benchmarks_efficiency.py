@@ -26,9 +26,16 @@ def test_recipes_and_sample_counts():
         _, _, config = parse_recipe(path, eff.run_overrides(algorithm, 3, 1, "unused"))
         assert eff.samples_per_iteration(algorithm, config) == expected[algorithm], algorithm
         assert config.seed == 3 and config.true_metric_every == 0 and config.checkpoint_every == 0
-    _, _, fast = parse_recipe(*[eff.recipe_for("grpo_fast")[0], eff.run_overrides("grpo_fast", 0, 1, "unused")])
+
+    def config(algorithm):
+        return parse_recipe(eff.recipe_for(algorithm)[0], eff.run_overrides(algorithm, 0, 1, "unused"))[2]
+
+    fast, guard, grpo = config("grpo_fast"), config("grpo_guard"), config("grpo")
     assert fast.sde_window_size == 3 and fast.sde_window_mode == "random" and tuple(fast.sde_window_range) == (0, 5)
-    _, _, guard = parse_recipe(eff.recipe_for("grpo_guard")[0], eff.run_overrides("grpo_guard", 0, 1, "unused"))
+    # The GRPO options are the GRPO recipe plus the option (and their tuned updates_per_rollout).
+    same = ("learning_rate", "clip_range", "eta", "group_size", "prompts_per_step", "timestep_fraction", "lora_rank")
+    for variant in (fast, guard):
+        assert {k: getattr(variant, k) for k in same} == {k: getattr(grpo, k) for k in same}
     assert guard.ratio == "guard"
 
 
@@ -41,7 +48,7 @@ def test_tuning_specs_add_overrides_to_the_recipe():
     spec = "grpo_fast@learning_rate=3e-3@updates_per_rollout=4"
     assert eff.check_spec(spec) == spec
     path, overrides = eff.recipe_for(spec)
-    assert path.endswith("toy_grpo.yaml") and overrides[-2:] == ["learning_rate=3e-3", "updates_per_rollout=4"]
+    assert path.endswith("toy_grpo_fast.yaml") and overrides == ["learning_rate=3e-3", "updates_per_rollout=4"]
     _, _, config = parse_recipe(path, eff.run_overrides(spec, 0, 1, "unused"))
     assert config.learning_rate == 3e-3 and config.updates_per_rollout == 4 and config.sde_window_size == 3
     assert eff.samples_per_iteration("draft@learning_rate=3e-4", config) == config.prompts_per_step

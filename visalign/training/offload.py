@@ -27,12 +27,13 @@ import os
 
 import torch
 
-from visalign.errors import InsufficientMemoryError
+from visalign.errors import ConfigError, InsufficientMemoryError
 
 __all__ = [
     "OffloadableEMA",
     "check_fits",
     "check_offload_memory",
+    "check_trainer_copies",
     "copy_placement",
     "device_free_bytes",
     "host_available_bytes",
@@ -256,3 +257,39 @@ class OffloadableEMA(_ema_base()):
         super().load_state_dict(state_dict)
         # The loaded tensors are fresh (EMAModel deep-copies the state), so they move without another copy.
         self.shadow_params = [self._place(s, p, copy=False) for s, p in zip(self.shadow_params, self._params)]
+
+
+def check_trainer_copies(trainer, denoiser: torch.nn.Module) -> None:
+    """Before any copy is made: ``offload_copies`` must be usable for ``trainer``, and its copies must fit.
+
+    Counts the copies the trainer will keep of ``denoiser`` (the full-fine-tuning reference, the
+    EMA, the algorithm's lagged copies) and checks them with :func:`check_offload_memory`.
+
+    Raises:
+        ConfigError: offload_copies under FSDP (which already shards the copies).
+        InsufficientMemoryError: the host cannot hold the copies, or the GPU the model plus the
+            largest copy brought in for a pass.
+    """
+    from accelerate.utils import DistributedType
+
+    cfg = trainer.config
+    if trainer.accelerator.distributed_type == DistributedType.FSDP:
+        raise ConfigError(
+            "offload_copies is not supported under FSDP: FSDP already shards the reference and EMA copies "
+            "over the GPUs. Set offload_copies=false, or train without FSDP."
+        )
+    trainable = tensor_bytes(p for p in denoiser.parameters() if p.requires_grad)
+    copies = {}
+    if not cfg.use_lora and trainer.needs_reference:
+        copies["the reference model"] = tensor_bytes([*denoiser.parameters(), *denoiser.buffers()])
+    if cfg.ema_decay is not None:
+        copies["the EMA"] = trainable
+    for name in trainer.lagged_copies():
+        copies[f"the {name}"] = trainable
+    in_passes = [size for name, size in copies.items() if name != "the EMA"]  # the EMA update runs on the host
+    check_offload_memory(
+        copies,
+        trainer.accelerator.device,
+        largest_pass=max(in_passes, default=0),
+        processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+    )

@@ -37,6 +37,7 @@ from visalign.training.accelerator import build_accelerator, flat_config
 from visalign.training.checkpoint import load_latest_complete, save_checkpoint
 from visalign.training.config import TrainConfig
 from visalign.training.evaluations import Evaluations
+from visalign.training.exports import Exports
 from visalign.training.prompts import PromptSampler, PromptSource
 from visalign.training.tracking import RunLogger
 
@@ -60,7 +61,7 @@ class TrainState:
     optimizer_steps_per_iteration: int = 1
 
 
-class Trainer(Evaluations):
+class Trainer(Exports, Evaluations):
     """Base class of every trainer: the shared accelerate loop (see the module docstring).
 
     Args:
@@ -131,38 +132,10 @@ class Trainer(Evaluations):
         return []
 
     def _check_offload(self, denoiser: torch.nn.Module) -> None:
-        """Before any copy is made: ``offload_copies`` must be usable here, and the copies must fit.
+        """Before any copy is made: ``offload_copies`` must be usable here, and the copies must fit."""
+        from visalign.training.offload import check_trainer_copies
 
-        Raises:
-            ConfigError: offload_copies under FSDP (which already shards the copies).
-            InsufficientMemoryError: the host cannot hold the copies, or the GPU the model plus the
-                largest copy brought in for a pass (:func:`~visalign.training.offload.check_offload_memory`).
-        """
-        from accelerate.utils import DistributedType
-
-        from visalign.training.offload import check_offload_memory, tensor_bytes
-
-        cfg = self.config
-        if self.accelerator.distributed_type == DistributedType.FSDP:
-            raise ConfigError(
-                "offload_copies is not supported under FSDP: FSDP already shards the reference and EMA copies "
-                "over the GPUs. Set offload_copies=false, or train without FSDP."
-            )
-        trainable = tensor_bytes(p for p in denoiser.parameters() if p.requires_grad)
-        copies = {}
-        if not cfg.use_lora and self.needs_reference:
-            copies["the reference model"] = tensor_bytes([*denoiser.parameters(), *denoiser.buffers()])
-        if cfg.ema_decay is not None:
-            copies["the EMA"] = trainable
-        for name in self.lagged_copies():
-            copies[f"the {name}"] = trainable
-        in_passes = [size for name, size in copies.items() if name != "the EMA"]  # the EMA update runs on the host
-        check_offload_memory(
-            copies,
-            self.accelerator.device,
-            largest_pass=max(in_passes, default=0),
-            processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
-        )
+        check_trainer_copies(self, denoiser)
 
     def _setup_model(self) -> None:
         cfg, policy = self.config, self.policy
@@ -505,59 +478,6 @@ class Trainer(Evaluations):
 
     def save_checkpoint(self) -> str:
         return save_checkpoint(self.accelerator, self.config.output_dir, self.state.step, self.config.keep_last)
-
-    @contextlib.contextmanager
-    def ema_weights(self):
-        """Temporarily swaps in the EMA weights (no-op without EMA)."""
-        if self.ema is None:
-            yield
-            return
-        self.ema.store(self.trainable_parameters)
-        self.ema.copy_to(self.trainable_parameters)
-        try:
-            yield
-        finally:
-            self.ema.restore(self.trainable_parameters)
-
-    # ------------------------------------------------------------------ exports
-    def save_lora(self, save_directory: str, use_ema: bool = True) -> None:
-        """Saves the LoRA in diffusers format: ``pipe.load_lora_weights(save_directory)`` loads it.
-
-        Every trained network is exported (both Wan 2.2 experts: the second as
-        ``pytorch_lora_weights_transformer_2.safetensors``); ``policy.load_lora(save_directory)`` loads any family's export.
-        """
-        self.accelerator.wait_for_everyone()
-        with self._export_policy(use_ema) as policy:
-            if policy is not None:
-                policy.save_lora(save_directory)
-        self.accelerator.wait_for_everyone()
-
-    def save_pretrained(self, save_directory: str, use_ema: bool = True) -> None:
-        """Saves the whole pipeline with the trained denoiser (LoRA fused when there is one)."""
-        self.accelerator.wait_for_everyone()
-        with self._export_policy(use_ema) as policy:
-            if policy is not None:
-                policy.merged_pipeline().save_pretrained(save_directory)
-        self.accelerator.wait_for_everyone()
-
-    @contextlib.contextmanager
-    def _export_policy(self, use_ema: bool):
-        """The policy to export from on the main process (None on the others), EMA weights in if asked.
-
-        Under FSDP the denoiser's weights are shards on every rank: all ranks swap in their EMA shard
-        and take part in gathering an unsharded copy (:func:`~visalign.training.fsdp.gathered_policy`).
-        """
-        if self.accelerator.is_fsdp2:
-            from visalign.training.fsdp import gathered_policy
-
-            with self.ema_weights() if use_ema else contextlib.nullcontext():
-                policy = gathered_policy(self.accelerator, self.policy)
-            yield policy
-        elif self.is_main_process:
-            with self.ema_weights() if use_ema else contextlib.nullcontext():
-                yield self.policy
-        else:
-            yield None
 
     def describe(self) -> str:
         """The batch arithmetic and the config, printed at start (ddpo-pytorch style)."""
