@@ -117,14 +117,14 @@ def test_unknown_demo_algorithm_is_a_clear_error(tmp_path):
 def test_demo_raises_evaluator_accuracy(tmp_path):
     """The full demo, seeded: the exact evaluator's accuracy and the reward rise by stated margins.
 
-    Measured on 2026-11-22 (2-core CPU, fresh clone, 1 and 2 threads alike): all-correct 50.0% →
-    68.8%, shape 64.6% → 79.2%, toy-CLIP reward 0.685 → 0.721 on the 48 fixed prompts. The margins
-    are about half of that (one eval sample is 2.1 points); seed 1 gains only +8.3 points, so a
-    float-level change of trajectory on another CPU can land below them.
+    Measured on 2026-12-07 (2-core CPU, DRaFT-2, 64 iterations): all-correct 50.0% → 79.2%, shape
+    64.6% → 79.2%, toy-CLIP reward 0.685 → 0.770 on the 48 fixed prompts. The margins are about half
+    of that or less (one eval sample is 2.1 points), so that a float-level change of trajectory on
+    another CPU stays above them.
     """
     run_demo(str(tmp_path / "demo"), seed=0)
     summary = json.load(open(tmp_path / "demo" / "summary.json"))
     before, after = summary["before"], summary["after"]
-    assert after["all_correct"] - before["all_correct"] >= 0.10, summary["curve"]
+    assert after["all_correct"] - before["all_correct"] >= 0.15, summary["curve"]
     assert after["accuracy"]["shape"] - before["accuracy"]["shape"] >= 0.05, summary
-    assert after["reward"] - before["reward"] >= 0.02, summary
+    assert after["reward"] - before["reward"] >= 0.03, summary
