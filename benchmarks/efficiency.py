@@ -417,14 +417,14 @@ def summary_table(rows: list[dict], eval_captions: int | None = None) -> str:
     order = {a: i for i, a in enumerate(ALGORITHMS)}
     lines = [
         "| algorithm | samples | seeds | all-correct % | colour / shape / position % | toy-CLIP reward "
-        "| train time s | peak RSS MiB |",
-        "|---|---:|---:|---|---|---|---:|---:|",
+        "| train CPU s | train wall s | peak RSS MiB |",
+        "|---|---:|---:|---|---|---|---:|---:|---:|",
     ]
     base = agg["base"]
     if base is not None:
         attrs = " / ".join(f"{100 * base['accuracy'][k]:.1f}" for k in ATTRIBUTES)
         lines.append(
-            f"| base (`toy:t2i`) | 0 | – | {100 * base['all_correct']:.1f} | {attrs} | {base['reward']:.4f} | – | – |"
+            f"| base (`toy:t2i`) | 0 | – | {100 * base['all_correct']:.1f} | {attrs} | {base['reward']:.4f} | – | – | – |"
         )
     for (alg, budget), group in sorted(agg["groups"].items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][1])):
         attrs = " / ".join(_mean_sd([g["accuracy"][k] for g in group], 100, "{:.0f}") for k in ATTRIBUTES)
@@ -433,6 +433,7 @@ def summary_table(rows: list[dict], eval_captions: int | None = None) -> str:
             f"| {LABELS.get(alg, alg)} | {budget} | {len(group)} ({seeds}) | "
             f"{_mean_sd([g['all_correct'] for g in group], 100)} | {attrs} | "
             f"{_mean_sd([g['reward'] for g in group], 1, '{:.4f}')} | "
+            f"{_mean_sd([g['train_cpu_s'] for g in group if 'train_cpu_s' in g], 1, '{:.0f}')} | "
             f"{_mean_sd([g['train_wall_s'] for g in group], 1, '{:.0f}')} | "
             f"{_mean_sd([g['peak_rss_mib'] for g in group], 1, '{:.0f}')} |"
         )

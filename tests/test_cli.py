@@ -137,9 +137,12 @@ def test_combined_reward_spec():
 
 
 def _fast_overrides(recipe: str) -> list[str]:
-    trainer_class, _, _ = parse_recipe(recipe)
+    trainer_class, _, config = parse_recipe(recipe)
     fields = {f.name for f in dataclasses.fields(trainer_class.config_class)}
-    return [f"{k}={v}" for k, v in FAST_OVERRIDES.items() if k in fields]
+    overrides = [f"{k}={v}" for k, v in FAST_OVERRIDES.items() if k in fields]
+    if getattr(config, "sde_window_size", None):  # the recipe's window, shrunk to the fast run's steps
+        overrides += ["sde_window_size=1", f"sde_window_range=[0,{FAST_OVERRIDES['num_steps'] // 2}]"]
+    return overrides
 
 
 @pytest.mark.parametrize("recipe", sorted(glob.glob(os.path.join(ROOT, "configs", "toy_*.yaml"))), ids=os.path.basename)

@@ -130,6 +130,14 @@ def test_later_updates_are_off_policy_and_clipped(tmp_path):
     assert rows[-1]["clipfrac"] > 0  # averaged over the two updates; the first had none
 
 
+def test_more_updates_than_samples_takes_one_step_per_sample(tmp_path):
+    """updates_per_rollout=4 on a rollout of 2 samples: 2 optimizer steps of one sample each, no empty step."""
+    cfg = make_config(tmp_path, max_steps=1, updates_per_rollout=4, group_size=2, prompts_per_step=1)
+    trainer = va.GRPOTrainer(tiny_pipeline("sd3"), brightness, PROMPTS, cfg)
+    trainer.train()
+    assert trainer.state.optimizer_steps == 2
+
+
 @pytest.mark.parametrize("family,lr", [("sd", 3e-3), ("sd3", 1e-2), ("flux", 1e-2), ("wan-t2v", 1e-2)])
 def test_grpo_raises_brightness(tmp_path, family, lr):
     """30 seeded iterations of full fine-tuning lift the mean reward by more than 2× its starting spread."""
