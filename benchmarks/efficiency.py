@@ -448,7 +448,7 @@ def plot(rows: list[dict], path: str, eval_captions: int | None = None) -> str:
     import matplotlib.pyplot as plt
 
     agg = aggregate(rows, eval_captions)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     for alg in ALGORITHMS:
         points = sorted((b, g) for (a, b), g in agg["groups"].items() if a == alg)
         if not points:
@@ -472,7 +472,7 @@ def plot(rows: list[dict], path: str, eval_captions: int | None = None) -> str:
         f"Toy world: accuracy vs samples (eval_set({n}), ODE 10 steps, CFG 3; mean ± sd over seeds)", fontsize=9
     )
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
