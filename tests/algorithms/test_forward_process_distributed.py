@@ -8,7 +8,7 @@ import torch
 
 from tests.distributed import assert_ranks_trained_alike, launch_two_processes
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "ddp_forward_process_script.py")
+SCRIPT = os.path.join(os.path.dirname(__file__), "ddp_online_script.py")
 
 
 @pytest.mark.parametrize("algorithm", ["nft", "awm"])

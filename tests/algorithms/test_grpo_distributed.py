@@ -8,7 +8,7 @@ import torch
 from tests.distributed import assert_ranks_trained_alike, launch_two_processes
 from visalign.algorithms.grpo import group_advantages
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "ddp_grpo_script.py")
+SCRIPT = os.path.join(os.path.dirname(__file__), "ddp_online_script.py")
 
 
 def test_two_process_grpo(tmp_path):

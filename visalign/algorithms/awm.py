@@ -109,10 +109,10 @@ class AWMTrainer(ForwardProcessTrainer):
             self.behaviour.refresh()
         order = torch.randperm(traj.batch_size, generator=torch.Generator().manual_seed(self.step_seed(step, 3)))
         history: dict[str, list[float]] = {}
-        for u, update in enumerate(order.tensor_split(cfg.updates_per_rollout)):
-            if update.numel():
-                for k, v in self._update(step, u, update.to(adv.device), data).items():
-                    history.setdefault(k, []).append(v)
+        # tensor_split's empty parts are trailing, so dropping them keeps every part's index u.
+        for u, update in enumerate(self.update_parts(order)):
+            for k, v in self._update(step, u, update.to(adv.device), data).items():
+                history.setdefault(k, []).append(v)
         metrics.update({k: sum(v) / len(v) for k, v in history.items()})
         metrics["advantage_rescaled_abs_mean"] = float(adv.abs().mean())
         if self.ema_anchor is not None:

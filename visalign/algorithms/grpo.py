@@ -162,8 +162,7 @@ class GRPOTrainer(OnlineTrainer):
             order = order[active[order].bool().cpu()]
         t_train = time.perf_counter()
         history: dict[str, list[float]] = {}
-        # tensor_split leaves empty parts when fewer samples are active than updates_per_rollout: skipped.
-        for update in (part for part in order.tensor_split(cfg.updates_per_rollout) if part.numel()):
+        for update in self.update_parts(order):
             for k, v in self._update(
                 traj, update.to(traj.latents.device), train_steps, old_log_probs, advantages, active
             ).items():

@@ -99,10 +99,9 @@ class NFTTrainer(ForwardProcessTrainer):
         }
         order = torch.randperm(batch, generator=torch.Generator().manual_seed(self.step_seed(step, 3)))
         history: dict[str, list[float]] = {}
-        for update in order.tensor_split(cfg.updates_per_rollout):
-            if update.numel():
-                for k, v in self._update(step, update.to(r.device), data).items():
-                    history.setdefault(k, []).append(v)
+        for update in self.update_parts(order):
+            for k, v in self._update(step, update.to(r.device), data).items():
+                history.setdefault(k, []).append(v)
         metrics.update({k: sum(v) / len(v) for k, v in history.items()})
         decay = self.old_decay(self.iteration_optimizer_steps(step))
         self.old.update(decay)

@@ -69,6 +69,13 @@ class OnlineTrainer(Trainer):
     def optimizer_steps_per_iteration(self) -> int:
         return self.config.updates_per_rollout
 
+    def update_parts(self, order: torch.Tensor) -> list[torch.Tensor]:
+        """``order`` (sample indices) cut into ``updates_per_rollout`` parts, one per optimizer step.
+
+        Empty parts (fewer samples than updates) are dropped: an optimizer step needs samples.
+        """
+        return [part for part in order.tensor_split(self.config.updates_per_rollout) if part.numel()]
+
     def rollout_summary(self) -> str:
         """One line of batch arithmetic for :meth:`describe`: the rollout's size and sampler."""
         cfg, world = self.config, self.accelerator.num_processes

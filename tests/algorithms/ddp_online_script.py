@@ -1,8 +1,9 @@
-"""Run by tests/algorithms/test_forward_process_distributed.py under ``accelerate launch`` with 2 CPU processes.
+"""Run under ``accelerate launch`` with 2 CPU processes by tests/algorithms/test_grpo_distributed.py
+and test_forward_process_distributed.py.
 
-Trains tiny SD3 with DiffusionNFT or AWM (``sys.argv[2]``) for 2 iterations, then each rank writes
-its trainable weights and the rewards it computed, so the test can compare the ranks and recompute
-the logged reward statistics from both ranks' rewards.
+Trains tiny SD3 for 2 iterations with GRPO, DiffusionNFT or AWM (``sys.argv[2]``, default grpo),
+then each rank writes its trainable weights and the rewards it computed, so the test can compare
+the ranks and recompute the logged statistics from both ranks' rewards.
 """
 
 import json
@@ -17,7 +18,8 @@ from visalign.testing import brightness as mean_pixel
 from visalign.testing import tiny_pipeline
 
 torch.set_num_threads(1)
-out, algorithm = sys.argv[1], sys.argv[2]
+out = sys.argv[1]
+algorithm = sys.argv[2] if len(sys.argv) > 2 else "grpo"
 seen = []
 
 
@@ -41,15 +43,16 @@ common = dict(
     advantage_std="global",
     trackers=["jsonl"],
 )
-if algorithm == "nft":
-    config, trainer_class = va.NFTConfig(**common), va.NFTTrainer
-else:
-    config, trainer_class = va.AWMConfig(**common, ema_anchor_beta=0.5), va.AWMTrainer
+config_class, trainer_class, extra = {
+    "grpo": (va.GRPOConfig, va.GRPOTrainer, {}),
+    "nft": (va.NFTConfig, va.NFTTrainer, {}),
+    "awm": (va.AWMConfig, va.AWMTrainer, {"ema_anchor_beta": 0.5}),
+}[algorithm]
 trainer = trainer_class(
     tiny_pipeline("sd3"),
     brightness,
     ["a red circle", "a blue square", "a green triangle", "a yellow circle", "an orange square"],
-    config,
+    config_class(**common, **extra),
 )
 trainer.train()
 rank = trainer.accelerator.process_index
