@@ -34,3 +34,23 @@ def assert_lora_export_reproduces(trainer, family: str, prompts, lora_dir) -> No
     torch.testing.assert_close(theirs.images, ours.images, rtol=0, atol=1e-5)
     base = va.sample(va.wrap(tiny_pipeline(family)), prompts, generator=torch.Generator().manual_seed(0), **kwargs)
     assert (base.images - ours.images).abs().max() > 1e-5  # training changed something
+
+
+def tiny_config(config_class, tmp_path, family: str = "sd3", **overrides):
+    """A short run on a tiny policy: 2 iterations of 2 prompts × 2 samples, 4 steps, 32 px, LoRA r4.
+
+    Wan families get 5 frames; ``overrides`` replace or add fields.
+    """
+    base = dict(
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        num_steps=4,
+        group_size=2,
+        prompts_per_step=2,
+        height=32,
+        width=32,
+        num_frames=5 if family.startswith("wan") else None,
+        lora_rank=4,
+        trackers=["jsonl"],
+    )
+    return config_class(**{**base, **overrides})

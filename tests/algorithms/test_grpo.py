@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import visalign as va
-from tests.algorithms.helpers import assert_lora_export_reproduces, train_with_crash
+from tests.algorithms.helpers import assert_lora_export_reproduces, tiny_config, train_with_crash
 from visalign.algorithms.grpo import group_advantages, grpo_loss, select_train_steps
 from visalign.errors import ConfigError, RewardError
 from visalign.testing import brightness, tiny_pipeline
@@ -18,22 +18,7 @@ PROMPTS = ["a red circle", "a blue square", "a green triangle"]
 
 
 def make_config(tmp_path, family="sd3", **overrides):
-    base = dict(
-        output_dir=str(tmp_path / "run"),
-        max_steps=2,
-        num_steps=4,
-        group_size=2,
-        prompts_per_step=2,
-        height=32,
-        width=32,
-        num_frames=5 if family.startswith("wan") else None,
-        lora_rank=4,
-        guidance_scale=1.0,
-        clip_range=0.2,
-        trackers=["jsonl"],
-    )
-    base.update(overrides)
-    return va.GRPOConfig(**base)
+    return tiny_config(va.GRPOConfig, tmp_path, family, **{"guidance_scale": 1.0, "clip_range": 0.2, **overrides})
 
 
 def trainable_state(trainer):

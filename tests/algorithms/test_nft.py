@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import visalign as va
-from tests.algorithms.helpers import train_with_crash
+from tests.algorithms.helpers import tiny_config, train_with_crash
 from visalign.errors import ConfigError, RewardError
 from visalign.losses.nft import adaptive_weight, implicit_velocities, nft_loss, old_policy_decay, optimality_probability
 from visalign.testing import brightness, tiny_pipeline
@@ -19,20 +19,7 @@ PROMPTS = ["a red circle", "a blue square", "a green triangle"]
 
 
 def make_config(tmp_path, family="sd3", **overrides):
-    base = dict(
-        output_dir=str(tmp_path / "run"),
-        max_steps=2,
-        num_steps=4,
-        group_size=2,
-        prompts_per_step=2,
-        height=32,
-        width=32,
-        num_frames=5 if family.startswith("wan") else None,
-        lora_rank=4,
-        trackers=["jsonl"],
-    )
-    base.update(overrides)
-    return va.NFTConfig(**base)
+    return tiny_config(va.NFTConfig, tmp_path, family, **overrides)
 
 
 def trainable_state(trainer):
