@@ -97,7 +97,7 @@ def check_spec(spec: str) -> str:
 
 
 def recipe_for(algorithm: str) -> tuple[str, list[str]]:
-    """``(recipe path, method overrides)`` of a benchmark algorithm or tuning spec (``alg@key=value...``)."""
+    """``(recipe path, tuning overrides)`` of a benchmark algorithm or tuning spec (``alg@key=value...``)."""
     name, tuning = split_spec(algorithm)
     return os.path.join(ROOT, "configs", f"toy_{name}.yaml"), tuning
 
@@ -213,7 +213,7 @@ def run_one(
 
     torch.set_num_threads(threads)
     budgets = sorted({int(b) for b in budgets})
-    recipe, _ = recipe_for(algorithm)
+    recipe, tuning = recipe_for(algorithm)
     env = _environment(threads)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -265,7 +265,7 @@ def run_one(
                     "peak_rss_mib": _peak_rss_mib(),
                     "load_avg_1m": os.getloadavg()[0],
                     "recipe": os.path.relpath(recipe, ROOT),
-                    "overrides": recipe_for(algorithm)[1],
+                    "overrides": tuning,
                     **common,
                 }
                 clock["eval_s"] += time.perf_counter() - t0
